@@ -1,0 +1,111 @@
+"""Compile a LayerGraph plus parameters to a torch.fx.GraphModule.
+
+One ``call_module`` per parametric (or train/eval-aware) node, ``call_function`` for stateless
+ops, fx node names equal to spec node names, and node metadata pointing at the spec line.
+Parameters are named ``<node>.<role>``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .errors import GraphgrowError
+from .init import apply_init, normalize_init
+from .ir import LayerGraph
+
+PLACEHOLDER = "x"
+
+
+def build_modules(graph: LayerGraph) -> dict[str, nn.Module]:
+    """Fresh (uninitialised) modules of the nodes that compile to ``call_module``."""
+    modules = {}
+    for node in graph.nodes:
+        module = node.opdef.build_module(node.args, node.in_shapes)
+        if module is not None:
+            modules[node.name] = module
+    return modules
+
+
+def initialize(graph: LayerGraph, modules: dict[str, nn.Module], seed: int) -> None:
+    """Deterministic initialisation: one generator, nodes in topological order."""
+    generator = torch.Generator().manual_seed(seed)
+    for node in graph.nodes:
+        module = modules.get(node.name)
+        if module is None:
+            continue
+        node.opdef.default_init(module, node.args, generator)
+        params = dict(module.named_parameters())
+        apply_init(params, normalize_init(node.init, list(node.param_shapes())), generator)
+
+
+def _load(graph: LayerGraph, root: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = root.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise GraphgrowError(f"weights do not fit network '{graph.name}': "
+                             f"{len(missing)} missing (e.g. {missing[:3]}), "
+                             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})",
+                             file=graph.source, node=first.split(".")[0],
+                             hint="were the weights saved from this spec?")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise GraphgrowError(f"weight '{key}' has shape {list(tensor.shape)}, the network needs "
+                                 f"{list(expected[key].shape)}", file=graph.source, node=key.split(".")[0])
+    root.load_state_dict(state)
+
+
+def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
+                  seed: int = 0, dtype: torch.dtype | None = None) -> fx.GraphModule:
+    """Compile ``graph`` to a GraphModule, with parameters from ``state`` or initialised
+    deterministically from ``seed`` (same seed, bitwise-identical parameters)."""
+    modules = build_modules(graph)
+    root = nn.Module()
+    for name, module in modules.items():
+        root.add_module(name, module)
+    if state is None:
+        initialize(graph, modules, seed)
+    else:
+        _load(graph, root, state)
+    for node in graph.nodes:
+        if node.frozen and node.name in modules:
+            modules[node.name].requires_grad_(False)
+
+    fx_graph = fx.Graph()
+    values = {"input": fx_graph.placeholder(PLACEHOLDER)}
+    for node in graph.nodes:
+        emitted = node.opdef.emit(fx_graph, node.name, node.args,
+                                  [values[i] for i in node.inputs], node.name in modules)
+        emitted.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": node.loc.file,
+                                     "line": node.loc.line}
+        if node.loc.line is not None:
+            emitted.meta["stack_trace"] = (f'  File "{node.loc.file or "<spec>"}", line {node.loc.line}, '
+                                           f'in {node.name}\n    op: {node.op}\n')
+        values[node.name] = emitted
+    outputs = [values[name] for name in graph.outputs]
+    fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+    module = fx.GraphModule(root, fx_graph, class_name=graph.name)
+    if dtype is not None:
+        module.to(dtype)
+    return module
+
+
+@dataclass
+class Network:
+    """A layer graph and its compiled module (which holds the parameters)."""
+    graph: LayerGraph
+    module: fx.GraphModule
+
+    @classmethod
+    def build(cls, graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
+              seed: int = 0, dtype: torch.dtype | None = None) -> "Network":
+        return cls(graph, compile_graph(graph, state, seed=seed, dtype=dtype))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

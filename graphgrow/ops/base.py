@@ -1,0 +1,213 @@
+"""The op registry: everything the system knows about an op lives in one OpDef.
+
+An op is registered by name. The spec reader validates arguments against ``OpDef.args``,
+shape inference asks ``output_shape``, the compiler asks ``build_module`` (parametric ops,
+compiled to ``call_module``) or ``function`` (stateless ops, compiled to ``call_function``),
+the summary asks ``flops``. Passes ask further hooks that ops override where they apply.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from ..errors import GraphgrowError, did_you_mean
+
+Shape = tuple[int, ...]
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One op argument: its name, a checker/converter and a default (REQUIRED if none)."""
+    name: str
+    check: Callable[[Any], Any]
+    default: Any = REQUIRED
+    doc: str = ""
+
+
+def _type_error(expected: str, value: Any) -> GraphgrowError:
+    return GraphgrowError(f"expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _type_error("a positive integer", value)
+    return value
+
+
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _type_error("a non-negative integer", value)
+    return value
+
+
+def integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error("an integer", value)
+    return value
+
+
+def number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _type_error("a finite number", value)
+    return float(value)
+
+
+def probability(value: Any) -> float:
+    value = number(value)
+    if not 0.0 <= value < 1.0:
+        raise GraphgrowError(f"expected a probability in [0, 1), got {value}")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _type_error("true or false", value)
+    return value
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise GraphgrowError(f"expected one of {', '.join(map(repr, options))}, got {value!r}",
+                                 hint=did_you_mean(str(value), options))
+        return value
+    check.__name__ = f"choice{options}"
+    return check
+
+
+def int_or(*options: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, str):
+            return choice(*options)(value)
+        return non_negative_int(value)
+    return check
+
+
+class OpDef:
+    """Base class of an op. Subclasses override what applies to them.
+
+    ``roles`` documents the parameter roles (``<node>.<role>`` in the compiled module);
+    ``param_shapes`` gives their shapes for concrete arguments.
+    """
+    name: str = ""
+    doc: str = ""
+    args: Sequence[Arg] = ()
+    min_inputs: int = 1
+    max_inputs: int | None = 1
+    roles: dict[str, str] = {}
+    #: elementwise ops keep shapes and act per entry; passes may look through them.
+    elementwise: bool = False
+
+    # -- spec ---------------------------------------------------------------------------
+    def check_args(self, raw: dict[str, Any],
+                   where: Callable[[str], dict] = lambda key: {}) -> dict[str, Any]:
+        """Validate and complete the arguments. ``where(key)`` gives the location fields
+        (file, line, column) of an argument, so errors point at it."""
+        known = {a.name: a for a in self.args}
+        for key in raw:
+            if key not in known:
+                raise GraphgrowError(f"op '{self.name}' has no argument '{key}'",
+                                     hint=did_you_mean(key, known) or
+                                     (f"its arguments are: {', '.join(known)}" if known else
+                                      f"'{self.name}' takes no arguments")).located(**where(key))
+        checked = {}
+        for arg in self.args:
+            if arg.name in raw:
+                try:
+                    checked[arg.name] = arg.check(raw[arg.name])
+                except GraphgrowError as err:
+                    err.message = f"argument '{arg.name}' of op '{self.name}': {err.message}"
+                    raise err.located(**where(arg.name))
+            elif arg.default is REQUIRED:
+                raise GraphgrowError(f"op '{self.name}' needs argument '{arg.name}'",
+                                     hint=arg.doc or None).located(**where(""))
+            else:
+                checked[arg.name] = arg.default
+        return checked
+
+    # -- shapes and costs ---------------------------------------------------------------
+    def output_shape(self, args: dict, in_shapes: list[Shape]) -> Shape:
+        return in_shapes[0]
+
+    def param_shapes(self, args: dict, in_shapes: list[Shape]) -> dict[str, Shape]:
+        """Trainable parameters by role."""
+        return {}
+
+    def flops(self, args: dict, in_shapes: list[Shape], out_shape: Shape) -> int:
+        """Floating point operations per sample in the forward pass (multiply-add = 2)."""
+        return 0
+
+    # -- compilation --------------------------------------------------------------------
+    def build_module(self, args: dict, in_shapes: list[Shape]) -> nn.Module | None:
+        """The module for a ``call_module`` node, or None for a stateless op."""
+        return None
+
+    def function(self, args: dict) -> tuple[Callable, dict[str, Any]]:
+        """The callable and keyword arguments for a ``call_function`` node."""
+        raise NotImplementedError(self.name)
+
+    def emit(self, graph: fx.Graph, name: str, args: dict, inputs: list[fx.Node],
+             as_module: bool) -> fx.Node:
+        """Add this node to an fx graph; ops with several inputs may emit a small subgraph."""
+        if as_module:
+            return graph.create_node("call_module", name, tuple(inputs), {}, name=name)
+        fn, kwargs = self.function(args)
+        return graph.create_node("call_function", fn, tuple(inputs), kwargs, name=name)
+
+    def default_init(self, module: nn.Module, args: dict, generator: torch.Generator) -> None:
+        """Initialise a freshly built module's parameters from ``generator``."""
+
+    def __repr__(self) -> str:
+        return f"<op {self.name}>"
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+def register_op(op: OpDef | type[OpDef], *, replace: bool = False) -> OpDef:
+    """Register an op (an OpDef instance or class) under ``op.name``; returns the instance.
+
+    Custom ops are registered from Python, never named by import path in a spec.
+    """
+    if isinstance(op, type):
+        op = op()
+    if not op.name or not op.name.replace("_", "").isalnum():
+        raise ValueError(f"invalid op name {op.name!r}")
+    if op.name in _REGISTRY and not replace:
+        raise ValueError(f"op {op.name!r} is already registered (pass replace=True)")
+    _REGISTRY[op.name] = op
+    return op
+
+
+def get_op(name: Any) -> OpDef:
+    """The registered op called ``name``; a GraphgrowError with a hint if there is none."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise GraphgrowError(f"unknown op {name!r}",
+                             hint=did_you_mean(str(name), _REGISTRY) or
+                             f"known ops: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def registered_ops() -> dict[str, OpDef]:
+    return dict(_REGISTRY)
+
+
+def numel(shape: Shape) -> int:
+    return math.prod(shape)
+
+
+def kaiming_uniform_init(weight: torch.Tensor, bias: torch.Tensor | None,
+                         generator: torch.Generator) -> None:
+    """PyTorch's default Linear/Conv initialisation, drawn from an explicit generator."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        if bias is not None:
+            fan_in = numel(tuple(weight.shape[1:]))
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(bias, -bound, bound, generator=generator)

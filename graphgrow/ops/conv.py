@@ -1,0 +1,68 @@
+"""conv2d(out, kernel, stride, padding, bias) on (C, H, W). Roles: weight (out, C, k, k), bias."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import GraphgrowError
+from .base import (Arg, OpDef, boolean, int_or, kaiming_uniform_init, numel, positive_int,
+                   register_op)
+
+
+def same_padding(kernel: int) -> int:
+    if kernel % 2 == 0:
+        raise GraphgrowError(f"padding 'same' needs an odd kernel, got kernel {kernel}",
+                             hint="use an odd kernel or an integer padding")
+    return kernel // 2
+
+
+def spatial_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def expect_image(shape, op: str) -> None:
+    if len(shape) != 3:
+        raise GraphgrowError(f"{op} needs input of shape (channels, height, width), got {list(shape)}",
+                             hint="reshape flat inputs with the input shape, e.g. input: {shape: [1, 28, 28]}")
+
+
+class Conv2dOp(OpDef):
+    name = "conv2d"
+    doc = "2-d convolution over (channels, height, width)."
+    args = (Arg("out", positive_int, doc="number of output channels, e.g. out: 16"),
+            Arg("kernel", positive_int, 3), Arg("stride", positive_int, 1),
+            Arg("padding", int_or("same"), "same"), Arg("bias", boolean, True))
+    roles = {"weight": "kernel K, shape (out, in, k, k)", "bias": "b, shape (out,)"}
+
+    @staticmethod
+    def padding(args) -> int:
+        return same_padding(args["kernel"]) if args["padding"] == "same" else args["padding"]
+
+    def output_shape(self, args, in_shapes):
+        expect_image(in_shapes[0], "conv2d")
+        _, height, width = in_shapes[0]
+        k, s, p = args["kernel"], args["stride"], self.padding(args)
+        out = (args["out"], spatial_out(height, k, s, p), spatial_out(width, k, s, p))
+        if out[1] < 1 or out[2] < 1:
+            raise GraphgrowError(f"conv2d kernel {k} does not fit input {list(in_shapes[0])}")
+        return out
+
+    def param_shapes(self, args, in_shapes):
+        k = args["kernel"]
+        shapes = {"weight": (args["out"], in_shapes[0][0], k, k)}
+        if args["bias"]:
+            shapes["bias"] = (args["out"],)
+        return shapes
+
+    def flops(self, args, in_shapes, out_shape):
+        per_output = 2 * in_shapes[0][0] * args["kernel"] ** 2 + (1 if args["bias"] else 0)
+        return numel(out_shape) * per_output
+
+    def build_module(self, args, in_shapes):
+        return nn.Conv2d(in_shapes[0][0], args["out"], args["kernel"], stride=args["stride"],
+                         padding=self.padding(args), bias=args["bias"])
+
+    def default_init(self, module, args, generator):
+        kaiming_uniform_init(module.weight, module.bias, generator)
+
+
+register_op(Conv2dOp)

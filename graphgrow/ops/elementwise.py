@@ -1,0 +1,72 @@
+"""Elementwise ops: activations, identity, scale. No parameters; shape preserved."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import Arg, OpDef, number, numel, register_op
+
+
+class ElementwiseOp(OpDef):
+    elementwise = True
+    #: flops per entry
+    cost = 1
+
+    def flops(self, args, in_shapes, out_shape):
+        return self.cost * numel(out_shape)
+
+    def torch_module(self, args) -> nn.Module:
+        """An nn.Module computing the same map (used inside residual blocks)."""
+        raise NotImplementedError(self.name)
+
+
+class Activation(ElementwiseOp):
+    """An activation given by a torch function and its module twin."""
+
+    def __init__(self, name, fn, module, cost=1, doc=""):
+        self.name, self._fn, self._module, self.cost = name, fn, module, cost
+        self.doc = doc or f"{name} activation, elementwise."
+
+    def function(self, args):
+        return self._fn, {}
+
+    def torch_module(self, args):
+        return self._module()
+
+
+for _activation in (
+        Activation("relu", torch.relu, nn.ReLU, doc="max(0, x), elementwise."),
+        Activation("tanh", torch.tanh, nn.Tanh, cost=4),
+        Activation("sigmoid", torch.sigmoid, nn.Sigmoid, cost=4, doc="logistic 1/(1+exp(-x))."),
+        Activation("gelu", F.gelu, nn.GELU, cost=8),
+        Activation("softplus", F.softplus, nn.Softplus, cost=4),
+        Activation("identity", torch.clone, nn.Identity, cost=0,
+                   doc="returns its input (a copy, so graphs stay single-assignment)."),
+):
+    register_op(_activation)
+
+
+class LeakyReluOp(ElementwiseOp):
+    name = "leaky_relu"
+    doc = "max(0, x) + slope * min(0, x)."
+    args = (Arg("slope", number, 0.01),)
+
+    def function(self, args):
+        return F.leaky_relu, {"negative_slope": args["slope"]}
+
+    def torch_module(self, args):
+        return nn.LeakyReLU(args.get("slope", 0.01))
+
+
+class ScaleOp(ElementwiseOp):
+    name = "scale"
+    doc = "x * factor."
+    args = (Arg("factor", number),)
+
+    def function(self, args):
+        return torch.mul, {"other": args["factor"]}
+
+
+register_op(LeakyReluOp)
+register_op(ScaleOp)

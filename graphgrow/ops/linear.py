@@ -1,0 +1,40 @@
+"""linear(out, bias): y = W x + b on the last dimension. Roles: weight (out, in), bias (out)."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import GraphgrowError
+from .base import Arg, OpDef, boolean, kaiming_uniform_init, numel, positive_int, register_op
+
+
+class LinearOp(OpDef):
+    name = "linear"
+    doc = "Affine map on the last dimension, y = W x + b."
+    args = (Arg("out", positive_int, doc="number of output features, e.g. out: 10"),
+            Arg("bias", boolean, True))
+    roles = {"weight": "W, shape (out, in)", "bias": "b, shape (out,) (when bias: true)"}
+
+    def output_shape(self, args, in_shapes):
+        shape = in_shapes[0]
+        if len(shape) == 0:
+            raise GraphgrowError("linear needs at least one input dimension")
+        return shape[:-1] + (args["out"],)
+
+    def param_shapes(self, args, in_shapes):
+        shapes = {"weight": (args["out"], in_shapes[0][-1])}
+        if args["bias"]:
+            shapes["bias"] = (args["out"],)
+        return shapes
+
+    def flops(self, args, in_shapes, out_shape):
+        rows = numel(in_shapes[0][:-1])
+        return rows * args["out"] * (2 * in_shapes[0][-1] + (1 if args["bias"] else 0))
+
+    def build_module(self, args, in_shapes):
+        return nn.Linear(in_shapes[0][-1], args["out"], bias=args["bias"])
+
+    def default_init(self, module, args, generator):
+        kaiming_uniform_init(module.weight, module.bias, generator)
+
+
+register_op(LinearOp)

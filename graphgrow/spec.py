@@ -1,0 +1,321 @@
+"""Spec format version 1: safe YAML with source locations, ${} variables and repeat blocks.
+
+``read_spec`` turns YAML text into a flat list of ``LayerEntry`` (one per node, templates
+expanded) plus the header; ``graphgrow.ir.build_graph`` turns that into a LayerGraph.
+Nothing in a spec can run code: YAML is loaded with a safe loader, every non-standard tag is
+an error, and ``${}`` expressions are evaluated by a tiny arithmetic interpreter.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import GraphgrowError, did_you_mean
+
+FORMAT_VERSION = 1
+MAX_REPEAT = 100_000
+# YAML forbids '{' and '}' in plain scalars inside flow mappings, yet `{out: ${width}}` is the
+# natural way to write a layer. Before parsing, the braces of each template are swapped for two
+# private-use characters (same length, so reported columns stay right) that TEMPLATE matches.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_SOURCE_TEMPLATE = re.compile(r"\$\{([^{}\n]*)\}")
+TEMPLATE = re.compile(r"\$" + _OPEN + "([^" + _CLOSE + "]*)" + _CLOSE)
+HEADER_KEYS = ("graphgrow", "name", "input", "vars", "layers", "outputs")
+NODE_KEYS = ("name", "op", "inputs", "init", "frozen")
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where something stands in a spec file (1-based line and column)."""
+    file: str | None = None
+    line: int | None = None
+    column: int | None = None
+
+    def error(self, message: str, *, node: str | None = None, hint: str | None = None) -> GraphgrowError:
+        return GraphgrowError(message, file=self.file, line=self.line, column=self.column,
+                              node=node, hint=hint)
+
+
+class LocMap(dict):
+    """A mapping read from YAML that remembers where it and each of its values stood."""
+    loc: Loc
+    value_locs: dict
+
+
+class LocList(list):
+    loc: Loc
+    item_locs: list
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader that records locations and rejects duplicate keys and foreign tags."""
+
+
+def _loc(loader, mark) -> Loc:
+    return Loc(loader.spec_file, mark.line + 1, mark.column + 1)
+
+
+def _construct_mapping(loader, node):
+    mapping = LocMap()
+    mapping.loc = _loc(loader, node.start_mark)
+    mapping.value_locs = {}
+    loader.flatten_mapping(node)
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            raise _loc(loader, key_node.start_mark).error(f"keys must be strings, got {key!r}")
+        if key in mapping:
+            raise _loc(loader, key_node.start_mark).error(f"duplicate key '{key}'")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.value_locs[key] = _loc(loader, value_node.start_mark)
+    return mapping
+
+
+def _construct_sequence(loader, node):
+    items = LocList(loader.construct_object(child, deep=True) for child in node.value)
+    items.loc = _loc(loader, node.start_mark)
+    items.item_locs = [_loc(loader, child.start_mark) for child in node.value]
+    return items
+
+
+def _reject_tag(loader, tag_suffix, node):
+    raise _loc(loader, node.start_mark).error(
+        f"YAML tag '{node.tag}' is not allowed", hint="specs are data only; remove the tag")
+
+
+_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+_SpecLoader.add_multi_constructor("", _reject_tag)
+# The safe loader accepts a few more tags (!!set, !!omap, !!binary, !!timestamp); specs need none.
+for _tag in ("set", "omap", "pairs", "binary", "timestamp"):
+    _SpecLoader.add_constructor(f"tag:yaml.org,2002:{_tag}",
+                                lambda loader, node: _reject_tag(loader, None, node))
+
+
+def parse_yaml(text: str, file: str | None = None) -> Any:
+    """Safe-load YAML text into LocMap/LocList trees; syntax errors become GraphgrowError."""
+    loader = _SpecLoader(_SOURCE_TEMPLATE.sub(lambda m: f"${_OPEN}{m.group(1)}{_CLOSE}", text))
+    loader.spec_file = file
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        loc = Loc(file, mark.line + 1, mark.column + 1) if mark else Loc(file)
+        raise loc.error(f"YAML syntax: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise Loc(file).error(f"YAML syntax: {err}") from None
+    except RecursionError:
+        raise Loc(file).error("YAML nesting too deep") from None
+    finally:
+        loader.dispose()
+
+
+# -- ${} expressions --------------------------------------------------------------------------
+_BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+           ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
+_EXPRESSION_HINT = "expressions may use numbers, variables, + - * // and parentheses"
+
+
+def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
+    """Evaluate a ${} expression with integers, floats, variables, + - * // and parentheses."""
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, ValueError):
+        raise loc.error(f"bad expression '${{{expression}}}'", hint=_EXPRESSION_HINT) from None
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in env:
+                raise loc.error(f"unknown variable '{node.id}' in '${{{expression}}}'",
+                                hint=did_you_mean(node.id, env) or
+                                (f"defined: {', '.join(env)}" if env else "define it under vars:"))
+            return env[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.FloorDiv) and right == 0:
+                raise loc.error(f"division by zero in '${{{expression}}}'")
+            if isinstance(node.op, ast.Mult) and max(abs(left), abs(right)) > 1e12:
+                raise loc.error(f"number too large in '${{{expression}}}'")
+            return _BINARY[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            value = walk(node.operand)
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            raise loc.error(f"'/' is not allowed in '${{{expression}}}'", hint="use // for integer division")
+        raise loc.error(f"bad expression '${{{expression}}}'", hint=_EXPRESSION_HINT)
+
+    return walk(tree)
+
+
+def _source_form(text: str) -> str:
+    return text.replace(_OPEN, "{").replace(_CLOSE, "}")
+
+
+def substitute(value: Any, env: dict[str, Any], loc: Loc) -> Any:
+    """Expand ${} templates in a value (recursively). A string that is exactly one template
+    becomes the number it evaluates to; otherwise results are spliced into the string."""
+    if isinstance(value, str):
+        whole = TEMPLATE.fullmatch(value.strip())
+        if whole:
+            return evaluate(whole.group(1), env, loc)
+        if _OPEN in value or "${" in value:
+            result = TEMPLATE.sub(lambda m: str(evaluate(m.group(1), env, loc)), value)
+            if _OPEN in result or "${" in result:
+                raise loc.error(f"unclosed or nested template in {_source_form(value)!r}", hint=_EXPRESSION_HINT)
+            return result
+        return value
+    if isinstance(value, LocMap):
+        out = LocMap((k, substitute(v, env, value.value_locs.get(k, loc))) for k, v in value.items())
+        out.loc, out.value_locs = value.loc, value.value_locs
+        return out
+    if isinstance(value, LocList):
+        out = LocList(substitute(v, env, l) for v, l in zip(value, value.item_locs))
+        out.loc, out.item_locs = value.loc, value.item_locs
+        return out
+    return value
+
+
+# -- the spec -------------------------------------------------------------------------------
+@dataclass
+class LayerEntry:
+    """One node as written (templates expanded, arguments not yet checked)."""
+    fields: LocMap
+    loc: Loc
+
+
+@dataclass
+class SpecDocument:
+    name: str
+    input_shape: tuple[int, ...]
+    layers: list[LayerEntry]
+    outputs: list[str] | None
+    file: str | None
+    loc: Loc = field(default_factory=Loc)
+    outputs_loc: Loc = field(default_factory=Loc)
+
+
+def _expect_map(value, loc: Loc, what: str) -> LocMap:
+    if not isinstance(value, LocMap):
+        raise loc.error(f"{what} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(mapping: LocMap, allowed, what: str, node: str | None = None) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise mapping.value_locs[key].error(f"unknown key '{key}' in {what}", node=node,
+                                                hint=did_you_mean(key, allowed) or
+                                                f"allowed: {', '.join(allowed)}")
+
+
+def _shape(value, loc: Loc) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (not isinstance(value, list) or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise loc.error(f"input shape must be a list of positive integers, got {value!r}",
+                        hint="e.g. input: {shape: [1, 28, 28]} (no batch dimension)")
+    return tuple(value)
+
+
+def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0) -> None:
+    if not isinstance(items, LocList):
+        raise loc.error("layers must be a list")
+    for item, item_loc in zip(items, items.item_locs):
+        item = _expect_map(item, item_loc, "a layer")
+        if "repeat" in item:
+            _check_keys(item, ("repeat", "layers", "index"), "a repeat block")
+            count = substitute(item["repeat"], env, item.value_locs["repeat"])
+            count_loc = item.value_locs["repeat"]
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise count_loc.error(f"repeat count must be an integer, got {count!r}")
+            if count < 0:
+                raise count_loc.error(f"repeat count must not be negative, got {count}")
+            if count > MAX_REPEAT:
+                raise count_loc.error(f"repeat count {count} exceeds {MAX_REPEAT}")
+            index = item.get("index", "i")
+            if not isinstance(index, str) or not index.isidentifier():
+                raise item.value_locs.get("index", item.loc).error(
+                    f"repeat index must be an identifier, got {index!r}")
+            if "layers" not in item:
+                raise item.loc.error("repeat block needs 'layers'")
+            if depth > 20:
+                raise item.loc.error("repeat blocks nested too deeply")
+            for k in range(count):
+                _expand(item["layers"], {**env, index: k}, item.value_locs["layers"], out, depth + 1)
+        else:
+            out.append(LayerEntry(substitute(item, env, item_loc), item_loc))
+
+
+def read_spec(text: str, file: str | None = None) -> SpecDocument:
+    """Parse spec text (format version 1) into a SpecDocument; every mistake is a GraphgrowError."""
+    doc = parse_yaml(text, file)
+    top = Loc(file, 1, 1)
+    doc = _expect_map(doc, top, "a spec")
+    _check_keys(doc, HEADER_KEYS, "the spec header")
+    if "graphgrow" not in doc:
+        raise top.error("missing format version", hint=f"start the file with 'graphgrow: {FORMAT_VERSION}'")
+    if doc["graphgrow"] != FORMAT_VERSION or isinstance(doc["graphgrow"], bool):
+        raise doc.value_locs["graphgrow"].error(
+            f"unknown format version {doc['graphgrow']!r}", hint=f"this graphgrow reads version {FORMAT_VERSION}")
+    for key in ("name", "input", "layers"):
+        if key not in doc:
+            raise doc.loc.error(f"missing '{key}'")
+    name = doc["name"]
+    if not isinstance(name, str) or not name.isidentifier():
+        raise doc.value_locs["name"].error(f"spec name must be an identifier, got {name!r}")
+
+    env: dict[str, Any] = {}
+    if "vars" in doc:
+        variables = _expect_map(doc["vars"], doc.value_locs["vars"], "vars")
+        for key, value in variables.items():
+            value_loc = variables.value_locs[key]
+            if not key.isidentifier():
+                raise value_loc.error(f"variable name must be an identifier, got {key!r}")
+            value = substitute(value, env, value_loc)
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise value_loc.error(f"variable '{key}' must be a number or string, got {value!r}")
+            env[key] = value
+
+    input_spec = _expect_map(doc["input"], doc.value_locs["input"], "input")
+    _check_keys(input_spec, ("shape",), "input")
+    if "shape" not in input_spec:
+        raise input_spec.loc.error("input needs a shape", hint="e.g. input: {shape: [2]}")
+    input_shape = _shape(substitute(input_spec["shape"], env, input_spec.value_locs["shape"]),
+                         input_spec.value_locs["shape"])
+
+    layers: list[LayerEntry] = []
+    _expand(doc["layers"], env, doc.value_locs["layers"], layers)
+    if not layers:
+        raise doc.value_locs["layers"].error("a spec needs at least one layer")
+
+    outputs = None
+    outputs_loc = doc.value_locs.get("outputs", doc.loc)
+    if "outputs" in doc:
+        outputs = substitute(doc["outputs"], env, outputs_loc)
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
+            raise outputs_loc.error("outputs must be a list of node names")
+        outputs = list(outputs)
+    return SpecDocument(name, input_shape, layers, outputs, file, doc.loc, outputs_loc)
+
+
+def read_spec_file(path: str | Path) -> SpecDocument:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GraphgrowError("spec file not found", file=str(path), hint="check the path") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise GraphgrowError(f"cannot read spec: {err}", file=str(path)) from None
+    return read_spec(text, str(path))

@@ -159,6 +159,20 @@ class OpDef:
         fn, kwargs = self.function(args)
         return graph.create_node("call_function", fn, tuple(inputs), kwargs, name=name)
 
+    # -- import from existing torch code (graphgrow.importer) --------------------------------
+    #: torch module types and call_function targets this op is imported from
+    imports_modules: tuple[type, ...] = ()
+    imports_functions: tuple[Callable, ...] = ()
+
+    def args_from_module(self, module: nn.Module) -> dict[str, Any]:
+        """Op arguments reproducing ``module`` (a type in ``imports_modules``); a
+        GraphgrowError if it uses a setting the op cannot express."""
+        return {}
+
+    def args_from_call(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Op arguments from the non-tensor arguments of a traced call."""
+        return {}
+
     def default_init(self, module: nn.Module, args: dict, generator: torch.Generator) -> None:
         """Initialise a freshly built module's parameters from ``generator``."""
 
@@ -196,6 +210,12 @@ def get_op(name: Any) -> OpDef:
 
 def registered_ops() -> dict[str, OpDef]:
     return dict(_REGISTRY)
+
+
+def require(condition: bool, what: str) -> None:
+    """For importers: refuse a torch setting the op cannot express."""
+    if not condition:
+        raise GraphgrowError(f"unsupported setting: {what}")
 
 
 def numel(shape: Shape) -> int:

@@ -5,7 +5,7 @@ from torch import nn
 
 from ..errors import GraphgrowError
 from .base import (Arg, OpDef, boolean, int_or, kaiming_uniform_init, numel, positive_int,
-                   register_op)
+                   register_op, require)
 
 
 def same_padding(kernel: int) -> int:
@@ -60,6 +60,20 @@ class Conv2dOp(OpDef):
     def build_module(self, args, in_shapes):
         return nn.Conv2d(in_shapes[0][0], args["out"], args["kernel"], stride=args["stride"],
                          padding=self.padding(args), bias=args["bias"])
+
+    imports_modules = (nn.Conv2d,)
+
+    def args_from_module(self, module):
+        kernel, stride = module.kernel_size, module.stride
+        require(kernel[0] == kernel[1] and stride[0] == stride[1], "non-square kernel or stride")
+        require(module.groups == 1 and module.dilation == (1, 1), "groups or dilation")
+        require(module.padding_mode == "zeros", f"padding_mode {module.padding_mode!r}")
+        padding = module.padding
+        if padding != "same":
+            require(isinstance(padding, tuple) and padding[0] == padding[1], f"padding {padding}")
+            padding = padding[0]
+        return {"out": module.out_channels, "kernel": kernel[0], "stride": stride[0],
+                "padding": padding, "bias": module.bias is not None}
 
     def default_init(self, module, args, generator):
         kaiming_uniform_init(module.weight, module.bias, generator)

@@ -1,11 +1,13 @@
 """Elementwise ops: activations, identity, scale. No parameters; shape preserved."""
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Arg, OpDef, number, numel, register_op
+from .base import Arg, OpDef, number, numel, register_op, require
 
 
 class ElementwiseOp(OpDef):
@@ -24,9 +26,11 @@ class ElementwiseOp(OpDef):
 class Activation(ElementwiseOp):
     """An activation given by a torch function and its module twin."""
 
-    def __init__(self, name, fn, module, cost=1, doc=""):
+    def __init__(self, name, fn, module, cost=1, doc="", aliases=()):
         self.name, self._fn, self._module, self.cost = name, fn, module, cost
         self.doc = doc or f"{name} activation, elementwise."
+        self.imports_modules = (module,)
+        self.imports_functions = (fn, *aliases)
 
     def function(self, args):
         return self._fn, {}
@@ -36,9 +40,10 @@ class Activation(ElementwiseOp):
 
 
 for _activation in (
-        Activation("relu", torch.relu, nn.ReLU, doc="max(0, x), elementwise."),
-        Activation("tanh", torch.tanh, nn.Tanh, cost=4),
-        Activation("sigmoid", torch.sigmoid, nn.Sigmoid, cost=4, doc="logistic 1/(1+exp(-x))."),
+        Activation("relu", torch.relu, nn.ReLU, doc="max(0, x), elementwise.", aliases=(F.relu,)),
+        Activation("tanh", torch.tanh, nn.Tanh, cost=4, aliases=(F.tanh,)),
+        Activation("sigmoid", torch.sigmoid, nn.Sigmoid, cost=4, doc="logistic 1/(1+exp(-x)).",
+                   aliases=(F.sigmoid,)),
         Activation("gelu", F.gelu, nn.GELU, cost=8),
         Activation("softplus", F.softplus, nn.Softplus, cost=4),
         Activation("identity", torch.clone, nn.Identity, cost=0,
@@ -52,6 +57,16 @@ class LeakyReluOp(ElementwiseOp):
     doc = "max(0, x) + slope * min(0, x)."
     args = (Arg("slope", number, 0.01),)
 
+    imports_modules = (nn.LeakyReLU,)
+    imports_functions = (F.leaky_relu,)
+
+    def args_from_module(self, module):
+        return {"slope": module.negative_slope}
+
+    def args_from_call(self, args, kwargs):
+        slope = kwargs.get("negative_slope", args[0] if args else 0.01)
+        return {"slope": slope}
+
     def function(self, args):
         return F.leaky_relu, {"negative_slope": args["slope"]}
 
@@ -63,6 +78,14 @@ class ScaleOp(ElementwiseOp):
     name = "scale"
     doc = "x * factor."
     args = (Arg("factor", number),)
+
+    imports_functions = (torch.mul, operator.mul)
+
+    def args_from_call(self, args, kwargs):
+        factor = kwargs.get("other", args[0] if args else None)
+        require(isinstance(factor, (int, float)) and not isinstance(factor, bool),
+                "multiplication by something other than a constant number")
+        return {"factor": factor}
 
     def function(self, args):
         return torch.mul, {"other": args["factor"]}

@@ -33,6 +33,11 @@ class LinearOp(OpDef):
     def build_module(self, args, in_shapes):
         return nn.Linear(in_shapes[0][-1], args["out"], bias=args["bias"])
 
+    imports_modules = (nn.Linear,)
+
+    def args_from_module(self, module):
+        return {"out": module.out_features, "bias": module.bias is not None}
+
     def default_init(self, module, args, generator):
         kaiming_uniform_init(module.weight, module.bias, generator)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import GraphgrowError
-from .base import Arg, OpDef, number, numel, probability, register_op
+from .base import Arg, OpDef, number, numel, probability, register_op, require
 
 
 class BatchNormOp(OpDef):
@@ -26,6 +26,13 @@ class BatchNormOp(OpDef):
     def flops(self, args, in_shapes, out_shape):
         return 4 * numel(out_shape)
 
+    imports_modules = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+    def args_from_module(self, module):
+        require(module.affine and module.track_running_stats and module.momentum is not None,
+                "batchnorm without affine parameters or running statistics")
+        return {"eps": module.eps, "momentum": module.momentum}
+
     def build_module(self, args, in_shapes):
         cls = nn.BatchNorm2d if len(in_shapes[0]) == 3 else nn.BatchNorm1d
         return cls(in_shapes[0][0], eps=args["eps"], momentum=args["momentum"])
@@ -43,6 +50,12 @@ class LayerNormOp(OpDef):
     def flops(self, args, in_shapes, out_shape):
         return 5 * numel(out_shape)
 
+    imports_modules = (nn.LayerNorm,)
+
+    def args_from_module(self, module):
+        require(module.elementwise_affine and module.bias is not None, "layernorm without affine parameters")
+        return {"eps": module.eps}
+
     def build_module(self, args, in_shapes):
         return nn.LayerNorm(list(in_shapes[0]), eps=args["eps"])
 
@@ -54,6 +67,11 @@ class DropoutOp(OpDef):
 
     def flops(self, args, in_shapes, out_shape):
         return numel(out_shape)
+
+    imports_modules = (nn.Dropout,)
+
+    def args_from_module(self, module):
+        return {"p": module.p}
 
     def build_module(self, args, in_shapes):
         return nn.Dropout(args["p"])

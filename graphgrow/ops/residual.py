@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import GraphgrowError
 from .base import (Arg, OpDef, boolean, choice, get_op, kaiming_uniform_init, number, numel,
-                   positive_int, register_op)
+                   positive_int, register_op, registered_ops, require)
 from .conv import expect_image, same_padding
 
 
@@ -15,6 +15,10 @@ def activation_name(value):
     if not op.elementwise or op.name == "scale":
         raise GraphgrowError(f"'{value}' is not an activation", hint="use relu, tanh, sigmoid, ...")
     return value
+
+
+def _activations():
+    return [op for op in registered_ops().values() if op.elementwise and op.imports_modules]
 
 
 class Residual(nn.Module):
@@ -85,6 +89,17 @@ class ResidualOp(OpDef):
         outer = self._layer(args, width, False) if args["form"] == "two_weight" else None
         act = get_op(args["activation"]).torch_module({})
         return Residual(inner, outer, act, args["h"])
+
+    imports_modules = (Residual,)
+
+    def args_from_module(self, module):
+        conv = isinstance(module.inner, nn.Conv2d)
+        activation = next((op.name for op in _activations() if isinstance(module.act, op.imports_modules)), None)
+        require(activation is not None, f"residual activation {type(module.act).__name__}")
+        return {"branch": "conv2d" if conv else "linear",
+                "form": "one_weight" if isinstance(module.outer, nn.Identity) else "two_weight",
+                "activation": activation, "h": module.h, "bias": module.inner.bias is not None,
+                **({"kernel": module.inner.kernel_size[0]} if conv else {})}
 
     def default_init(self, module, args, generator):
         kaiming_uniform_init(module.inner.weight, module.inner.bias, generator)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch import nn
 
 from ..errors import GraphgrowError
-from .base import Arg, OpDef, integer, numel, register_op
+from .base import Arg, OpDef, integer, numel, register_op, require
 
 
 class FlattenOp(OpDef):
@@ -16,6 +17,19 @@ class FlattenOp(OpDef):
     def output_shape(self, args, in_shapes):
         return (numel(in_shapes[0]),)
 
+    imports_modules = (nn.Flatten,)
+    imports_functions = (torch.flatten,)
+
+    def args_from_module(self, module):
+        require(module.start_dim == 1 and module.end_dim == -1, "flatten of other than all per-sample dims")
+        return {}
+
+    def args_from_call(self, args, kwargs):
+        given = {**dict(zip(("start_dim", "end_dim"), args)), **kwargs}
+        require(given.get("start_dim", 0) == 1 and given.get("end_dim", -1) == -1,
+                "flatten of other than all per-sample dims (use start_dim=1)")
+        return {}
+
     def function(self, args):
         return torch.flatten, {"start_dim": 1}
 
@@ -24,6 +38,11 @@ class AddOp(OpDef):
     name = "add"
     doc = "Sum of two or more inputs of equal shape."
     min_inputs, max_inputs = 2, None
+    imports_functions = (operator.add, torch.add)
+
+    def args_from_call(self, args, kwargs):
+        require(not kwargs and not args, "add with alpha or of a non-tensor")
+        return {}
 
     def output_shape(self, args, in_shapes):
         for shape in in_shapes[1:]:
@@ -49,6 +68,11 @@ class ConcatOp(OpDef):
     doc = "Concatenation of two or more inputs along dim (counted with the batch dimension: 1 = features/channels)."
     args = (Arg("dim", integer, 1),)
     min_inputs, max_inputs = 2, None
+
+    imports_functions = (torch.cat,)
+
+    def args_from_call(self, args, kwargs):
+        return {"dim": kwargs.get("dim", args[0] if args else 0)}
 
     @staticmethod
     def sample_axis(dim: int, rank: int) -> int:

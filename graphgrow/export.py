@@ -1,0 +1,82 @@
+"""Export compiled networks to TorchScript (``torch.jit.script``) and ``torch.export`` (.pt2)."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from .errors import GraphgrowError
+from .ir import LayerGraph
+
+FORMATS = ("export", "torchscript")
+SUFFIX = {"export": ".pt2", "torchscript": ".pt"}
+
+
+def example_input(graph: LayerGraph, batch: int = 2, dtype=torch.float32) -> torch.Tensor:
+    """A deterministic probe batch of the network's input shape."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((batch, *graph.input_shape), generator=generator, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _torchscript_deprecation_silenced():
+    """torch.jit is deprecated in favour of torch.export (torch 2.13); its warnings say nothing
+    about the module at hand, so they are silenced here, and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*TorchScript.*")
+        yield
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Artifacts are for inference (dropout off, batchnorm statistics frozen); the caller's
+    module keeps its own mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def to_torchscript(module: fx.GraphModule) -> torch.jit.ScriptModule:
+    """Script a compiled module (in eval mode)."""
+    with _torchscript_deprecation_silenced(), _eval_mode(module):
+        return torch.jit.script(module).eval()
+
+
+def to_exported_program(module: fx.GraphModule, graph: LayerGraph) -> torch.export.ExportedProgram:
+    """``torch.export`` (eval mode) with a dynamic batch dimension."""
+    batch = torch.export.Dim("batch", min=1)
+    probe = example_input(graph, dtype=next(module.parameters(), torch.empty(0)).dtype)
+    with _eval_mode(module):
+        return torch.export.export(module, (probe,), dynamic_shapes=({0: batch},))
+
+
+def export(module: fx.GraphModule, graph: LayerGraph, path: str | Path, fmt: str = "export") -> Path:
+    """Write ``module`` to ``path`` in format ``export`` (.pt2) or ``torchscript`` (.pt)."""
+    if fmt not in FORMATS:
+        raise GraphgrowError(f"unknown export format '{fmt}'", hint=f"use one of {', '.join(FORMATS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        to_torchscript(module).save(str(path))
+    else:
+        torch.export.save(to_exported_program(module, graph), str(path))
+    return path
+
+
+def load_exported(path: str | Path):
+    """Load an exported artifact as a callable module (format from the file contents)."""
+    path = Path(path)
+    if not path.exists():
+        raise GraphgrowError("exported model not found", file=str(path))
+    if path.suffix == ".pt2":
+        return torch.export.load(str(path)).module()
+    with _torchscript_deprecation_silenced():
+        return torch.jit.load(str(path))

@@ -1,0 +1,69 @@
+"""The command line: commands work, user mistakes print one located line and exit 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graphgrow.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+FNN = str(ROOT / "specs" / "fnn_spiral.yaml")
+
+
+def test_check_table_and_json(capsys):
+    assert main(["check", FNN]) == 0
+    assert "total" in capsys.readouterr().out
+    assert main(["check", FNN, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["total_params"] == 27 and [n["name"] for n in summary["nodes"]] == ["fc1", "act1", "head"]
+
+
+def test_show_code_and_dot(capsys):
+    assert main(["show", FNN, "--code"]) == 0
+    code = capsys.readouterr().out
+    assert "def forward" in code and "self.fc1" in code
+    assert main(["show", FNN, "--dot"]) == 0
+    assert "fc1 -> act1;" in capsys.readouterr().out
+    assert main(["show", FNN]) == 0
+    assert "graphgrow: 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt,suffix", [("export", ".pt2"), ("torchscript", ".pt")])
+def test_compile_writes_artifact(tmp_path, fmt, suffix, capsys):
+    out = tmp_path / "model"
+    assert main(["compile", FNN, "-o", str(out), "--format", fmt, "--seed", "4"]) == 0
+    assert (tmp_path / f"model{suffix}").exists()
+    assert "max |diff| = 0.0e+00" in capsys.readouterr().out
+
+
+def test_spec_error_is_one_located_line_and_status_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("graphgrow: 1\nname: x\ninput: {shape: [2]}\nlayers:\n  - {name: a, op: linaer, out: 3}\n")
+    result = subprocess.run([sys.executable, "-m", "graphgrow", "check", str(bad)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"{bad}:5:19: error: unknown op 'linaer'")
+    assert "did you mean 'linear'?" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_missing_spec_file(capsys):
+    assert main(["check", "no/such/spec.yaml"]) == 2
+    assert "spec file not found" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit(tmp_path, capsys):
+    import torch
+    weights = tmp_path / "w.pt"
+    torch.save({"fc1.weight": torch.zeros(3, 3)}, weights)
+    assert main(["compile", FNN, "-o", str(tmp_path / "m.pt2"), "--weights", str(weights)]) == 2
+    assert "weights do not fit" in capsys.readouterr().err
+
+
+def test_demo(tmp_path, capsys):
+    assert main(["demo", "--spec", FNN, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "fnn_spiral.pt2").exists() and (tmp_path / "fnn_spiral.pt").exists()

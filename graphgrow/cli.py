@@ -41,7 +41,7 @@ def cmd_show(opts) -> None:
     from .ir import load_graph
     graph = load_graph(opts.spec)
     if opts.code:
-        print(compile_graph(graph).code.strip())
+        print(compile_graph(graph).print_readable(print_output=False).strip())  # with spec lines
     elif opts.dot:
         print(to_dot(graph))
     else:

@@ -18,10 +18,12 @@ from .ir import LayerGraph
 PLACEHOLDER = "x"
 
 
-def build_modules(graph: LayerGraph) -> dict[str, nn.Module]:
-    """Fresh (uninitialised) modules of the nodes that compile to ``call_module``."""
+def build_modules(graph: LayerGraph, skip=()) -> dict[str, nn.Module]:
+    """Fresh (uninitialised) modules of the nodes that compile to ``call_module``, except ``skip``."""
     modules = {}
     for node in graph.nodes:
+        if node.name in skip:
+            continue
         module = node.opdef.build_module(node.args, node.in_shapes)
         if module is not None:
             modules[node.name] = module
@@ -55,21 +57,42 @@ def _load(graph: LayerGraph, root: nn.Module, state: dict[str, torch.Tensor]) ->
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise GraphgrowError(f"weight '{key}' has shape {list(tensor.shape)}, the network needs "
                                  f"{list(expected[key].shape)}", file=graph.source, node=key.split(".")[0])
-    root.load_state_dict(state)
+    # per node: root.load_state_dict scans every key once per submodule (quadratic in depth)
+    by_node: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        node, _, role = key.partition(".")
+        by_node.setdefault(node, {})[role] = tensor
+    for node, entries in by_node.items():
+        root.get_submodule(node).load_state_dict(entries)
 
 
 def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
-                  seed: int = 0, dtype: torch.dtype | None = None) -> fx.GraphModule:
+                  seed: int = 0, dtype: torch.dtype | None = None,
+                  modules: dict[str, nn.Module] | None = None) -> fx.GraphModule:
     """Compile ``graph`` to a GraphModule, with parameters from ``state`` or initialised
-    deterministically from ``seed`` (same seed, bitwise-identical parameters)."""
-    modules = build_modules(graph)
+    deterministically from ``seed`` (same seed, bitwise-identical parameters).
+
+    ``modules``: ready modules for some nodes, used as they are (passes hand in copies of
+    unchanged layers); ``state`` then holds the entries of the other nodes only."""
+    given = modules or {}
+    fresh = build_modules(graph, skip=given)
     root = nn.Module()
-    for name, module in modules.items():
+    for name, module in fresh.items():
         root.add_module(name, module)
     if state is None:
-        initialize(graph, modules, seed)
+        initialize(graph, fresh, seed)
     else:
+        if dtype is not None:
+            root.to(dtype)  # before loading, so that float64 weights keep their precision
         _load(graph, root, state)
+    if given:
+        ordered = root
+        root = nn.Module()
+        for node in graph.nodes:
+            module = given[node.name] if node.name in given else getattr(ordered, node.name, None)
+            if module is not None:
+                root.add_module(node.name, module)
+    modules = dict(root.named_children())
     for node in graph.nodes:
         if node.frozen and node.name in modules:
             modules[node.name].requires_grad_(False)
@@ -77,18 +100,23 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     fx_graph = fx.Graph()
     values = {"input": fx_graph.placeholder(PLACEHOLDER)}
     for node in graph.nodes:
+        previous_last = next(iter(reversed(fx_graph.nodes)))
         emitted = node.opdef.emit(fx_graph, node.name, node.args,
                                   [values[i] for i in node.inputs], node.name in modules)
-        emitted.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": node.loc.file,
-                                     "line": node.loc.line}
-        if node.loc.line is not None:
-            emitted.meta["stack_trace"] = (f'  File "{node.loc.file or "<spec>"}", line {node.loc.line}, '
-                                           f'in {node.name}\n    op: {node.op}\n')
+        # every fx node the op emitted (several for a multi-input add) points at the spec line
+        for fx_node in reversed(fx_graph.nodes):
+            if fx_node is previous_last:
+                break
+            fx_node.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": node.loc.file,
+                                         "line": node.loc.line}
+            if node.loc.line is not None:
+                fx_node.meta["stack_trace"] = (f'  File "{node.loc.file or "<spec>"}", line {node.loc.line}, '
+                                               f'in {node.name}\n    op: {node.op}\n')
         values[node.name] = emitted
     outputs = [values[name] for name in graph.outputs]
     fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     module = fx.GraphModule(root, fx_graph, class_name=graph.name)
-    if dtype is not None:
+    if dtype is not None and state is None:  # a given state was loaded in dtype already
         module.to(dtype)
     return module
 

@@ -5,6 +5,7 @@ roles; `init: {normal: {std: 0.1}}` takes options. `default` is the op's own ini
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -40,6 +41,8 @@ def _check_normal(options: Any) -> dict:
     if not isinstance(options, dict) or set(options) - {"std", "mean"} or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in options.values()):
         raise GraphgrowError(f"normal takes {{std: number, mean: number}}, got {options!r}")
+    if not all(math.isfinite(v) for v in options.values()):
+        raise GraphgrowError(f"normal std and mean must be finite, got {options!r}")
     if options.get("std", 1.0) < 0:
         raise GraphgrowError("normal std must not be negative")
     return {k: float(v) for k, v in options.items()}
@@ -73,7 +76,10 @@ def normalize_init(value: Any, roles: list[str]) -> dict[str, tuple[str, dict]]:
     if value is None:
         return {}
     whole = None
-    if not (isinstance(value, dict) and set(value) & set(roles)):
+    # a one-key mapping naming an initialiser ({normal: {std: 0.1}}) applies to every role;
+    # any other mapping names roles, so a role the node lacks is reported as such
+    if not isinstance(value, dict) or (len(value) == 1 and not set(value) & set(roles)
+                                       and set(value) <= set(NAMES)):
         whole = _one(value)
     if whole is not None:
         return {role: whole for role in roles}
@@ -83,7 +89,9 @@ def normalize_init(value: Any, roles: list[str]) -> dict[str, tuple[str, dict]]:
     for role, item in value.items():
         if role not in roles:
             raise GraphgrowError(f"init names role '{role}' which this node does not have",
-                                 hint=did_you_mean(role, roles) or f"roles: {', '.join(roles) or 'none'}")
+                                 hint=(f"'{role}' is an initializer: use it alone or under a role"
+                                       if role in NAMES else did_you_mean(role, [*roles, *NAMES]))
+                                 or f"roles: {', '.join(roles) or 'none'}")
         one = _one(item)
         if one is None:
             raise GraphgrowError(f"bad init for role '{role}': {item!r}")

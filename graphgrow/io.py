@@ -22,7 +22,8 @@ def _flow(value) -> str:
 def dump(graph: LayerGraph) -> str:
     """Spec text (format version 1, flat: variables and repeats expanded) that loads back to
     the same graph. Arguments equal to their defaults are left out."""
-    lines = [f"graphgrow: {FORMAT_VERSION}", f"name: {graph.name}",
+    # "name: x" via a flow mapping, so names YAML would misread ('yes', 'null') come out quoted
+    lines = [f"graphgrow: {FORMAT_VERSION}", _flow({"name": graph.name})[1:-1],
              f"input: {{shape: {_flow(list(graph.input_shape))}}}", "layers:"]
     previous = INPUT
     for node in graph.nodes:
@@ -49,9 +50,12 @@ def weights_path(spec_path: str | Path) -> Path:
 def save(network: Network, spec_path: str | Path) -> tuple[Path, Path]:
     """Write ``spec_path`` (YAML) and the weights beside it (same stem, ``.pt``)."""
     spec_path = Path(spec_path)
+    weights = weights_path(spec_path)
+    if weights == spec_path:  # the weights would overwrite the spec just written
+        raise GraphgrowError(f"spec path must not end in {WEIGHTS_SUFFIX}", file=str(spec_path),
+                             hint=f"save as {spec_path.with_suffix('.yaml').name}; the weights go beside it")
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(dump(network.graph), encoding="utf-8")
-    weights = weights_path(spec_path)
     torch.save({k: v.detach().cpu() for k, v in network.state().items()}, weights)
     return spec_path, weights
 

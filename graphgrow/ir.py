@@ -19,7 +19,10 @@ from .ops.base import OpDef, Shape, get_op
 from .spec import NODE_KEYS, LayerEntry, Loc, SpecDocument, read_spec, read_spec_file
 
 INPUT = "input"
-_RESERVED = {INPUT} | set(dir(fx.GraphModule)) | set(keyword.kwlist)
+# Node names become attributes of the compiled GraphModule, so they must not shadow its class
+# attributes or the ones every instance sets (training, _modules, meta, ...).
+_RESERVED = ({INPUT} | set(dir(fx.GraphModule)) | set(vars(fx.GraphModule(torch.nn.Module(), fx.Graph())))
+             | set(keyword.kwlist))
 
 
 @dataclass
@@ -79,7 +82,7 @@ class LayerGraph:
 
     # -- reading ------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
-        return name in self._order
+        return name != INPUT and name in self.dag  # a dict lookup: passes ask this per node
 
     def __len__(self) -> int:
         return len(self._order)
@@ -118,9 +121,11 @@ class LayerGraph:
         check_name(node.name, node.loc)
         if node.name in self.dag:
             raise node.error(f"duplicate node name '{node.name}'")
-        self.dag.add_node(node.name, node=node)
+        # check everything before changing anything, so a failed add leaves the graph intact
+        self._check_sources(node, node.inputs)
         position = len(self._order) if after in (None,) else (
-            0 if after == INPUT else self._order.index(after) + 1)
+            0 if after == INPUT else self._order.index(self.node(after).name) + 1)
+        self.dag.add_node(node.name, node=node)
         self._order.insert(position, node.name)
         self._connect(node)
         return node
@@ -136,6 +141,7 @@ class LayerGraph:
 
     def set_inputs(self, name: str, inputs: list[str]) -> None:
         node = self.node(name)
+        self._check_sources(node, inputs)
         for source in set(node.inputs):
             self.dag.remove_edge(source, name)
         node.inputs = list(inputs)
@@ -148,31 +154,42 @@ class LayerGraph:
                 self.set_inputs(reader, [new if i == old else i for i in self.node(reader).inputs])
         self.outputs = [new if o == old else o for o in self.outputs]
 
-    def _connect(self, node: Node) -> None:
-        for source in node.inputs:
-            if source not in self.dag:
+    def _check_sources(self, node: Node, inputs: list[str]) -> None:
+        for source in inputs:
+            if source not in self.dag and source != node.name:
                 raise node.error(f"unknown input '{source}'",
                                  hint=did_you_mean(source, [INPUT, *self._order]))
+
+    def _connect(self, node: Node) -> None:
+        self._check_sources(node, node.inputs)
+        for source in node.inputs:
             self.dag.add_edge(source, node.name)
 
     def copy(self) -> "LayerGraph":
-        return copy.deepcopy(self)
+        """An independent copy; node locations (immutable) are shared. Faster than deepcopy,
+        which dominated passes on deep networks."""
+        new = copy.copy(self)
+        new.outputs = list(self.outputs)
+        new._order = list(self._order)
+        new.dag = nx.DiGraph()
+        new.dag.add_node(INPUT)
+        new.dag.add_nodes_from((name, {"node": _copy_node(self.dag.nodes[name]["node"])})
+                               for name in self._order)
+        new.dag.add_edges_from(self.dag.edges)
+        return new
 
     # -- checking -----------------------------------------------------------------------
     def sort(self) -> None:
         """Restore a topological order, keeping the current order wherever possible."""
-        try:
-            cycle = nx.find_cycle(self.dag)
-        except nx.NetworkXNoCycle:
-            cycle = None
-        if cycle:
-            names = [edge[0] for edge in cycle]
-            first = self.node(names[0])
-            raise first.error(f"cycle: {' -> '.join(names + [names[0]])}",
-                              hint="a node cannot read its own output, directly or indirectly")
         position = {name: k for k, name in enumerate(self._order)}
         position[INPUT] = -1
-        order = nx.lexicographical_topological_sort(self.dag, key=position.__getitem__)
+        try:
+            order = list(nx.lexicographical_topological_sort(self.dag, key=position.__getitem__))
+        except nx.NetworkXUnfeasible:  # find_cycle only on failure: it is slow on deep graphs
+            names = [edge[0] for edge in nx.find_cycle(self.dag)]
+            first = self.node(names[0])
+            raise first.error(f"cycle: {' -> '.join(names + [names[0]])}",
+                              hint="a node cannot read its own output, directly or indirectly") from None
         self._order = [n for n in order if n != INPUT]
 
     def infer_shapes(self) -> None:
@@ -238,6 +255,15 @@ class LayerGraph:
 
     def __repr__(self) -> str:
         return f"<LayerGraph {self.name}: {len(self)} nodes, {self.num_params()} parameters>"
+
+
+_SCALARS = (int, float, str, bool, type(None))
+
+
+def _copy_node(node: Node) -> Node:
+    plain = all(isinstance(v, _SCALARS) for v in node.args.values())
+    return Node(node.name, node.op, dict(node.args) if plain else copy.deepcopy(node.args), list(node.inputs),
+                copy.deepcopy(node.init), node.frozen, node.loc, list(node.in_shapes), node.out_shape)
 
 
 def _check_init_applies(plan, shapes) -> None:

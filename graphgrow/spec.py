@@ -8,6 +8,7 @@ an error, and ``${}`` expressions are evaluated by a tiny arithmetic interpreter
 from __future__ import annotations
 
 import ast
+import gc
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from .errors import GraphgrowError, did_you_mean
 
 FORMAT_VERSION = 1
 MAX_REPEAT = 100_000
+# nested repeats multiply; this bounds the whole expansion (each layer and each repeat step counts)
+MAX_EXPANSION = 2 * MAX_REPEAT
 # YAML forbids '{' and '}' in plain scalars inside flow mappings, yet `{out: ${width}}` is the
 # natural way to write a layer. Before parsing, the braces of each template are swapped for two
 # private-use characters (same length, so reported columns stay right) that TEMPLATE matches.
@@ -52,8 +55,18 @@ class LocList(list):
     item_locs: list
 
 
-class _SpecLoader(yaml.SafeLoader):
+class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     """SafeLoader that records locations and rejects duplicate keys and foreign tags."""
+
+    def construct_object(self, node, deep=False):
+        # an explicit standard tag on the wrong value (`!!float abc`, `!!bool x`, `!!seq a`)
+        # makes PyYAML's constructors raise plain Python errors; report them where they stand
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise _loc(self, node.start_mark).error(
+                f"cannot read this value as {node.tag.rsplit(':', 1)[-1]}: {str(err)[:80]}",
+                hint="remove the explicit tag (!!...)") from None
 
 
 def _loc(loader, mark) -> Loc:
@@ -97,22 +110,49 @@ for _tag in ("set", "omap", "pairs", "binary", "timestamp"):
                                 lambda loader, node: _reject_tag(loader, None, node))
 
 
+def _construct_int(loader, node):
+    try:
+        return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+    except ValueError as err:  # e.g. more digits than Python converts (sys.get_int_max_str_digits)
+        raise _loc(loader, node.start_mark).error(f"bad integer: {str(err)[:80]}") from None
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+# YAML 1.1 reads `1e-5` (no dot) as a string; specs write eps and learning rates that way, so
+# exponent floats without a dot are floats here, as in YAML 1.2.
+_SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def parse_yaml(text: str, file: str | None = None) -> Any:
     """Safe-load YAML text into LocMap/LocList trees; syntax errors become GraphgrowError."""
-    loader = _SpecLoader(_SOURCE_TEMPLATE.sub(lambda m: f"${_OPEN}{m.group(1)}{_CLOSE}", text))
-    loader.spec_file = file
+    loader = None
+    # Building the tree allocates many small acyclic objects; cyclic GC passes over the growing
+    # tree made reading super-linear in spec size (2x per layer at 1000 layers), so pause it.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
+        # the reader checks the characters already in the constructor (ReaderError)
+        loader = _SpecLoader(_SOURCE_TEMPLATE.sub(lambda m: f"${_OPEN}{m.group(1)}{_CLOSE}", text))
+        loader.spec_file = file
         return loader.get_single_data()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         loc = Loc(file, mark.line + 1, mark.column + 1) if mark else Loc(file)
         raise loc.error(f"YAML syntax: {err.problem or err.context}") from None
+    except yaml.reader.ReaderError as err:
+        before = text[:err.position]
+        loc = Loc(file, before.count("\n") + 1, err.position - (before.rfind("\n") + 1) + 1)
+        raise loc.error(f"YAML syntax: special character U+{err.character:04X} is not allowed") from None
     except yaml.YAMLError as err:
         raise Loc(file).error(f"YAML syntax: {err}") from None
     except RecursionError:
         raise Loc(file).error("YAML nesting too deep") from None
     finally:
-        loader.dispose()
+        if collecting:
+            gc.enable()
+        if loader is not None:
+            loader.dispose()
 
 
 # -- ${} expressions --------------------------------------------------------------------------
@@ -125,8 +165,14 @@ def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
     """Evaluate a ${} expression with integers, floats, variables, + - * // and parentheses."""
     try:
         tree = ast.parse(expression.strip(), mode="eval")
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise loc.error(f"bad expression '${{{expression}}}'", hint=_EXPRESSION_HINT) from None
+
+    def number(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise loc.error(f"arithmetic on {value!r}, which is not a number, in '${{{expression}}}'",
+                            hint="only numeric variables can take part in + - * //")
+        return value
 
     def walk(node):
         if isinstance(node, ast.Expression):
@@ -140,20 +186,26 @@ def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
                                 (f"defined: {', '.join(env)}" if env else "define it under vars:"))
             return env[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            left, right = walk(node.left), walk(node.right)
+            left, right = number(walk(node.left)), number(walk(node.right))
             if isinstance(node.op, ast.FloorDiv) and right == 0:
                 raise loc.error(f"division by zero in '${{{expression}}}'")
             if isinstance(node.op, ast.Mult) and max(abs(left), abs(right)) > 1e12:
                 raise loc.error(f"number too large in '${{{expression}}}'")
-            return _BINARY[type(node.op)](left, right)
+            try:
+                return _BINARY[type(node.op)](left, right)
+            except OverflowError:  # a huge integer literal meeting a float
+                raise loc.error(f"number too large in '${{{expression}}}'") from None
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            value = walk(node.operand)
+            value = number(walk(node.operand))
             return -value if isinstance(node.op, ast.USub) else value
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
             raise loc.error(f"'/' is not allowed in '${{{expression}}}'", hint="use // for integer division")
         raise loc.error(f"bad expression '${{{expression}}}'", hint=_EXPRESSION_HINT)
 
-    return walk(tree)
+    try:
+        return walk(tree)
+    except RecursionError:
+        raise loc.error(f"expression nested too deeply: '${{{expression[:40]}...}}'") from None
 
 
 def _source_form(text: str) -> str:
@@ -227,7 +279,16 @@ def _shape(value, loc: Loc) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0) -> None:
+def _spend(budget: list[int], loc: Loc) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise loc.error(f"the spec expands to more than {MAX_EXPANSION} layers and repeat steps",
+                        hint="nested repeat counts multiply; lower them")
+
+
+def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
+            budget: list[int] | None = None) -> None:
+    budget = [MAX_EXPANSION] if budget is None else budget  # shared by the nested calls
     if not isinstance(items, LocList):
         raise loc.error("layers must be a list")
     for item, item_loc in zip(items, items.item_locs):
@@ -251,9 +312,17 @@ def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0) -
             if depth > 20:
                 raise item.loc.error("repeat blocks nested too deeply")
             for k in range(count):
-                _expand(item["layers"], {**env, index: k}, item.value_locs["layers"], out, depth + 1)
+                _spend(budget, count_loc)
+                _expand(item["layers"], {**env, index: k}, item.value_locs["layers"], out, depth + 1, budget)
         else:
-            out.append(LayerEntry(substitute(item, env, item_loc), item_loc))
+            _spend(budget, item_loc)
+            try:
+                fields = substitute(item, env, item_loc)
+            except GraphgrowError as err:  # name the layer when its name is written literally
+                literal = item.get("name")
+                raise err.located(node=literal if isinstance(literal, str) and "${" not in
+                                  _source_form(literal) else None)
+            out.append(LayerEntry(fields, item_loc))
 
 
 def read_spec(text: str, file: str | None = None) -> SpecDocument:

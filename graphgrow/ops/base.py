@@ -176,6 +176,33 @@ class OpDef:
     def default_init(self, module: nn.Module, args: dict, generator: torch.Generator) -> None:
         """Initialise a freshly built module's parameters from ``generator``."""
 
+    # -- graph rewrites (the ``passes`` package) --------------------------------------------
+    #: unit i (features of a vector, channels of an image) of the input is unit i of the
+    #: output: elementwise ops, pooling, dropout, batchnorm, flatten. Widening looks through.
+    passes_units_through: bool = False
+    #: sigma(sigma(x)) == sigma(x): after such an activation, an identity-initialised layer
+    #: followed by the same activation computes the identity (thesis 4.11, 4.15).
+    idempotent: bool = False
+    #: the argument holding the number of output units of a widenable op
+    width_arg: str | None = None
+    #: the per-sample dimension of the input that holds a widenable op's input units
+    input_units_dim: int = 0
+
+    def widen_roles(self, args: dict) -> dict[str, tuple[int | None, int | None]]:
+        """Per parameter role of a widenable op: (axis of its output units, axis of its input
+        units), None where the role has no such axis."""
+        return {}
+
+    def unit_roles(self, args: dict) -> dict[str, float]:
+        """Per-unit state of a ``passes_units_through`` op (role -> value of a fresh unit)."""
+        return {}
+
+    def identity_params(self, args: dict, in_shapes: list[Shape],
+                        scale: float = 1.0) -> dict[str, torch.Tensor] | None:
+        """Parameters (by role) that make this op compute the identity on its input, or None
+        when no choice of parameters does. ``scale`` is the constant c of W1 = c I (4.13)."""
+        return None
+
     def __repr__(self) -> str:
         return f"<op {self.name}>"
 

@@ -1,6 +1,7 @@
 """conv2d(out, kernel, stride, padding, bias) on (C, H, W). Roles: weight (out, C, k, k), bias."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import GraphgrowError
@@ -77,6 +78,23 @@ class Conv2dOp(OpDef):
 
     def default_init(self, module, args, generator):
         kaiming_uniform_init(module.weight, module.bias, generator)
+
+    width_arg = "out"
+
+    def widen_roles(self, args):
+        return {"weight": (0, 1), "bias": (0, None)}
+
+    def identity_params(self, args, in_shapes, scale=1.0):
+        k = args["kernel"]
+        if (in_shapes[0][0] != args["out"] or args["stride"] != 1 or k % 2 == 0
+                or self.padding(args) != k // 2):
+            return None
+        weight = torch.zeros(args["out"], args["out"], k, k)
+        nn.init.dirac_(weight)
+        params = {"weight": weight}
+        if args["bias"]:
+            params["bias"] = torch.zeros(args["out"])
+        return params
 
 
 register_op(Conv2dOp)

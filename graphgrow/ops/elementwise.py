@@ -12,6 +12,7 @@ from .base import Arg, OpDef, number, numel, register_op, require
 
 class ElementwiseOp(OpDef):
     elementwise = True
+    passes_units_through = True
     #: flops per entry
     cost = 1
 
@@ -26,8 +27,9 @@ class ElementwiseOp(OpDef):
 class Activation(ElementwiseOp):
     """An activation given by a torch function and its module twin."""
 
-    def __init__(self, name, fn, module, cost=1, doc="", aliases=()):
+    def __init__(self, name, fn, module, cost=1, doc="", aliases=(), idempotent=False):
         self.name, self._fn, self._module, self.cost = name, fn, module, cost
+        self.idempotent = idempotent
         self.doc = doc or f"{name} activation, elementwise."
         self.imports_modules = (module,)
         self.imports_functions = (fn, *aliases)
@@ -40,14 +42,15 @@ class Activation(ElementwiseOp):
 
 
 for _activation in (
-        Activation("relu", torch.relu, nn.ReLU, doc="max(0, x), elementwise.", aliases=(F.relu,)),
+        Activation("relu", torch.relu, nn.ReLU, doc="max(0, x), elementwise.", aliases=(F.relu,),
+                   idempotent=True),
         Activation("tanh", torch.tanh, nn.Tanh, cost=4, aliases=(F.tanh,)),
         Activation("sigmoid", torch.sigmoid, nn.Sigmoid, cost=4, doc="logistic 1/(1+exp(-x)).",
                    aliases=(F.sigmoid,)),
         Activation("gelu", F.gelu, nn.GELU, cost=8),
         Activation("softplus", F.softplus, nn.Softplus, cost=4),
         Activation("identity", torch.clone, nn.Identity, cost=0,
-                   doc="returns its input (a copy, so graphs stay single-assignment)."),
+                   doc="returns its input (a copy, so graphs stay single-assignment).", idempotent=True),
 ):
     register_op(_activation)
 

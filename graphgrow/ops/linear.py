@@ -1,6 +1,7 @@
 """linear(out, bias): y = W x + b on the last dimension. Roles: weight (out, in), bias (out)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import GraphgrowError
@@ -40,6 +41,20 @@ class LinearOp(OpDef):
 
     def default_init(self, module, args, generator):
         kaiming_uniform_init(module.weight, module.bias, generator)
+
+    width_arg = "out"
+    input_units_dim = -1  # y = W x + b acts on the last dimension
+
+    def widen_roles(self, args):
+        return {"weight": (0, 1), "bias": (0, None)}
+
+    def identity_params(self, args, in_shapes, scale=1.0):
+        if in_shapes[0][-1] != args["out"]:
+            return None
+        params = {"weight": torch.eye(args["out"])}
+        if args["bias"]:
+            params["bias"] = torch.zeros(args["out"])
+        return params
 
 
 register_op(LinearOp)

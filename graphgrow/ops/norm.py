@@ -23,6 +23,12 @@ class BatchNormOp(OpDef):
     def param_shapes(self, args, in_shapes):
         return {"weight": (in_shapes[0][0],), "bias": (in_shapes[0][0],)}
 
+    passes_units_through = True
+
+    def unit_roles(self, args):
+        # a fresh channel normalises with mean 0, variance 1 and the identity affine map
+        return {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+
     def flops(self, args, in_shapes, out_shape):
         return 4 * numel(out_shape)
 
@@ -64,6 +70,7 @@ class DropoutOp(OpDef):
     name = "dropout"
     doc = "Zeroes entries with probability p in train mode (scaled by 1/(1-p)); identity in eval."
     args = (Arg("p", probability, 0.5),)
+    passes_units_through = True
 
     def flops(self, args, in_shapes, out_shape):
         return numel(out_shape)

@@ -16,6 +16,7 @@ def optional_positive_int(value):
 class PoolOp(OpDef):
     args = (Arg("kernel", positive_int, 2), Arg("stride", optional_positive_int, None))
     torch_fn = None
+    passes_units_through = True
 
     def stride(self, args):
         return args["stride"] or args["kernel"]
@@ -75,6 +76,7 @@ class AdaptiveAvgPool2dOp(OpDef):
     name = "adaptive_avgpool2d"
     doc = "Mean pooling to a fixed out x out spatial size."
     args = (Arg("out", positive_int, 1),)
+    passes_units_through = True
 
     def output_shape(self, args, in_shapes):
         expect_image(in_shapes[0], self.name)

@@ -2,6 +2,7 @@
 (one_weight, thesis 2.7). Width preserving. Roles: inner.weight, inner.bias, outer.weight."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import GraphgrowError
@@ -105,6 +106,27 @@ class ResidualOp(OpDef):
         kaiming_uniform_init(module.inner.weight, module.inner.bias, generator)
         if args["form"] == "two_weight":
             kaiming_uniform_init(module.outer.weight, None, generator)
+
+    def identity_params(self, args, in_shapes, scale=1.0):
+        """Two-weight form: W1 = c I (Dirac kernel), b = 0, W2 = 0 for any activation (4.13).
+        One-weight form: W = 0, b = 0, the identity where the activation maps 0 to 0."""
+        width = self._width(in_shapes)
+        shape = self.param_shapes(args, in_shapes)["inner.weight"]
+        if args["form"] == "one_weight":
+            act = get_op(args["activation"]).torch_module({})
+            if act(torch.zeros(1)).item() != 0.0:
+                return None
+            inner = torch.zeros(shape)
+        else:
+            inner = torch.zeros(shape)
+            nn.init.eye_(inner) if len(shape) == 2 else nn.init.dirac_(inner)
+            inner = scale * inner
+        params = {"inner.weight": inner}
+        if args["bias"]:
+            params["inner.bias"] = torch.zeros(width)
+        if args["form"] == "two_weight":
+            params["outer.weight"] = torch.zeros(shape)
+        return params
 
 
 register_op(ResidualOp)

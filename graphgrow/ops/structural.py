@@ -13,6 +13,7 @@ from .base import Arg, OpDef, integer, numel, register_op, require
 class FlattenOp(OpDef):
     name = "flatten"
     doc = "Flattens all per-sample dimensions into one (C, H, W) -> (C*H*W,)."
+    passes_units_through = True  # channel c becomes the block of features c*H*W ... (c+1)*H*W - 1
 
     def output_shape(self, args, in_shapes):
         return (numel(in_shapes[0]),)

@@ -1,0 +1,84 @@
+"""Step time of the Frobenius-type preconditioner against plain SGD measured in the same run.
+
+Network 784-100-100-100-10 (ReLU), batch 100, MNIST 10k test set, one thread. Methods are run
+interleaved in blocks of steps, repeated; the report gives the median step time per method and its
+ratio to the median SGD step time.
+
+    PYTHONPATH=. python benchmarks/frobenius_speed.py --mnist /work/shared/data/mnist
+"""
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from graphgrow.data import mnist
+from graphgrow.frobenius import FrobeniusPreconditioner
+
+
+def relu_classifier(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                         nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def build(method):
+    """(model, optimizer, loss, backward function); small preconditioned lr so no run diverges."""
+    model = relu_classifier(0)
+    loss_fn = nn.CrossEntropyLoss()
+    backward = lambda loss: loss.backward()  # noqa: E731
+    if method == "sgd":
+        return model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, backward
+    if method == "backpack-kfac":
+        from backpack import backpack, extend
+        model, loss_fn = extend(model, use_converter=True), extend(loss_fn)
+        optimizer = FrobeniusPreconditioner(model, lr=1e-3, backend="backpack", labels="sampled", woodbury=False)
+
+        def backward(loss):
+            with backpack(*optimizer.backpack_extensions()):
+                loss.backward()
+        return model, optimizer, loss_fn, backward
+    options = {
+        "batch-woodbury": dict(estimate="batch"),
+        "batch-dense": dict(estimate="batch", woodbury=False),
+        "batch-woodbury-sampled": dict(estimate="batch", labels="sampled", loss=loss_fn),
+        "ema-every-10": dict(estimate="ema", update_interval=10),
+    }[method]
+    return model, FrobeniusPreconditioner(model, lr=1e-3, damping_in=0.01, damping_out=0.01, **options), loss_fn, backward
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mnist", default="/work/shared/data/mnist")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=40, help="steps per timed block")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    data = mnist(args.mnist, split=(8000, 2000), seed=0)
+    batches = [(data.x_train[i:i + 100], data.y_train[i:i + 100]) for i in range(0, 8000, 100)]
+    methods = ["sgd", "batch-woodbury", "batch-dense", "batch-woodbury-sampled", "ema-every-10", "backpack-kfac"]
+    runs = {m: build(m) for m in methods}
+    times = {m: [] for m in methods}
+    for repeat in range(args.repeats + 1):  # the first round warms up and is discarded
+        for method in methods:
+            model, optimizer, loss_fn, backward = runs[method]
+            start = time.perf_counter()
+            for step in range(args.steps):
+                x, y = batches[(repeat * args.steps + step) % len(batches)]
+                optimizer.zero_grad()
+                backward(loss_fn(model(x), y))
+                optimizer.step()
+            if repeat:
+                times[method].append((time.perf_counter() - start) / args.steps)
+    baseline = statistics.median(times["sgd"])
+    print(f"| method | median step (ms) | ratio to SGD |\n|---|---|---|")
+    for method in methods:
+        median = statistics.median(times[method])
+        print(f"| {method} | {1000 * median:.2f} | {median / baseline:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""MG/Opt levels for compiled networks and the hierarchies the thesis names (Section 3.4).
+
+* ``depth`` / ``width``: built by ``passes.build_hierarchy`` (ResNet stages halved with h
+  doubled; neuron groups), with that package's transfers R_p = R_g = 1/2 P^T.
+* ``batch`` (Example 3.37): the same network on every level, level l draws mini-batches of
+  ``batch / 2**l`` samples (cheaper, noisier gradients); identity transfers (Example 3.38).
+* ``resolution`` (Example 3.39): the same parameters, level l sees the input max-pooled by
+  ``2**l``; needs a network whose parameter shapes do not depend on the input size (e.g. a CNN
+  with adaptive pooling before its head); identity transfers.
+
+A :class:`NetworkProblem` evaluates a network's mini-batch loss at any parameter dict through
+``torch.func.functional_call``, so levels never share or mutate module parameters.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from .compiler import Network
+from .errors import GraphgrowError
+from .mgopt import Hierarchy, IdentityTransfer, ParamDict
+from .train import Split, loss_fn
+
+HIERARCHIES = ("depth", "width", "batch", "resolution")
+
+
+class NetworkProblem:
+    """The mean mini-batch loss of ``network`` on ``split`` as a function of its trainable
+    parameters. Batches are index tensors into the split, so a batch drawn by one level can
+    be evaluated on another (the resolution hierarchy max-pools the inputs by ``pool``)."""
+
+    def __init__(self, network: Network, split: Split, *, batch: int | None, loss: str = "cross_entropy",
+                 pool: int = 1, cost: float = 1.0):
+        self.network = network
+        self.split = split
+        self.batch = batch
+        self.loss = loss_fn(loss)
+        self.pool = pool
+        self.cost = cost
+        self.names = [n for n, p in network.module.named_parameters() if p.requires_grad]
+
+    def parameters(self) -> ParamDict:
+        """The network's current trainable parameters (detached copies)."""
+        params = dict(self.network.module.named_parameters())
+        return {n: params[n].detach().clone() for n in self.names}
+
+    def draw_batch(self, generator: torch.Generator) -> torch.Tensor | slice:
+        size = len(self.split)
+        if self.batch is None or self.batch >= size:
+            return slice(None)
+        return torch.randperm(size, generator=generator)[:self.batch]
+
+    def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.split.x[batch], self.split.y[batch]
+        if self.pool > 1:
+            x = F.max_pool2d(x, self.pool)
+        return x, y
+
+    def _loss(self, params: ParamDict, batch) -> torch.Tensor:
+        x, y = self.inputs(batch)
+        return self.loss(functional_call(self.network.module, params, (x,)), y)
+
+    def value_and_grad(self, params: ParamDict, batch) -> tuple[float, ParamDict]:
+        leaves = {n: params[n].detach().requires_grad_(True) for n in self.names}
+        loss = self._loss(leaves, batch)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        return float(loss.detach()), dict(zip(self.names, grads))
+
+    @torch.no_grad()
+    def value(self, params: ParamDict, batch) -> float:
+        return float(self._loss(params, batch))
+
+    @torch.no_grad()
+    def evaluate(self, params: ParamDict, split: Split, chunk: int = 4096) -> dict:
+        """Mean loss and error rate over a whole split (no pooling beyond this level's)."""
+        total, wrong = 0.0, 0
+        for start in range(0, len(split), chunk):
+            x, y = split.x[start:start + chunk], split.y[start:start + chunk]
+            if self.pool > 1:
+                x = F.max_pool2d(x, self.pool)
+            output = functional_call(self.network.module, params, (x,))
+            total += float(self.loss(output, y)) * x.shape[0]
+            if output.dim() == 2 and not y.is_floating_point():
+                wrong += int((output.argmax(dim=1) != y).sum())
+        n = max(len(split), 1)
+        return {"loss": total / n, "error": wrong / n}
+
+
+def _relative_costs(flops: list[int], batches: list[int]) -> list[float]:
+    reference = flops[0] * batches[0]
+    return [f * b / reference for f, b in zip(flops, batches)]
+
+
+def resolution_network(network: Network, factor: int) -> Network:
+    """The network on inputs max-pooled by ``factor`` with the same parameters."""
+    graph = network.graph
+    shape = tuple(graph.input_shape)
+    if len(shape) != 3 or shape[1] % factor or shape[2] % factor:
+        raise GraphgrowError(f"resolution hierarchy: input shape {list(shape)} cannot be max-pooled by {factor}",
+                             file=graph.source, hint="it needs image inputs (C, H, W) with H and W divisible "
+                                                      "by 2**(levels-1); use fewer levels")
+    coarse = copy.deepcopy(graph)
+    coarse.input_shape = (shape[0], shape[1] // factor, shape[2] // factor)
+    try:
+        coarse.infer_shapes()
+    except GraphgrowError as err:
+        raise GraphgrowError(f"resolution hierarchy: the network does not accept inputs of shape "
+                             f"{list(coarse.input_shape)}: {err.message}", file=graph.source, node=err.node,
+                             hint="layers after the convolutions must not depend on the image size "
+                                  "(use adaptive_avgpool2d before flatten)") from None
+    fine_shapes = {n.name: n.param_shapes() for n in graph.nodes}
+    for node in coarse.nodes:
+        if node.param_shapes() != fine_shapes[node.name]:
+            raise GraphgrowError("resolution hierarchy: parameter shapes change with the input size",
+                                 file=graph.source, node=node.name,
+                                 hint="use adaptive_avgpool2d before flatten so the head sees a fixed size")
+    return Network.build(coarse, network.state())
+
+
+def build_network_hierarchy(network: Network, split: Split, kind: str, levels: int, *, batch: int | None,
+                            loss: str = "cross_entropy", **options) -> Hierarchy:
+    """A :class:`Hierarchy` of ``levels`` levels of kind depth, width, batch or resolution;
+    ``options`` go to ``passes.build_hierarchy`` (depth: interpolation, restriction; width:
+    layers, groups, scaling)."""
+    if kind not in HIERARCHIES:
+        raise GraphgrowError(f"unknown hierarchy '{kind}'", hint=f"use one of {', '.join(HIERARCHIES)}")
+    if not (isinstance(levels, int) and levels >= 1):
+        raise GraphgrowError(f"levels must be a positive integer, got {levels!r}")
+    fine_batch = len(split) if batch is None else min(batch, len(split))
+    if levels == 1:  # plain SGD on the network: nothing to build
+        return Hierarchy([NetworkProblem(network, split, batch=batch, loss=loss)], [], [f"{kind}0"])
+    if kind in ("depth", "width"):
+        built = _passes_hierarchy()(network, kind=kind, levels=levels, **options)
+        networks = [level.network for level in built]
+        transfers = [level.transfer for level in built[1:]]
+        costs = _relative_costs([n.graph.flops() for n in networks], [fine_batch] * levels)
+        problems = [NetworkProblem(n, split, batch=batch, loss=loss, cost=c) for n, c in zip(networks, costs)]
+        names = [f"{kind}{l}:{n.graph.num_params()}p" for l, n in enumerate(networks)]
+        return Hierarchy(problems, transfers, names)
+    if options:
+        raise GraphgrowError(f"hierarchy '{kind}' takes no options, got {', '.join(options)}")
+    if kind == "batch":
+        sizes = [max(fine_batch // 2 ** l, 1) for l in range(levels)]
+        if levels > 1 and sizes[-1] == sizes[-2]:
+            raise GraphgrowError(f"batch hierarchy: batch {fine_batch} cannot be halved {levels - 1} times",
+                                 hint="use a larger --batch or fewer --levels")
+        costs = _relative_costs([1] * levels, sizes)
+        problems = [NetworkProblem(network, split, batch=s, loss=loss, cost=c) for s, c in zip(sizes, costs)]
+        names = [f"batch{s}" for s in sizes]
+    else:
+        networks = [network] + [resolution_network(network, 2 ** l) for l in range(1, levels)]
+        costs = _relative_costs([n.graph.flops() for n in networks], [fine_batch] * levels)
+        problems = [NetworkProblem(n, split, batch=batch, loss=loss, pool=2 ** l, cost=c)
+                    for l, (n, c) in enumerate(zip(networks, costs))]
+        names = [f"{'x'.join(map(str, n.graph.input_shape[1:]))}" for n in networks]
+    return Hierarchy(problems, [IdentityTransfer() for _ in range(levels - 1)], names)
+
+
+def _passes_hierarchy():
+    # engines import passes lazily (layering: passes imports graphgrow)
+    import importlib
+    import passes
+    return getattr(passes, "build_hierarchy", None) or importlib.import_module("passes.hierarchy").build_hierarchy
+
+
+def load_params(network: Network, params: ParamDict) -> None:
+    """Write a parameter dict into the network's module."""
+    with torch.no_grad():
+        named = dict(network.module.named_parameters())
+        for name, value in params.items():
+            named[name].copy_(value)
+
+
+def iterations_per_epoch(size: int, batch: int | None) -> int:
+    return 1 if batch is None or batch >= size else math.ceil(size / batch)

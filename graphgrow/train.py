@@ -1,0 +1,425 @@
+"""The training runtime: trains a compiled ``Network`` on a data set.
+
+``train(network, data, TrainConfig(...))`` is the one-call form; ``Trainer`` is the object the
+growth (SensLI) and multilevel engines plug into through hooks. A hook is any object with some
+of the methods ``on_train_start(trainer)``, ``on_epoch_start(trainer)``, ``on_step_end(trainer,
+record)``, ``on_epoch_end(trainer)``, ``on_train_end(trainer)``; a hook may replace the network
+with ``trainer.replace_network`` (which carries the optimizer state over).
+
+Randomness (mini-batch order) comes from ``TrainConfig.seed`` only: same seed, same run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.nn import functional as F
+
+from .compiler import Network
+from .errors import GraphgrowError
+from .runlog import RunLog
+
+LOSSES = ("cross_entropy", "mse")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "step", "exponential", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``batch=None`` is full batch. ``iterations`` (optimizer steps), when
+    given, ends training before ``epochs`` does. LR schedules are per epoch:
+    step: lr * gamma**(epoch // step_size); exponential: lr * gamma**epoch;
+    cosine: lr * (1 + cos(pi * epoch / epochs)) / 2."""
+    epochs: int = 10
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch: int | None = None
+    loss: str = "cross_entropy"
+    schedule: str = "constant"
+    step_size: int = 30
+    gamma: float = 0.1
+    iterations: int | None = None
+    seed: int = 0
+    eval_every: int = 1
+    log_steps: bool = True
+    progress: bool = False
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        def bad(message, hint=None):
+            raise GraphgrowError(f"training setting: {message}", hint=hint)
+        if self.loss not in LOSSES:
+            bad(f"unknown loss '{self.loss}'", f"use one of {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"unknown optimizer '{self.optimizer}'", f"use one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            bad(f"unknown LR schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
+        if not (isinstance(self.epochs, int) and self.epochs >= 0):
+            bad(f"epochs must be a non-negative integer, got {self.epochs!r}")
+        if self.iterations is not None and not (isinstance(self.iterations, int) and self.iterations >= 0):
+            bad(f"iterations must be a non-negative integer, got {self.iterations!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad(f"lr must be positive, got {self.lr!r}")
+        if self.batch is not None and not (isinstance(self.batch, int) and self.batch >= 1):
+            bad(f"batch must be a positive integer or None (full batch), got {self.batch!r}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            bad("momentum and weight decay must not be negative")
+        if self.eval_every < 1:
+            bad(f"eval_every must be at least 1, got {self.eval_every}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise GraphgrowError(f"unknown training setting(s): {', '.join(sorted(unknown))}",
+                                 hint=f"known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (0-based) under the config's schedule."""
+    if config.schedule == "step":
+        return config.lr * config.gamma ** (epoch // config.step_size)
+    if config.schedule == "exponential":
+        return config.lr * config.gamma ** epoch
+    if config.schedule == "cosine":
+        return config.lr * (1 + math.cos(math.pi * min(epoch, config.epochs) / max(config.epochs, 1))) / 2
+    return config.lr
+
+
+def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, nesterov=config.nesterov)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    """Inputs and targets of one split as tensors."""
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def as_splits(data) -> tuple[Split, Split | None]:
+    """Train and test splits from anything with x_train, y_train (and x_test, y_test)."""
+    def tensor(value, name):
+        if value is None:
+            return None
+        try:
+            out = torch.as_tensor(value)
+        except Exception as err:  # numpy object arrays, ragged lists, ...
+            raise GraphgrowError(f"data field {name} is not an array: {err}") from None
+        return out.float() if out.is_floating_point() else out
+    missing = [n for n in ("x_train", "y_train") if getattr(data, n, None) is None]
+    if missing:
+        raise GraphgrowError(f"data has no {', '.join(missing)}",
+                             hint="pass a data set with x_train, y_train, x_test, y_test")
+    train = Split(tensor(data.x_train, "x_train"), tensor(data.y_train, "y_train"))
+    x_test, y_test = getattr(data, "x_test", None), getattr(data, "y_test", None)
+    test = Split(tensor(x_test, "x_test"), tensor(y_test, "y_test")) if x_test is not None and y_test is not None and len(x_test) else None
+    for split, name in ((train, "train"), (test, "test")):
+        if split is not None and split.x.shape[0] != split.y.shape[0]:
+            raise GraphgrowError(f"{name} split has {split.x.shape[0]} inputs but {split.y.shape[0]} targets")
+    return train, test
+
+
+def check_data_fits(network: Network, train: Split) -> None:
+    expected = tuple(network.graph.input_shape)
+    got = tuple(train.x.shape[1:])
+    if got != expected:
+        raise GraphgrowError(f"data inputs have shape {list(got)} per sample, network "
+                             f"'{network.graph.name}' expects {list(expected)}", file=network.graph.source,
+                             hint="choose the spec that matches the data (e.g. input: {shape: [1, 28, 28]} for MNIST)")
+
+
+def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Mean loss over a batch. Class-index targets work for both losses (one-hot for MSE)."""
+    if kind == "mse":
+        def mse(output, target):
+            if not target.is_floating_point():
+                target = F.one_hot(target, output.shape[-1]).to(output.dtype)
+            return F.mse_loss(output, target.reshape(output.shape))
+        return mse
+    def cross_entropy(output, target):
+        return F.cross_entropy(output, target)
+    return cross_entropy
+
+
+def error_count(output: torch.Tensor, target: torch.Tensor) -> int | None:
+    """Misclassified samples, or None when targets are not classes (regression)."""
+    if target.is_floating_point():
+        if target.shape != output.shape or output.dim() != 2:
+            return None
+        target = target.argmax(dim=1)  # one-hot or probability targets
+    if output.dim() != 2:
+        return None
+    return int((output.argmax(dim=1) != target).sum())
+
+
+def batches(size: int, batch: int | None, generator: torch.Generator | None) -> Iterator[torch.Tensor | slice]:
+    """Index batches of one epoch: one slice (full batch), else a seeded permutation in chunks."""
+    if batch is None or batch >= size:
+        yield slice(None)
+        return
+    order = torch.randperm(size, generator=generator)
+    for start in range(0, size, batch):
+        yield order[start:start + batch]
+
+
+@torch.no_grad()
+def evaluate(network: Network, split: Split, loss: str = "cross_entropy", batch: int = 4096) -> dict:
+    """Mean loss and error rate (None for regression) over a split, in eval mode."""
+    module = network.module
+    was_training = module.training
+    module.eval()
+    compute = loss_fn(loss)
+    total_loss, wrong, counted = 0.0, 0, True
+    try:
+        for start in range(0, len(split), batch):
+            x, y = split.x[start:start + batch], split.y[start:start + batch]
+            output = module(x)
+            total_loss += float(compute(output, y)) * x.shape[0]
+            errors = error_count(output, y)
+            if errors is None:
+                counted = False
+            else:
+                wrong += errors
+    finally:
+        module.train(was_training)
+    n = max(len(split), 1)
+    return {"loss": total_loss / n, "error": wrong / n if counted else None}
+
+
+# -- the trainer ----------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    network: Network
+    records: list[dict]
+    final: dict = field(default_factory=dict)
+    iterations: int = 0
+    epochs: int = 0
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Trains ``network`` on ``data``; engines plug in through ``hooks`` (see module doc)."""
+
+    def __init__(self, network: Network, data, config: TrainConfig | None = None, *,
+                 log: RunLog | None = None, hooks: Sequence[Any] = ()):
+        self.config = config or TrainConfig()
+        self.network = network
+        self.train_split, self.test_split = as_splits(data)
+        check_data_fits(network, self.train_split)
+        self.log = log if log is not None else RunLog()
+        self.hooks = list(hooks)
+        self.loss = loss_fn(self.config.loss)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.optimizer = make_optimizer(self.trainable(), self.config)
+        self.epoch = 0          # epochs completed
+        self.iteration = 0      # optimizer steps taken
+        self.stop_requested = False
+        self._progress = None
+
+    # -- pieces engines reuse -------------------------------------------------------------
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.network.module.parameters() if p.requires_grad]
+
+    def named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.network.module.named_parameters() if p.requires_grad}
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """One optimizer step on a batch; returns the batch loss (before the step) and the
+        network's output on the batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        output = self.network.module(x)
+        loss = self.loss(output, y)
+        loss.backward()
+        self.optimizer.step()
+        self.iteration += 1
+        return float(loss.detach()), output.detach()
+
+    def evaluate(self, split: str = "test") -> dict | None:
+        chosen = self.test_split if split == "test" else self.train_split
+        return None if chosen is None else evaluate(self.network, chosen, self.config.loss)
+
+    def replace_network(self, network: Network, carry: Callable[[str, torch.Tensor], torch.Tensor | None] | dict | None = None,
+                        *, record=None, **event: Any) -> None:
+        """Continue training ``network`` in place of the current one, keeping the optimizer's
+        state (momentum buffers, Adam moments and step counts).
+
+        With ``record`` (the passes.Record of the pass that made ``network``) the optimizer is
+        rewired by ``passes.transfer_optimizer``, which follows the record's parameter origins.
+        ``carry`` says where a new parameter's state comes from: a dict new name -> old name,
+        or a function (new name, new parameter) -> old parameter name or None. By default a
+        parameter keeps the state of the old parameter of the same name and shape; new
+        parameters start with fresh state. Logs an ``architecture`` event with ``event``.
+        """
+        check_data_fits(network, self.train_split)
+        if record is not None:
+            import passes  # engines may import passes; the core may not
+            passes.transfer_optimizer(self.optimizer, self.network.module, network.module, record)
+            self.network = network
+        else:
+            self._rebuild_optimizer(network, carry)
+        self.log.log("architecture", epoch=self.epoch, iteration=self.iteration,
+                     params=network.graph.num_params(), flops=network.graph.flops(), **event)
+
+    def _rebuild_optimizer(self, network: Network, carry) -> None:
+        old_params = dict(self.network.module.named_parameters())
+        old_state = self.optimizer.state
+        self.network = network
+        new_optimizer = make_optimizer(self.trainable(), self.config)
+        for group in new_optimizer.param_groups:
+            group["lr"] = self.optimizer.param_groups[0]["lr"]
+        for name, param in self.named_trainable().items():
+            source = carry.get(name) if isinstance(carry, dict) else carry(name, param) if carry else name
+            old = old_params.get(source) if source is not None else None
+            if old is None or old not in old_state:
+                continue
+            state = carry_state(old_state[old], param)
+            if state is not None:
+                new_optimizer.state[param] = state
+        self.optimizer = new_optimizer
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    # -- the loop -------------------------------------------------------------------------
+    def _call(self, method: str, *args) -> None:
+        for hook in self.hooks:
+            fn = getattr(hook, method, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def _done(self) -> bool:
+        cfg = self.config
+        return (self.stop_requested or self.epoch >= cfg.epochs or
+                (cfg.iterations is not None and self.iteration >= cfg.iterations))
+
+    def log_eval(self, train_loss: float | None = None, train_error: float | None = None) -> dict:
+        test = self.evaluate("test")
+        return self.log.log("eval", epoch=self.epoch, iteration=self.iteration, train_loss=train_loss,
+                            train_error=train_error, test_loss=test and test["loss"],
+                            test_error=test and test["error"], params=self.network.graph.num_params())
+
+    def fit(self) -> TrainResult:
+        """Train until ``epochs`` (or ``iterations``) are done or a hook asks to stop."""
+        cfg = self.config
+        self.network.module.train()
+        self.log.log("start", config=cfg.to_dict(), network=self.network.graph.name,
+                     params=self.network.graph.num_params(), flops=self.network.graph.flops(),
+                     train_size=len(self.train_split), test_size=len(self.test_split) if self.test_split else 0)
+        self._call("on_train_start")
+        if self.epoch == 0:
+            self.log_eval(evaluate(self.network, self.train_split, cfg.loss)["loss"])
+        self._progress = _progress_bar(cfg)
+        last_eval = self.log.records[-1]
+        try:
+            while not self._done():
+                self._call("on_epoch_start")
+                if self._done():
+                    break
+                self.set_lr(lr_at(cfg, self.epoch))
+                epoch_loss, epoch_wrong, seen, classified = 0.0, 0, 0, True
+                for index in batches(len(self.train_split), cfg.batch, self.generator):
+                    x, y = self.train_split.x[index], self.train_split.y[index]
+                    value, output = self.step(x, y)
+                    wrong = error_count(output, y)
+                    classified = classified and wrong is not None
+                    epoch_wrong += wrong or 0
+                    epoch_loss += value * x.shape[0]
+                    seen += x.shape[0]
+                    if cfg.log_steps:
+                        record = self.log.log("step", epoch=self.epoch, iteration=self.iteration, loss=value,
+                                              lr=self.optimizer.param_groups[0]["lr"])
+                        self._call("on_step_end", record)
+                    if not math.isfinite(value):
+                        self.log.log("diverged", epoch=self.epoch, iteration=self.iteration)
+                        self.stop_requested = True
+                    if self.stop_requested or (cfg.iterations is not None and self.iteration >= cfg.iterations):
+                        break
+                self.epoch += 1
+                if self.epoch % cfg.eval_every == 0 or self._done():
+                    last_eval = self.log_eval(epoch_loss / max(seen, 1),
+                                              epoch_wrong / max(seen, 1) if classified else None)
+                if self._progress is not None:
+                    self._progress.update(1)
+                    self._progress.set_postfix(loss=f"{epoch_loss / max(seen, 1):.4g}",
+                                               test_error=_fmt(last_eval.get("test_error")),
+                                               params=self.network.graph.num_params(), refresh=False)
+                self._call("on_epoch_end")
+        finally:
+            if self._progress is not None:
+                self._progress.close()
+                self._progress = None
+        self._call("on_train_end")
+        final = {"train": evaluate(self.network, self.train_split, cfg.loss), "test": self.evaluate("test"),
+                 "epochs": self.epoch, "iterations": self.iteration, "seconds": self.log.elapsed(),
+                 "params": self.network.graph.num_params(), "flops": self.network.graph.flops()}
+        self.log.log("end", **final)
+        return TrainResult(self.network, self.log.records, final, self.iteration, self.epoch, self.log.elapsed())
+
+    def write_progress(self, text: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if self._progress is not None:
+            self._progress.write(text)
+        elif self.config.progress:
+            print(text, flush=True)
+
+
+def carry_state(state: dict, param: torch.Tensor) -> dict | None:
+    """An optimizer state entry for ``param`` from the old parameter's entry: tensors are
+    copied, scalars (step counts) kept. A widened parameter (every dimension at least the old
+    one) gets the old state in its leading corner and zeros for the new entries, which is where
+    widening puts the old weights; None if the shapes do not fit that way."""
+    carried = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if value.dim() != param.dim() or any(o > n for o, n in zip(value.shape, param.shape)):
+                return None
+            grown = torch.zeros_like(param, dtype=value.dtype)
+            grown[tuple(slice(0, s) for s in value.shape)] = value.detach()
+            carried[key] = grown
+        else:
+            carried[key] = value.clone() if isinstance(value, torch.Tensor) else value
+    return carried
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _progress_bar(config: TrainConfig):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=config.epochs, desc="train", unit="epoch", leave=False, dynamic_ncols=True)
+
+
+def train(network: Network, data, config: TrainConfig | None = None, *, log: RunLog | None = None,
+          hooks: Sequence[Any] = ()) -> TrainResult:
+    """Train ``network`` on ``data`` (x_train, y_train, x_test, y_test) with ``config``."""
+    return Trainer(network, data, config, log=log, hooks=hooks).fit()

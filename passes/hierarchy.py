@@ -1,0 +1,239 @@
+"""Depth and width hierarchies for multilevel training (thesis 3.4, Examples 3.34-3.36, and
+width hierarchies): coarse networks plus restriction R_p = R_g and prolongation P as linear maps
+on {parameter name: tensor} dicts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from graphgrow import GraphgrowError, LayerGraph, Network
+
+from .extend import widenable
+from .units import map_units, trace_units
+
+INTERPOLATIONS = ("constant", "linear")
+RESTRICTIONS = ("half-transpose", "injection")
+SCALINGS = ("average", "orthonormal")
+
+
+# -- linear maps on parameter dicts ------------------------------------------------------------
+
+@dataclass
+class StackMap:
+    """Fine tensors ``fine[i]`` and coarse tensors ``coarse[j]`` (same shapes) related by
+    fine_i = sum_j P[i, j] coarse_j and coarse_j = sum_i R[j, i] fine_i."""
+    fine: list[str]
+    coarse: list[str]
+    P: torch.Tensor
+    R: torch.Tensor
+
+    def apply(self, params: dict, direction: str) -> dict:
+        src, dst, matrix = ((self.fine, self.coarse, self.R) if direction == "restrict"
+                            else (self.coarse, self.fine, self.P))
+        if src[0] not in params:
+            return params
+        stacked = torch.stack([params[name] for name in src])
+        mixed = torch.tensordot(matrix.to(stacked.dtype), stacked, dims=1)
+        out = {k: v for k, v in params.items() if k not in set(src)}
+        out.update({name: mixed[k] for k, name in enumerate(dst)})
+        return out
+
+
+@dataclass
+class AxisMap:
+    """The units of one layer: each tensor in ``axes`` (name -> (axis, block)) is multiplied
+    along its unit axis by R (coarse units x fine units) or P (fine x coarse)."""
+    axes: dict[str, tuple[int, int]]
+    P: torch.Tensor
+    R: torch.Tensor
+
+    def apply(self, params: dict, direction: str) -> dict:
+        matrix = self.R if direction == "restrict" else self.P
+        out = dict(params)
+        for name, (axis, block) in self.axes.items():
+            if name in out:
+                out[name] = map_units(out[name], axis, block, matrix)
+        return out
+
+
+class Transfer:
+    """Fine and coarse network of one level pair and the maps between their parameter dicts
+    (the ``graphgrow.mgopt.Transfer`` protocol). Names outside the maps pass unchanged."""
+
+    def __init__(self, fine: Network, coarse_graph: LayerGraph, maps: list, kind: str):
+        self.fine, self.maps, self.kind = fine, maps, kind
+        state = self.restrict(dict(fine.module.state_dict()))
+        self.coarse = Network.build(coarse_graph, state, dtype=next(iter(state.values())).dtype
+                                    if state else None)
+        self.coarse.module.train(fine.module.training)
+
+    def restrict(self, fine: dict) -> dict:
+        """R_p: fine parameter dict -> coarse parameter dict."""
+        for linear_map in self.maps:
+            fine = linear_map.apply(fine, "restrict")
+        return fine
+
+    def restrict_gradient(self, fine: dict) -> dict:
+        """R_g (= R_p, thesis Examples 3.35-3.36)."""
+        return self.restrict(fine)
+
+    def prolong(self, coarse: dict) -> dict:
+        """P: coarse parameter dict -> fine parameter dict."""
+        for linear_map in reversed(self.maps):
+            coarse = linear_map.apply(coarse, "prolong")
+        return coarse
+
+    # names the lead's design notes used
+    restrict_params = restrict
+    restrict_grads = restrict_gradient
+
+
+# -- depth ---------------------------------------------------------------------------------------
+
+def residual_stages(graph: LayerGraph) -> list[list[str]]:
+    """Maximal chains of residual nodes with equal arguments and width, each read only by the next."""
+    stages: list[list[str]] = []
+    for node in graph.nodes:
+        if node.op != "residual":
+            continue
+        previous = stages[-1][-1] if stages else None
+        if (previous is not None and node.inputs[0] == previous and graph.consumers(previous) == [node.name]
+                and previous not in graph.outputs and graph.node(previous).args == node.args):
+            stages[-1].append(node.name)
+        else:
+            stages.append([node.name])
+    return stages
+
+
+def depth_prolongation(coarse_blocks: int, interpolation: str) -> torch.Tensor:
+    """P (2N x N) of Example 3.35 (constant) or 3.36 (linear; the last fine block copies the
+    last coarse block)."""
+    P = torch.zeros(2 * coarse_blocks, coarse_blocks, dtype=torch.float64)
+    for j in range(coarse_blocks):
+        P[2 * j, j] = 1.0
+        if interpolation == "constant" or j == coarse_blocks - 1:
+            P[2 * j + 1, j] = 1.0
+        else:
+            P[2 * j + 1, j] = P[2 * j + 1, j + 1] = 0.5
+    return P
+
+
+def injection(coarse_blocks: int) -> torch.Tensor:
+    """R (N x 2N) taking fine block 2j to coarse block j; R P = I for both interpolations."""
+    R = torch.zeros(coarse_blocks, 2 * coarse_blocks, dtype=torch.float64)
+    R[torch.arange(coarse_blocks), 2 * torch.arange(coarse_blocks)] = 1.0
+    return R
+
+
+def coarsen_depth(network: Network, interpolation: str = "constant",
+                  restriction: str = "half-transpose") -> Transfer:
+    """Halve every residual stage (even block count) and double h (thesis Example 3.34)."""
+    graph = network.graph
+    if interpolation not in INTERPOLATIONS:
+        raise GraphgrowError(f"unknown interpolation {interpolation!r}", hint=f"use {' or '.join(INTERPOLATIONS)}")
+    if restriction not in RESTRICTIONS:
+        raise GraphgrowError(f"unknown restriction {restriction!r}", hint=f"use {' or '.join(RESTRICTIONS)}")
+    stages = residual_stages(graph)
+    if not stages:
+        raise GraphgrowError(f"network '{graph.name}' has no residual blocks to coarsen", file=graph.source,
+                             hint="depth hierarchies need ResNet stages (chains of residual nodes)")
+    coarse = graph.copy()
+    maps = []
+    for stage in stages:
+        if len(stage) % 2:
+            raise GraphgrowError(f"the residual stage starting at '{stage[0]}' has {len(stage)} blocks; "
+                                 "halving needs an even number", file=graph.source, node=stage[0],
+                                 hint="use an even number of blocks per stage (or fewer levels)")
+        kept, dropped = stage[0::2], stage[1::2]
+        for k, name in enumerate(kept):
+            node = coarse.node(name)
+            node.args = {**node.args, "h": 2.0 * node.args["h"]}
+            if k > 0:
+                coarse.set_inputs(name, [kept[k - 1]])
+        for reader in coarse.consumers(stage[-1]):
+            coarse.set_inputs(reader, [kept[-1] if i == stage[-1] else i for i in coarse.node(reader).inputs])
+        coarse.outputs = [kept[-1] if o == stage[-1] else o for o in coarse.outputs]
+        for name in reversed(dropped):
+            coarse.remove(name)
+        P = depth_prolongation(len(kept), interpolation)
+        R = 0.5 * P.T if restriction == "half-transpose" else injection(len(kept))
+        for role in graph.node(stage[0]).param_shapes():
+            maps.append(StackMap([f"{b}.{role}" for b in stage], [f"{b}.{role}" for b in kept], P, R))
+    coarse.infer_shapes()
+    return Transfer(network, coarse, maps, "depth")
+
+
+# -- width ---------------------------------------------------------------------------------------
+
+def unit_matrices(units: int, groups: list[list[int]], scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """R (groups x units) with rows 1/g (average) or 1/sqrt(g) (orthonormal) on each group and
+    P = g R^T resp. R^T, so that R P = I."""
+    R = torch.zeros(len(groups), units, dtype=torch.float64)
+    P = torch.zeros(units, len(groups), dtype=torch.float64)
+    for j, group in enumerate(groups):
+        g = len(group)
+        R[j, group] = 1.0 / g if scaling == "average" else g ** -0.5
+        P[group, j] = 1.0 if scaling == "average" else g ** -0.5
+    return P, R
+
+
+def _check_groups(graph: LayerGraph, layer: str, units: int, groups) -> list[list[int]]:
+    if groups is None:
+        if units % 2:
+            raise GraphgrowError(f"'{layer}' has {units} units; pairing needs an even number", file=graph.source,
+                                 node=layer, hint="give groups explicitly")
+        return [[2 * j, 2 * j + 1] for j in range(units // 2)]
+    flat = sorted(u for group in groups for u in group)
+    if flat != list(range(units)) or any(not group for group in groups):
+        raise GraphgrowError(f"groups of '{layer}' must partition its units 0..{units - 1}, got {groups}",
+                             file=graph.source, node=layer)
+    return [list(group) for group in groups]
+
+
+def coarsen_width(network: Network, layers: list[str] | None = None, groups: list[list[int]] | None = None,
+                  scaling: str = "average") -> Transfer:
+    """One unit per group for each of ``layers`` (default: every widenable layer with an even
+    number of units; groups default to consecutive pairs)."""
+    graph = network.graph
+    if scaling not in SCALINGS:
+        raise GraphgrowError(f"unknown scaling {scaling!r}", hint=f"use {' or '.join(SCALINGS)}")
+    if layers is None:
+        layers = [name for name in widenable(graph) if graph.node(name).out_shape[0] % 2 == 0]
+        if not layers:
+            raise GraphgrowError(f"network '{graph.name}' has no layer whose width can be halved",
+                                 file=graph.source)
+    if groups is not None and len(layers) != 1:
+        raise GraphgrowError("explicit groups need exactly one layer", file=graph.source)
+    coarse = graph.copy()
+    maps = []
+    for layer in layers:
+        coupling = trace_units(graph, layer, network.module.state_dict())
+        layer_groups = _check_groups(graph, layer, coupling.units, groups)
+        P, R = unit_matrices(coupling.units, layer_groups, scaling)
+        maps.append(AxisMap({axis.tensor: (axis.axis, axis.block) for axis in coupling.axes}, P, R))
+        node = coarse.node(layer)
+        node.args = {**node.args, node.opdef.width_arg: len(layer_groups)}
+    coarse.infer_shapes()
+    return Transfer(network, coarse, maps, "width")
+
+
+# -- hierarchies --------------------------------------------------------------------------------
+
+@dataclass
+class Level:
+    """One level: its network and the transfer from the next finer level (None on level 0)."""
+    network: Network
+    transfer: Transfer | None
+
+
+def build_hierarchy(network: Network, kind: str = "depth", levels: int = 2, **options) -> list[Level]:
+    """Levels 0 (the given network) to ``levels - 1`` by repeated coarsening."""
+    coarsen = {"depth": coarsen_depth, "width": coarsen_width}.get(kind)
+    if coarsen is None:
+        raise GraphgrowError(f"unknown hierarchy kind {kind!r}", hint="use depth or width")
+    result = [Level(network, None)]
+    for _ in range(levels - 1):
+        transfer = coarsen(result[-1].network, **options)
+        result.append(Level(transfer.coarse, transfer))
+    return result

@@ -1,0 +1,92 @@
+"""widen: add units to a linear or conv2d layer without changing the function (thesis 4.19,
+Net2WiderNet)."""
+from __future__ import annotations
+
+import torch
+
+from graphgrow import GraphgrowError, LayerGraph, Network
+
+from .record import Origin, Record, rebuild
+from .units import UnitCoupling, UnitMap, composed, fresh_units, trace_units
+
+METHODS = ("sensli", "split")
+
+
+def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, *, scale: float,
+               alpha: float, units: list[int] | None, generator: torch.Generator,
+               maps: dict[str, list[UnitMap]]) -> None:
+    """Add to ``maps`` the unit maps that widen ``coupling.layer`` by ``by`` units, and set the
+    layer's width argument in ``graph``."""
+    node = graph.node(coupling.layer)
+    n = coupling.units
+    fail = lambda message, hint=None: GraphgrowError(message, file=graph.source, node=node.name, hint=hint)
+    if isinstance(by, bool) or not isinstance(by, int) or by < 1:
+        raise fail(f"widen by {by!r}: expected a positive number of units")
+    if method not in METHODS:
+        raise fail(f"unknown widening method {method!r}", hint=f"one of {', '.join(METHODS)}")
+    keep = torch.eye(n, dtype=torch.float64)
+    if method == "sensli":
+        grown = torch.cat([keep, torch.zeros(by, n, dtype=torch.float64)])
+        columns = grown
+    else:
+        if units is None:
+            if by > n:
+                raise fail(f"split duplicates distinct units: cannot split {by} of {n} units",
+                           hint=f"by <= {n}, or method=sensli")
+            units = torch.randperm(n, generator=generator)[:by].tolist()
+        units = list(units)
+        if len(units) != by or len(set(units)) != by or not all(isinstance(u, int) and 0 <= u < n for u in units):
+            raise fail(f"split units {units}: expected {by} distinct unit indices in [0, {n})")
+        if not 0.0 < alpha < 1.0 or alpha == 0.5:
+            raise fail(f"split alpha {alpha}: expected 0 < alpha < 1, alpha != 0.5",
+                       hint="alpha = 0.5 keeps the duplicates symmetric")
+        copies = torch.zeros(by, n, dtype=torch.float64)
+        copies[torch.arange(by), torch.tensor(units)] = 1.0
+        grown = torch.cat([keep, copies])
+        columns = torch.cat([keep, (1.0 - alpha) * copies])
+        columns[units, units] = alpha
+    for axis in coupling.axes:
+        fresh = None
+        if axis.side == "columns":
+            matrix = columns
+        else:
+            matrix = grown
+            if method == "sensli" and axis.side == "state":
+                value = axis.fresh
+                fresh = fresh_units(n, axis.block, axis.axis, lambda shape, v=value: torch.full(shape, v))
+            elif method == "sensli" and _is_weight(graph, axis.tensor):
+                fresh = fresh_units(n, axis.block, axis.axis,
+                                    lambda shape: scale * torch.randn(shape, generator=generator,
+                                                                      dtype=torch.float64))
+        maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, matrix, fresh))
+    node.args = {**node.args, node.opdef.width_arg: n + by}
+
+
+def _is_weight(graph: LayerGraph, tensor: str) -> bool:
+    node, role = tensor.split(".", 1)
+    return len(graph.node(node).param_shapes().get(role, ())) >= 2
+
+
+def apply_maps(network: Network, maps: dict[str, list[UnitMap]], record: Record) -> dict[str, torch.Tensor]:
+    """New values of the mapped state entries; their origins go into ``record``."""
+    state = network.module.state_dict()
+    values = {}
+    for name, unit_maps in maps.items():
+        value, derive = composed(unit_maps, "value"), composed(unit_maps, "state")
+        values[name] = value(state[name].detach())
+        record.origins[name] = Origin.derived([name], value, derive)
+    return values
+
+
+def widen(network: Network, layer: str, by: int, method: str = "sensli", scale: float = 0.1,
+          alpha: float = 0.7, units: list[int] | None = None, seed: int = 0) -> tuple[Network, Record]:
+    """Add ``by`` units to ``layer``; ``sensli``: incoming weights N(0, scale^2), bias 0,
+    outgoing 0 (4.19); ``split``: duplicate ``units`` with outgoing weights alpha / 1 - alpha."""
+    graph = network.graph.copy()
+    coupling = trace_units(graph, layer, network.module.state_dict())
+    maps: dict[str, list[UnitMap]] = {}
+    plan_widen(graph, coupling, by, method, scale=scale, alpha=alpha, units=units,
+               generator=torch.Generator().manual_seed(seed), maps=maps)
+    record = Record("widen")
+    record.notes.append(f"widened {layer} by {by} units ({method}); consumers: {', '.join(coupling.consumers)}")
+    return rebuild(network, graph, record, apply_maps(network, maps, record)), record

@@ -1,0 +1,305 @@
+"""Every built-in op: compiled result against a direct torch computation (float64), its shape
+rule, parameter roles and shapes, FLOPs against an independent count, argument validation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import fx
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from graphgrow.compiler import compile_graph
+from graphgrow.errors import GraphgrowError
+from graphgrow.ir import graph_from_text
+from graphgrow.ops import registered_ops
+
+BATCH = 3
+
+
+def values_of_every_node(module: fx.GraphModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The value each fx node computes, by node name."""
+    seen = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            seen[n.name] = super().run_node(n)
+            return seen[n.name]
+
+    Recorder(module).run(x)
+    return seen
+
+
+def unfold_windows(x, kernel, stride, padding=0):
+    """(B, C, k*k, Hout, Wout) windows of an image batch, built by slicing (no torch conv/pool)."""
+    x = F.pad(x, (padding,) * 4)
+    height = (x.shape[2] - kernel) // stride + 1
+    width = (x.shape[3] - kernel) // stride + 1
+    windows = [x[:, :, i:i + stride * (height - 1) + 1:stride, j:j + stride * (width - 1) + 1:stride]
+               for i in range(kernel) for j in range(kernel)]
+    return torch.stack(windows, dim=2)
+
+
+def conv_reference(x, weight, bias, stride, padding):
+    windows = unfold_windows(x, weight.shape[-1], stride, padding)  # B, C, kk, H, W
+    out = torch.einsum("bckhw,ock->bohw", windows, weight.flatten(2))
+    return out if bias is None else out + bias[None, :, None, None]
+
+
+def norm_reference(x, dims, eps, weight, bias):
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def residual_reference(x, p, h, act, conv):
+    inner = conv_reference(x, p["inner.weight"], p.get("inner.bias"), 1, p["inner.weight"].shape[-1] // 2) \
+        if conv else x @ p["inner.weight"].T + p.get("inner.bias", 0)
+    hidden = act(inner)
+    if "outer.weight" in p:
+        hidden = conv_reference(hidden, p["outer.weight"], None, 1, p["outer.weight"].shape[-1] // 2) \
+            if conv else hidden @ p["outer.weight"].T
+    return x + h * hidden
+
+
+def numel(shape):
+    return math.prod(shape)
+
+
+sigmoid = lambda t: 1 / (1 + torch.exp(-t))
+tanh = lambda t: (torch.exp(t) - torch.exp(-t)) / (torch.exp(t) + torch.exp(-t))
+
+# name, layers, input shape, reference(inputs, params, node) -> output, elementwise FLOPs besides
+# matmuls/convs (counted by torch's FlopCounterMode) as f(in_shapes, out_shape)
+CASES = [
+    ("linear", ["{name: t, op: linear, out: 3}"], (4,),
+     lambda xs, p: xs[0] @ p["weight"].T + p["bias"], lambda i, o: numel(o)),
+    ("linear_no_bias_rank2", ["{name: t, op: linear, out: 3, bias: false}"], (2, 5),
+     lambda xs, p: xs[0] @ p["weight"].T, lambda i, o: 0),
+    ("conv2d_same", ["{name: t, op: conv2d, out: 3, kernel: 3}"], (2, 6, 6),
+     lambda xs, p: conv_reference(xs[0], p["weight"], p["bias"], 1, 1), lambda i, o: numel(o)),
+    ("conv2d_stride_valid", ["{name: t, op: conv2d, out: 4, kernel: 3, stride: 2, padding: 0, bias: false}"],
+     (2, 7, 7), lambda xs, p: conv_reference(xs[0], p["weight"], None, 2, 0), lambda i, o: 0),
+    ("conv2d_kernel5_pad1", ["{name: t, op: conv2d, out: 2, kernel: 5, padding: 1}"], (1, 6, 5),
+     lambda xs, p: conv_reference(xs[0], p["weight"], p["bias"], 1, 1), lambda i, o: numel(o)),
+    ("relu", ["{name: t, op: relu}"], (5,), lambda xs, p: torch.where(xs[0] > 0, xs[0], 0.0),
+     lambda i, o: numel(o)),
+    ("tanh", ["{name: t, op: tanh}"], (5,), lambda xs, p: tanh(xs[0]), lambda i, o: 4 * numel(o)),
+    ("sigmoid", ["{name: t, op: sigmoid}"], (2, 3), lambda xs, p: sigmoid(xs[0]), lambda i, o: 4 * numel(o)),
+    ("gelu", ["{name: t, op: gelu}"], (5,),
+     lambda xs, p: 0.5 * xs[0] * (1 + torch.erf(xs[0] / math.sqrt(2))), lambda i, o: 8 * numel(o)),
+    ("softplus", ["{name: t, op: softplus}"], (5,), lambda xs, p: torch.log(1 + torch.exp(xs[0])),
+     lambda i, o: 4 * numel(o)),
+    ("identity", ["{name: t, op: identity}"], (1, 3, 3), lambda xs, p: xs[0], lambda i, o: 0),
+    ("leaky_relu", ["{name: t, op: leaky_relu, slope: 0.2}"], (5,),
+     lambda xs, p: torch.where(xs[0] > 0, xs[0], 0.2 * xs[0]), lambda i, o: numel(o)),
+    ("scale", ["{name: t, op: scale, factor: -2.5}"], (4,), lambda xs, p: -2.5 * xs[0], lambda i, o: numel(o)),
+    ("batchnorm_flat", ["{name: t, op: batchnorm, eps: 0.001}"], (3,),
+     lambda xs, p: norm_reference(xs[0], (0,), 1e-3, p["weight"], p["bias"]), lambda i, o: 4 * numel(o)),
+    ("batchnorm_image", ["{name: t, op: batchnorm}"], (2, 3, 3),
+     lambda xs, p: norm_reference(xs[0], (0, 2, 3), 1e-5, p["weight"][:, None, None], p["bias"][:, None, None]),
+     lambda i, o: 4 * numel(o)),
+    ("layernorm", ["{name: t, op: layernorm}"], (2, 4),
+     lambda xs, p: norm_reference(xs[0], (1, 2), 1e-5, p["weight"], p["bias"]), lambda i, o: 5 * numel(o)),
+    ("dropout_eval", ["{name: t, op: dropout, p: 0.3}"], (6,), lambda xs, p: xs[0], lambda i, o: numel(o)),
+    ("flatten", ["{name: t, op: flatten}"], (2, 3, 4), lambda xs, p: xs[0].reshape(len(xs[0]), -1),
+     lambda i, o: 0),
+    ("add_three", ["{name: a, op: scale, factor: 2}", "{name: b, op: tanh, inputs: input}",
+                   "{name: t, op: add, inputs: [a, b, input]}"], (4,),
+     lambda xs, p: xs[0] + xs[1] + xs[2], lambda i, o: 2 * numel(o)),
+    ("concat_features", ["{name: a, op: linear, out: 2}", "{name: t, op: concat, inputs: [input, a]}"], (3,),
+     lambda xs, p: torch.stack([*xs[0].T, *xs[1].T], dim=1), lambda i, o: 0),
+    ("concat_channels", ["{name: a, op: conv2d, out: 2}", "{name: t, op: concat, inputs: [a, input], dim: 1}"],
+     (1, 3, 3), lambda xs, p: torch.stack([xs[0][:, 0], xs[0][:, 1], xs[1][:, 0]], dim=1), lambda i, o: 0),
+    ("concat_width_negative_dim", ["{name: a, op: scale, factor: 3}", "{name: t, op: concat, inputs: [input, a], dim: -1}"],
+     (1, 2, 2), lambda xs, p: torch.stack([xs[0][..., 0], xs[0][..., 1], xs[1][..., 0], xs[1][..., 1]], dim=-1),
+     lambda i, o: 0),
+    ("maxpool2d", ["{name: t, op: maxpool2d, kernel: 2}"], (2, 5, 5),
+     lambda xs, p: unfold_windows(xs[0], 2, 2).amax(dim=2), lambda i, o: 4 * numel(o)),
+    ("maxpool2d_stride1", ["{name: t, op: maxpool2d, kernel: 3, stride: 1}"], (1, 4, 5),
+     lambda xs, p: unfold_windows(xs[0], 3, 1).amax(dim=2), lambda i, o: 9 * numel(o)),
+    ("avgpool2d", ["{name: t, op: avgpool2d, kernel: 3, stride: 2}"], (1, 7, 7),
+     lambda xs, p: unfold_windows(xs[0], 3, 2).mean(dim=2), lambda i, o: 9 * numel(o)),
+    ("adaptive_avgpool2d_global", ["{name: t, op: adaptive_avgpool2d}"], (3, 4, 4),
+     lambda xs, p: xs[0].mean(dim=(2, 3), keepdim=True), lambda i, o: numel(i[0])),
+    ("adaptive_avgpool2d_blocks", ["{name: t, op: adaptive_avgpool2d, out: 2}"], (1, 4, 6),
+     lambda xs, p: xs[0].reshape(len(xs[0]), 1, 2, 2, 2, 3).mean(dim=(3, 5)), lambda i, o: numel(i[0])),
+    ("residual_two_weight_tanh", ["{name: t, op: residual, activation: tanh, h: 0.5}"], (3,),
+     lambda xs, p: residual_reference(xs[0], p, 0.5, tanh, False), lambda i, o: numel(o) * (1 + 4 + 2)),
+    ("residual_one_weight_relu_nobias", ["{name: t, op: residual, form: one_weight, bias: false}"], (4,),
+     lambda xs, p: residual_reference(xs[0], p, 1.0, torch.relu, False), lambda i, o: numel(o) * (1 + 2)),
+    ("residual_conv_one_weight_sigmoid", ["{name: t, op: residual, branch: conv2d, form: one_weight, "
+                                          "activation: sigmoid, h: 0.25}"], (2, 4, 4),
+     lambda xs, p: residual_reference(xs[0], p, 0.25, sigmoid, True), lambda i, o: numel(o) * (1 + 4 + 2)),
+    ("residual_conv_two_weight_k5", ["{name: t, op: residual, branch: conv2d, kernel: 5, activation: leaky_relu}"],
+     (2, 5, 5), lambda xs, p: residual_reference(xs[0], p, 1.0, lambda t: F.leaky_relu(t, 0.01), True),
+     lambda i, o: numel(o) * (1 + 1 + 2)),
+]
+CASE_IDS = [case[0] for case in CASES]
+
+
+def build(layers, shape):
+    text = (f"graphgrow: 1\nname: op_test\ninput: {{shape: {list(shape)}}}\nlayers:\n"
+            + "".join(f"  - {layer}\n" for layer in layers) + "outputs: [t]\n")
+    graph = graph_from_text(text)
+    module = compile_graph(graph, seed=11, dtype=torch.float64)
+    with torch.no_grad():  # move norm layers off their identity initialisation
+        for name, param in module.named_parameters():
+            if name.startswith("t.") and param.dim() == 1:
+                param.copy_(torch.linspace(0.5, 1.5, param.numel(), dtype=torch.float64))
+    return graph, module
+
+
+def node_params(module, name):
+    submodule = module.get_submodule(name) if hasattr(module, name) else None
+    return {} if submodule is None else {k: v.detach() for k, v in submodule.named_parameters()}
+
+
+def test_every_builtin_op_has_a_case():
+    builtin = {name for name, op in registered_ops().items() if type(op).__module__.startswith("graphgrow.ops")}
+    covered = {graph_from_text(
+        f"graphgrow: 1\nname: n\ninput: {{shape: {list(c[2])}}}\nlayers:\n"
+        + "".join(f"  - {layer}\n" for layer in c[1]) + "outputs: [t]\n").node("t").op for c in CASES}
+    assert builtin <= covered, f"ops without a unit case: {sorted(builtin - covered)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_compiled_op_matches_direct_computation(case):
+    _, layers, shape, reference, _ = case
+    graph, module = build(layers, shape)
+    module.train(case[0].startswith("batchnorm"))  # batchnorm in train mode: batch statistics
+    x = torch.randn(BATCH, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    values = values_of_every_node(module, x)
+    node = graph.node("t")
+    inputs = [values["x" if i == "input" else i] for i in node.inputs]
+    expected = reference(inputs, node_params(module, "t"))
+    assert values["t"].dtype == torch.float64
+    torch.testing.assert_close(values["t"], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_shape_rule_matches_the_real_output(case):
+    _, layers, shape, _, _ = case
+    graph, module = build(layers, shape)
+    module.eval()
+    out = module(torch.zeros(2, *shape, dtype=torch.float64))
+    node = graph.node("t")
+    assert tuple(out.shape) == (2, *node.out_shape)
+    assert node.in_shapes == [graph.shape_of(i) for i in node.inputs]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_parameter_roles_and_shapes(case):
+    _, layers, shape, _, _ = case
+    graph, module = build(layers, shape)
+    node = graph.node("t")
+    real = {k: tuple(v.shape) for k, v in node_params(module, "t").items()}
+    assert node.param_shapes() == real
+    assert set(real) <= set(node.opdef.roles)
+    assert node.num_params() == sum(numel(s) for s in real.values())
+    assert graph.num_params() == sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_flops_against_an_independent_count(case):
+    _, layers, shape, _, elementwise = case
+    graph, module = build(layers, shape)
+    node = graph.node("t")
+    submodule = module.get_submodule("t") if hasattr(module, "t") else None
+    matmul_flops = 0
+    if submodule is not None:
+        with FlopCounterMode(display=False) as counter:
+            submodule.eval()(torch.zeros(1, *node.in_shapes[0], dtype=torch.float64))
+        matmul_flops = counter.get_total_flops()
+    assert node.flops() == matmul_flops + elementwise(node.in_shapes, node.out_shape)
+
+
+def test_dropout_in_train_mode_zeroes_and_rescales():
+    graph, module = build(["{name: t, op: dropout, p: 0.25}"], (4000,))
+    x = torch.rand(2, 4000, dtype=torch.float64) + 1
+    y = module.train()(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    assert 0.2 < 1 - kept.double().mean().item() < 0.3
+    assert torch.equal(module.eval()(x), x)
+
+
+def test_batchnorm_eval_uses_running_statistics():
+    graph, module = build(["{name: t, op: batchnorm, momentum: 0.5}"], (3,))
+    x = torch.randn(8, 3, dtype=torch.float64)
+    module.train()(x)
+    bn = module.get_submodule("t")
+    torch.testing.assert_close(bn.running_mean, 0.5 * x.mean(0))
+    y = module.eval()(x)
+    expected = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-5) * bn.weight + bn.bias
+    torch.testing.assert_close(y, expected.detach())
+
+
+def test_identity_returns_a_copy():
+    _, module = build(["{name: t, op: identity}"], (3,))
+    x = torch.randn(2, 3, dtype=torch.float64)
+    y = module(x)
+    assert torch.equal(x, y) and y.data_ptr() != x.data_ptr()
+
+
+# -- argument validation --------------------------------------------------------------------
+REQUIRED = {"linear": "out: 2, ", "conv2d": "out: 2, ", "scale": "factor: 2, "}
+BUILTIN_ARGS = sorted((name, arg.name) for name, op in registered_ops().items()
+                      if type(op).__module__.startswith("graphgrow.ops") for arg in op.args)
+
+
+@pytest.mark.parametrize("bad", ["zzz", "[1]", "{a: 1}", ".nan"])
+@pytest.mark.parametrize("op_name,arg_name", BUILTIN_ARGS, ids=[f"{o}.{a}" for o, a in BUILTIN_ARGS])
+def test_wrong_argument_value_names_argument_and_location(op_name, arg_name, bad):
+    fields = REQUIRED.get(op_name, "")
+    if arg_name in fields:
+        fields = ""
+    layer = f"{{name: t, op: {op_name}, {fields}{arg_name}: {bad}}}"
+    text = f"graphgrow: 1\nname: n\ninput: {{shape: [2]}}\nlayers:\n  - {layer}\n"
+    with pytest.raises(GraphgrowError) as info:
+        graph_from_text(text, "ops.yaml")
+    err = info.value
+    assert type(err) is GraphgrowError
+    assert err.message.startswith(f"argument '{arg_name}' of op '{op_name}'"), err.message
+    assert (err.file, err.line, err.node) == ("ops.yaml", 5, "t")
+    assert err.column == 5 + layer.index(f" {arg_name}: ") + len(arg_name) + 3
+
+
+@pytest.mark.parametrize("layer,message", [
+    ("{name: t, op: dropout, p: 1}", "expected a probability in [0, 1), got 1.0"),
+    ("{name: t, op: dropout, p: -0.1}", "expected a probability in [0, 1)"),
+    ("{name: t, op: conv2d, out: 2, padding: -1}", "expected a non-negative integer"),
+    ("{name: t, op: conv2d, out: 2, padding: valid}", "expected one of 'same', got 'valid'"),
+    ("{name: t, op: residual, activation: scale}", "'scale' is not an activation"),
+    ("{name: t, op: residual, activation: tahn}", "unknown op 'tahn'"),
+    ("{name: t, op: residual, form: three_weight}", "expected one of 'two_weight', 'one_weight'"),
+    ("{name: t, op: maxpool2d, stride: 0}", "expected a positive integer, got 0"),
+    ("{name: t, op: leaky_relu, slope: .inf}", "expected a finite number, got inf"),
+    ("{name: t, op: linear, out: 2, bias: 'yes'}", "expected true or false, got 'yes'"),
+    ("{name: t, op: concat, dim: 1.0, inputs: [input, input]}", "expected an integer, got 1.0"),
+])
+def test_argument_value_checks(layer, message):
+    text = f"graphgrow: 1\nname: n\ninput: {{shape: [1, 4, 4]}}\nlayers:\n  - {layer}\n"
+    with pytest.raises(GraphgrowError) as info:
+        graph_from_text(text)
+    assert message in info.value.message and info.value.node == "t"
+
+
+@pytest.mark.parametrize("layer,shape,message", [
+    ("{name: t, op: conv2d, out: 2, kernel: 5, padding: 0}", [1, 4, 4], "conv2d kernel 5 does not fit input [1, 4, 4]"),
+    ("{name: t, op: conv2d, out: 2, kernel: 2}", [1, 4, 4], "padding 'same' needs an odd kernel"),
+    ("{name: t, op: maxpool2d, kernel: 5}", [1, 4, 4], "maxpool2d kernel 5 is larger than its input [1, 4, 4]"),
+    ("{name: t, op: avgpool2d}", [4], "avgpool2d needs input of shape (channels, height, width)"),
+    ("{name: t, op: batchnorm}", [1, 2, 2, 2], "batchnorm needs (C,), (C, L) or (C, H, W) input"),
+    ("{name: t, op: residual, branch: conv2d}", [4], "residual with branch conv2d needs input of shape"),
+    ("{name: t, op: concat, inputs: [input, input], dim: 3}", [4], "concat dim 3 is out of range"),
+    ("{name: a, op: flatten}\n  - {name: t, op: concat, inputs: [a, input]}", [1, 2, 2],
+     "concat along dim 1 needs matching other dimensions, got [4] and [1, 2, 2]"),
+])
+def test_shape_rule_errors(layer, shape, message):
+    text = f"graphgrow: 1\nname: n\ninput: {{shape: {shape}}}\nlayers:\n  - {layer}\n"
+    with pytest.raises(GraphgrowError) as info:
+        graph_from_text(text, "s.yaml")
+    err = info.value
+    assert message in err.message and err.node == "t" and err.file == "s.yaml" and err.line is not None

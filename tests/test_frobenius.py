@@ -1,0 +1,377 @@
+"""Frobenius-type preconditioner against independent dense float64 computations of (5.15)."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+from graphgrow.errors import GraphgrowError
+from graphgrow.frobenius import FrobeniusPreconditioner
+
+LR = 0.5
+
+
+class Residual(nn.Module):
+    """The compiler's residual block: x + h * outer(act(inner(x)))."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inner = nn.Linear(width, width)
+        self.outer = nn.Linear(width, width, bias=False)
+        self.h = 0.5
+
+    def forward(self, x):
+        return x + self.h * self.outer(torch.tanh(self.inner(x)))
+
+
+class ResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(5, 6)
+        self.block = Residual(6)
+        self.last = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.block(self.first(x))))
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Sigmoid(), nn.Linear(6, 3)).double()
+
+
+def layer_samples(model, x, per_sample_loss):
+    """Per-layer inputs and per-sample pre-activation gradients, by autograd on a summed loss."""
+    captured = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            def hook(module, inputs, output, name=name):
+                output.retain_grad()
+                captured[name] = (inputs[0].detach(), output)
+            handles.append(module.register_forward_hook(hook))
+    per_sample_loss(model(x)).backward()
+    for handle in handles:
+        handle.remove()
+    model.zero_grad()
+    return {name: (inputs, output.grad.detach()) for name, (inputs, output) in captured.items()}
+
+
+def dense_direction(inputs, grads, grad_w, grad_b, moment, damping_out, damping_in):
+    """(C_y + γ1 I)⁻¹ ∇W (C_x + γ2 I)⁻¹ and (C_y + γ1 I)⁻¹ ∇b by explicit dense solves."""
+    def estimate(samples):
+        if moment == "covariance":
+            samples = samples - samples.mean(0)
+        return samples.T @ samples / samples.shape[0]
+    c_out = estimate(grads) + damping_out * torch.eye(grads.shape[1], dtype=torch.float64)
+    c_in = estimate(inputs) + damping_in * torch.eye(inputs.shape[1], dtype=torch.float64)
+    weight = torch.linalg.solve(c_out, grad_w) @ torch.linalg.inv(c_in)
+    bias = None if grad_b is None else torch.linalg.solve(c_out, grad_b)
+    return weight, bias, c_out, c_in
+
+
+def step_directions(model, optimizer, x, y, loss_fn, seed=1):
+    """Run one step; return {layer: (weight direction, bias direction, ∇W, ∇b)} = (θ_old − θ_new)/lr."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer.zero_grad()
+    loss = loss_fn(model(x), y)
+    torch.manual_seed(seed)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    result = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            prefix = f"{name}." if name else ""
+            weight = (before[prefix + "weight"] - module.weight.detach()) / LR
+            bias = None if module.bias is None else (before[prefix + "bias"] - module.bias.detach()) / LR
+            result[name] = (weight, bias, grads[prefix + "weight"], grads.get(prefix + "bias"))
+    return result
+
+
+def sampled_labels(logits, seed, mc_samples):
+    torch.manual_seed(seed)
+    return [torch.distributions.Categorical(logits=logits.detach()).sample() for _ in range(mc_samples)]
+
+
+@pytest.mark.parametrize("moment", ["second", "covariance"])
+@pytest.mark.parametrize("labels", ["true", "sampled"])
+@pytest.mark.parametrize("woodbury", [False, True])
+def test_update_matches_dense_formula(moment, labels, woodbury):
+    model = mlp()
+    batch = 4 if woodbury else 12  # fewer samples than widths exercises the low-rank path
+    torch.manual_seed(3)
+    x, y = torch.randn(batch, 5, dtype=torch.float64), torch.randint(0, 3, (batch,))
+    mc_samples = 2
+    loss_fn = nn.CrossEntropyLoss()
+    if labels == "true":
+        reference = layer_samples(copy.deepcopy(model), x, lambda out: nn.functional.cross_entropy(out, y, reduction="sum"))
+    else:
+        drawn = sampled_labels(model(x), seed=1, mc_samples=mc_samples)
+        runs = [layer_samples(copy.deepcopy(model), x,
+                              lambda out, d=d: nn.functional.cross_entropy(out, d, reduction="sum")) for d in drawn]
+        reference = {name: (runs[0][name][0], torch.cat([run[name][1] for run in runs])) for name in runs[0]}
+    optimizer = FrobeniusPreconditioner(model, lr=LR, moment=moment, labels=labels, loss=loss_fn,
+                                        mc_samples=mc_samples, woodbury="auto" if woodbury else False,
+                                        damping_out=0.03, damping_in=0.02)
+    directions = step_directions(model, optimizer, x, y, loss_fn)
+    for name, (weight, bias, grad_w, grad_b) in directions.items():
+        inputs, grads = reference[name]
+        expected_w, expected_b, _, _ = dense_direction(inputs, grads, grad_w, grad_b, moment, 0.03, 0.02)
+        torch.testing.assert_close(weight, expected_w, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(bias, expected_b, rtol=1e-8, atol=1e-10)
+    low_rank = "in_basis" in optimizer.state[model[0].weight]
+    assert low_rank == woodbury
+
+
+def test_preconditioned_gradient_is_riesz_representative():
+    """<∂f, δW> = (G, δW)_{X→Y} = trace(R_X⁻¹ Gᵀ R_Y δW) with R_X = (C_x+γ2)⁻¹, R_Y = C_y+γ1."""
+    model = mlp()
+    torch.manual_seed(4)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    reference = layer_samples(copy.deepcopy(model), x, lambda out: nn.functional.cross_entropy(out, y, reduction="sum"))
+    optimizer = FrobeniusPreconditioner(model, lr=LR, moment="covariance", damping_out=0.05, damping_in=0.01)
+    for name, (direction, _, grad_w, _) in step_directions(model, optimizer, x, y, nn.CrossEntropyLoss()).items():
+        inputs, grads = reference[name]
+        _, _, r_out, r_in_inverse = dense_direction(inputs, grads, grad_w, None, "covariance", 0.05, 0.01)
+        for _ in range(3):
+            variation = torch.randn_like(grad_w)
+            derivative = (grad_w * variation).sum()
+            inner_product = torch.trace(r_in_inverse @ direction.T @ r_out @ variation)
+            torch.testing.assert_close(inner_product, derivative, rtol=1e-8, atol=1e-12)
+
+
+def test_frobenius_norm_diagnostic_is_the_induced_norm():
+    model = mlp()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    optimizer = FrobeniusPreconditioner(model, lr=LR, track_diagnostics=True)
+    directions = step_directions(model, optimizer, x, y, nn.CrossEntropyLoss())
+    entry = optimizer.diagnostics[-1]["0"]
+    weight, bias, grad_w, grad_b = directions["0"]
+    assert entry["frobenius_norm"] == pytest.approx(float(((grad_w * weight).sum() + (grad_b * bias).sum()).sqrt()))
+    assert entry["euclidean_norm"] == pytest.approx(float((grad_w.pow(2).sum() + grad_b.pow(2).sum()).sqrt()))
+    assert entry["in_spectrum"].shape == (5,) and (entry["in_spectrum"][:-1] >= entry["in_spectrum"][1:]).all()
+
+
+def single_layer_run(estimate, beta, interval, steps):
+    """Train one Linear layer with MSE; return per-step (input operator, batch covariance) pairs."""
+    torch.manual_seed(5)
+    layer = nn.Linear(4, 2).double()
+    optimizer = FrobeniusPreconditioner(layer, lr=0.01, estimate=estimate, beta=beta, update_interval=interval,
+                                        damping_in=0.1, damping_out=0.1)
+    history = []
+    for step in range(steps):
+        x = torch.randn(16, 4, dtype=torch.float64) * (step + 1)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(layer(x), torch.zeros(16, 2, dtype=torch.float64)).backward()
+        optimizer.step()
+        history.append((optimizer.state[layer.weight]["in_operator"].clone(), x.T @ x / 16))
+    return history
+
+
+@pytest.mark.parametrize("estimate", ["batch", "ema", "ema_inverse"])
+def test_averaging_and_update_interval(estimate):
+    beta, interval = 0.3, 2
+    history = single_layer_run(estimate, beta, interval, steps=5)
+    identity = 0.1 * torch.eye(4, dtype=torch.float64)
+    average, operator = None, None
+    for step, (stored, batch_moment) in enumerate(history):
+        if step % interval == 0:
+            if estimate == "batch":
+                operator = torch.linalg.inv(batch_moment + identity)
+            elif estimate == "ema":
+                average = batch_moment if average is None else (1 - beta) * average + beta * batch_moment
+                operator = torch.linalg.inv(average + identity)
+            else:
+                fresh = torch.linalg.inv(batch_moment + identity)
+                operator = fresh if operator is None else (1 - beta) * operator + beta * fresh
+        torch.testing.assert_close(stored, operator, rtol=1e-9, atol=1e-12)
+
+
+def test_state_dict_round_trip_continues_identically():
+    model = mlp()
+    optimizer = FrobeniusPreconditioner(model, lr=0.1, estimate="ema", update_interval=3)
+    batches = [(torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))) for _ in range(4)]
+    for x, y in batches[:2]:
+        step_directions(model, optimizer, x, y, nn.CrossEntropyLoss())
+    clone = mlp(seed=1)  # a fresh module: a deepcopy would carry the first optimizer's hooks
+    clone.load_state_dict(model.state_dict())
+    restored = FrobeniusPreconditioner(clone, lr=0.7, estimate="ema", update_interval=3)
+    restored.load_state_dict(optimizer.state_dict())
+    assert restored.param_groups[0]["lr"] == 0.1
+    for x, y in batches[2:]:
+        step_directions(model, optimizer, x, y, nn.CrossEntropyLoss())
+        step_directions(clone, restored, x, y, nn.CrossEntropyLoss())
+    for original, copied in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(original, copied, rtol=0, atol=0)
+
+
+def test_works_with_lr_scheduler_and_param_groups():
+    model = mlp()
+    optimizer = FrobeniusPreconditioner(model, params=[{"params": model[0].parameters(), "lr": 0.0},
+                                                       {"params": list(model[2].parameters()) + list(model[4].parameters())}],
+                                        lr=0.2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    frozen = model[0].weight.detach().clone()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    step_directions(model, optimizer, x, y, nn.CrossEntropyLoss())
+    scheduler.step()
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.1)
+    assert torch.equal(model[0].weight, frozen)
+
+
+def test_singular_estimate_raises_damping_and_stays_finite():
+    layer = nn.Linear(6, 3).double()
+    x = torch.zeros(10, 6, dtype=torch.float64)
+    x[:, 0] = 1.0  # centred covariance of the inputs is exactly zero
+    optimizer = FrobeniusPreconditioner(layer, lr=0.1, moment="covariance", damping_in=0.0, damping_out=0.0,
+                                        woodbury=False)
+    optimizer.zero_grad()
+    nn.functional.mse_loss(layer(x), torch.ones(10, 3, dtype=torch.float64)).backward()
+    with pytest.warns(UserWarning, match="raising it"):
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+def test_non_finite_statistics_raise():
+    layer = nn.Linear(3, 2).double()
+    optimizer = FrobeniusPreconditioner(layer, lr=0.1)
+    x = torch.tensor([[1.0, float("inf"), 0.0]], dtype=torch.float64)
+    optimizer.zero_grad()
+    layer(x).sum().backward()
+    with pytest.raises(GraphgrowError, match="non-finite"):
+        optimizer.step()
+
+
+def test_predefined_inner_products_mixed_with_data_driven():
+    model = mlp()
+    size = 5
+    laplacian = 2 * torch.eye(size) - torch.diag(torch.ones(size - 1), 1) - torch.diag(torch.ones(size - 1), -1)
+    sobolev = (torch.eye(size) + laplacian).double()  # discrete H¹ inner product on the input space
+    output_metric = torch.diag(torch.arange(1.0, 8.0)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    reference = layer_samples(copy.deepcopy(model), x, lambda out: nn.functional.cross_entropy(out, y, reduction="sum"))
+    optimizer = FrobeniusPreconditioner(model, lr=LR, inner_products={model[0]: {"input": sobolev, "output": output_metric},
+                                                                      "4": {"input": torch.eye(6)}})
+    directions = step_directions(model, optimizer, x, y, nn.CrossEntropyLoss())
+    weight, bias, grad_w, grad_b = directions["0"]
+    torch.testing.assert_close(weight, torch.linalg.solve(output_metric, grad_w) @ sobolev)
+    torch.testing.assert_close(bias, torch.linalg.solve(output_metric, grad_b))
+    weight, bias, grad_w, grad_b = directions["4"]
+    inputs, grads = reference["4"]
+    _, expected_b, c_out, _ = dense_direction(inputs, grads, grad_w, grad_b, "second", 0.01, 0.01)
+    torch.testing.assert_close(weight, torch.linalg.solve(c_out, grad_w))  # identity input inner product
+    torch.testing.assert_close(bias, expected_b)
+
+
+def test_inner_product_errors():
+    model = mlp()
+    with pytest.raises(GraphgrowError, match="not a preconditioned layer"):
+        FrobeniusPreconditioner(model, inner_products={"nope": {"input": torch.eye(5)}})
+    with pytest.raises(GraphgrowError, match="positive definite"):
+        FrobeniusPreconditioner(model, inner_products={"0": {"input": -torch.eye(5)}})
+    with pytest.raises(GraphgrowError, match="5x5"):
+        FrobeniusPreconditioner(model, inner_products={"0": {"input": torch.eye(4)}})
+    with pytest.raises(GraphgrowError, match="loss="):
+        FrobeniusPreconditioner(model, labels="sampled")
+
+
+def test_conv2d_kronecker_factors_of_unfolded_inputs():
+    torch.manual_seed(6)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    before = conv.weight.detach().clone()
+    optimizer = FrobeniusPreconditioner(conv, lr=LR)
+    optimizer.zero_grad()
+    output = conv(x)
+    output.retain_grad()
+    output.pow(2).mean().backward()
+    grad_w = conv.weight.grad.reshape(3, -1).clone()
+    patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
+    grads = output.grad.movedim(1, -1).reshape(-1, 3) * 2
+    optimizer.step()
+    expected, _, _, _ = dense_direction(patches, grads, grad_w, None, "second", 0.01, 0.01)
+    torch.testing.assert_close(((before - conv.weight.detach()) / LR).reshape(3, -1), expected)
+
+
+def test_residual_fx_graph_with_hooks_backend():
+    torch.manual_seed(7)
+    model = torch.fx.symbolic_trace(ResidualNet()).double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    reference = layer_samples(copy.deepcopy(model), x, lambda out: nn.functional.cross_entropy(out, y, reduction="sum"))
+    optimizer = FrobeniusPreconditioner(model, lr=LR)
+    directions = step_directions(model, optimizer, x, y, nn.CrossEntropyLoss())
+    assert set(directions) == {"first", "block.inner", "block.outer", "last"}
+    for name, (weight, bias, grad_w, grad_b) in directions.items():
+        inputs, grads = reference[name]
+        expected_w, expected_b, _, _ = dense_direction(inputs, grads, grad_w, grad_b, "second", 0.01, 0.01)
+        torch.testing.assert_close(weight, expected_w)
+        if bias is not None:
+            torch.testing.assert_close(bias, expected_b)
+
+
+def test_backpack_kflr_matches_exact_fisher_factor():
+    from backpack import backpack, extend
+
+    torch.manual_seed(8)
+    plain = mlp()
+    model = extend(torch.fx.symbolic_trace(copy.deepcopy(plain)), use_converter=True)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    probabilities = torch.softmax(plain(x), 1).detach()
+    per_class = [layer_samples(copy.deepcopy(plain), x,
+                               lambda out, c=c: nn.functional.cross_entropy(out, torch.full((5,), c), reduction="sum"))
+                 for c in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = FrobeniusPreconditioner(model, lr=LR, backend="backpack", labels="expected")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer.zero_grad()
+    with backpack(*optimizer.backpack_extensions()):
+        loss_fn(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    for name in ("0", "2", "4"):
+        inputs = per_class[0][name][0]
+        # exact Fisher factor: E_n E_{c~p(c|x_n)} g_{n,c} g_{n,c}ᵀ
+        fisher = sum((probabilities[:, c, None, None] * torch.einsum("ni,nj->nij", per_class[c][name][1],
+                                                                      per_class[c][name][1])).mean(0) for c in range(3))
+        c_out = fisher + 0.01 * torch.eye(fisher.shape[0], dtype=torch.float64)
+        c_in = inputs.T @ inputs / 5 + 0.01 * torch.eye(inputs.shape[1], dtype=torch.float64)
+        expected = torch.linalg.solve(c_out, grads[f"{name}.weight"]) @ torch.linalg.inv(c_in)
+        module = dict(model.named_modules())[name]
+        torch.testing.assert_close((before[f"{name}.weight"] - module.weight.detach()) / LR, expected)
+
+
+def test_backpack_backend_refuses_residual_graphs_and_unextended_models():
+    from backpack import extend
+
+    residual = extend(torch.fx.symbolic_trace(ResidualNet()), use_converter=True)
+    with pytest.raises(GraphgrowError, match="branching"):
+        FrobeniusPreconditioner(residual, backend="backpack", labels="sampled")
+    with pytest.raises(GraphgrowError, match="not extended"):
+        FrobeniusPreconditioner(mlp(), backend="backpack", labels="sampled")
+    with pytest.raises(GraphgrowError, match="second moments"):
+        FrobeniusPreconditioner(mlp(), backend="backpack", moment="covariance", labels="sampled")
+
+
+def test_other_layers_fall_back_to_sgd_with_one_warning():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    with pytest.warns(UserWarning, match="plain SGD.*1.weight, 1.bias"):
+        optimizer = FrobeniusPreconditioner(model, lr=LR)
+    norm_before = model[1].weight.detach().clone()
+    optimizer.zero_grad()
+    model(torch.randn(5, 3, dtype=torch.float64)).pow(2).mean().backward()
+    grad = model[1].weight.grad.clone()
+    optimizer.step()
+    torch.testing.assert_close(model[1].weight.detach(), norm_before - LR * grad)
+
+
+def test_step_without_recorded_statistics_raises():
+    layer = nn.Linear(3, 2).double()
+    optimizer = FrobeniusPreconditioner(layer, lr=0.1)
+    layer.weight.grad = torch.ones_like(layer.weight)
+    with pytest.raises(GraphgrowError, match="no recorded"):
+        optimizer.step()

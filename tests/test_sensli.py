@@ -1,0 +1,279 @@
+"""SensLI: merit norms (4.17, B.1a-e), full-data sensitivities (4.16), identity candidates
+(4.11, 4.13, 4.15), selection and threshold (4.18), insertion with carried optimizer state."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from graphgrow import GraphgrowError, Network, graph_from_text, load_graph
+from graphgrow.data import spiral
+import passes
+from graphgrow.sensli import (Candidate, Geometry, Sensitivities, conv_operator_norm, full_data_gradients,
+                              gradient_norm, grow, select, sensitivities)
+from graphgrow.train import TrainConfig, Trainer
+
+SMALL_CNN = """
+graphgrow: 1
+name: small_cnn
+input: {shape: [2, 6, 6]}
+layers:
+  - {name: conv1, op: conv2d, out: 3, kernel: 3, padding: 1}
+  - {name: act1, op: relu}
+  - {name: pool1, op: maxpool2d, kernel: 2}
+  - {name: flat, op: flatten}
+  - {name: head, op: linear, out: 2}
+"""
+
+
+def dense_conv_matrix(kernel, input_shape, stride, padding):
+    """The convolution as an explicit matrix: its columns are the images of the unit vectors."""
+    size = math.prod(input_shape)
+    units = torch.eye(size, dtype=torch.float64).reshape(size, *input_shape)
+    return F.conv2d(units, kernel.double(), stride=stride, padding=padding).reshape(size, -1).T
+
+
+@pytest.mark.parametrize("out_ch,in_ch,k,h,w,stride,padding", [
+    (3, 2, 3, 5, 5, 1, 1), (4, 3, 3, 6, 7, 2, 1), (2, 3, 5, 6, 6, 1, 0), (2, 2, 3, 4, 4, 1, 2)])
+def test_conv_operator_norm_is_largest_singular_value_of_dense_convolution(out_ch, in_ch, k, h, w, stride, padding):
+    kernel = torch.randn(out_ch, in_ch, k, k, generator=torch.Generator().manual_seed(out_ch * 10 + k))
+    expected = torch.linalg.matrix_norm(dense_conv_matrix(kernel, (in_ch, h, w), stride, padding), ord=2).item()
+    got = conv_operator_norm(kernel, (in_ch, h, w), stride, padding)
+    assert abs(got - expected) <= 1e-3 * expected
+    # the norm depends on the input size (zero padding at the border), not on the kernel alone
+    small = (in_ch, k, k + 1)
+    other = torch.linalg.matrix_norm(dense_conv_matrix(kernel, small, stride, padding), ord=2).item()
+    assert abs(other - expected) > 1e-2 * expected
+    assert abs(conv_operator_norm(kernel, small, stride, padding) - other) <= 1e-3 * other
+
+
+def test_kernel_norms_b1_against_direct_definitions():
+    kernel = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    geometry = Geometry((2, 5, 5), 1, 1)
+    assert math.isclose(gradient_norm(kernel, geometry, "fro"), float((kernel.double() ** 2).sum()), rel_tol=1e-12)
+    assert math.isclose(gradient_norm(kernel, geometry, "fro_entries"), float((kernel.double() ** 2).mean()),
+                        rel_tol=1e-12)
+    dense = dense_conv_matrix(kernel, (2, 5, 5), 1, 1)
+    assert math.isclose(gradient_norm(kernel, geometry, "op"), torch.linalg.matrix_norm(dense, ord=2).item() ** 2,
+                        rel_tol=2e-3)
+    per_output = [torch.linalg.matrix_norm(dense_conv_matrix(kernel[l].sum(0)[None, None], (1, 5, 5), 1, 1),
+                                           ord=2).item() for l in range(3)]
+    assert math.isclose(gradient_norm(kernel, geometry, "op_out2"), sum(v ** 2 for v in per_output), rel_tol=2e-3)
+    assert math.isclose(gradient_norm(kernel, geometry, "op_out1"), sum(per_output) ** 2, rel_tol=2e-3)
+
+
+def test_linear_weight_norms_are_spectral_and_scaled_frobenius():
+    weight = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    geometry = Geometry((6, 1, 1))
+    assert math.isclose(gradient_norm(weight, geometry, "op"), torch.linalg.matrix_norm(weight.double(), ord=2) ** 2,
+                        rel_tol=1e-10)
+    assert math.isclose(gradient_norm(weight, geometry, "fro_width"), float((weight.double() ** 2).sum()) / 16)
+    assert math.isclose(gradient_norm(weight, geometry, "op_out1"), float(weight.double().sum(1).abs().sum()) ** 2)
+
+
+def test_full_data_gradient_over_unequal_batches_equals_one_batch_gradient_and_changes_nothing():
+    network = Network.build(load_graph("specs/fnn_spiral_deep.yaml"), seed=3)
+    data = spiral(0)
+    before = {k: v.clone() for k, v in network.state().items()}
+    names = ["fc1.weight", "fc2.weight", "head.bias"]
+    whole = full_data_gradients(network.module, data.x_train, data.y_train, F.cross_entropy, names)
+    chunked = full_data_gradients(network.module, data.x_train, data.y_train, F.cross_entropy, names, batch=97)
+    params = dict(network.module.named_parameters())
+    reference = torch.autograd.grad(F.cross_entropy(network(data.x_train), data.y_train), [params[n] for n in names])
+    for name, expected in zip(names, reference):
+        assert torch.allclose(whole[name], expected, atol=1e-7)
+        assert torch.allclose(chunked[name], expected, atol=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in network.state().items())
+    assert all(p.grad is None for p in network.module.parameters())
+
+
+@pytest.mark.parametrize("spec,kinds", [("specs/fnn_spiral_deep.yaml", {"dense"}),
+                                        ("specs/resnet_spiral.yaml", {"residual"}),
+                                        ("specs/two_path.yaml", {"dense"}), (SMALL_CNN, {"conv"})])
+def test_candidates_of_every_architecture_and_their_merit_weights(spec, kinds):
+    graph = graph_from_text(spec) if spec.startswith("\n") else load_graph(spec)
+    network = Network.build(graph, seed=4)
+    data = SimpleNamespace(x_train=torch.randn(30, *graph.input_shape, generator=torch.Generator().manual_seed(0)),
+                           y_train=torch.arange(30) % 2)
+    report = sensitivities(network, data, norm="op", all_norms=True)
+    assert {c.kind for c in report.candidates} == kinds
+    for candidate in report.candidates:
+        assert candidate.param.endswith("outer.weight" if candidate.kind == "residual" else ".weight")
+        assert candidate.merit > 0 and set(candidate.norms) == {"fro", "fro_width", "fro_entries", "op",
+                                                               "op_out2", "op_out1"}
+    x = data.x_train[:9]
+    assert torch.allclose(report.extended(x), network(x), atol=1e-6)  # the extension keeps the function
+
+
+def test_fnn_candidate_merit_matches_hand_built_identity_layer():
+    """(4.11)/(4.17): the merit of a layer W = id after ReLU equals ||dL/dW||_F^2 for the
+    network relu(W relu(fc1 x)) built by hand."""
+    network = Network.build(load_graph("specs/fnn_spiral.yaml"), seed=5)
+    data = spiral(1)
+    report = sensitivities(network, data, batch=None)
+    (candidate,) = report.candidates
+    p = dict(network.module.named_parameters())
+    new_weight = torch.eye(5, requires_grad=True)
+    hidden = torch.relu(data.x_train @ p["fc1.weight"].T + p["fc1.bias"])
+    output = torch.relu(hidden @ new_weight.T) @ p["head.weight"].T + p["head.bias"]
+    (grad,) = torch.autograd.grad(F.cross_entropy(output, data.y_train), [new_weight])
+    assert math.isclose(candidate.merit, float((grad.double() ** 2).sum()), rel_tol=1e-5)
+    assert candidate.new_params == 30  # 27 -> 57 parameters, thesis Table 4.3
+
+
+def test_resnet_candidate_merit_is_outer_weight_gradient_4_14c():
+    """(4.13)/(4.14c): with W2 = 0 and W1 = id, dL/dW2 = sum_j dL/dx_j tanh(x_j)^T."""
+    network = Network.build(load_graph("specs/resnet_spiral.yaml"), seed=6)
+    data = spiral(2)
+    report = sensitivities(network, data, batch=None)
+    p = dict(network.module.named_parameters())
+    lifted = (data.x_train @ p["lift.weight"].T).detach().requires_grad_(True)
+    block = network.module.get_submodule("res0")
+    loss = F.cross_entropy(block(lifted) @ p["head.weight"].T, data.y_train)
+    (upstream,) = torch.autograd.grad(loss, [lifted])  # dL/dx at the block input: the candidate after 'lift'
+    expected = upstream.T @ torch.tanh(lifted.detach())
+    merit = {c.after: c.merit for c in report.candidates}
+    assert math.isclose(merit["lift"], float((expected.double() ** 2).sum()), rel_tol=1e-5)
+
+
+def fake_report(merits, existing):
+    candidates = [Candidate(f"p{k}", f"a{k}", "dense", f"n{k}", f"n{k}.weight", [2, 2], m, 6, 12)
+                  for k, m in enumerate(merits)]
+    return Sensitivities(candidates, {f"w{k}": v for k, v in enumerate(existing)}, "fro", 10, 100)
+
+
+def test_threshold_4_18_accepts_and_rejects():
+    report = fake_report([0.5, 3.0, 1.0], [1.0, 2.0, 3.0])  # mean existing merit 2.0
+    assert report.reference == 2.0
+    assert [c.position for c in select(report, "sensli", tau=1.5)] == ["p1"]    # 3.0 >= 1.5 * 2
+    assert select(report, "sensli", tau=1.6) == []                              # 3.0 < 1.6 * 2
+    assert [c.position for c in select(report, "sensli", tau=1.0, count=3)] == ["p1"]
+    many = fake_report([5.0, 4.0, 1.0], [1.0, 1.0])
+    assert [c.position for c in select(many, "sensli", tau=2.0, count=3)] == ["p0", "p1"]
+    with pytest.raises(GraphgrowError, match="tau must be >= 1"):
+        select(report, "sensli", tau=0.5)
+
+
+def test_selection_strategies():
+    report = fake_report([0.5, 3.0, 1.0], [1.0])
+    assert [c.position for c in select(report, "sensli")] == ["p1"]
+    assert [c.position for c in select(report, "min")] == ["p0"]
+    assert select(report, "none") == []
+    draws = [select(report, "random", generator=torch.Generator().manual_seed(s))[0].position for s in range(12)]
+    assert draws == [select(report, "random", generator=torch.Generator().manual_seed(s))[0].position
+                     for s in range(12)]
+    assert len(set(draws)) > 1
+
+
+def test_threshold_on_a_real_network_accepts_and_rejects():
+    network = Network.build(load_graph("specs/fnn_spiral_deep.yaml"), seed=7)
+    report = sensitivities(network, spiral(0))
+    best = max(report.candidates, key=lambda c: c.merit)
+    ratio = report.ratio(best)
+    assert ratio == best.merit / (sum(report.existing.values()) / 3)
+    assert set(report.existing) == {"fc1.weight", "fc2.weight", "head.weight"}
+    if ratio >= 1:
+        assert select(report, "sensli", tau=ratio * 0.999) == [best]
+    assert select(report, "sensli", tau=max(ratio, 1.0) * 1.001) == []
+
+
+def test_insertion_keeps_function_and_momentum_and_is_reproducible():
+    data = spiral(0)
+    config = dict(insert_at=[3], max_insertions=1, epochs=6, lr=0.1, momentum=0.9, batch=150, seed=2,
+                  log_steps=False)
+    first = grow("specs/fnn_spiral_deep.yaml", data, **config)
+    (event,) = first.insertions
+    assert event["loss_before"] == pytest.approx(event["loss_after"], abs=1e-6)
+    assert event["params_after"] == event["params_before"] + 20
+    second = grow("specs/fnn_spiral_deep.yaml", data, **config)
+    for key, value in first.network.state().items():
+        assert torch.equal(value, second.network.state()[key])
+    assert first.summary["flops_per_sample"]["run"]["sensitivity"] > 0
+
+
+def test_momentum_buffers_survive_insertion():
+    data = spiral(0)
+    network = Network.build(load_graph("specs/fnn_spiral.yaml"), seed=0)
+    trainer = Trainer(network, data, TrainConfig(epochs=2, lr=0.1, momentum=0.9, log_steps=False))
+    trainer.fit()
+    buffers = {n: trainer.optimizer.state[p]["momentum_buffer"].clone()
+               for n, p in trainer.network.module.named_parameters()}
+    grown, record = passes.keep_candidates(*passes.extend_all(trainer.network), ["layer:act1"])
+    trainer.replace_network(grown, record=record)
+    params = dict(trainer.network.module.named_parameters())
+    for name, buffer in buffers.items():
+        assert torch.equal(trainer.optimizer.state[params[name]]["momentum_buffer"], buffer)
+
+
+def test_grow_writes_run_directory_with_costs(tmp_path):
+    result = grow("specs/fnn_spiral.yaml", "spiral", insert_at=[2], epochs=4, lr=0.2, out=tmp_path / "run",
+                  export=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["params"] == {"start": 27, "final": 57}
+    run = summary["flops_per_sample"]["run"]
+    assert run["training"] == 2 * 3 * 52 + 2 * 3 * 112  # 2 epochs per architecture, 3 x forward FLOPs
+    assert run["sensitivity"] == 3 * 112
+    assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "final.yaml").exists()
+    assert result.summary["insertions"][0]["positions"] == ["layer:act1"]
+
+
+def test_user_errors():
+    network = Network.build(graph_from_text("""
+graphgrow: 1
+name: no_slot
+input: {shape: [2]}
+layers:
+  - {name: head, op: linear, out: 2}
+"""))
+    with pytest.raises(GraphgrowError, match="no position"):
+        sensitivities(network, spiral(0))
+    with pytest.raises(GraphgrowError, match="unknown strategy"):
+        grow("specs/fnn_spiral.yaml", "spiral", strategy="best", epochs=1)
+    with pytest.raises(GraphgrowError, match="unknown data source"):
+        grow("specs/fnn_spiral.yaml", "cifar", epochs=1)
+
+
+def test_widening_keeps_function_and_merit_is_outgoing_column_gradient():
+    from graphgrow.sensli import neuron_sensitivities, widen_best, widen_layers
+    network = Network.build(load_graph("specs/fnn_spiral_deep.yaml"), seed=8)
+    data = spiral(0)
+    candidates, reference, rows = neuron_sensitivities(network, data, per_layer=4, batch=None)
+    assert {c.layer for c in candidates} == {"fc1", "fc2"}
+    # independent computation for fc1's candidates (4.19): W2_new = 0, so
+    # dL/dW2_new[:, k] = sum_j dL/d(fc2 pre-activation)_j * relu(w1_k . x_j)
+    p = dict(network.module.named_parameters())
+    hidden_in = data.x_train
+    pre = (torch.relu(hidden_in @ p["fc1.weight"].T + p["fc1.bias"]) @ p["fc2.weight"].T + p["fc2.bias"]).detach()
+    pre.requires_grad_(True)
+    loss = F.cross_entropy(torch.relu(pre) @ p["head.weight"].T + p["head.bias"], data.y_train)
+    (delta,) = torch.autograd.grad(loss, [pre])
+    expected = (delta.T @ torch.relu(hidden_in @ rows["fc1"].T)).double().pow(2).sum(0)
+    got = torch.tensor([c.merit for c in candidates if c.layer == "fc1"], dtype=torch.float64)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-12)
+    wider, chosen, _ = widen_best(network, data, count=3, per_layer=4, batch=None)
+    assert [c.merit for c in chosen] == sorted((c.merit for c in candidates), reverse=True)[:3]
+    assert torch.allclose(wider(data.x_test), network(data.x_test), atol=1e-6)
+    assert wider.graph.num_params() > network.graph.num_params()
+    # threshold (4.20): a tau above every ratio rejects, a tau at the best ratio accepts
+    best = max(c.merit for c in candidates)
+    _, rejected, _ = widen_best(network, data, count=3, per_layer=4, batch=None, tau=best / reference * 1.001 + 1)
+    assert rejected == []
+    if best / reference >= 1:
+        _, accepted, _ = widen_best(network, data, count=3, per_layer=4, batch=None, tau=best / reference * 0.999)
+        assert len(accepted) == 1
+    # widened parameters keep their momentum in the old entries
+    trainer = Trainer(network, data, TrainConfig(epochs=1, lr=0.1, momentum=0.9, log_steps=False))
+    trainer.fit()
+    old = trainer.optimizer.state[dict(trainer.network.module.named_parameters())["fc2.weight"]]["momentum_buffer"].clone()
+    trainer.replace_network(widen_layers(trainer.network, {"fc1": rows["fc1"][:2]}))
+    new = trainer.optimizer.state[dict(trainer.network.module.named_parameters())["fc2.weight"]]["momentum_buffer"]
+    assert new.shape == (4, 6) and torch.equal(new[:, :4], old) and not new[:, 4:].any()
+
+
+def test_grow_with_widening():
+    result = grow("specs/fnn_spiral_deep.yaml", "spiral", widen=2, insert_at=[2], epochs=4, lr=0.1, log_steps=False)
+    (event,) = result.insertions
+    assert event["params_after"] > event["params_before"]
+    assert event["loss_before"] == pytest.approx(event["loss_after"], abs=1e-6)

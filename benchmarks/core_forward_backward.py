@@ -1,7 +1,9 @@
 """Forward + backward of the compiled GraphModule against an equivalent hand-written nn.Module.
 
-Both hold the same weights (checked bitwise before timing). Single thread, contenders interleaved
-in alternating order every round, medians reported as the ratio compiled / hand-written.
+Both hold the same weights (outputs and gradients checked bitwise before timing). Single thread,
+contenders interleaved in alternating order every round, medians reported as the ratio
+compiled / hand-written, by wall clock and by process CPU time. An A/A control row (hand-written
+against a copy of itself) shows the noise floor of the machine.
 
     PYTHONPATH=. python benchmarks/core_forward_backward.py [--rounds 20] [--steps N]
 
@@ -10,6 +12,7 @@ in alternating order every round, medians reported as the ratio compiled / hand-
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -85,7 +88,24 @@ def check_same_function(compiled, reference, x, target) -> None:
         assert torch.equal(param.grad, grads[key].grad), f"gradient of {key} differs"
 
 
-def measure(name: str, batch: int, rounds: int, steps: int) -> dict:
+def timed_rounds(contenders: dict, x, target, rounds: int, steps: int, clock) -> dict:
+    """Per-round seconds per step of each contender; order alternates every round."""
+    for module in contenders.values():  # warm-up
+        for _ in range(3):
+            step(module, x, target)
+    times = {key: [] for key in contenders}
+    for r in range(rounds):
+        for key in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
+            start = clock()
+            for _ in range(steps):
+                step(contenders[key], x, target)
+            times[key].append((clock() - start) / steps)
+    return times
+
+
+def measure(name: str, batch: int, rounds: int, steps: int, control: bool = False) -> dict:
+    """Compiled vs hand-written; with ``control``, hand-written vs a second hand-written copy
+    (an A/A run that shows how large the noise of this machine is)."""
     graph = load_graph(SPECS / f"{name}.yaml")
     compiled = compile_graph(graph, seed=0)
     reference = hand_written(name, graph)
@@ -94,26 +114,19 @@ def measure(name: str, batch: int, rounds: int, steps: int) -> dict:
     x = torch.randn(batch, *graph.input_shape, generator=generator)
     target = torch.randint(0, 10, (batch,), generator=generator)
     check_same_function(compiled, reference, x, target)
+    if control:
+        compiled = hand_written(name, graph)
+        compiled.load_state_dict(reference.state_dict())
     contenders = {"compiled": compiled, "hand-written": reference}
-    for module in contenders.values():  # warm-up
-        for _ in range(3):
-            step(module, x, target)
-    times = {key: [] for key in contenders}
-    ratios = []
-    for r in range(rounds):
-        order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
-        elapsed = {}
-        for key in order:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(contenders[key], x, target)
-            elapsed[key] = (time.perf_counter() - start) / steps
-            times[key].append(elapsed[key])
-        ratios.append(elapsed["compiled"] / elapsed["hand-written"])
-    return {"spec": name, "batch": batch, "compiled_ms": 1e3 * statistics.median(times["compiled"]),
-            "hand_ms": 1e3 * statistics.median(times["hand-written"]),
-            "ratio_of_medians": statistics.median(times["compiled"]) / statistics.median(times["hand-written"]),
-            "median_round_ratio": statistics.median(ratios)}
+    row = {"spec": name + (" (A/A control)" if control else ""), "batch": batch}
+    for clock_name, clock in (("wall", time.perf_counter), ("cpu", time.process_time)):
+        times = timed_rounds(contenders, x, target, rounds, steps, clock)
+        ratios = [a / b for a, b in zip(times["compiled"], times["hand-written"])]
+        row[clock_name] = {"compiled_ms": 1e3 * statistics.median(times["compiled"]),
+                           "hand_ms": 1e3 * statistics.median(times["hand-written"]),
+                           "ratio": statistics.median(times["compiled"]) / statistics.median(times["hand-written"]),
+                           "round_ratio": statistics.median(ratios)}
+    return row
 
 
 def main(argv=None) -> None:
@@ -121,17 +134,21 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=None, help="steps per timed block")
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--specs", nargs="+", default=["mnist_fnn", "cnn_vgg"], choices=["mnist_fnn", "cnn_vgg"])
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {opts.batch}, "
-          f"{opts.rounds} rounds x {opts.steps} steps, interleaved\n")
-    print("| spec | compiled ms/step | hand-written ms/step | ratio of medians | median per-round ratio |")
-    print("|---|---|---|---|---|")
-    for name in ("mnist_fnn", "cnn_vgg"):
+          f"{opts.rounds} rounds, interleaved; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
+    print("| spec | clock | compiled ms/step | hand-written ms/step | ratio of medians | median per-round ratio |")
+    print("|---|---|---|---|---|---|")
+    for name in opts.specs:
         steps = opts.steps or {"mnist_fnn": 20, "cnn_vgg": 3}[name]
-        row = measure(name, opts.batch, opts.rounds, steps)
-        print(f"| {row['spec']} | {row['compiled_ms']:.3f} | {row['hand_ms']:.3f} | "
-              f"{row['ratio_of_medians']:.3f} | {row['median_round_ratio']:.3f} |", flush=True)
+        for control in (False, True):
+            row = measure(name, opts.batch, opts.rounds, steps, control)
+            for clock in ("wall", "cpu"):
+                r = row[clock]
+                print(f"| {row['spec']} | {clock} | {r['compiled_ms']:.3f} | {r['hand_ms']:.3f} | "
+                      f"{r['ratio']:.3f} | {r['round_ratio']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

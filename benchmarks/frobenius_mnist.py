@@ -41,7 +41,7 @@ def feedforward(widths, activation, seed):
 EXPERIMENTS = {
     # reduced from B.4: fewer iterations (8k training images) and a few learning rates per method
     "relu": dict(widths=[784, 100, 100, 100, 10], activation=nn.ReLU, batch=100, damping=0.01, autoencoder=False,
-                 iterations=400, sgd=[0.3, 0.1, 0.03], precond=[0.03, 0.01, 0.003]),
+                 iterations=400, sgd=[1.0, 0.3, 0.1], precond=[0.03, 0.01, 0.003]),
     "autoencoder": dict(widths=[784, 1000, 500, 250, 30, 250, 500, 1000, 784], activation=nn.Sigmoid, batch=1000,
                         damping=0.001, autoencoder=True, iterations=100, sgd=[3.0, 1.0], precond=[0.1, 0.03]),
     "sigmoid": dict(widths=[784, 100, 10], activation=nn.Sigmoid, batch=1000, damping=0.001, autoencoder=False,

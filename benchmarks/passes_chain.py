@@ -3,13 +3,15 @@
 For each chain size: ``widen`` of the middle linear layer (sensli, 2 units) and
 ``insert_identity`` after the middle relu, each including the recompile of the new network,
 against the baseline of compiling the same network from its state dict (``Network.build``).
-Sizes and cases are interleaved over ``--repeats`` runs; medians and ratios to the baseline.
+Sizes and cases are interleaved over ``--repeats`` runs, garbage collection off inside a timing
+(as in timeit); medians and ratios to the baseline.
 
     PYTHONPATH=. python benchmarks/passes_chain.py [--sizes 100 1000] [--repeats 7]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -55,9 +57,12 @@ def main(argv=None) -> None:
     for _ in range(opts.repeats):
         for n in opts.sizes:
             for name, run in runs[n].items():
+                gc.collect()  # as timeit does: no collection of earlier results inside a timing
+                gc.disable()
                 start = time.perf_counter()
                 run()
                 seconds[n, name].append(time.perf_counter() - start)
+                gc.enable()
     print(f"torch {torch.__version__}, threads 1, {opts.repeats} repeats (interleaved), medians\n")
     print("| layers | case | seconds | ratio to compile |")
     print("|---|---|---|---|")

@@ -73,14 +73,86 @@ def cmd_compile(opts) -> None:
     compile_and_export(opts.spec, out, opts.format, opts.seed, opts.weights)
 
 
+def _print_growth(result) -> None:
+    """Where a growth run inserted, the loss before and after, and the final metrics."""
+    for event in result.insertions:
+        print(f"epoch {event['epoch']}: inserted at {', '.join(event['positions'])}: "
+              f"train loss {event['loss_before']:.4f} before, {event['loss_after']:.4f} after; "
+              f"{event['params_before']} -> {event['params_after']} parameters")
+    if not result.insertions:
+        print("no insertion")
+    final = result.summary["final"]
+    print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in final.items()))
+    if result.out is not None:
+        print(f"run directory: {result.out} (log.jsonl, summary.json, final.yaml/.pt, model.pt2, curves.png)")
+
+
+def cmd_grow(opts) -> None:
+    from .sensli import grow
+    result = grow(opts.spec, opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
+                  insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
+                  per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
+                  momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer,
+                  loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out, seed=opts.seed,
+                  progress=not opts.quiet)
+    _print_growth(result)
+
+
+def cmd_sensitivities(opts) -> None:
+    from .sensli import load_data, load_network, sensitivities
+    network = load_network(opts.spec, opts.seed, opts.weights)
+    report = sensitivities(network, load_data(opts.data, opts.seed), norm=opts.norm, loss=opts.loss,
+                           sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms)
+    if opts.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    print(f"{len(report.candidates)} candidates, {report.samples} samples, norm {report.norm}; "
+          f"threshold reference (mean merit of existing weights) {report.reference:.4g}")
+    rows = sorted(report.candidates, key=lambda c: -c.merit)
+    width = max(len(c.position) for c in rows) if rows else 8
+    print(f"{'candidate':<{width}}  {'kind':<9}  {'merit':>10}  {'ratio':>8}  {'new params':>10}")
+    for c in rows:
+        print(f"{c.position:<{width}}  {c.kind:<9}  {c.merit:>10.4g}  {report.ratio(c):>8.3g}  {c.new_params:>10}")
+
+
+def cmd_mgopt(opts) -> None:
+    from .mgopt import run
+    result = run(opts.spec, opts.data, hierarchy=opts.hierarchy, levels=opts.levels, kappa=opts.kappa,
+                 K=opts.K, lam=opts.lam, alpha=opts.lr, alpha_bar=opts.alpha_bar, alpha_cgc=opts.alpha_cgc,
+                 variant=opts.variant, epochs=opts.epochs, batch=opts.batch, loss=opts.loss,
+                 pre_smooth=opts.pre_smooth, post_smooth=opts.post_smooth, backtracking=opts.backtracking,
+                 descent_check=not opts.no_descent_check, schedule=opts.schedule,
+                 interpolation=opts.interpolation, out=opts.out, seed=opts.seed, progress=not opts.quiet)
+    summary, final = result.summary, result.summary["final"]
+    print(f"{summary['variant']} on a {summary['hierarchy']} hierarchy, levels {', '.join(summary['levels'])}")
+    print(f"{final['iterations']} fine iterations, {final['corrections']} coarse corrections taken "
+          f"({final['rejected']} rejected), {final['work']:.1f} work units, {final['train_time']:.1f} s")
+    print(f"final: train loss {final['train']['loss']:.4g}"
+          + (f", test loss {final['test']['loss']:.4g}" if final.get("test") else ""))
+    if result.out is not None:
+        print(f"run directory: {result.out}")
+
+
 def cmd_demo(opts) -> None:
-    from .export import FORMATS, SUFFIX
-    from .ir import load_graph
-    spec = Path(opts.spec)
-    graph = load_graph(spec)
-    print(graph.summary_table())
-    for fmt in FORMATS:
-        compile_and_export(str(spec), Path(opts.out) / f"{graph.name}{SUFFIX[fmt]}", fmt, opts.seed)
+    """SensLI on the spiral data (thesis 4.5.1): FNN 2-5-2, full-batch SGD lr 0.2, one layer
+    inserted at epoch 450 where the sensitivities say, 1400 more epochs."""
+    from .sensli import grow
+    print(f"SensLI demo: {opts.spec} on the spiral data; insertion at epoch {opts.insert_at} of {opts.epochs}")
+    result = grow(opts.spec, "spiral", strategy="sensli", insert_at=[opts.insert_at], max_insertions=1,
+                  epochs=opts.epochs, lr=0.2, out=opts.out, seed=opts.seed, progress=True, log_steps=False)
+    _print_growth(result)
+
+
+def _add_training_options(parser, *, epochs: int, lr: float) -> None:
+    parser.add_argument("--data", default="spiral", help="spiral, mnist:DIR or npz:FILE (default spiral)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--lr", type=float, default=lr, help="learning rate")
+    parser.add_argument("--batch", type=int, default=None, help="mini-batch size (default: full batch)")
+    parser.add_argument("--loss", default="cross_entropy", help="cross_entropy or mse")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="run directory (log, final network, export, plots)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,10 +179,61 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--weights", help="weights (.pt) to use instead of a fresh initialisation")
     compile_.set_defaults(run=cmd_compile)
 
-    demo = commands.add_parser("demo", help="the main job on the default spec")
+    grow = commands.add_parser("grow", help="train while SensLI (or a comparison) inserts layers")
+    grow.add_argument("spec")
+    _add_training_options(grow, epochs=100, lr=0.1)
+    grow.add_argument("--strategy", default="sensli", help="sensli, random, min (LIother) or none")
+    grow.add_argument("--insert-every", type=int, default=None, metavar="N", help="try an insertion every N epochs")
+    grow.add_argument("--insert-at", type=int, nargs="+", default=None, metavar="EPOCH", help="try at these epochs")
+    grow.add_argument("--max-insertions", type=int, default=1, metavar="K")
+    grow.add_argument("--per-step", type=int, default=1, help="layers inserted at once when several pass")
+    grow.add_argument("--tau", type=float, default=None, help="threshold (4.18), >= 1; default: always insert")
+    grow.add_argument("--norm", default="fro", help="merit norm (fro; conv kernels also B.1a-e names)")
+    grow.add_argument("--sample", type=float, default=None, help="sensitivities on a sample (count or fraction)")
+    grow.add_argument("--widen", type=int, default=0, metavar="K", help="add the K best neurons instead of layers (4.4)")
+    grow.add_argument("--momentum", type=float, default=0.0)
+    grow.add_argument("--weight-decay", type=float, default=0.0)
+    grow.add_argument("--optimizer", default="sgd", help="sgd or adam")
+    grow.set_defaults(run=cmd_grow)
+
+    sens = commands.add_parser("sensitivities", help="merits of every candidate layer of a network")
+    sens.add_argument("spec")
+    sens.add_argument("--weights", default=None, help="trained weights (.pt); default: beside the spec")
+    sens.add_argument("--data", default="spiral", help="spiral, mnist:DIR or npz:FILE")
+    sens.add_argument("--norm", default="fro")
+    sens.add_argument("--all-norms", action="store_true", help="also the conv kernel norms B.1a-e")
+    sens.add_argument("--loss", default="cross_entropy", help="cross_entropy or mse")
+    sens.add_argument("--sample", type=float, default=None)
+    sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--json", action="store_true")
+    sens.set_defaults(run=cmd_sensitivities)
+
+    mgopt = commands.add_parser("mgopt", help="multilevel training (MG/Opt) on a hierarchy built by passes")
+    mgopt.add_argument("spec")
+    _add_training_options(mgopt, epochs=10, lr=0.1)
+    mgopt.add_argument("--hierarchy", default="depth", help="depth, width, batch or resolution")
+    mgopt.add_argument("--levels", type=int, default=2)
+    mgopt.add_argument("--kappa", type=float, default=0.5, help="take a coarse correction when |R g|^2 > kappa |g|^2")
+    mgopt.add_argument("--K", type=int, default=10, help="coarse SGD steps per correction")
+    mgopt.add_argument("--lam", type=float, default=0.0, help="proximal weight lambda of the coarse model")
+    mgopt.add_argument("--alpha-bar", type=float, default=None, help="coarse learning rate (default --lr)")
+    mgopt.add_argument("--alpha-cgc", type=float, default=1.0, help="coarse-grid correction step")
+    mgopt.add_argument("--variant", default="mgopt",
+                       help="mgopt (a V-cycle with --levels > 2), no-correction or nested")
+    mgopt.add_argument("--pre-smooth", type=int, default=1)
+    mgopt.add_argument("--post-smooth", type=int, default=1)
+    mgopt.add_argument("--backtracking", type=int, default=0, help="halvings of alpha-cgc tried")
+    mgopt.add_argument("--no-descent-check", action="store_true", help="accept ascent corrections too")
+    mgopt.add_argument("--schedule", default="constant", help="step sizes: constant or diminishing")
+    mgopt.add_argument("--interpolation", default="constant", help="depth prolongation: constant or linear")
+    mgopt.set_defaults(run=cmd_mgopt)
+
+    demo = commands.add_parser("demo", help="the main job: SensLI on the spiral data")
     demo.add_argument("--spec", default=str(DEMO_SPEC))
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=1850)
+    demo.add_argument("--insert-at", type=int, default=450, metavar="EPOCH")
     demo.set_defaults(run=cmd_demo)
     return parser
 

@@ -255,7 +255,10 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         for record in self._records:
             self._hook_handles.append(record.module.register_forward_hook(self._layer_hook(record)))
         if self.labels == "sampled":
-            self._hook_handles.append(self.model.register_forward_hook(self._on_model_output))
+            # a plain closure, not a bound method: deepcopy of the model would copy a bound method's optimizer
+            def on_model_output(model, inputs, output):
+                self._on_model_output(model, inputs, output)
+            self._hook_handles.append(self.model.register_forward_hook(on_model_output))
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (it stops recording statistics)."""
@@ -268,8 +271,9 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
 
     def _layer_hook(self, record: _LayerRecord):
         def hook(module, inputs, output):
-            if self._sampling or not torch.is_grad_enabled() or not output.requires_grad \
-                    or not self._refresh_due(record):
+            # a deepcopy of the model carries this hook along; only the original layer may record
+            if module is not record.module or self._sampling or not torch.is_grad_enabled() \
+                    or not output.requires_grad or not self._refresh_due(record):
                 return
             layer_input = inputs[0].detach()
             record.inputs.append(_flat_inputs(module, layer_input))
@@ -284,7 +288,7 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         return hook
 
     def _on_model_output(self, model, inputs, output):
-        if self._sampling or not torch.is_tensor(output) or not output.requires_grad:
+        if model is not self.model or self._sampling or not torch.is_tensor(output) or not output.requires_grad:
             return
         live = [r for r in self._records if r.outputs]
         if live:

@@ -42,7 +42,9 @@ def plot_gradient_norms(diagnostics: list[dict], path: str, title: str = "") -> 
 def plot_spectra(diagnostics: list[dict], path: str, title: str = "", largest: int = 30) -> None:
     """Eigenvalues (the ``largest`` of each estimate) of the input and pre-activation-gradient
     covariances against the refresh iterations, one column per side, one row per layer."""
-    layers = sorted({layer for entry in diagnostics for layer, values in entry.items() if "in_spectrum" in values})
+    # layers in network order (the order the optimizer visits them), not sorted by name
+    layers = list(dict.fromkeys(layer for entry in diagnostics for layer, values in entry.items()
+                                if "in_spectrum" in values))
     figure, axes = plt.subplots(len(layers), 2, figsize=(11, 2.4 * len(layers)), squeeze=False)
     for row, layer in enumerate(layers):
         for column, side in enumerate(("in_spectrum", "out_spectrum")):

@@ -62,7 +62,7 @@ def weight_geometry(node, role: str) -> Geometry | None:
     return None
 
 
-def top_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], size: int, *, tol: float = 1e-6,
+def top_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], size: int, *, tol: float = 1e-5,
                    seed: int = 0) -> float:
     """Largest eigenvalue of a symmetric positive semi-definite operator by Lanczos with full
     reorthogonalisation; stops when the Ritz residual is below ``tol`` relative to the Ritz
@@ -99,7 +99,7 @@ def top_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], size: int, *,
 
 
 def conv_operator_norm(kernel: torch.Tensor, input_shape: Sequence[int], stride: int = 1,
-                       padding: int = 0, *, tol: float = 1e-6) -> float:
+                       padding: int = 0, *, tol: float = 1e-5) -> float:
     """Largest singular value of the convolution with ``kernel`` (out, in, k, k) as a linear
     map on inputs of shape (in, H, W) with the given stride and zero padding (B.1c)."""
     kernel = kernel.detach().to(torch.float64)

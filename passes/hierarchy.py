@@ -10,6 +10,7 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .extend import widenable
+from .record import network_dtype
 from .units import map_units, trace_units
 
 INTERPOLATIONS = ("constant", "linear")
@@ -64,8 +65,7 @@ class Transfer:
     def __init__(self, fine: Network, coarse_graph: LayerGraph, maps: list, kind: str):
         self.fine, self.maps, self.kind = fine, maps, kind
         state = self.restrict(dict(fine.module.state_dict()))
-        self.coarse = Network.build(coarse_graph, state, dtype=next(iter(state.values())).dtype
-                                    if state else None)
+        self.coarse = Network.build(coarse_graph, state, dtype=network_dtype(fine))
         self.coarse.module.train(fine.module.training)
 
     def restrict(self, fine: dict) -> dict:

@@ -2,7 +2,6 @@
 candidates ``extend_all`` marked. Also the shared step that compiles a rewritten graph."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -85,7 +84,9 @@ class Record:
 
 
 def network_dtype(network: Network) -> torch.dtype:
-    for tensor in network.module.state_dict().values():
+    for tensor in network.module.parameters():
+        return tensor.dtype
+    for tensor in network.module.buffers():
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.get_default_dtype()
@@ -94,9 +95,10 @@ def network_dtype(network: Network) -> torch.dtype:
 def clone_module(module: nn.Module) -> nn.Module:
     """An independent copy of a module with fresh parameter and buffer storage (several times
     cheaper than deepcopy, which dominates rebuilding deep networks)."""
-    new = copy.copy(module)
-    new.__dict__ = {key: copy.copy(value) if isinstance(value, (dict, set, list)) else value
-                    for key, value in module.__dict__.items()}
+    new = type(module).__new__(type(module))
+    replaced = ("_parameters", "_buffers", "_modules")
+    new.__dict__.update({key: value.copy() if isinstance(value, (dict, set, list)) else value
+                         for key, value in module.__dict__.items() if key not in replaced})
     new._parameters = {key: None if p is None else nn.Parameter(p.detach().clone(), p.requires_grad)
                        for key, p in module._parameters.items()}
     new._buffers = {key: None if b is None else b.clone() for key, b in module._buffers.items()}

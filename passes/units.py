@@ -5,12 +5,14 @@ the neuron candidates of ``extend_all``, ``keep_candidates`` and the width hiera
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
-from graphgrow import GraphgrowError, LayerGraph, registered_ops
+from graphgrow import GraphgrowError, LayerGraph
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,16 @@ class UnitCoupling:
         return [a for a in self.axes if a.side == side]
 
 
-def widenable_layers(graph: LayerGraph) -> list[str]:
+def layers_with_units(graph: LayerGraph) -> list[str]:
+    """Layers with a width argument (linear, conv2d); ``passes.widenable`` says which of them
+    ``widen`` accepts."""
     return [n.name for n in graph.nodes if n.opdef.width_arg is not None]
 
 
 def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
     """Follow the output units of ``layer`` through pass-through ops to its consumers; a
-    GraphgrowError where they reach something that cannot take more units."""
+    GraphgrowError where they reach something that cannot take more units. ``state_names``
+    (anything supporting ``in``: a state dict, a ``StateView``) says which entries exist."""
     try:
         node = graph.node(layer)
     except GraphgrowError as error:
@@ -51,11 +56,10 @@ def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
         message, file=graph.source, node=where, hint=hint)
     if node.opdef.width_arg is None:
         raise fail(f"'{layer}' ({node.op}) has no output units to widen",
-                   hint=f"widenable layers: {', '.join(widenable_layers(graph)) or 'none'}")
+                   hint=f"layers with units: {', '.join(layers_with_units(graph)) or 'none'}")
     if len(node.out_shape) not in (1, 3):
         raise fail(f"'{layer}' has output shape {list(node.out_shape)}; units are widened on "
                    "vectors (C,) and images (C, H, W) only")
-    state_names = set(state_names)
     axes = [UnitAxis(f"{layer}.{role}", out_axis, 1, "rows")
             for role, (out_axis, _) in node.opdef.widen_roles(node.args).items()
             if out_axis is not None and f"{layer}.{role}" in state_names]
@@ -86,10 +90,9 @@ def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
                          for role, (_, in_axis) in op.widen_roles(reader.args).items()
                          if in_axis is not None and f"{reader_name}.{role}" in state_names]
             else:
-                stream = " (a residual stream is widened as a whole, which is not supported)" \
-                    if reader.op == "residual" else ""
+                why = f" ({op.widen_refusal})" if op.widen_refusal else ""
                 raise fail(f"the units of '{layer}' flow into '{reader_name}' ({reader.op}), "
-                           f"which cannot take more input units{stream}", where=reader_name,
+                           f"which cannot take more input units{why}", where=reader_name,
                            hint="widen layers whose output passes through elementwise ops, pooling, "
                                 "dropout, batchnorm or flatten into linear or conv2d layers")
     return UnitCoupling(layer, node.args[node.opdef.width_arg], axes, consumers)
@@ -100,6 +103,31 @@ def _reads_units_on_axis_0(reader, block: int) -> bool:
     widened units (in blocks only on vectors, after a flatten)."""
     rank = len(reader.in_shapes[0])
     return reader.opdef.input_units_dim % rank == 0 and (rank == 1 or block == 1)
+
+
+class StateView(Mapping):
+    """Read access to a module's state entries by state-dict name, without the walk over the
+    whole module that ``state_dict()`` does (it dominates a pass on a long chain)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        owner, _, attr = name.rpartition(".")
+        try:
+            submodule = self.module.get_submodule(owner)
+        except AttributeError:
+            raise KeyError(name) from None
+        tensor = submodule._parameters.get(attr, submodule._buffers.get(attr))
+        if tensor is None or attr in getattr(submodule, "_non_persistent_buffers_set", ()):
+            raise KeyError(name)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.module.state_dict())
+
+    def __len__(self) -> int:
+        return len(self.module.state_dict())
 
 
 # -- linear maps on units ----------------------------------------------------------------------
@@ -164,7 +192,3 @@ def keep_units(units: int, keep: list[int]) -> torch.Tensor:
     matrix = torch.zeros(len(keep), units, dtype=torch.float64)
     matrix[torch.arange(len(keep)), torch.tensor(keep, dtype=torch.long)] = 1.0
     return matrix
-
-
-def op_names_with(flag: str) -> list[str]:
-    return sorted(name for name, op in registered_ops().items() if getattr(op, flag))

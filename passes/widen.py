@@ -7,7 +7,7 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .record import Origin, Record, rebuild
-from .units import UnitCoupling, UnitMap, composed, fresh_units, trace_units
+from .units import StateView, UnitCoupling, UnitMap, composed, fresh_units, trace_units
 
 METHODS = ("sensli", "split")
 
@@ -26,6 +26,9 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
         raise fail(f"unknown widening method {method!r}", hint=f"one of {', '.join(METHODS)}")
     keep = torch.eye(n, dtype=torch.float64)
     if method == "sensli":
+        if not scale > 0.0:
+            raise fail(f"sensli scale {scale}: expected a positive standard deviation",
+                       hint="incoming weights of new units must be non-zero (4.19)")
         grown = torch.cat([keep, torch.zeros(by, n, dtype=torch.float64)])
         columns = grown
     else:
@@ -55,9 +58,10 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
                 value = axis.fresh
                 fresh = fresh_units(n, axis.block, axis.axis, lambda shape, v=value: torch.full(shape, v))
             elif method == "sensli" and _is_weight(graph, axis.tensor):
-                fresh = fresh_units(n, axis.block, axis.axis,
-                                    lambda shape: scale * torch.randn(shape, generator=generator,
-                                                                      dtype=torch.float64))
+                # a seed per tensor drawn now keeps the record's value function pure
+                draw_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+                fresh = fresh_units(n, axis.block, axis.axis, lambda shape, s=draw_seed: scale * torch.randn(
+                    shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64))
         maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, matrix, fresh))
     node.args = {**node.args, node.opdef.width_arg: n + by}
 
@@ -69,7 +73,7 @@ def _is_weight(graph: LayerGraph, tensor: str) -> bool:
 
 def apply_maps(network: Network, maps: dict[str, list[UnitMap]], record: Record) -> dict[str, torch.Tensor]:
     """New values of the mapped state entries; their origins go into ``record``."""
-    state = network.module.state_dict()
+    state = StateView(network.module)
     values = {}
     for name, unit_maps in maps.items():
         value, derive = composed(unit_maps, "value"), composed(unit_maps, "state")
@@ -83,7 +87,7 @@ def widen(network: Network, layer: str, by: int, method: str = "sensli", scale: 
     """Add ``by`` units to ``layer``; ``sensli``: incoming weights N(0, scale^2), bias 0,
     outgoing 0 (4.19); ``split``: duplicate ``units`` with outgoing weights alpha / 1 - alpha."""
     graph = network.graph.copy()
-    coupling = trace_units(graph, layer, network.module.state_dict())
+    coupling = trace_units(graph, layer, StateView(network.module))
     maps: dict[str, list[UnitMap]] = {}
     plan_widen(graph, coupling, by, method, scale=scale, alpha=alpha, units=units,
                generator=torch.Generator().manual_seed(seed), maps=maps)

@@ -64,6 +64,32 @@ def test_weights_that_do_not_fit(tmp_path, capsys):
     assert "weights do not fit" in capsys.readouterr().err
 
 
-def test_demo(tmp_path, capsys):
-    assert main(["demo", "--spec", FNN, "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "fnn_spiral.pt2").exists() and (tmp_path / "fnn_spiral.pt").exists()
+def test_demo_grows_and_writes_the_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--spec", FNN, "--out", str(out), "--epochs", "40", "--insert-at", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 20: inserted at" in printed and "before" in printed and "after" in printed
+    for name in ("log.jsonl", "summary.json", "final.yaml", "final.pt", "model.pt2", "curves.png"):
+        assert (out / name).exists(), name
+
+
+def test_grow_and_sensitivities_commands(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["grow", FNN, "--epochs", "6", "--insert-at", "3", "--lr", "0.2", "--out", str(out),
+                 "--quiet"]) == 0
+    assert "epoch 3: inserted at" in capsys.readouterr().out
+    assert main(["sensitivities", str(out / "final.yaml"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["candidates"] and all(c["merit"] >= 0 for c in report["candidates"])
+
+
+def test_engine_errors_are_one_line(capsys):
+    assert main(["grow", FNN, "--strategy", "best", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown strategy 'best'" in err[0]
+
+
+def test_mgopt_command(capsys):
+    assert main(["mgopt", str(ROOT / "specs" / "resnet_ode.yaml"), "--epochs", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "mgopt on a depth hierarchy" in printed and "coarse corrections" in printed

@@ -375,3 +375,12 @@ def test_step_without_recorded_statistics_raises():
     layer.weight.grad = torch.ones_like(layer.weight)
     with pytest.raises(GraphgrowError, match="no recorded"):
         optimizer.step()
+
+
+def test_deepcopy_of_the_model_does_not_feed_the_optimizer():
+    model = mlp()
+    optimizer = FrobeniusPreconditioner(model, lr=LR, labels="sampled", loss=nn.CrossEntropyLoss())
+    clone = copy.deepcopy(model)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    nn.functional.cross_entropy(clone(x), y).backward()
+    assert all(not record.inputs and not record.output_grads for record in optimizer._records)

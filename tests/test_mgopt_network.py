@@ -28,6 +28,18 @@ layers:
   - {name: head, op: linear, out: 3}
 """
 
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks: a second intra-op thread only adds synchronisation, which on a loaded
+    2-core machine makes each backward pass many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 FIXED_HEAD_CNN = SMALL_CNN.replace("{name: pool, op: adaptive_avgpool2d, out: 2}", "{name: pool, op: maxpool2d, kernel: 2}")
 
 
@@ -97,13 +109,13 @@ def test_unknown_hierarchy_and_too_many_batch_levels_raise():
 
 def test_mgopt_on_resolution_hierarchy_reduces_training_loss():
     network = Network.build(graph_from_text(SMALL_CNN), seed=0, dtype=torch.float64)
-    split = images(n=48)
+    split = images(n=24)
     hierarchy = build_network_hierarchy(network, split, "resolution", 2, batch=None)
     fine = hierarchy.levels[0]
     start = fine.parameters()
     config = MGOptConfig(alpha=0.2, alpha_bar=0.2, K=3, kappa=0.0, lam=0.1)
-    end, history, optimizer = optimize(hierarchy, start, config, 10, seed=0)
-    assert optimizer.corrections >= 3
+    end, history, optimizer = optimize(hierarchy, start, config, 6, seed=0)
+    assert optimizer.corrections >= 2
     assert fine.value(end, slice(None)) < fine.value(start, slice(None))
 
 
@@ -169,12 +181,12 @@ def test_run_on_depth_hierarchy_with_v_cycle_and_variants():
     finals = {}
     for variant in ("mgopt", "no-correction", "nested"):
         result = run(spec, spiral_like(), hierarchy="depth", levels=3, variant=variant, K=2, kappa=0.1, lam=0.1,
-                     alpha=0.2, epochs=2, batch=16, seed=0, nested_epochs=1, log_steps=True)
+                     alpha=0.2, epochs=1, batch=16, seed=0, nested_epochs=1, log_steps=True)
         kinds = [r["kind"] for r in result.records if r["event"] == "step"]
         finals[variant] = result.summary["final"]
         assert result.summary["levels"][0].startswith("depth0")
         if variant == "nested":
-            assert kinds == ["level2"] * 3 + ["level1"] * 3 + ["sgd"] * 6
+            assert kinds == ["level2"] * 3 + ["level1"] * 3 + ["sgd"] * 3
         else:
             assert "cgc" in kinds and set(kinds) <= {"cgc", "sgd", "rejected"}
     assert all(f["train"]["loss"] == f["train"]["loss"] for f in finals.values())  # finite, not NaN

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 
 import passes
 from graphgrow import GraphgrowError, Network, graph_from_text, load_graph
-from passes.units import map_units, trace_units, widenable_layers
+from passes.units import layers_with_units, map_units, trace_units
 
 from conftest import SPECS_DIR, make_spec_text
 
 TOLERANCE = 1e-10
-SMALL = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SMALL = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,14 +47,8 @@ def max_difference(old, new, x, train=False):
 
 def shipped_positions():
     for path in sorted(SPECS_DIR.glob("*.yaml")):
-        graph = load_graph(path)
-        for layer in widenable_layers(graph):
-            if layer not in graph.outputs and graph.node(layer).op in ("linear", "conv2d"):
-                try:
-                    trace_units(graph, layer, ())
-                except GraphgrowError:
-                    continue
-                yield pytest.param(path.name, layer, id=f"{path.stem}-{layer}")
+        for layer in passes.widenable(load_graph(path)):
+            yield pytest.param(path.name, layer, id=f"{path.stem}-{layer}")
 
 
 @pytest.mark.parametrize("spec,layer", list(shipped_positions()))
@@ -112,9 +106,9 @@ def test_widen_preserves_function_on_random_chains(text, by, method, seed):
     network = build(text, seed=seed)
     x = probe(network.graph)
     has_dropout = any(node.op == "dropout" for node in network.graph.nodes)
-    for layer in widenable_layers(network.graph):
-        if layer in network.graph.outputs:
-            continue
+    layers = passes.widenable(network.graph)
+    assert layers == [name for name in layers_with_units(network.graph) if name != "head"]
+    for layer in layers:
         units = network.graph.node(layer).args["out"]
         wider, _ = passes.widen(network, layer, by=min(by, units), method=method, seed=seed)
         assert max_difference(network, wider, x) <= TOLERANCE, layer
@@ -272,6 +266,7 @@ def test_map_units_acts_blockwise_on_one_axis():
     ("resnet_ode.yaml", "lift", {}, "residual stream"),
     ("fnn_spiral.yaml", "fc1", {"by": 0}, "positive number of units"),
     ("fnn_spiral.yaml", "fc1", {"method": "grow"}, "unknown widening method"),
+    ("fnn_spiral.yaml", "fc1", {"scale": 0.0}, "positive standard deviation"),
     ("fnn_spiral.yaml", "fc1", {"method": "split", "by": 6}, "cannot split 6 of 5"),
     ("fnn_spiral.yaml", "fc1", {"method": "split", "alpha": 0.5}, "alpha"),
     ("fnn_spiral.yaml", "fc1", {"method": "split", "by": 2, "units": [1, 1]}, "distinct unit indices"),
@@ -300,3 +295,14 @@ def test_trace_units_finds_rows_state_and_blocked_columns():
     # pool2 leaves 7 x 7 per channel: flatten puts channel c at columns [49c, 49c + 49) of fc1
     assert found == {("conv2.weight", 0, 1, "rows"), ("conv2.bias", 0, 1, "rows"),
                      ("fc1.weight", 1, 49, "columns")}
+
+
+def test_record_value_functions_are_pure():
+    network = shipped("fnn_spiral_deep.yaml")
+    wider, record = passes.widen(network, "fc1", by=2, seed=4)
+    old = network.module.state_dict()
+    for name in ("fc1.weight", "fc2.weight"):
+        origin = record.origins[name]
+        assert origin.kind == "derived" and origin.sources == (name,)
+        assert torch.equal(origin.value(old[name]), wider.module.state_dict()[name])
+        assert torch.equal(origin.value(old[name]), origin.value(old[name]))

@@ -187,6 +187,8 @@ class OpDef:
     width_arg: str | None = None
     #: the per-sample dimension of the input that holds a widenable op's input units
     input_units_dim: int = 0
+    #: why units cannot flow into this op, for the error of a refused widening
+    widen_refusal: str | None = None
 
     def widen_roles(self, args: dict) -> dict[str, tuple[int | None, int | None]]:
         """Per parameter role of a widenable op: (axis of its output units, axis of its input

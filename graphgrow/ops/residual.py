@@ -107,6 +107,9 @@ class ResidualOp(OpDef):
         if args["form"] == "two_weight":
             kaiming_uniform_init(module.outer.weight, None, generator)
 
+    widen_refusal = ("x + h F(x) ties every tensor of the residual stream to one width; widening "
+                     "would have to widen the whole stream, which is not supported")
+
     def identity_params(self, args, in_shapes, scale=1.0):
         """Two-weight form: W1 = c I (Dirac kernel), b = 0, W2 = 0 for any activation (4.13).
         One-weight form: W = 0, b = 0, the identity where the activation maps 0 to 0."""

@@ -137,7 +137,9 @@ def cmd_mgopt(opts) -> None:
 def cmd_demo(opts) -> None:
     """SensLI on the spiral data (thesis 4.5.1): FNN 2-5-2, full-batch SGD lr 0.2, one layer
     inserted at epoch 450 where the sensitivities say, 1400 more epochs."""
+    import time
     from .sensli import grow
+    opts.out = opts.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     print(f"SensLI demo: {opts.spec} on the spiral data; insertion at epoch {opts.insert_at} of {opts.epochs}")
     result = grow(opts.spec, "spiral", strategy="sensli", insert_at=[opts.insert_at], max_insertions=1,
                   epochs=opts.epochs, lr=0.2, out=opts.out, seed=opts.seed, progress=True, log_steps=False)
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job: SensLI on the spiral data")
     demo.add_argument("--spec", default=str(DEMO_SPEC))
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default=None, help="run directory (default: runs/demo-<time>, new each run)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=int, default=1850)
     demo.add_argument("--insert-at", type=int, default=450, metavar="EPOCH")

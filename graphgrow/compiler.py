@@ -21,12 +21,15 @@ PLACEHOLDER = "x"
 def build_modules(graph: LayerGraph, skip=()) -> dict[str, nn.Module]:
     """Fresh (uninitialised) modules of the nodes that compile to ``call_module``, except ``skip``."""
     modules = {}
-    for node in graph.nodes:
-        if node.name in skip:
-            continue
-        module = node.opdef.build_module(node.args, node.in_shapes)
-        if module is not None:
-            modules[node.name] = module
+    # torch modules draw a throwaway initialisation from the global generator in their
+    # constructors; fork it so compiling leaves the user's random stream (data order, dropout) alone
+    with torch.random.fork_rng(devices=[]):
+        for node in graph.nodes:
+            if node.name in skip:
+                continue
+            module = node.opdef.build_module(node.args, node.in_shapes)
+            if module is not None:
+                modules[node.name] = module
     return modules
 
 

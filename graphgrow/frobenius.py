@@ -67,7 +67,7 @@ def _flat_output_grads(module: nn.Module, grad: torch.Tensor, batch_size: int) -
     return grad.reshape(-1, grad.shape[-1]) * batch_size
 
 
-def _weight_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+def _weight_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """A weight-shaped tensor as the (out, in) matrix the factors act on (Conv2d kernels flattened)."""
     return tensor.reshape(tensor.shape[0], -1)
 
@@ -203,7 +203,7 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
             if unknown:
                 raise GraphgrowError(f"unknown inner-product sides {sorted(unknown)}", node=name,
                                      hint="use the keys 'input' and 'output'")
-            weight = _weight_matrix(module, module.weight)
+            weight = _weight_matrix(module.weight)
             operators[index] = {}
             for side, matrix in sides.items():
                 size = weight.shape[1] if side == "input" else weight.shape[0]
@@ -368,7 +368,7 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
 
     def _precondition(self, index: int, state: dict, module: nn.Module):
         """P_out ∇W P_in and P_out ∇b from the current factors (5.15, Remark 5.3)."""
-        grad = _weight_matrix(module, module.weight.grad)
+        grad = _weight_matrix(module.weight.grad)
         direction = self._apply(state, "out", grad, from_left=True)
         direction = self._apply(state, "in", direction, from_left=False)
         if not torch.isfinite(direction).all():

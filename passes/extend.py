@@ -7,7 +7,7 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .insert import apply_plan, plan_identity, _init_name
-from .record import CandidateInfo, Origin, Record, rebuild
+from .record import CandidateInfo, Origin, Record, gc_paused, rebuild
 from .units import UnitMap, keep_units, trace_units
 from .widen import apply_maps, plan_widen
 
@@ -27,6 +27,7 @@ def legal_positions(graph: LayerGraph) -> list[str]:
     return [p for p in positions if p not in graph.outputs and not (p in seen or seen.add(p))]
 
 
+@gc_paused()
 def extend_all(network: Network, candidates: str = "layers", neurons: int = 1, activation: str | None = None,
                c: float = 1.0, scale: float = 0.1, seed: int = 0) -> tuple[Network, Record]:
     """The fully-extended network: with ``candidates="layers"`` an identity layer at every legal
@@ -89,6 +90,7 @@ def candidate_gradient(grads: dict[str, torch.Tensor], info: CandidateInfo) -> l
     return pieces
 
 
+@gc_paused()
 def keep_candidates(network: Network, record: Record, keep) -> tuple[Network, Record]:
     """The inverse of ``extend_all``: keep the candidate ids in ``keep``, drop the others and
     carry every other parameter exactly."""

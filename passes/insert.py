@@ -7,7 +7,7 @@ import torch
 
 from graphgrow import GraphgrowError, LayerGraph, Network, Node, get_op
 
-from .record import Origin, Record, rebuild
+from .record import Origin, Record, gc_paused, rebuild
 
 FORMS = ("auto", "dense", "conv", "residual")
 
@@ -106,6 +106,7 @@ def apply_plan(graph: LayerGraph, plan: IdentityPlan) -> None:
     graph.outputs = [previous if o == plan.after else o for o in graph.outputs]
 
 
+@gc_paused()
 def insert_identity(network: Network, after: str, form: str = "auto", activation: str | None = None,
                     c: float = 1.0) -> tuple[Network, Record]:
     """Insert a layer computing the identity right after node ``after`` (thesis 4.11, 4.13,

@@ -2,6 +2,8 @@
 candidates ``extend_all`` marked. Also the shared step that compiles a rewritten graph."""
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -106,12 +108,32 @@ def clone_module(module: nn.Module) -> nn.Module:
     return new
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector: rebuilding a deep network allocates many small
+    objects, and the collections they trigger scan the whole heap (about 40 % of the time at
+    1000 layers). Collection resumes afterwards, so nothing is leaked."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def rebuild(old: Network, graph: LayerGraph, record: Record,
             values: dict[str, torch.Tensor]) -> Network:
     """Compile ``graph`` with state entries ``values`` (described in ``record`` by the pass)
     and every other entry carried from ``old`` under the same name when its node survives.
     Nodes with unchanged op, arguments and input shapes and no new values get a copy of their
     old module instead of a fresh build and load (most of the cost on deep networks)."""
+    with gc_paused():
+        return _rebuild(old, graph, record, values)
+
+
+def _rebuild(old: Network, graph: LayerGraph, record: Record,
+             values: dict[str, torch.Tensor]) -> Network:
     graph.infer_shapes()
     dtype = network_dtype(old)
     changed = {name.split(".", 1)[0] for name in values}

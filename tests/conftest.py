@@ -4,6 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# The suite's networks are small: one intra-op thread is faster for them, and on a shared
+# 2-core machine (CI) torch's default threads oversubscribe the cores many times over.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS_DIR = ROOT / "specs"

@@ -84,6 +84,15 @@ def test_init_does_not_depend_on_global_rng(specs_dir):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_compiling_leaves_the_global_rng_alone(specs_dir):
+    graph = load_graph(specs_dir / "cnn_vgg.yaml")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    compile_graph(graph, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_default_init_follows_pytorch_bounds(specs_dir):
     module = compile_graph(load_graph(specs_dir / "mnist_fnn.yaml"), seed=0)
     bound = 1 / 784 ** 0.5

@@ -204,7 +204,6 @@ def test_keep_candidates_equals_inserting_the_kept_candidate_alone():
     assert list(result.candidates) == ["layer:act2"]
     neurons, record = passes.extend_all(network, "neurons", neurons=3, seed=4)
     kept, _ = passes.keep_candidates(neurons, record, ["neurons:fc1"])
-    widened, _ = passes.widen(network, "fc1", 3, seed=4)
     assert kept.graph.node("fc1").args["out"] == 9 and kept.graph.node("conv1").args["out"] == 4
     assert max_difference(network, kept) <= TOL
     with pytest.raises(GraphgrowError, match="unknown candidate"):

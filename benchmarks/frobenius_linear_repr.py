@@ -12,7 +12,7 @@ exponential averages of the estimates). Each contender's learning rate is tuned 
 count as the step limit), for every κ separately.
 
     PYTHONPATH=. python benchmarks/frobenius_linear_repr.py            # 4 κ x 3 seeds x 10 (method, lr): ~25 min
-    PYTHONPATH=. python benchmarks/frobenius_linear_repr.py --quick    # κ = 1e3 only, 2 seeds
+    PYTHONPATH=. python benchmarks/frobenius_linear_repr.py --quick    # κ = 1e3 only, 2 seeds, writes linear_repr_quick*
 """
 import argparse
 import json
@@ -103,14 +103,20 @@ def run(method: str, lr: float, condition: float, seed: int, max_steps: int, rec
 
 
 def main():
+    global NOISE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conditions", type=float, nargs="+", default=[1.0, 1e2, 1e3, 1e4])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=2000)
     parser.add_argument("--quick", action="store_true", help="κ = 1e3 and 2 seeds only")
+    parser.add_argument("--noise", type=float, default=NOISE, help="standard deviation of the label noise")
+    parser.add_argument("--prefix", default=None,
+                        help="output file prefix in reports/frobenius (default linear_repr, linear_repr_quick with --quick)")
     args = parser.parse_args()
+    NOISE = args.noise
     if args.quick:
         args.conditions, args.seeds = [1e3], 2
+    prefix = args.prefix or ("linear_repr_quick" if args.quick else "linear_repr")
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     os.makedirs(REPORT_DIR, exist_ok=True)
@@ -126,14 +132,14 @@ def main():
                                           "grid": {str(lr): steps for lr, steps in per_rate.items()}}
             print(f"kappa={condition:g} {method:10s} champion lr={champion:g} steps per seed={per_rate[champion]} "
                   f"(grid {per_rate}) [{time.perf_counter() - started:.0f}s]", flush=True)
-    with open(os.path.join(REPORT_DIR, "linear_repr.json"), "w") as handle:
+    with open(os.path.join(REPORT_DIR, f"{prefix}.json"), "w") as handle:
         json.dump({"max_steps": args.max_steps, "seeds": args.seeds, "threshold": THRESHOLD,
                    "results": {f"{c:g}": r for c, r in results.items()}}, handle, indent=1)
-    plot_steps(results, args.max_steps)
-    plot_curves(results, min(args.conditions, key=lambda c: abs(math.log10(c) - 3)), args.max_steps)
+    plot_steps(results, args.max_steps, prefix)
+    plot_curves(results, min(args.conditions, key=lambda c: abs(math.log10(c) - 3)), args.max_steps, prefix)
 
 
-def plot_steps(results: dict, max_steps: int) -> None:
+def plot_steps(results: dict, max_steps: int, prefix: str) -> None:
     conditions = sorted(results)
     figure, axis = plt.subplots(figsize=(6, 4))
     for offset, method in zip((-0.06, 0.0, 0.06), LEARNING_RATES):
@@ -151,11 +157,11 @@ def plot_steps(results: dict, max_steps: int) -> None:
     axis.set_title("Linear representation learning (median, min-max over seeds)")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(os.path.join(REPORT_DIR, "linear_repr_steps.png"), dpi=110)
+    figure.savefig(os.path.join(REPORT_DIR, f"{prefix}_steps.png"), dpi=110)
     plt.close(figure)
 
 
-def plot_curves(results: dict, condition: float, max_steps: int) -> None:
+def plot_curves(results: dict, condition: float, max_steps: int, prefix: str) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for method in LEARNING_RATES:
         lr = results[condition][method]["champion_lr"]
@@ -168,7 +174,7 @@ def plot_curves(results: dict, condition: float, max_steps: int) -> None:
     axis.set_title(f"Subspace distance, κ = {condition:g}, seed 0, champions")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(os.path.join(REPORT_DIR, "linear_repr_distance.png"), dpi=110)
+    figure.savefig(os.path.join(REPORT_DIR, f"{prefix}_distance.png"), dpi=110)
     plt.close(figure)
 
 

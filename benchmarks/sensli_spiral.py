@@ -110,7 +110,8 @@ def main():
         "fnn44": ("Spiral FNN 2-4-4-2 ReLU, insertion position, full-batch GD lr 0.2", "specs/fnn_spiral_deep.yaml",
                   0.2, experiment_positions),
     }
-    summary = {}
+    results_path = REPORT / "spiral_results.json"
+    summary = json.loads(results_path.read_text()) if results_path.exists() else {}  # --only keeps the rest
     for key in args.only.split(","):
         title, spec, lr, experiment = experiments[key]
         start = time.perf_counter()
@@ -136,7 +137,7 @@ def main():
             print(f"sensitivity evaluation {sens_s * 1e3:.2f} ms vs one training epoch {epoch_s * 1e3:.2f} ms: "
                   f"ratio {sens_s / epoch_s:.1f}\n")
             summary[key]["sensitivity_cost"] = {"sensitivity_s": sens_s, "epoch_s": epoch_s, "ratio": sens_s / epoch_s}
-    (REPORT / "spiral_results.json").write_text(json.dumps(summary, indent=1))
+    results_path.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

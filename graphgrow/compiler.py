@@ -18,8 +18,9 @@ from .ir import LayerGraph
 PLACEHOLDER = "x"
 
 
-def build_modules(graph: LayerGraph, skip=()) -> dict[str, nn.Module]:
-    """Fresh (uninitialised) modules of the nodes that compile to ``call_module``, except ``skip``."""
+def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False) -> dict[str, nn.Module]:
+    """Fresh (uninitialised) modules of the nodes that compile to ``call_module``, except ``skip``;
+    with ``stateless_as_modules`` also of the stateless ops that have a module twin."""
     modules = {}
     # torch modules draw a throwaway initialisation from the global generator in their
     # constructors; fork it so compiling leaves the user's random stream (data order, dropout) alone
@@ -28,6 +29,8 @@ def build_modules(graph: LayerGraph, skip=()) -> dict[str, nn.Module]:
             if node.name in skip:
                 continue
             module = node.opdef.build_module(node.args, node.in_shapes)
+            if module is None and stateless_as_modules:
+                module = node.opdef.torch_module(node.args)
             if module is not None:
                 modules[node.name] = module
     return modules
@@ -71,14 +74,18 @@ def _load(graph: LayerGraph, root: nn.Module, state: dict[str, torch.Tensor]) ->
 
 def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
                   seed: int = 0, dtype: torch.dtype | None = None,
-                  modules: dict[str, nn.Module] | None = None) -> fx.GraphModule:
+                  modules: dict[str, nn.Module] | None = None,
+                  stateless_as_modules: bool = False) -> fx.GraphModule:
     """Compile ``graph`` to a GraphModule, with parameters from ``state`` or initialised
     deterministically from ``seed`` (same seed, bitwise-identical parameters).
 
     ``modules``: ready modules for some nodes, used as they are (passes hand in copies of
-    unchanged layers); ``state`` then holds the entries of the other nodes only."""
+    unchanged layers); ``state`` then holds the entries of the other nodes only.
+    ``stateless_as_modules``: activations, pooling and flatten become ``call_module`` too (same
+    function and state dict), for tools that only understand modules, e.g. BackPACK's
+    ``extend(..., use_converter=True)``."""
     given = modules or {}
-    fresh = build_modules(graph, skip=given)
+    fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
     root = nn.Module()
     for name, module in fresh.items():
         root.add_module(name, module)

@@ -384,3 +384,36 @@ def test_deepcopy_of_the_model_does_not_feed_the_optimizer():
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     nn.functional.cross_entropy(clone(x), y).backward()
     assert all(not record.inputs and not record.output_grads for record in optimizer._records)
+
+
+def test_backpack_backend_on_a_compiled_spec_matches_the_plain_model():
+    """Compiled networks call activations and flatten as functions, which BackPACK's converter
+    cannot handle; ``stateless_as_modules=True`` compiles them as modules instead."""
+    from backpack import backpack, extend
+
+    from graphgrow import compile_graph, graph_from_text
+
+    graph = graph_from_text("graphgrow: 1\nname: small\ninput: {shape: [1, 2, 3]}\nlayers:\n"
+                            "  - {name: flat, op: flatten}\n  - {name: fc1, op: linear, out: 4}\n"
+                            "  - {name: act1, op: relu}\n  - {name: head, op: linear, out: 3}\n")
+    compiled = compile_graph(graph, seed=2, dtype=torch.float64, stateless_as_modules=True)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    plain.load_state_dict({k.replace("fc1", "1").replace("head", "3"): v
+                           for k, v in compiled.state_dict().items()})
+    x, y = torch.randn(7, 1, 2, 3, dtype=torch.float64), torch.randint(0, 3, (7,))
+    initial = [p.detach().clone() for p in compiled.parameters()]
+    assert [n.op for n in compiled.graph.nodes].count("call_module") == 4
+    updated = []
+    for model in (compiled, torch.fx.symbolic_trace(plain)):
+        model = extend(model, use_converter=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer = FrobeniusPreconditioner(model, lr=LR, backend="backpack", labels="expected")
+        optimizer.zero_grad()
+        with backpack(*optimizer.backpack_extensions()):
+            extend(nn.CrossEntropyLoss())(model(x), y).backward()
+        optimizer.step()
+        updated.append([p.detach().clone() for p in model.parameters()])
+    for mine, reference, start in zip(*updated, initial):
+        torch.testing.assert_close(mine, reference)
+        assert not torch.equal(mine, start)

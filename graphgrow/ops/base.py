@@ -173,6 +173,11 @@ class OpDef:
         """Op arguments from the non-tensor arguments of a traced call."""
         return {}
 
+    def torch_module(self, args: dict) -> nn.Module | None:
+        """A stateless op's nn.Module twin (residual activations; ``compile_graph(...,
+        stateless_as_modules=True)`` for tools such as BackPACK that trace modules only)."""
+        return None
+
     def default_init(self, module: nn.Module, args: dict, generator: torch.Generator) -> None:
         """Initialise a freshly built module's parameters from ``generator``."""
 

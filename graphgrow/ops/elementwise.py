@@ -19,10 +19,6 @@ class ElementwiseOp(OpDef):
     def flops(self, args, in_shapes, out_shape):
         return self.cost * numel(out_shape)
 
-    def torch_module(self, args) -> nn.Module:
-        """An nn.Module computing the same map (used inside residual blocks)."""
-        raise NotImplementedError(self.name)
-
 
 class Activation(ElementwiseOp):
     """An activation given by a torch function and its module twin."""

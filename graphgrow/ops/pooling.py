@@ -35,6 +35,9 @@ class PoolOp(OpDef):
     def function(self, args):
         return type(self).torch_fn, {"kernel_size": args["kernel"], "stride": self.stride(args)}
 
+    def torch_module(self, args):
+        return self.imports_modules[0](args["kernel"], self.stride(args))
+
     def args_from_module(self, module):
         return self._pool_args(module.kernel_size, module.stride, module.padding,
                                getattr(module, "dilation", 1), module.ceil_mode)

@@ -34,6 +34,9 @@ class FlattenOp(OpDef):
     def function(self, args):
         return torch.flatten, {"start_dim": 1}
 
+    def torch_module(self, args):
+        return nn.Flatten()
+
 
 class AddOp(OpDef):
     name = "add"

@@ -82,8 +82,10 @@ def _print_growth(result) -> None:
     if not result.insertions:
         print("no insertion")
     final = result.summary["final"]
-    print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                for k, v in final.items()))
+    splits = "; ".join(f"{split} loss {final[split]['loss']:.4f}"
+                       + (f", error {final[split]['error']:.3f}" if final[split].get("error") is not None else "")
+                       for split in ("train", "test") if final.get(split))
+    print(f"final: {splits}; {final['params']} parameters, {final['epochs']} epochs in {final['seconds']:.1f} s")
     if result.out is not None:
         print(f"run directory: {result.out} (log.jsonl, summary.json, final.yaml/.pt, model.pt2, curves.png)")
 

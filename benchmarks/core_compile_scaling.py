@@ -20,14 +20,7 @@ import torch
 
 from graphgrow.compiler import compile_graph
 from graphgrow.ir import load_graph
-
-
-def chain_spec(layers: int, width: int = 16) -> str:
-    lines = ["graphgrow: 1", f"name: chain{layers}", f"input: {{shape: [{width}]}}", "layers:"]
-    for k in range(layers):
-        lines.append(f"  - {{name: fc{k}, op: linear, out: {width}}}" if k % 2 == 0 else
-                     f"  - {{name: act{k}, op: relu}}")
-    return "\n".join(lines) + "\n"
+from chains import chain_spec
 
 
 def main(argv=None) -> None:

@@ -19,14 +19,7 @@ import torch
 
 import passes
 from graphgrow import Network, graph_from_text
-
-
-def chain_spec(layers: int, width: int = 16) -> str:
-    lines = ["graphgrow: 1", f"name: chain{layers}", f"input: {{shape: [{width}]}}", "layers:"]
-    for k in range(layers):
-        lines.append(f"  - {{name: fc{k}, op: linear, out: {width}}}" if k % 2 == 0 else
-                     f"  - {{name: act{k}, op: relu}}")
-    return "\n".join(lines) + "\n"
+from chains import chain_spec
 
 
 def cases(network: Network, layers: int) -> dict:

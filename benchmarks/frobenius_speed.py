@@ -5,8 +5,10 @@ interleaved in blocks of steps, repeated; the report gives the median step time 
 ratio to the median SGD step time.
 
     PYTHONPATH=. python benchmarks/frobenius_speed.py --mnist /work/shared/data/mnist
+    PYTHONPATH=. python benchmarks/frobenius_speed.py --methods batch-woodbury ema-every-10   # quicker
 """
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -16,6 +18,9 @@ from torch import nn
 
 from graphgrow.data import mnist
 from graphgrow.frobenius import FrobeniusPreconditioner
+
+
+METHODS = ["sgd", "batch-woodbury", "batch-dense", "batch-woodbury-sampled", "ema-every-10", "backpack-kfac"]
 
 
 def relu_classifier(seed):
@@ -54,12 +59,14 @@ def main():
     parser.add_argument("--mnist", default="/work/shared/data/mnist")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=40, help="steps per timed block")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                        help="contenders to time (SGD, the baseline, is always included)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     data = mnist(args.mnist, split=(8000, 2000), seed=0)
     batches = [(data.x_train[i:i + 100], data.y_train[i:i + 100]) for i in range(0, 8000, 100)]
-    methods = ["sgd", "batch-woodbury", "batch-dense", "batch-woodbury-sampled", "ema-every-10", "backpack-kfac"]
+    methods = ["sgd"] + [m for m in args.methods if m != "sgd"]
     runs = {m: build(m) for m in methods}
     times = {m: [] for m in methods}
     for repeat in range(args.repeats + 1):  # the first round warms up and is discarded
@@ -74,6 +81,7 @@ def main():
             if repeat:
                 times[method].append((time.perf_counter() - start) / args.steps)
     baseline = statistics.median(times["sgd"])
+    print(f"load average after the run (1, 5, 15 min): {os.getloadavg()}")
     print(f"| method | median step (ms) | ratio to SGD |\n|---|---|---|")
     for method in methods:
         median = statistics.median(times[method])

@@ -371,8 +371,10 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         grad = _weight_matrix(module.weight.grad)
         direction = self._apply(state, "out", grad, from_left=True)
         direction = self._apply(state, "in", direction, from_left=False)
-        if not torch.isfinite(direction).all():
-            # one check per layer and step; the statistics feeding the factors are checked on failure only
+        if not torch.isfinite(direction.abs().amax()):
+            # one check per layer and step (the maximum is non-finite exactly when some entry is, and a
+            # reduction is several times cheaper than isfinite(...).all()); the statistics feeding the
+            # factors are checked on failure only
             raise GraphgrowError("non-finite preconditioned gradient (the gradient or the layer statistics "
                                  "overflowed)", node=self._records[index].name,
                                  hint="training diverged; lower the learning rate")
@@ -387,11 +389,13 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         if f"{side}_operator" in state:
             operator = state[f"{side}_operator"]
             return operator @ matrix if from_left else matrix @ operator
-        # Woodbury: (γI + UᵀU)⁻¹ M = (M − Uᵀ (γI + UUᵀ)⁻¹ U M) / γ
-        basis, cholesky, damping = state[f"{side}_basis"], state[f"{side}_inner_cholesky"], state[f"{side}_damping"]
+        # Woodbury: (γI + UᵀU)⁻¹ M = (M − Uᵀ (γI + UUᵀ)⁻¹ U M) / γ; the small inner inverse is explicit
+        # because one matmul with it is cheaper than cholesky_solve's two triangular solves at these sizes
+        basis, inner_inverse, damping = state[f"{side}_basis"], state[f"{side}_inner_inverse"], state[f"{side}_damping"]
+        # addmm fuses the subtraction and the division into the last product (no temporaries of M's size)
         if from_left:
-            return (matrix - basis.T @ torch.cholesky_solve(basis @ matrix, cholesky)) / damping
-        return (matrix - torch.cholesky_solve(basis @ matrix.T, cholesky).T @ basis) / damping
+            return torch.addmm(matrix, basis.T, inner_inverse @ (basis @ matrix), beta=1 / damping, alpha=-1 / damping)
+        return torch.addmm(matrix, (matrix @ basis.T) @ inner_inverse, basis, beta=1 / damping, alpha=-1 / damping)
 
     # ------------------------------------------------------------------------------- refresh
     def _samples(self, record: _LayerRecord, side: str) -> torch.Tensor:
@@ -401,7 +405,7 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                                  "for a refresh step", node=record.name,
                                  hint="run forward and backward of the model the optimizer was built with "
                                       "(with gradients enabled) before step()")
-        return torch.cat(chunks)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def _backpack_second_moment(self, record: _LayerRecord, side: str) -> torch.Tensor:
         savefield = "kfac" if self.labels == "sampled" else "kflr"
@@ -441,9 +445,10 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
 
     def _damped_cholesky(self, record, side, matrix, damping):
         """Cholesky factor of matrix + damping·I, raising the damping until it exists."""
-        identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
         for _ in range(_MAX_DAMPING_RAISES):
-            cholesky, info = torch.linalg.cholesky_ex(matrix + damping * identity)
+            damped = matrix.clone()
+            damped.diagonal().add_(damping)  # cheaper than adding damping·eye (no second dense matrix)
+            cholesky, info = torch.linalg.cholesky_ex(damped)
             if info == 0:
                 return cholesky, damping
             # diagnose only on failure: the common path stays free of extra synchronising checks
@@ -462,21 +467,22 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         state.pop(f"{side}_average", None)
         cholesky, damping = self._damped_cholesky(record, side, basis @ basis.T, damping)
         # the inner matrix is γI + UUᵀ with the (possibly raised) damping γ
-        state[f"{side}_basis"], state[f"{side}_inner_cholesky"] = basis, cholesky
-        state[f"{side}_damping"] = torch.tensor(damping, dtype=basis.dtype, device=basis.device)
+        state[f"{side}_basis"], state[f"{side}_inner_inverse"] = basis, torch.cholesky_inverse(cholesky)
+        state[f"{side}_damping"] = float(damping)
 
     def _store_dense(self, record, state, side, covariance, damping, beta) -> None:
-        for key in ("basis", "inner_cholesky", "damping"):
+        for key in ("basis", "inner_inverse", "damping"):
             state.pop(f"{side}_{key}", None)
         first = f"{side}_operator" not in state
         if self.estimate == "ema":
-            average = covariance if first else (1 - beta) * state[f"{side}_average"] + beta * covariance
+            # lerp: one new matrix, (1 − β)·A + β·C; not in place, since a loaded state_dict may share tensors
+            average = covariance if first else torch.lerp(state[f"{side}_average"], covariance, beta)
             state[f"{side}_average"] = average
             covariance = average
         cholesky, _ = self._damped_cholesky(record, side, covariance, damping)
         inverse = torch.cholesky_inverse(cholesky)
         if self.estimate == "ema_inverse" and not first:
-            inverse = (1 - beta) * state[f"{side}_operator"] + beta * inverse
+            inverse = torch.lerp(state[f"{side}_operator"], inverse, beta)
         state[f"{side}_operator"] = inverse
 
     # --------------------------------------------------------------------------- diagnostics

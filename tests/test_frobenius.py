@@ -245,6 +245,19 @@ def test_non_finite_statistics_raise():
         optimizer.step()
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("batch", [2, 10])  # Woodbury (2 < 3 features) and dense factors
+def test_single_non_finite_gradient_entry_raises(bad_value, batch):
+    """The cheap finiteness check of the direction (its largest magnitude) catches one bad entry."""
+    layer = nn.Linear(3, 2).double()
+    optimizer = FrobeniusPreconditioner(layer, lr=0.1)
+    optimizer.zero_grad()
+    layer(torch.randn(batch, 3, dtype=torch.float64)).sum().backward()
+    layer.weight.grad[1, 2] = bad_value
+    with pytest.raises(GraphgrowError, match="non-finite preconditioned gradient"):
+        optimizer.step()
+
+
 def test_predefined_inner_products_mixed_with_data_driven():
     model = mlp()
     size = 5

@@ -1,6 +1,6 @@
 """SensLI on the spiral data (thesis 4.3.3, Figures 4.5a/c and 4.9a).
 
-    PYTHONPATH=. python benchmarks/sensli_spiral.py [--seeds 10] [--only fnn,resnet,fnn44]
+    PYTHONPATH=. python benchmarks/sensli_spiral.py [--seeds 10] [--only fnn,resnet,fnn44] [--cost-only]
 
 Experiments (full-batch GD, insertion at epoch 450, then 1400 more epochs):
   fnn     FNN 2-5-2 ReLU, lr 0.2: SensLI vs baseline (no growth) vs the final 2-5-5-2 from scratch
@@ -99,9 +99,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--only", default="fnn,resnet,fnn44")
+    parser.add_argument("--cost-only", action="store_true", help="only the sensitivity-vs-epoch measurement")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = spiral(0)
+    if args.cost_only:
+        for spec in ("specs/fnn_spiral.yaml", "specs/resnet_spiral.yaml"):
+            sens_s, epoch_s = sensitivity_cost(spec, data)
+            print(f"{spec}: sensitivity evaluation {sens_s * 1e3:.2f} ms vs one training epoch "
+                  f"{epoch_s * 1e3:.2f} ms: ratio {sens_s / epoch_s:.1f} (target <= 2.5)")
+        return
     REPORT.mkdir(parents=True, exist_ok=True)
     experiments = {
         "fnn": ("Spiral FNN 2-5-2 ReLU, full-batch GD lr 0.2", "specs/fnn_spiral.yaml", 0.2, experiment_comparison),

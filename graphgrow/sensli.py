@@ -161,14 +161,17 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         raise KeyError(f"no parameters {missing}")
     targets = [params[n] for n in names]
     was_training = module.training
-    flags = [p.requires_grad for p in targets]
+    # only the named parameters require gradients during the pass, so backward skips the
+    # weight gradients of every other parameter (biases, normalisation, non-merit weights)
+    flags = {name: p.requires_grad for name, p in params.items()}
+    wanted = set(names)
     total = int(x.shape[0])
     step = total if batch is None else batch
     sums = [torch.zeros_like(p) for p in targets]
     module.eval()
     try:
-        for p in targets:
-            p.requires_grad_(True)
+        for name, p in params.items():
+            p.requires_grad_(name in wanted)
         for start in range(0, total, step):
             xb, yb = x[start:start + step], y[start:start + step]
             value = loss(module(xb), yb) * (xb.shape[0] / total)
@@ -176,10 +179,89 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
                 if grad is not None:
                     acc += grad
     finally:
-        for p, flag in zip(targets, flags):
-            p.requires_grad_(flag)
+        for name, p in params.items():
+            p.requires_grad_(flags[name])
         module.train(was_training)
     return dict(zip(names, sums))
+
+
+class _IdentityLayerGradient(torch.autograd.Function):
+    """A linear or convolution layer whose weight is exactly the identity and bias zero: the
+    output is the input, the input gradient is the output gradient, and only the weight and
+    bias gradients are computed (one weight-gradient product instead of forward, input
+    gradient and weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.save_for_backward(x)
+        ctx.layer = layer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,), layer = ctx.saved_tensors, ctx.layer
+        weight_grad = bias_grad = None
+        if ctx.needs_input_grad[1]:
+            if isinstance(layer, torch.nn.Conv2d):
+                weight_grad = torch.nn.grad.conv2d_weight(x, layer.weight.shape, grad, layer.stride, layer.padding,
+                                                          layer.dilation, layer.groups)
+            else:
+                weight_grad = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            channel = 1 if isinstance(layer, torch.nn.Conv2d) else grad.dim() - 1
+            bias_grad = grad.sum(dim=tuple(d for d in range(grad.dim()) if d != channel))
+        return grad, weight_grad, bias_grad, None
+
+
+class _IdentityLayer(torch.nn.Module):
+    """Stands in for an identity-initialised candidate layer during the gradient pass; holds
+    the layer's own parameter objects, so parameter names and gradients are unchanged."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.weight, self.bias = layer.weight, layer.bias
+        self.layer = [layer]  # a list: not registered as a submodule (no second parameter path)
+
+    def forward(self, x):
+        return _IdentityLayerGradient.apply(x, self.weight, self.bias, self.layer[0])
+
+
+def _is_identity_layer(layer: torch.nn.Module | None) -> bool:
+    """Whether ``layer`` computes exactly its input: a square linear layer with weight I, or a
+    stride-1 'same' convolution with the Dirac kernel; bias zero or absent."""
+    if isinstance(layer, torch.nn.Linear):
+        weight = layer.weight.detach()
+        identity = weight.shape[0] == weight.shape[1] and torch.equal(weight, torch.eye(len(weight), dtype=weight.dtype))
+    elif isinstance(layer, torch.nn.Conv2d):
+        weight, kernel = layer.weight.detach(), layer.kernel_size
+        identity = (layer.groups == 1 and layer.stride == (1, 1) and layer.dilation == (1, 1)
+                    and kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and layer.padding == (kernel[0] // 2, kernel[1] // 2)
+                    and weight.shape[0] == weight.shape[1]
+                    and torch.equal(weight, torch.nn.init.dirac_(torch.empty_like(weight))))
+    else:
+        return False
+    return identity and (layer.bias is None or not torch.any(layer.bias.detach()))
+
+
+class identity_shortcuts:
+    """Context manager: the identity layers among the named submodules of ``module`` compute
+    only their parameter gradients (see _IdentityLayerGradient) while it is active. The
+    gradients are those of the original layers; the forward values are identical."""
+
+    def __init__(self, module: torch.nn.Module, names: Iterable[str]):
+        self.module = module
+        self.originals = {name: getattr(module, name) for name in names
+                          if _is_identity_layer(getattr(module, name, None))}
+
+    def __enter__(self):
+        for name, layer in self.originals.items():
+            setattr(self.module, name, _IdentityLayer(layer))
+        return self
+
+    def __exit__(self, *exc):
+        for name, layer in self.originals.items():
+            setattr(self.module, name, layer)
+        return False
 
 
 def sample_rows(size: int, sample: int | float | None, seed: int) -> torch.Tensor | None:
@@ -256,7 +338,7 @@ def existing_weights(graph) -> dict[str, Geometry]:
     return found
 
 
-def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entropy", batch: int | None = 1024,
+def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entropy", batch: int | None = 256,
                   sample: int | float | None = None, seed: int = 0, all_norms: bool = False) -> Sensitivities:
     """Candidates of ``network`` with their merits, from one pass over the training data (or a
     seeded sample) through the fully-extended network; no parameter of ``network`` changes.
@@ -280,8 +362,12 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
     weights = existing_weights(ext_graph)
     base_names = list(existing_weights(network.graph))  # old parameters keep their names
     merit_params = {cid: next(iter(info.merit)) for cid, info in record.candidates.items()}
-    grads = full_data_gradients(extended.module, x, y, loss_fn(loss), base_names + list(merit_params.values()),
-                                batch=batch)
+    # identity candidates (dense, conv) skip their forward and input-gradient products: at the
+    # identity they pass values and gradients through unchanged (residual candidates run as built)
+    with identity_shortcuts(extended.module, [info.nodes[0] for info in record.candidates.values()
+                                              if info.kind in ("dense", "conv")]):
+        grads = full_data_gradients(extended.module, x, y, loss_fn(loss), base_names + list(merit_params.values()),
+                                    batch=batch)
     existing = {name: gradient_norm(grads[name], weights[name], norm) for name in base_names}
     norms_wanted = MERIT_NORMS if all_norms else (norm,)
     shapes = {k: tuple(v.shape) for k, v in extended.module.named_parameters()}
@@ -334,7 +420,7 @@ class GrowthHook:
 
     def __init__(self, *, strategy: str = "sensli", insert_at: Iterable[int] | None = None,
                  insert_every: int | None = None, max_insertions: int = 1, tau: float | None = None,
-                 per_step: int = 1, norm: str = "fro", sens_batch: int | None = 1024,
+                 per_step: int = 1, norm: str = "fro", sens_batch: int | None = 256,
                  sample: int | float | None = None, seed: int = 0, widen: int = 0):
         from .flops import CostLedger
         if strategy not in STRATEGIES:
@@ -480,7 +566,7 @@ def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | N
          insert_at: Iterable[int] | None = None, max_insertions: int = 1, tau: float | None = None,
          per_step: int = 1, norm: str = "fro", epochs: int = 100, lr: float = 0.1, batch: int | None = None,
          momentum: float = 0.0, weight_decay: float = 0.0, optimizer: str = "sgd", loss: str = "cross_entropy",
-         sens_batch: int | None = 1024, sample: int | float | None = None, out=None, seed: int = 0,
+         sens_batch: int | None = 256, sample: int | float | None = None, out=None, seed: int = 0,
          progress: bool = False, eval_every: int = 1, log_steps: bool = True, export: bool = True,
          widen: int = 0) -> GrowResult:
     """Train ``spec`` on ``data`` while SensLI (or a comparison strategy) inserts layers.
@@ -585,7 +671,7 @@ class NeuronCandidate:
 
 
 def neuron_sensitivities(network, data, *, per_layer: int = 8, loss: str = "cross_entropy",
-                         batch: int | None = 1024, seed: int = 0):
+                         batch: int | None = 256, seed: int = 0):
     """Widening candidates (4.19): ``per_layer`` new neurons per widenable layer with seeded
     incoming weights (normal, std 1/sqrt(fan_in)), zero bias and zero outgoing weights. Merit
     of a neuron: ||gradient of its outgoing weight column||^2; reference for (4.20): the mean of
@@ -615,7 +701,7 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, loss: str = "cros
 
 
 def widen_best(network, data, *, count: int = 1, tau: float | None = None, per_layer: int = 8,
-               loss: str = "cross_entropy", batch: int | None = 1024, seed: int = 0):
+               loss: str = "cross_entropy", batch: int | None = 256, seed: int = 0):
     """Add the ``count`` best neuron candidates (those passing 4.20 when ``tau`` is given);
     returns (network, chosen candidates, reference)."""
     if tau is not None and not tau >= 1:

@@ -277,3 +277,32 @@ def test_grow_with_widening():
     (event,) = result.insertions
     assert event["params_after"] > event["params_before"]
     assert event["loss_before"] == pytest.approx(event["loss_after"], abs=1e-6)
+
+
+@pytest.mark.parametrize("spec", [SMALL_CNN, "specs/fnn_spiral.yaml"])
+def test_identity_shortcuts_give_the_gradients_of_the_layers_as_built(spec):
+    """The shortcut for identity candidates (dense, conv: no forward or input-gradient
+    product) changes neither outputs nor gradients, in float64, compared with autograd through
+    the extended network as compiled; layers that are not the identity keep running as built."""
+    from graphgrow.sensli import identity_shortcuts
+    graph = graph_from_text(spec) if spec.startswith("\n") else load_graph(spec)
+    network = Network.build(graph, seed=2)
+    network.module.double()
+    extended, record = passes.extend_all(network, "layers")
+    layers = [info.nodes[0] for info in record.candidates.values()]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(25, *graph.input_shape, generator=generator, dtype=torch.float64)
+    y = torch.arange(25) % 2
+    names = [name for name, _ in extended.module.named_parameters()]
+    expected = full_data_gradients(extended.module, x, y, F.cross_entropy, names, batch=10)
+    with identity_shortcuts(extended.module, layers) as shortcuts:
+        assert set(shortcuts.originals) == set(layers)
+        assert torch.equal(extended.module(x), network.module(x))
+        got = full_data_gradients(extended.module, x, y, F.cross_entropy, names, batch=10)
+    for name in names:
+        assert torch.allclose(got[name], expected[name], rtol=1e-10, atol=1e-12), name
+    assert all(getattr(extended.module, layer) is record_layer
+               for layer, record_layer in shortcuts.originals.items())  # restored on exit
+    with torch.no_grad():
+        getattr(extended.module, layers[0]).weight.mul_(0.5)  # no longer the identity
+    assert layers[0] not in identity_shortcuts(extended.module, layers).originals

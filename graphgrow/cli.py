@@ -160,7 +160,7 @@ def _add_training_options(parser, *, epochs: int, lr: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphgrow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="graphgrow", description="Networks that change shape while they train.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="check a spec and print its summary")

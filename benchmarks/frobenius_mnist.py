@@ -6,6 +6,8 @@ with the lowest mean training loss over the last 10% of iterations. Writes loss-
 loss-vs-time plots, and for the preconditioned champion its gradient norms and covariance spectra.
 
     PYTHONPATH=. python benchmarks/frobenius_mnist.py --experiment all
+    PYTHONPATH=. python benchmarks/frobenius_mnist.py --experiment autoencoder --iterations 300 \
+        --sgd-lrs 1.0 --precond-lrs 0.03      # a longer run of the two champions only
 """
 import argparse
 import math
@@ -102,8 +104,7 @@ def smooth(values, window):
     return out
 
 
-def run_experiment(name, data):
-    setting = EXPERIMENTS[name]
+def run_experiment(name, setting, data):
     print(f"\n## {name}: widths {setting['widths']}, batch {setting['batch']}, gamma {setting['damping']}, "
           f"{setting['iterations']} iterations\n\n| method | lr | final loss (mean last 10%) | s/iteration |\n|---|---|---|---|")
     champions = {}
@@ -145,13 +146,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", default="/work/shared/data/mnist")
     parser.add_argument("--experiment", choices=[*EXPERIMENTS, "all"], nargs="+", default=["all"])
+    parser.add_argument("--iterations", type=int, help="override the experiment's number of iterations")
+    parser.add_argument("--sgd-lrs", type=float, nargs="+", help="override the SGD learning-rate grid")
+    parser.add_argument("--precond-lrs", type=float, nargs="+", help="override the preconditioned grid")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     os.makedirs(REPORT_DIR, exist_ok=True)
     data = mnist(args.mnist, split=(8000, 2000), seed=0)
     for name in EXPERIMENTS if "all" in args.experiment else args.experiment:
-        run_experiment(name, data)
+        setting = dict(EXPERIMENTS[name])
+        for key, value in (("iterations", args.iterations), ("sgd", args.sgd_lrs), ("precond", args.precond_lrs)):
+            if value is not None:
+                setting[key] = value
+        run_experiment(name, setting, data)
 
 
 if __name__ == "__main__":

@@ -39,13 +39,30 @@ class _LayerRecord:
     name: str
     module: nn.Module
     inputs: list = field(default_factory=list)         # (samples, in_features) chunks
-    output_grads: list = field(default_factory=list)   # (samples, out_features) chunks, per-sample scale
+    output_grads: list = field(default_factory=list)   # ((samples, out_features) chunk, per-sample factor)
     outputs: list = field(default_factory=list)        # (live layer output, batch size), for Monte-Carlo backprop
 
     def clear(self) -> None:
         self.inputs.clear()
         self.output_grads.clear()
         self.outputs.clear()
+
+
+@dataclass
+class _Pending:
+    """One damped estimate waiting to be inverted in a refresh: ``matrix`` + ``damping``·I, or for
+    the Woodbury form the inner matrix of ``samples`` (scaled by ``scale``). ``fresh``: the matrix
+    belongs to this refresh alone and may be damped in place."""
+
+    record: _LayerRecord
+    state: dict
+    side: str
+    matrix: torch.Tensor
+    damping: float
+    fresh: bool
+    samples: torch.Tensor | None = None
+    scale: float = 1.0
+    beta: float = 0.0
 
 
 def _conv_supported(module: nn.Conv2d) -> bool:
@@ -60,11 +77,12 @@ def _flat_inputs(module: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
     return layer_input.reshape(-1, layer_input.shape[-1])
 
 
-def _flat_output_grads(module: nn.Module, grad: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Per-sample pre-activation gradients as rows (a mean loss scales them by 1/batch)."""
+def _flat_output_grads(module: nn.Module, grad: torch.Tensor, batch_size: int) -> tuple:
+    """Pre-activation gradients as rows and the factor that makes them per-sample gradients (a
+    mean loss scales them by 1/batch); the factor is applied later, inside the products."""
     if isinstance(module, nn.Conv2d):
         grad = grad.movedim(1, -1)
-    return grad.reshape(-1, grad.shape[-1]) * batch_size
+    return grad.reshape(-1, grad.shape[-1]), batch_size
 
 
 def _weight_matrix(tensor: torch.Tensor) -> torch.Tensor:
@@ -125,6 +143,7 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         self._inner_products = self._check_inner_products(inner_products or {})
         self._sampling = False
         self._hook_handles = []
+        self._layout = None
         if backend == "hooks":
             self._install_hooks()
         else:
@@ -329,6 +348,19 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                 record.outputs.clear()
 
     # ---------------------------------------------------------------------------------- step
+    def _layout_table(self):
+        """(preconditioned layers as (index, record, group), plain parameters as (param, group)),
+        rebuilt only when the param groups change (add_param_group, load_state_dict): step() runs
+        every iteration and these lookups are per-layer Python overhead."""
+        key = tuple(map(id, self.param_groups))
+        if self._layout is None or self._layout[0] != key:
+            group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+            layers = [(index, record, group_of[id(record.module.weight)]) for index, record in enumerate(self._records)]
+            preconditioned = {id(p) for r in self._records for p in r.module.parameters(recurse=False)}
+            plain = [(p, group) for group in self.param_groups for p in group["params"] if id(p) not in preconditioned]
+            self._layout = (key, layers, plain)
+        return self._layout[1:]
+
     @torch.no_grad()
     def step(self, closure=None):
         """One preconditioned SGD step; returns the closure's loss if a closure is given."""
@@ -336,48 +368,57 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        preconditioned = set()
+        layers, plain = self._layout_table()
         entry = {} if self.track_diagnostics else None
-        for index, record in enumerate(self._records):
-            module = record.module
-            preconditioned.update(id(p) for p in module.parameters(recurse=False))
-            if module.weight.grad is None:
+        active = []
+        for index, record, group in layers:
+            if record.module.weight.grad is None:
                 record.clear()
-                continue
-            group = group_of[id(module.weight)]
-            state = self.state[module.weight]
-            step = state.get("step", 0)
-            if step % self.update_interval == 0:
-                self._refresh(index, record, state, group, entry)
+            else:
+                active.append((index, record, group, self.state[record.module.weight]))
+        self._refresh([layer for layer in active if layer[3].get("step", 0) % self.update_interval == 0], entry)
+        updates = []
+        for index, record, group, state in active:
             record.clear()
-            weight_direction, bias_direction = self._precondition(index, state, module)
+            updates.append((index, record.module, group, state, state.get("step", 0))
+                           + self._precondition(state, record.module))
+        self._check_finite(updates)
+        for index, module, group, state, step, weight_direction, bias_direction in updates:
             if entry is not None:
-                entry.setdefault(record.name, {}).update(self._norms(module, weight_direction, bias_direction))
+                entry.setdefault(self._records[index].name, {}).update(
+                    self._norms(module, weight_direction, bias_direction))
             module.weight.add_(weight_direction, alpha=-group["lr"])
             if bias_direction is not None:
                 module.bias.add_(bias_direction, alpha=-group["lr"])
             state["step"] = step + 1
-        for group in self.param_groups:
-            for param in group["params"]:
-                if id(param) not in preconditioned and param.grad is not None:
-                    param.add_(param.grad, alpha=-group["lr"])
+        for param, group in plain:
+            if param.grad is not None:
+                param.add_(param.grad, alpha=-group["lr"])
         if entry is not None:
             self.diagnostics.append(entry)
         return loss
 
-    def _precondition(self, index: int, state: dict, module: nn.Module):
+    def _check_finite(self, updates: list) -> None:
+        """Raise before any parameter changes if a preconditioned gradient is not finite. One
+        synchronising check per step on the sum of all entries (a sum is several times cheaper than
+        isfinite(...).all() or a max-norm); only when the sum is not finite are the entries examined,
+        since finite entries can overflow a sum."""
+        if not updates:
+            return
+        sums = [update[5].sum() for update in updates]
+        if torch.isfinite(torch.stack(sums).sum()):
+            return
+        for update in updates:
+            if not torch.isfinite(update[5]).all():
+                raise GraphgrowError("non-finite preconditioned gradient (the gradient or the layer statistics "
+                                     "overflowed)", node=self._records[update[0]].name,
+                                     hint="training diverged; lower the learning rate")
+
+    def _precondition(self, state: dict, module: nn.Module):
         """P_out ∇W P_in and P_out ∇b from the current factors (5.15, Remark 5.3)."""
         grad = _weight_matrix(module.weight.grad)
         direction = self._apply(state, "out", grad, from_left=True)
         direction = self._apply(state, "in", direction, from_left=False)
-        if not torch.isfinite(direction.abs().amax()):
-            # one check per layer and step (the maximum is non-finite exactly when some entry is, and a
-            # reduction is several times cheaper than isfinite(...).all()); the statistics feeding the
-            # factors are checked on failure only
-            raise GraphgrowError("non-finite preconditioned gradient (the gradient or the layer statistics "
-                                 "overflowed)", node=self._records[index].name,
-                                 hint="training diverged; lower the learning rate")
         bias_direction = None
         if module.bias is not None and module.bias.grad is not None:
             bias_direction = self._apply(state, "out", module.bias.grad.unsqueeze(1), from_left=True).squeeze(1)
@@ -389,23 +430,33 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         if f"{side}_operator" in state:
             operator = state[f"{side}_operator"]
             return operator @ matrix if from_left else matrix @ operator
-        # Woodbury: (γI + UᵀU)⁻¹ M = (M − Uᵀ (γI + UUᵀ)⁻¹ U M) / γ; the small inner inverse is explicit
-        # because one matmul with it is cheaper than cholesky_solve's two triangular solves at these sizes
-        basis, inner_inverse, damping = state[f"{side}_basis"], state[f"{side}_inner_inverse"], state[f"{side}_damping"]
+        # Woodbury with the unscaled samples S (C = s·SᵀS): (γI + C)⁻¹ M = (M − Sᵀ (γ/s·I + SSᵀ)⁻¹ S M) / γ.
+        # The small inner inverse is explicit because one matmul with it is cheaper than
+        # cholesky_solve's two triangular solves at these sizes
+        samples, inner_inverse, damping = state[f"{side}_basis"], state[f"{side}_inner_inverse"], state[f"{side}_damping"]
         # addmm fuses the subtraction and the division into the last product (no temporaries of M's size)
         if from_left:
-            return torch.addmm(matrix, basis.T, inner_inverse @ (basis @ matrix), beta=1 / damping, alpha=-1 / damping)
-        return torch.addmm(matrix, (matrix @ basis.T) @ inner_inverse, basis, beta=1 / damping, alpha=-1 / damping)
+            return torch.addmm(matrix, samples.T, inner_inverse @ (samples @ matrix), beta=1 / damping,
+                               alpha=-1 / damping)
+        return torch.addmm(matrix, (matrix @ samples.T) @ inner_inverse, samples, beta=1 / damping, alpha=-1 / damping)
 
     # ------------------------------------------------------------------------------- refresh
-    def _samples(self, record: _LayerRecord, side: str) -> torch.Tensor:
-        chunks = record.inputs if side == "in" else record.output_grads
+    def _samples(self, record: _LayerRecord, side: str) -> tuple:
+        """(S, s): the recorded samples as rows and the scale of the estimate s·SᵀS."""
+        if side == "in":
+            chunks = [(chunk, 1) for chunk in record.inputs]
+        else:
+            chunks = record.output_grads
         if not chunks:
             raise GraphgrowError(f"no recorded {'layer inputs' if side == 'in' else 'pre-activation gradients'} "
                                  "for a refresh step", node=record.name,
                                  hint="run forward and backward of the model the optimizer was built with "
                                       "(with gradients enabled) before step()")
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        if len(chunks) == 1:
+            (samples, factor), = chunks
+            return samples, factor * factor / samples.shape[0]
+        samples = torch.cat([chunk * factor for chunk, factor in chunks])
+        return samples, 1.0 / samples.shape[0]
 
     def _backpack_second_moment(self, record: _LayerRecord, side: str) -> torch.Tensor:
         savefield = "kfac" if self.labels == "sampled" else "kflr"
@@ -415,85 +466,117 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                                  hint="run loss.backward() inside `with backpack(*optimizer.backpack_extensions())`")
         return factors[0] if side == "out" else factors[1]
 
-    def _refresh(self, index, record, state, group, entry) -> None:
-        """Take this step's statistics and rebuild both factors (or keep a user inner product)."""
-        for side, damping in (("out", group["damping_out"]), ("in", group["damping_in"])):
-            user = self._inner_products.get(index, {}).get("input" if side == "in" else "output")
-            if user is not None:
-                state[f"{side}_operator"] = user
-                continue
-            if self.backend == "backpack":
-                covariance, basis = self._backpack_second_moment(record, side), None
-            else:
-                samples = self._samples(record, side)
-                if self.moment == "covariance":
-                    samples = samples - samples.mean(0, keepdim=True)
-                basis = samples / math.sqrt(samples.shape[0])
-                covariance = None
-            low_rank = basis is not None and self.estimate == "batch" and damping > 0 and (
-                self.woodbury is True or (self.woodbury == "auto" and basis.shape[0] < basis.shape[1]))
-            if low_rank:
-                self._store_low_rank(record, state, side, basis, damping)
-            else:
-                if covariance is None:
-                    covariance = basis.T @ basis
-                self._store_dense(record, state, side, covariance, damping, group["beta"])
-            refreshes = state.get("step", 0) // self.update_interval
-            if entry is not None and refreshes % self.spectrum_interval == 0:
-                # eigenvalues of wide estimates are expensive, so only every spectrum_interval-th refresh
-                entry.setdefault(record.name, {})[f"{side}_spectrum"] = self._spectrum(basis, covariance)
+    def _refresh(self, due: list, entry) -> None:
+        """Take this step's statistics of the ``due`` layers ((index, record, group, state)) and
+        rebuild both factors of each (or keep a user inner product). All damped estimates are
+        factorised and inverted together, one batched LAPACK call per matrix size: a step needs
+        several small inverses and their per-call overhead is a large part of its cost."""
+        pending = []
+        for index, record, group, state in due:
+            for side, damping in (("out", group["damping_out"]), ("in", group["damping_in"])):
+                user = self._inner_products.get(index, {}).get("input" if side == "in" else "output")
+                if user is not None:
+                    state[f"{side}_operator"] = user
+                    continue
+                samples, scale, covariance = None, 1.0, None
+                if self.backend == "backpack":
+                    covariance = self._backpack_second_moment(record, side)
+                else:
+                    # the estimate is scale·SᵀS; the scale is folded into later products (no copy of S)
+                    samples, scale = self._samples(record, side)
+                    if self.moment == "covariance":
+                        samples = samples - samples.mean(0, keepdim=True)
+                refreshes = state.get("step", 0) // self.update_interval
+                if entry is not None and refreshes % self.spectrum_interval == 0:
+                    # eigenvalues of wide estimates are expensive, so only every spectrum_interval-th refresh
+                    entry.setdefault(record.name, {})[f"{side}_spectrum"] = self._spectrum(samples, scale, covariance)
+                low_rank = samples is not None and self.estimate == "batch" and damping > 0 and (
+                    self.woodbury is True or (self.woodbury == "auto" and samples.shape[0] < samples.shape[1]))
+                if low_rank:
+                    # inner matrix γ/s·I + SSᵀ: the Woodbury identity for γI + s·SᵀS without scaling S
+                    pending.append(_Pending(record, state, side, samples @ samples.T, damping / scale, True,
+                                            samples=samples, scale=scale))
+                    continue
+                fresh = covariance is None
+                if fresh:
+                    covariance = (samples.T @ samples).mul_(scale)
+                if self.estimate == "ema":
+                    # lerp: one new matrix, (1 − β)·A + β·C; not in place, as a loaded state_dict may share tensors
+                    previous = state.get(f"{side}_average")
+                    covariance = covariance if previous is None else torch.lerp(previous, covariance, group["beta"])
+                    state[f"{side}_average"] = covariance
+                    fresh = False
+                pending.append(_Pending(record, state, side, covariance, damping, fresh, beta=group["beta"]))
+        by_size = {}
+        for item in pending:
+            by_size.setdefault((item.matrix.shape, item.matrix.dtype, item.matrix.device), []).append(item)
+        for items in by_size.values():
+            for item, inverse in zip(items, self._damped_inverses(items)):
+                self._store(item, inverse)
+
+    def _damped_inverses(self, items: list) -> list:
+        """(matrix + damping·I)⁻¹ of every pending item, by one batched Cholesky; an item whose
+        damped matrix is not positive definite is redone alone with raised damping (and its
+        ``damping`` updated)."""
+        if len(items) == 1 and items[0].fresh:
+            stacked = items[0].matrix.unsqueeze(0)  # nobody else holds it: damp in place
+        else:
+            stacked = torch.stack([item.matrix for item in items])  # a copy, so damping in place is safe
+        # add to the diagonals in place: cheaper than adding damping·eye (no second dense matrix)
+        stacked.diagonal(dim1=-2, dim2=-1).add_(torch.tensor([[item.damping] for item in items],
+                                                              dtype=stacked.dtype, device=stacked.device))
+        cholesky, info = torch.linalg.cholesky_ex(stacked)
+        if info.any():  # one synchronising check for the batch; diagnosis only on failure
+            for position in info.nonzero().flatten().tolist():
+                item = items[position]
+                undamped = stacked[position].clone()
+                undamped.diagonal().sub_(item.damping)
+                cholesky[position], item.damping = self._damped_cholesky(item.record, item.side, undamped, item.damping)
+        return torch.cholesky_inverse(cholesky).unbind()
 
     def _damped_cholesky(self, record, side, matrix, damping):
-        """Cholesky factor of matrix + damping·I, raising the damping until it exists."""
+        """Cholesky factor of matrix + damping·I, raising the damping until it exists (the batched
+        attempt at ``damping`` has failed already)."""
+        if not torch.isfinite(matrix).all():
+            raise GraphgrowError(f"non-finite {'input' if side == 'in' else 'pre-activation gradient'} "
+                                 "statistics", node=record.name, hint="training diverged; lower the learning rate")
         for _ in range(_MAX_DAMPING_RAISES):
-            damped = matrix.clone()
-            damped.diagonal().add_(damping)  # cheaper than adding damping·eye (no second dense matrix)
-            cholesky, info = torch.linalg.cholesky_ex(damped)
-            if info == 0:
-                return cholesky, damping
-            # diagnose only on failure: the common path stays free of extra synchronising checks
-            if not torch.isfinite(matrix).all():
-                raise GraphgrowError(f"non-finite {'input' if side == 'in' else 'pre-activation gradient'} "
-                                     "statistics", node=record.name, hint="training diverged; lower the learning rate")
             raised = max(10.0 * damping, 1e-7 * (float(matrix.diagonal().abs().mean()) or 1.0))
             warnings.warn(f"FrobeniusPreconditioner: layer '{record.name}' ({side} side): damped estimate not "
-                          f"positive definite at damping {damping:.3g}; raising it to {raised:.3g}", stacklevel=4)
+                          f"positive definite at damping {damping:.3g}; raising it to {raised:.3g}", stacklevel=5)
             damping = raised
+            damped = matrix.clone()
+            damped.diagonal().add_(damping)
+            cholesky, info = torch.linalg.cholesky_ex(damped)
+            if not info:
+                return cholesky, damping
         raise GraphgrowError("could not make the damped estimate positive definite", node=record.name,
                              hint="the statistics are degenerate; raise damping_in/damping_out")
 
-    def _store_low_rank(self, record, state, side, basis, damping) -> None:
-        state.pop(f"{side}_operator", None)
-        state.pop(f"{side}_average", None)
-        cholesky, damping = self._damped_cholesky(record, side, basis @ basis.T, damping)
-        # the inner matrix is γI + UUᵀ with the (possibly raised) damping γ
-        state[f"{side}_basis"], state[f"{side}_inner_inverse"] = basis, torch.cholesky_inverse(cholesky)
-        state[f"{side}_damping"] = float(damping)
-
-    def _store_dense(self, record, state, side, covariance, damping, beta) -> None:
+    def _store(self, item: "_Pending", inverse: torch.Tensor) -> None:
+        state, side = item.state, item.side
+        if item.samples is not None:
+            state.pop(f"{side}_operator", None)
+            state.pop(f"{side}_average", None)
+            state[f"{side}_basis"], state[f"{side}_inner_inverse"] = item.samples, inverse
+            state[f"{side}_damping"] = float(item.damping * item.scale)
+            return
         for key in ("basis", "inner_inverse", "damping"):
             state.pop(f"{side}_{key}", None)
-        first = f"{side}_operator" not in state
-        if self.estimate == "ema":
-            # lerp: one new matrix, (1 − β)·A + β·C; not in place, since a loaded state_dict may share tensors
-            average = covariance if first else torch.lerp(state[f"{side}_average"], covariance, beta)
-            state[f"{side}_average"] = average
-            covariance = average
-        cholesky, _ = self._damped_cholesky(record, side, covariance, damping)
-        inverse = torch.cholesky_inverse(cholesky)
-        if self.estimate == "ema_inverse" and not first:
-            inverse = torch.lerp(state[f"{side}_operator"], inverse, beta)
+        previous = state.get(f"{side}_operator")
+        if self.estimate == "ema_inverse" and previous is not None:
+            inverse = torch.lerp(previous, inverse, item.beta)
         state[f"{side}_operator"] = inverse
 
     # --------------------------------------------------------------------------- diagnostics
     @staticmethod
-    def _spectrum(basis, covariance) -> torch.Tensor:
+    def _spectrum(samples, scale, covariance) -> torch.Tensor:
         """Eigenvalues of the (undamped) estimate, descending; from the small Gram matrix if low rank."""
-        if covariance is None and basis.shape[0] < basis.shape[1]:
-            eigenvalues = torch.linalg.eigvalsh(basis @ basis.T)
-            eigenvalues = torch.cat([eigenvalues, eigenvalues.new_zeros(basis.shape[1] - basis.shape[0])])
+        if covariance is None and samples.shape[0] < samples.shape[1]:
+            eigenvalues = torch.linalg.eigvalsh(samples @ samples.T) * scale
+            eigenvalues = torch.cat([eigenvalues, eigenvalues.new_zeros(samples.shape[1] - samples.shape[0])])
         else:
-            eigenvalues = torch.linalg.eigvalsh(covariance if covariance is not None else basis.T @ basis)
+            eigenvalues = torch.linalg.eigvalsh(covariance if covariance is not None else samples.T @ samples * scale)
         return eigenvalues.flip(0).clamp_min(0).cpu()
 
     @staticmethod

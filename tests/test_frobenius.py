@@ -126,6 +126,35 @@ def test_update_matches_dense_formula(moment, labels, woodbury):
     assert low_rank == woodbury
 
 
+@pytest.mark.parametrize("woodbury", [False, True])
+def test_gradient_accumulated_over_unequal_batches_uses_all_samples(woodbury):
+    """Two forward/backward passes (batches of 3 and 5) before one step: the statistics are those
+    of all 8 per-sample gradients, each batch's mean-loss gradients rescaled by its own size."""
+    model = mlp()
+    torch.manual_seed(4)
+    batches = [(torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (3, 5)]
+    references = [layer_samples(copy.deepcopy(model), x, lambda out, y=y: nn.functional.cross_entropy(
+        out, y, reduction="sum")) for x, y in batches]
+    optimizer = FrobeniusPreconditioner(model, lr=LR, woodbury=woodbury, damping_out=0.03, damping_in=0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer.zero_grad()
+    for x, y in batches:
+        nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    for name in ("0", "2", "4"):
+        inputs = torch.cat([reference[name][0] for reference in references])
+        per_sample = torch.cat([reference[name][1] for reference in references])
+        expected_w, expected_b, _, _ = dense_direction(inputs, per_sample, grads[f"{name}.weight"],
+                                                       grads[f"{name}.bias"], "second", 0.03, 0.02)
+        layer = model[int(name)]
+        torch.testing.assert_close((before[f"{name}.weight"] - layer.weight.detach()) / LR, expected_w,
+                                   rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close((before[f"{name}.bias"] - layer.bias.detach()) / LR, expected_b,
+                                   rtol=1e-8, atol=1e-10)
+    assert ("in_basis" in optimizer.state[model[0].weight]) == woodbury
+
+
 def test_preconditioned_gradient_is_riesz_representative():
     """<∂f, δW> = (G, δW)_{X→Y} = trace(R_X⁻¹ Gᵀ R_Y δW) with R_X = (C_x+γ2)⁻¹, R_Y = C_y+γ1."""
     model = mlp()

@@ -22,7 +22,7 @@ from .errors import GraphgrowError
 from .runlog import RunLog
 
 LOSSES = ("cross_entropy", "mse")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "frobenius")
 SCHEDULES = ("constant", "step", "exponential", "cosine")
 
 
@@ -31,7 +31,9 @@ class TrainConfig:
     """How to train. ``batch=None`` is full batch. ``iterations`` (optimizer steps), when
     given, ends training before ``epochs`` does. LR schedules are per epoch:
     step: lr * gamma**(epoch // step_size); exponential: lr * gamma**epoch;
-    cosine: lr * (1 + cos(pi * epoch / epochs)) / 2."""
+    cosine: lr * (1 + cos(pi * epoch / epochs)) / 2. ``optimizer="frobenius"`` is SGD with the
+    Frobenius-type layer-wise preconditioner (graphgrow.frobenius, per-batch estimates) with
+    ``damping`` as both γ1 and γ2."""
     epochs: int = 10
     lr: float = 0.1
     optimizer: str = "sgd"
@@ -39,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
+    damping: float = 0.01
     batch: int | None = None
     loss: str = "cross_entropy"
     schedule: str = "constant"
@@ -72,6 +75,11 @@ class TrainConfig:
             bad(f"batch must be a positive integer or None (full batch), got {self.batch!r}")
         if self.momentum < 0 or self.weight_decay < 0:
             bad("momentum and weight decay must not be negative")
+        if self.optimizer == "frobenius" and (self.momentum or self.weight_decay or self.nesterov):
+            bad("the Frobenius-type preconditioner takes plain preconditioned SGD steps",
+                "drop momentum/weight decay, or use optimizer 'sgd'")
+        if not (self.damping >= 0 and math.isfinite(self.damping)):
+            bad(f"damping must be a non-negative number, got {self.damping!r}")
         if self.eval_every < 1:
             bad(f"eval_every must be at least 1, got {self.eval_every}")
 
@@ -99,9 +107,15 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
     return config.lr
 
 
-def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(module: torch.nn.Module, parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``config`` over ``parameters`` of ``module`` (the preconditioner records
+    its statistics with hooks on the module's layers)."""
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    if config.optimizer == "frobenius":
+        from .frobenius import FrobeniusPreconditioner
+        return FrobeniusPreconditioner(module, parameters, lr=config.lr, damping_in=config.damping,
+                                       damping_out=config.damping)
     return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay, nesterov=config.nesterov)
 
@@ -233,7 +247,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.loss = loss_fn(self.config.loss)
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self.optimizer = make_optimizer(self.trainable(), self.config)
+        self.optimizer = make_optimizer(self.network.module, self.trainable(), self.config)
         self.epoch = 0          # epochs completed
         self.iteration = 0      # optimizer steps taken
         self.stop_requested = False
@@ -268,7 +282,8 @@ class Trainer:
     def replace_network(self, network: Network, carry: Callable[[str, torch.Tensor], torch.Tensor | None] | dict | None = None,
                         *, record=None, **event: Any) -> None:
         """Continue training ``network`` in place of the current one, keeping the optimizer's
-        state (momentum buffers, Adam moments and step counts).
+        state (momentum buffers, Adam moments and step counts). The Frobenius-type preconditioner
+        is rebuilt on the new network instead (its statistics are re-estimated from the next batch).
 
         With ``record`` (the passes.Record of the pass that made ``network``) the optimizer is
         rewired by ``passes.transfer_optimizer``, which follows the record's parameter origins.
@@ -278,7 +293,15 @@ class Trainer:
         parameters start with fresh state. Logs an ``architecture`` event with ``event``.
         """
         check_data_fits(network, self.train_split)
-        if record is not None:
+        if self.config.optimizer == "frobenius":
+            # its state is per-batch statistics tied to the old layers' shapes: the new network's
+            # preconditioner takes fresh statistics from its next batch, at the current lr
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.remove_hooks()
+            self.network = network
+            self.optimizer = make_optimizer(network.module, self.trainable(), self.config)
+            self.set_lr(lr)
+        elif record is not None:
             import passes  # engines may import passes; the core may not
             passes.transfer_optimizer(self.optimizer, self.network.module, network.module, record)
             self.network = network
@@ -291,7 +314,7 @@ class Trainer:
         old_params = dict(self.network.module.named_parameters())
         old_state = self.optimizer.state
         self.network = network
-        new_optimizer = make_optimizer(self.trainable(), self.config)
+        new_optimizer = make_optimizer(network.module, self.trainable(), self.config)
         for group in new_optimizer.param_groups:
             group["lr"] = self.optimizer.param_groups[0]["lr"]
         for name, param in self.named_trainable().items():

@@ -233,3 +233,38 @@ def test_run_directory_refuses_to_overwrite_a_run(tmp_path):
     RunLog(tmp_path).close()
     with pytest.raises(GraphgrowError, match="already holds a run"):
         RunLog(tmp_path)
+
+
+def test_frobenius_optimizer_in_the_runtime_takes_the_preconditioned_step():
+    """optimizer='frobenius' steps exactly like FrobeniusPreconditioner used by hand, and keeps
+    working on the network that replaces the current one (rebuilt on the new layers)."""
+    from graphgrow.frobenius import FrobeniusPreconditioner
+    data = blobs()
+    by_hand = small_network()
+    optimizer = FrobeniusPreconditioner(by_hand.module, lr=0.2, damping_in=0.05, damping_out=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(by_hand.module(data.x_train), data.y_train).backward()
+        optimizer.step()
+    config = TrainConfig(epochs=3, lr=0.2, optimizer="frobenius", damping=0.05)
+    trained = train(small_network(), data, config)
+    for key, value in trained.network.state().items():
+        torch.testing.assert_close(value, by_hand.state()[key], rtol=1e-5, atol=1e-6)
+
+    trainer = Trainer(small_network(), data, TrainConfig(epochs=2, lr=0.2, optimizer="frobenius"))
+    trainer.fit()
+    old_module = trainer.network.module
+    trainer.replace_network(widened_copy(trainer.network))
+    assert trainer.optimizer.model is trainer.network.module and not old_module._forward_hooks
+    head = dict(trainer.network.module.named_parameters())["head.weight"]
+    before = head.detach().clone()
+    trainer.step(data.x_train, data.y_train)
+    assert not torch.equal(head.detach(), before)
+    assert trainer.optimizer.state[head]["step"] == 1  # fresh statistics from the new network's batch
+
+
+def test_frobenius_optimizer_refuses_momentum_and_weight_decay():
+    with pytest.raises(GraphgrowError, match="preconditioned SGD"):
+        TrainConfig(optimizer="frobenius", momentum=0.9)
+    with pytest.raises(GraphgrowError, match="damping"):
+        TrainConfig(optimizer="frobenius", damping=-1.0)

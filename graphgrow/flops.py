@@ -2,14 +2,16 @@
 
 A training step costs a forward pass plus a backward pass; the backward pass of a layer costs
 about twice its forward pass (gradients with respect to inputs and to weights), so one training
-step per sample costs ``TRAIN_FACTOR`` x forward FLOPs. The sensitivity evaluation is one
-forward and backward pass of the fully-extended network (no optimizer step) over the data it
-uses, so it costs the same factor times the extended network's forward FLOPs, times the
-fraction of the training data evaluated.
+step per sample costs ``TRAIN_FACTOR`` x forward FLOPs. A sensitivity evaluation (graphgrow.sensli)
+is one forward and backward pass of the current network (no optimizer step) plus, per candidate
+layer, the products that give its merit-weight gradient from the activation and loss gradient at
+its position (each op's ``parameter_gradient_flops`` rule), times the fraction of the training
+data evaluated.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 TRAIN_FACTOR = 3
 
@@ -17,6 +19,12 @@ TRAIN_FACTOR = 3
 def training_flops(forward_flops: int) -> int:
     """FLOPs of one training step per sample for a network of ``forward_flops``."""
     return TRAIN_FACTOR * int(forward_flops)
+
+
+def sensitivity_flops(forward_flops: int, candidate_flops: Iterable[int]) -> int:
+    """FLOPs per evaluated sample of one sensitivity evaluation: a forward and backward pass of
+    the network of ``forward_flops`` plus the merit-gradient FLOPs of every candidate."""
+    return training_flops(forward_flops) + sum(int(f) for f in candidate_flops)
 
 
 @dataclass
@@ -31,8 +39,10 @@ class CostLedger:
         self.training += round(training_flops(forward_flops) * fraction)
         self.epochs_by_architecture[architecture] = self.epochs_by_architecture.get(architecture, 0) + 1
 
-    def add_sensitivity(self, extended_forward_flops: int, fraction: float = 1.0) -> None:
-        self.sensitivity += round(training_flops(extended_forward_flops) * fraction)
+    def add_sensitivity(self, flops_per_sample: int, fraction: float = 1.0) -> None:
+        """One sensitivity evaluation of ``flops_per_sample`` (sensitivity_flops) on a
+        ``fraction`` of the training data."""
+        self.sensitivity += round(flops_per_sample * fraction)
 
     @property
     def total(self) -> int:

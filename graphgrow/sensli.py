@@ -1,12 +1,14 @@
 """SensLI (thesis chapter 4) as a graph-level optimization: sensitivity-based layer insertion
 and widening during training.
 
-The engine builds the fully-extended network (passes.extend_all: identity candidates at every
-legal position), reads the loss gradient with respect to every candidate weight over the
-training data without changing any parameter (4.16), scores each candidate by a norm of that
+The engine plans the identity candidates at every legal position (the layers passes.extend_all
+would insert), reads the loss gradient with respect to every candidate weight over the training
+data without changing any parameter (4.16) from one forward and backward pass of the current
+network (the candidates compute the identity, so their weight gradients are functions of the
+activation and its loss gradient at their position), scores each candidate by a norm of that
 gradient (4.17, B.1a-e), picks where to insert (argmax; or the comparisons random / smallest
-merit / none), checks the threshold (4.18), inserts the chosen candidates (the inverse of
-extend_all keeping them) and lets training go on with the optimizer state carried over.
+merit / none), checks the threshold (4.18), inserts the chosen candidates (extend_all, then
+keep_candidates) and lets training go on with the optimizer state carried over.
 
 Public entry points for the CLI: ``grow`` and ``sensitivities``.
 """
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
+from torch import fx
 from torch.nn.grad import conv2d_input
 
 from .errors import GraphgrowError
+from .ops.base import Geometry
 
 # -- norms of weight gradients (4.17, B.1a-e) -------------------------------------------------
 
@@ -27,39 +31,6 @@ from .errors import GraphgrowError
 #: fro_entries (B.1b, scaled by the number of entries), op (B.1c, squared operator norm of the
 #: weight as a linear map on its actual input), op_out2 (B.1d), op_out1 (B.1e).
 MERIT_NORMS = ("fro", "fro_width", "fro_entries", "op", "op_out2", "op_out1")
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How a weight acts as a linear map: a convolution with kernel (out, in, k, k) on inputs
-    of shape (in, H, W) with stride and zero padding. A linear weight (out, in) is the 1x1
-    convolution on (in, 1, 1), so every norm has one definition for both."""
-    input_shape: tuple[int, int, int]
-    stride: int = 1
-    padding: int = 0
-
-    def as_kernel(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight if weight.dim() == 4 else weight.reshape(*weight.shape, 1, 1)
-
-    @property
-    def is_dense(self) -> bool:
-        return self.input_shape[1:] == (1, 1)
-
-
-def weight_geometry(node, role: str) -> Geometry | None:
-    """The geometry of a node's weight role, or None for parameters that are not weight
-    matrices or kernels (biases, normalisation scales)."""
-    if node.op == "linear" and role == "weight":
-        return Geometry((node.in_shapes[0][-1], 1, 1))
-    if node.op == "conv2d" and role == "weight":
-        from .ops.conv import Conv2dOp
-        return Geometry(tuple(node.in_shapes[0]), node.args["stride"], Conv2dOp.padding(node.args))
-    if node.op == "residual" and role in ("inner.weight", "outer.weight"):
-        shape = node.in_shapes[0]
-        if node.args["branch"] == "conv2d":
-            return Geometry(tuple(shape), 1, node.args["kernel"] // 2)
-        return Geometry((shape[-1], 1, 1))
-    return None
 
 
 def top_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], size: int, *, tol: float = 1e-5,
@@ -120,13 +91,11 @@ def conv_operator_norm(kernel: torch.Tensor, input_shape: Sequence[int], stride:
 def gradient_norm(grad: torch.Tensor, geometry: Geometry | None, norm: str = "fro") -> float:
     """Merit of a weight's gradient under ``norm`` (one of MERIT_NORMS); every value is a
     squared norm, as in (4.17) and (B.1a-e)."""
+    if norm in ("fro", "fro_width", "fro_entries"):
+        # one fused kernel in float64 (a noticeable part of an evaluation on spiral-sized networks)
+        squared = float(torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)) ** 2
+        return squared / {"fro": 1, "fro_width": grad.shape[0] ** 2, "fro_entries": grad.numel()}[norm]
     grad = grad.detach().to(torch.float64)
-    if norm == "fro":
-        return float(grad.pow(2).sum())
-    if norm == "fro_width":
-        return float(grad.pow(2).sum()) / grad.shape[0] ** 2
-    if norm == "fro_entries":
-        return float(grad.pow(2).sum()) / grad.numel()
     if norm not in MERIT_NORMS:
         raise GraphgrowError(f"unknown merit norm '{norm}'", hint=f"use one of {', '.join(MERIT_NORMS)}")
     if geometry is None:
@@ -146,20 +115,91 @@ def gradient_norm(grad: torch.Tensor, geometry: Geometry | None, norm: str = "fr
 
 # -- gradients over the data (4.16) -------------------------------------------------------------
 
+class Tap(NamedTuple):
+    """What a gradient pass does at the output ``a`` of one node of a compiled network: it
+    continues with ``through(a)`` (elementwise nodes that give back the values of ``a``, e.g.
+    the trailing ReLU of an identity candidate after a ReLU; None: ``a`` itself) and calls
+    ``take(a, grad)`` with the loss gradient at the input of ``through`` as soon as the
+    backward pass has it."""
+    take: Callable[[torch.Tensor, torch.Tensor], None]
+    through: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+class _TappingInterpreter(fx.Interpreter):
+    """Runs a compiled network node by node (no new compilation), applying the ``taps`` (by
+    spec node name; "input" for the network input)."""
+
+    def __init__(self, module: fx.GraphModule, taps: dict[str, Tap]):
+        super().__init__(module)
+        self.taps = taps
+        value_nodes: dict[str, fx.Node] = {}
+        for node in module.graph.nodes:
+            name = "input" if node.op == "placeholder" else node.meta.get("graphgrow", {}).get("node")
+            if name in taps:  # a spec node may emit several fx nodes (a multi-input add); its value is the last
+                value_nodes[name] = node
+        missing = set(taps) - set(value_nodes)
+        if missing:
+            raise KeyError(f"no nodes {sorted(missing)} in the compiled network")
+        self.tapped = {node: name for name, node in value_nodes.items()}
+        self.unreached: dict[str, torch.Tensor] = {}
+
+    def run_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The network's output for ``x`` and the leaves the caller must differentiate with
+        respect to (tapped values without autograd history, e.g. the input), so that the
+        backward pass reaches every tap. Each tapped value ``a`` continues as
+        ``through(view of a)``; a hook on the view hands its gradient to ``take`` during the
+        backward pass, so it is used while fresh and then freed, as in a backward pass of the
+        extended network. ``unreached`` keeps the tapped values whose hook has not run yet.
+        (Interpreter.run without its progress bar and per-node bookkeeping, which cost about a
+        quarter of a spiral network's forward pass.)"""
+        self.env, self.args_iter, self.unreached, leaves = {}, iter((x,)), {}, []
+        try:
+            for node in self.graph.nodes:
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                value = getattr(self, node.op)(node.target, args, kwargs)
+                if node.op == "output":
+                    return value, leaves
+                name = self.tapped.get(node)
+                if name is not None:
+                    if not value.requires_grad:  # nothing upstream needs gradients: a leaf
+                        value = value.detach().requires_grad_()
+                        leaves.append(value)
+                    self.unreached[name] = value.detach()
+                    layer_output = value.view_as(value)  # the candidate layer's output, = a at the identity
+                    layer_output.register_hook(self._hand_over(name))
+                    through = self.taps[name].through
+                    value = layer_output if through is None else through(layer_output)
+                self.env[node] = value
+            raise RuntimeError("the compiled network has no output node")
+        finally:
+            self.env = {}  # no reference from the interpreter to the autograd graph (its hooks refer to it)
+
+    def _hand_over(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            self.taps[name].take(self.unreached.pop(name), grad)
+        return hook
+
+
 def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                        names: Iterable[str], *, batch: int | None = None) -> dict[str, torch.Tensor]:
+                        names: Iterable[str], *, batch: int | None = None,
+                        taps: dict[str, Tap] | None = None) -> dict[str, torch.Tensor]:
     """Gradient of the mean loss over all of (x, y) with respect to the named parameters,
     accumulated over batches weighted by batch size (so unequal batches give the exact
     full-data gradient). No parameter, buffer or ``.grad`` changes: the module runs in eval
     mode (no batch-norm statistics updates, no dropout) and gradients come from
-    ``torch.autograd.grad``."""
+    ``torch.autograd.grad``.
+
+    ``taps`` (for a compiled network): spec node name (or "input") -> Tap, whose ``take`` is
+    called once per batch with the node's output and the loss gradient (of that batch's share of
+    the mean loss) at the input of the tap's ``through``, during the same backward pass."""
     params = dict(module.named_parameters())
     names = list(names)
     missing = [n for n in names if n not in params]
     if missing:
         raise KeyError(f"no parameters {missing}")
     targets = [params[n] for n in names]
+    runner = _TappingInterpreter(module, taps) if taps else None
     was_training = module.training
     # only the named parameters require gradients during the pass, so backward skips the
     # weight gradients of every other parameter (biases, normalisation, non-merit weights)
@@ -174,94 +214,20 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             p.requires_grad_(name in wanted)
         for start in range(0, total, step):
             xb, yb = x[start:start + step], y[start:start + step]
-            value = loss(module(xb), yb) * (xb.shape[0] / total)
-            for acc, grad in zip(sums, torch.autograd.grad(value, targets, allow_unused=True)):
-                if grad is not None:
-                    acc += grad
+            output, leaves = (module(xb), []) if runner is None else runner.run_tapped(xb)
+            value = loss(output, yb) * (xb.shape[0] / total)
+            if targets or leaves:
+                grads = torch.autograd.grad(value, targets + leaves, allow_unused=True)
+                for acc, grad in zip(sums, grads):
+                    if grad is not None:
+                        acc += grad
+            for name, activation in (runner.unreached.items() if runner else ()):
+                taps[name].take(activation, torch.zeros_like(activation))  # the loss does not depend on it
     finally:
         for name, p in params.items():
             p.requires_grad_(flags[name])
         module.train(was_training)
     return dict(zip(names, sums))
-
-
-class _IdentityLayerGradient(torch.autograd.Function):
-    """A linear or convolution layer whose weight is exactly the identity and bias zero: the
-    output is the input, the input gradient is the output gradient, and only the weight and
-    bias gradients are computed (one weight-gradient product instead of forward, input
-    gradient and weight gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer):
-        ctx.save_for_backward(x)
-        ctx.layer = layer
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,), layer = ctx.saved_tensors, ctx.layer
-        weight_grad = bias_grad = None
-        if ctx.needs_input_grad[1]:
-            if isinstance(layer, torch.nn.Conv2d):
-                weight_grad = torch.nn.grad.conv2d_weight(x, layer.weight.shape, grad, layer.stride, layer.padding,
-                                                          layer.dilation, layer.groups)
-            else:
-                weight_grad = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[2]:
-            channel = 1 if isinstance(layer, torch.nn.Conv2d) else grad.dim() - 1
-            bias_grad = grad.sum(dim=tuple(d for d in range(grad.dim()) if d != channel))
-        return grad, weight_grad, bias_grad, None
-
-
-class _IdentityLayer(torch.nn.Module):
-    """Stands in for an identity-initialised candidate layer during the gradient pass; holds
-    the layer's own parameter objects, so parameter names and gradients are unchanged."""
-
-    def __init__(self, layer: torch.nn.Module):
-        super().__init__()
-        self.weight, self.bias = layer.weight, layer.bias
-        self.layer = [layer]  # a list: not registered as a submodule (no second parameter path)
-
-    def forward(self, x):
-        return _IdentityLayerGradient.apply(x, self.weight, self.bias, self.layer[0])
-
-
-def _is_identity_layer(layer: torch.nn.Module | None) -> bool:
-    """Whether ``layer`` computes exactly its input: a square linear layer with weight I, or a
-    stride-1 'same' convolution with the Dirac kernel; bias zero or absent."""
-    if isinstance(layer, torch.nn.Linear):
-        weight = layer.weight.detach()
-        identity = weight.shape[0] == weight.shape[1] and torch.equal(weight, torch.eye(len(weight), dtype=weight.dtype))
-    elif isinstance(layer, torch.nn.Conv2d):
-        weight, kernel = layer.weight.detach(), layer.kernel_size
-        identity = (layer.groups == 1 and layer.stride == (1, 1) and layer.dilation == (1, 1)
-                    and kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and layer.padding == (kernel[0] // 2, kernel[1] // 2)
-                    and weight.shape[0] == weight.shape[1]
-                    and torch.equal(weight, torch.nn.init.dirac_(torch.empty_like(weight))))
-    else:
-        return False
-    return identity and (layer.bias is None or not torch.any(layer.bias.detach()))
-
-
-class identity_shortcuts:
-    """Context manager: the identity layers among the named submodules of ``module`` compute
-    only their parameter gradients (see _IdentityLayerGradient) while it is active. The
-    gradients are those of the original layers; the forward values are identical."""
-
-    def __init__(self, module: torch.nn.Module, names: Iterable[str]):
-        self.module = module
-        self.originals = {name: getattr(module, name) for name in names
-                          if _is_identity_layer(getattr(module, name, None))}
-
-    def __enter__(self):
-        for name, layer in self.originals.items():
-            setattr(self.module, name, _IdentityLayer(layer))
-        return self
-
-    def __exit__(self, *exc):
-        for name, layer in self.originals.items():
-            setattr(self.module, name, layer)
-        return False
 
 
 def sample_rows(size: int, sample: int | float | None, seed: int) -> torch.Tensor | None:
@@ -283,7 +249,7 @@ def sample_rows(size: int, sample: int | float | None, seed: int) -> torch.Tenso
 class Candidate:
     """One candidate layer (``position`` is its id in passes.extend_all's record, e.g.
     ``layer:act1``; ``after`` the node it follows): its merit (squared norm of the gradient of
-    its merit weight under ``norm``) and costs."""
+    its merit weight under ``norm``), its new parameters and forward FLOPs per sample."""
     position: str
     after: str
     kind: str
@@ -302,15 +268,16 @@ class Candidate:
 @dataclass
 class Sensitivities:
     """The candidates of a network, the merits of its existing weights (same norm) and the
-    threshold reference: their mean (the denominator of 4.18)."""
+    threshold reference: their mean (the denominator of 4.18). ``flops_per_sample``: what the
+    evaluation computed per evaluated sample (graphgrow.flops.sensitivity_flops);
+    ``extended_flops``: forward FLOPs of the fully-extended network, for comparison."""
     candidates: list[Candidate]
     existing: dict[str, float]
     norm: str
     samples: int
-    extended_flops: int
+    flops_per_sample: int
+    extended_flops: int = 0
     seconds: float = 0.0
-    extended: object = None  # the fully-extended Network and its passes.Record, for the insertion
-    record: object = None
 
     @property
     def reference(self) -> float:
@@ -322,7 +289,8 @@ class Sensitivities:
 
     def to_json(self) -> dict:
         return {"norm": self.norm, "samples": self.samples, "reference": self.reference,
-                "extended_flops": self.extended_flops, "seconds": self.seconds,
+                "flops_per_sample": self.flops_per_sample, "extended_flops": self.extended_flops,
+                "seconds": self.seconds,
                 "candidates": [{**c.to_json(), "ratio": self.ratio(c)} for c in self.candidates],
                 "existing": self.existing}
 
@@ -332,7 +300,7 @@ def existing_weights(graph) -> dict[str, Geometry]:
     found = {}
     for node in graph.nodes:
         for role in node.param_shapes():
-            geometry = weight_geometry(node, role)
+            geometry = node.opdef.weight_geometry(node.args, node.in_shapes, role)
             if geometry is not None:
                 found[f"{node.name}.{role}"] = geometry
     return found
@@ -340,46 +308,67 @@ def existing_weights(graph) -> dict[str, Geometry]:
 
 def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entropy", batch: int | None = 256,
                   sample: int | float | None = None, seed: int = 0, all_norms: bool = False) -> Sensitivities:
-    """Candidates of ``network`` with their merits, from one pass over the training data (or a
-    seeded sample) through the fully-extended network; no parameter of ``network`` changes.
-    ``norm`` is one of MERIT_NORMS; ``all_norms`` also reports every other norm."""
+    """Candidates of ``network`` with their merits, from one forward and backward pass of
+    ``network`` itself over the training data (or a seeded sample); no parameter of ``network``
+    changes and nothing is compiled. Each candidate is the identity layer extend_all would
+    insert; its merit-weight gradient is computed from the activation at its position and the
+    loss gradient there (passes IdentityPlan.merit_gradient), exactly the gradient in the
+    fully-extended network. ``norm`` is one of MERIT_NORMS; ``all_norms`` also reports every
+    other norm."""
     import time
+    from passes.extend import plan_candidates
+    from passes.record import network_dtype
+    from .flops import sensitivity_flops
     from .train import as_splits, check_data_fits, loss_fn
     if norm not in MERIT_NORMS:
         raise GraphgrowError(f"unknown merit norm '{norm}'", hint=f"use one of {', '.join(MERIT_NORMS)}")
-    import passes
     start = time.perf_counter()
     train_split, _ = as_splits(data)
     check_data_fits(network, train_split)
-    extended, record = passes.extend_all(network, "layers")
-    if not record.candidates:
-        raise GraphgrowError(f"network '{network.graph.name}' has no position where a layer can be inserted",
-                             file=network.graph.source,
+    graph = network.graph
+    plans = plan_candidates(graph)
+    if not plans:
+        raise GraphgrowError(f"network '{graph.name}' has no position where a layer can be inserted",
+                             file=graph.source,
                              hint="SensLI inserts after ReLU activations and around residual blocks")
     rows = sample_rows(len(train_split), sample, seed)
     x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows], train_split.y[rows])
-    ext_graph = extended.graph
-    weights = existing_weights(ext_graph)
-    base_names = list(existing_weights(network.graph))  # old parameters keep their names
-    merit_params = {cid: next(iter(info.merit)) for cid, info in record.candidates.items()}
-    # identity candidates (dense, conv) skip their forward and input-gradient products: at the
-    # identity they pass values and gradients through unchanged (residual candidates run as built)
-    with identity_shortcuts(extended.module, [info.nodes[0] for info in record.candidates.values()
-                                              if info.kind in ("dense", "conv")]):
-        grads = full_data_gradients(extended.module, x, y, loss_fn(loss), base_names + list(merit_params.values()),
-                                    batch=batch)
-    existing = {name: gradient_norm(grads[name], weights[name], norm) for name in base_names}
+    x = x.to(network_dtype(network))  # the data splits are float32; a float64 network computes in float64
+    weights = existing_weights(graph)
+    merit_grads: dict[str, torch.Tensor] = {}
+
+    def accumulate(cid, plan):
+        def take(activation, grad):
+            merit_grad = plan.merit_gradient(activation, grad)
+            merit_grads[cid] = merit_grads[cid] + merit_grad if cid in merit_grads else merit_grad
+        return take
+
+    # the pass runs each candidate's trailing activation (ReLU after a ReLU: same values) so that
+    # the backward pass gives the gradient at the candidate layer's output, as in the extended network
+    taps = {plan.after: Tap(accumulate(cid, plan), plan.trailing) for cid, plan in plans.items()}
+    grads = full_data_gradients(network.module, x, y, loss_fn(loss), list(weights), batch=batch, taps=taps)
+    existing = {name: gradient_norm(grads[name], weights[name], norm) for name in weights}
     norms_wanted = MERIT_NORMS if all_norms else (norm,)
-    shapes = {k: tuple(v.shape) for k, v in extended.module.named_parameters()}
-    candidates = []
-    for cid, info in record.candidates.items():
-        param = merit_params[cid]
-        values = {k: gradient_norm(grads[param], weights[param], k) for k in norms_wanted}
-        candidates.append(Candidate(cid, info.position, info.kind, info.nodes[0], param, list(grads[param].shape),
-                                    values[norm], sum(math.prod(shapes[p]) for p in info.params),
-                                    sum(ext_graph.node(n).flops() for n in info.nodes), values))
-    return Sensitivities(candidates, existing, norm, int(x.shape[0]), ext_graph.flops(),
-                         time.perf_counter() - start, extended, record)
+    candidates, gradient_flops = [], []
+    for cid, plan in plans.items():
+        shape, head, grad = graph.shape_of(plan.after), plan.nodes[0], merit_grads[cid]
+        geometry = head.opdef.weight_geometry(head.args, [shape], plan.merit_role)
+        values = {k: gradient_norm(grad, geometry, k) for k in norms_wanted}
+        candidates.append(Candidate(cid, plan.after, plan.kind, head.name, plan.merit_param, list(grad.shape),
+                                    values[norm], sum(t.numel() for t in plan.values.values()),
+                                    plan.forward_flops(shape), values))
+        gradient_flops.append(plan.merit_gradient_flops(shape))
+    forward = graph.flops()
+    return Sensitivities(candidates, existing, norm, int(x.shape[0]), sensitivity_flops(forward, gradient_flops),
+                         forward + sum(c.flops for c in candidates), time.perf_counter() - start)
+
+
+def insert_candidates(network, positions: Iterable[str]):
+    """``network`` with the candidates ``positions`` (ids from ``sensitivities``) inserted with
+    the initial values their merits were computed for (passes.extend_all, then keep_candidates;
+    built at insertion time only). Returns (network, passes.Record) for Trainer.replace_network."""
+    import passes
+    return passes.keep_candidates(*passes.extend_all(network, "layers"), positions)
 
 
 # -- where: selection strategies and the threshold (4.18) ---------------------------------------
@@ -454,7 +443,7 @@ class GrowthHook:
             return
         report = sensitivities(trainer.network, trainer_data(trainer), norm=self.norm, loss=trainer.config.loss,
                                batch=self.sens_batch, sample=self.sample, seed=self.seed + trainer.epoch)
-        self.ledger.add_sensitivity(report.extended_flops, report.samples / len(trainer.train_split))
+        self.ledger.add_sensitivity(report.flops_per_sample, report.samples / len(trainer.train_split))
         room = min(self.per_step, self.max_insertions - self.inserted)
         chosen = select(report, self.strategy, tau=self.tau if self.strategy == "sensli" else None,
                         count=room, generator=self.generator)
@@ -469,11 +458,10 @@ class GrowthHook:
             trainer.write_progress(f"epoch {trainer.epoch}: no insertion (best merit ratio "
                                    f"{report.ratio(best):.3g} < tau {self.tau})")
             return
-        import passes
         from .train import evaluate
         before = evaluate(trainer.network, trainer.train_split, trainer.config.loss)["loss"]
         params_before = graph.num_params()
-        grown, kept = passes.keep_candidates(report.extended, report.record, [c.position for c in chosen])
+        grown, kept = insert_candidates(trainer.network, [c.position for c in chosen])
         after = evaluate(grown, trainer.train_split, trainer.config.loss)["loss"]
         trainer.replace_network(grown, record=kept, reason="insertion", positions=event["positions"])
         self.inserted += len(chosen)

@@ -6,7 +6,7 @@ import torch
 
 from graphgrow import GraphgrowError, LayerGraph, Network
 
-from .insert import apply_plan, plan_identity, _init_name
+from .insert import IdentityPlan, apply_plan, plan_identity, _init_name
 from .record import CandidateInfo, Origin, Record, gc_paused, rebuild
 from .units import UnitMap, keep_units, trace_units
 from .widen import apply_maps, plan_widen
@@ -25,6 +25,13 @@ def legal_positions(graph: LayerGraph) -> list[str]:
             positions.extend(node.inputs[:1] + [node.name])
     seen: set[str] = set()
     return [p for p in positions if p not in graph.outputs and not (p in seen or seen.add(p))]
+
+
+def plan_candidates(graph: LayerGraph, activation: str | None = None, c: float = 1.0) -> dict[str, IdentityPlan]:
+    """The layer candidates of ``extend_all(network, "layers")`` by candidate id (``layer:<after>``):
+    the same identity plans (nodes, names, initial values, merit parameter), planned on ``graph``
+    without changing or copying it (SensLI computes their merits on the network as it is)."""
+    return {f"layer:{after}": plan_identity(graph, after, "auto", activation, c) for after in legal_positions(graph)}
 
 
 @gc_paused()

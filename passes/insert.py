@@ -22,6 +22,47 @@ class IdentityPlan:
     values: dict[str, torch.Tensor]
     merit_param: str
 
+    @property
+    def merit_role(self) -> str:
+        return self.merit_param[len(self.nodes[0].name) + 1:]
+
+    def _roles(self, node: Node) -> dict[str, torch.Tensor]:
+        prefix = f"{node.name}."
+        return {name[len(prefix):]: t for name, t in self.values.items() if name.startswith(prefix)}
+
+    def trailing(self, value: torch.Tensor) -> torch.Tensor:
+        """The plan's nodes after the first (the activation after a dense/conv layer) applied to
+        ``value``, the first node's output. At the identity that output is the input ``a`` of
+        the layer and the trailing nodes give back ``a`` (idempotent activation)."""
+        for node in self.nodes[1:]:
+            fn, kwargs = node.opdef.function(node.args)
+            value = fn(value, **kwargs)
+        return value
+
+    def merit_gradient(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient of the loss with respect to ``merit_param`` (summed over the batch) with the
+        plan inserted after a node whose output is ``x`` and every parameter at its initial
+        value: the layer computes the identity, so its first node's input is ``x``, and
+        ``grad`` is the loss gradient at that node's output (at the position ``g`` times the
+        trailing activation's derivative; for a residual block ``g`` itself). The first node's
+        op has the rule (OpDef.parameter_gradients)."""
+        head = self.nodes[0]
+        params = {role: t.to(x.dtype) for role, t in self._roles(head).items()}
+        return head.opdef.parameter_gradients(head.args, params, x, grad, (self.merit_role,))[self.merit_role]
+
+    def forward_flops(self, shape) -> int:
+        """Forward FLOPs per sample of the plan's nodes on inputs of ``shape`` (the layer keeps it)."""
+        return sum(node.opdef.flops(node.args, [tuple(shape)], tuple(shape)) for node in self.nodes)
+
+    def merit_gradient_flops(self, shape) -> int:
+        """FLOPs per sample of ``merit_gradient`` on inputs of ``shape``, with the trailing nodes
+        run forward and backward to give its ``grad``."""
+        shape = tuple(shape)
+        trailing = sum(node.opdef.flops(node.args, [shape], shape)
+                       + node.opdef.input_gradient_flops(node.args, [shape], shape) for node in self.nodes[1:])
+        head = self.nodes[0]
+        return trailing + head.opdef.parameter_gradient_flops(head.args, [shape], shape, (self.merit_role,))
+
 
 def _init_name(tensor: torch.Tensor) -> str:
     if not tensor.any():

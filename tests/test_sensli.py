@@ -2,6 +2,7 @@
 (4.11, 4.13, 4.15), selection and threshold (4.18), insertion with carried optimizer state."""
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +12,9 @@ from torch.nn import functional as F
 from graphgrow import GraphgrowError, Network, graph_from_text, load_graph
 from graphgrow.data import spiral
 import passes
-from graphgrow.sensli import (Candidate, Geometry, Sensitivities, conv_operator_norm, full_data_gradients,
-                              gradient_norm, grow, select, sensitivities)
+from graphgrow.ops.base import get_op
+from graphgrow.sensli import (MERIT_NORMS, Candidate, Geometry, Sensitivities, conv_operator_norm, existing_weights,
+                              full_data_gradients, gradient_norm, grow, insert_candidates, select, sensitivities)
 from graphgrow.train import TrainConfig, Trainer
 
 SMALL_CNN = """
@@ -103,8 +105,10 @@ def test_candidates_of_every_architecture_and_their_merit_weights(spec, kinds):
         assert candidate.param.endswith("outer.weight" if candidate.kind == "residual" else ".weight")
         assert candidate.merit > 0 and set(candidate.norms) == {"fro", "fro_width", "fro_entries", "op",
                                                                "op_out2", "op_out1"}
+    grown, _ = insert_candidates(network, [c.position for c in report.candidates])
     x = data.x_train[:9]
-    assert torch.allclose(report.extended(x), network(x), atol=1e-6)  # the extension keeps the function
+    assert torch.allclose(grown(x), network(x), atol=1e-6)  # the candidates keep the function
+    assert grown.graph.num_params() == network.graph.num_params() + sum(c.new_params for c in report.candidates)
 
 
 def test_fnn_candidate_merit_matches_hand_built_identity_layer():
@@ -214,7 +218,9 @@ def test_grow_writes_run_directory_with_costs(tmp_path):
     assert summary["params"] == {"start": 27, "final": 57}
     run = summary["flops_per_sample"]["run"]
     assert run["training"] == 2 * 3 * 52 + 2 * 3 * 112  # 2 epochs per architecture, 3 x forward FLOPs
-    assert run["sensitivity"] == 3 * 112
+    # one evaluation on all samples: forward + backward of the 2-5-2 network (3 x 52 FLOPs) plus the
+    # candidate's weight gradient (5 x 5 multiply-adds) and its ReLU recomputed and differentiated (5 + 5)
+    assert run["sensitivity"] == 3 * 52 + 2 * 5 * 5 + 5 + 5
     assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "final.yaml").exists()
     assert result.summary["insertions"][0]["positions"] == ["layer:act1"]
 
@@ -279,30 +285,165 @@ def test_grow_with_widening():
     assert event["loss_before"] == pytest.approx(event["loss_after"], abs=1e-6)
 
 
-@pytest.mark.parametrize("spec", [SMALL_CNN, "specs/fnn_spiral.yaml"])
-def test_identity_shortcuts_give_the_gradients_of_the_layers_as_built(spec):
-    """The shortcut for identity candidates (dense, conv: no forward or input-gradient
-    product) changes neither outputs nor gradients, in float64, compared with autograd through
-    the extended network as compiled; layers that are not the identity keep running as built."""
-    from graphgrow.sensli import identity_shortcuts
-    graph = graph_from_text(spec) if spec.startswith("\n") else load_graph(spec)
-    network = Network.build(graph, seed=2)
+RESIDUAL_ON_INPUT = """
+graphgrow: 1
+name: residual_on_input
+input: {shape: [3]}
+layers:
+  - {name: res, op: residual, activation: relu, h: 0.5}
+  - {name: head, op: linear, out: 2}
+"""
+RESIDUAL_AFTER_ADD = """
+graphgrow: 1
+name: residual_after_add
+input: {shape: [3]}
+layers:
+  - {name: fc1, op: linear, out: 3}
+  - {name: fc2, op: linear, out: 3, inputs: [input]}
+  - {name: total, op: add, inputs: [fc1, fc2, input]}
+  - {name: res, op: residual}
+  - {name: head, op: linear, out: 2}
+"""  # a three-input add compiles to two fx nodes; the position is the last
+DANGLING_BRANCH = """
+graphgrow: 1
+name: dangling_branch
+input: {shape: [3]}
+layers:
+  - {name: fc, op: linear, out: 4}
+  - {name: act, op: relu}
+  - {name: side, op: linear, out: 4, inputs: [act]}
+  - {name: side_act, op: relu}
+  - {name: head, op: linear, out: 2, inputs: [act]}
+"""  # side_act does not reach the output: its candidate's gradient is zero
+SMALL_VGG = (Path(__file__).parent.parent / "specs" / "cnn_vgg.yaml").read_text().replace(
+    "shape: [1, 28, 28]", "shape: [1, 8, 8]")  # the VGG-like CNN (2.11) on 8x8 images
+
+
+def float64_problem(spec, samples=37, seed=3):
+    """A float64 network of ``spec`` and data whose inputs are float32 numbers (the data splits
+    are read as float32, so the comparison starts from the same inputs)."""
+    graph = load_graph(spec) if spec.endswith(".yaml") else graph_from_text(spec)
+    network = Network.build(graph, seed=seed)
     network.module.double()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, *graph.input_shape, generator=generator).double()
+    return network, SimpleNamespace(x_train=x, y_train=torch.arange(samples) % 2)
+
+
+def extended_merits(network, x, y, batch):
+    """Reference: the fully-extended network built by passes.extend_all, its gradients by autograd."""
     extended, record = passes.extend_all(network, "layers")
-    layers = [info.nodes[0] for info in record.candidates.values()]
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(25, *graph.input_shape, generator=generator, dtype=torch.float64)
-    y = torch.arange(25) % 2
-    names = [name for name, _ in extended.module.named_parameters()]
-    expected = full_data_gradients(extended.module, x, y, F.cross_entropy, names, batch=10)
-    with identity_shortcuts(extended.module, layers) as shortcuts:
-        assert set(shortcuts.originals) == set(layers)
-        assert torch.equal(extended.module(x), network.module(x))
-        got = full_data_gradients(extended.module, x, y, F.cross_entropy, names, batch=10)
-    for name in names:
-        assert torch.allclose(got[name], expected[name], rtol=1e-10, atol=1e-12), name
-    assert all(getattr(extended.module, layer) is record_layer
-               for layer, record_layer in shortcuts.originals.items())  # restored on exit
+    geometry = existing_weights(extended.graph)
+    merit_params = {cid: next(iter(info.merit)) for cid, info in record.candidates.items()}
+    names = list(existing_weights(network.graph)) + list(merit_params.values())
+    grads = full_data_gradients(extended.module, x, y, F.cross_entropy, names, batch=batch)
+    norms = {name: {norm: gradient_norm(grads[name], geometry[name], norm) for norm in MERIT_NORMS} for name in names}
+    return extended, record, merit_params, norms
+
+
+@pytest.mark.parametrize("spec", ["specs/fnn_spiral.yaml", "specs/fnn_spiral_deep.yaml", "specs/resnet_spiral.yaml",
+                                  "specs/resnet_ode.yaml", "specs/two_path.yaml", "specs/mnist_fnn.yaml", SMALL_VGG,
+                                  RESIDUAL_ON_INPUT, RESIDUAL_AFTER_ADD, DANGLING_BRANCH],
+                         ids=lambda spec: spec.split("\nname: ")[-1].split("\n")[0])
+def test_merits_from_one_base_pass_equal_those_of_the_built_extended_network(spec):
+    """(4.16): the merit-weight gradients read from the activations and their loss gradients in
+    the current network equal the gradients of the fully-extended network as built and compiled,
+    in float64 to 1e-10, for every norm, over unequal batches; nothing of the network changes."""
+    network, data = float64_problem(spec)
+    network.module.train()
+    before = {k: v.clone() for k, v in network.state().items()}
+    flags = {k: p.requires_grad for k, p in network.module.named_parameters()}
+    report = sensitivities(network, data, batch=10, all_norms=True)
+    extended, record, merit_params, expected = extended_merits(network, data.x_train, data.y_train, batch=10)
+    assert [c.position for c in report.candidates] == list(record.candidates)
+    ext_shapes = {k: v.shape for k, v in extended.module.named_parameters()}
+    for candidate in report.candidates:
+        info = record.candidates[candidate.position]
+        assert (candidate.kind, candidate.after, candidate.node, candidate.param) == (
+            info.kind, info.position, info.nodes[0], merit_params[candidate.position])
+        assert candidate.new_params == sum(math.prod(ext_shapes[p]) for p in info.params)
+        assert candidate.flops == sum(extended.graph.node(n).flops() for n in info.nodes)
+        for norm in MERIT_NORMS:
+            assert candidate.norms[norm] == pytest.approx(expected[candidate.param][norm], rel=1e-10, abs=1e-300)
+        assert (candidate.merit == 0) == (candidate.after == "side_act")
+    assert report.existing == pytest.approx({k: expected[k]["fro"] for k in report.existing}, rel=1e-10)
+    assert report.extended_flops == extended.graph.flops()
+    assert network.module.training and all(p.grad is None for p in network.module.parameters())
+    assert {k: p.requires_grad for k, p in network.module.named_parameters()} == flags
+    assert all(torch.equal(before[k], v) for k, v in network.state().items())
+
+
+def test_sampled_sensitivities_are_those_of_the_sampled_rows():
+    network, data = float64_problem("specs/fnn_spiral_deep.yaml", samples=50)
+    report = sensitivities(network, data, sample=0.4, seed=5, batch=7)
+    rows = torch.randperm(50, generator=torch.Generator().manual_seed(5))[:20].sort().values
+    _, _, merit_params, expected = extended_merits(network, data.x_train[rows], data.y_train[rows], batch=None)
+    assert report.samples == 20
+    for candidate in report.candidates:
+        assert candidate.merit == pytest.approx(expected[candidate.param]["fro"], rel=1e-10)
+    assert report.existing == pytest.approx({k: expected[k]["fro"] for k in report.existing}, rel=1e-10)
+
+
+def test_sensitivity_flops_count_the_base_pass_and_the_candidate_gradient_products():
+    """FLOPs per sample by hand: 3 x the forward FLOPs of the network (forward + backward) plus,
+    per candidate, the products of its merit-weight gradient."""
+    network = Network.build(load_graph("specs/resnet_spiral.yaml"), seed=0)
+    report = sensitivities(network, spiral(0))
+    lift, head = 3 * 2 * 2, 2 * 2 * 3                 # no biases
+    block = 3 * (2 * (2 * 3) + 1 + 4 + 2)              # two 3x3 products, bias, tanh (4), h and the sum
+    assert network.graph.flops() == lift + block + head
+    # per candidate block (width 3): W1 a + b (3 x (2 x 3 + 1)), tanh (3 x 4), h g (3), dL/dW2 (2 x 3 x 3)
+    candidate = 3 * (2 * 3 + 1) + 3 * 4 + 3 + 2 * 3 * 3
+    assert report.flops_per_sample == 3 * (lift + block + head) + 2 * candidate
+    assert report.to_json()["flops_per_sample"] == report.flops_per_sample
+    ledger_run = grow("specs/resnet_spiral.yaml", spiral(0), insert_at=[1], epochs=2, lr=0.1, sample=0.5,
+                      log_steps=False).summary["flops_per_sample"]["run"]
+    assert ledger_run["sensitivity"] == round(report.flops_per_sample * 0.5)
+
+
+def residual_args(**changes):
+    return get_op("residual").check_args({"activation": "tanh", "h": 0.5, **changes})
+
+
+@pytest.mark.parametrize("op,args,in_shape", [
+    ("linear", {"out": 3}, (4,)), ("conv2d", {"out": 3, "kernel": 3, "stride": 2, "padding": 1}, (2, 6, 5)),
+    ("residual", residual_args(), (3,)), ("residual", residual_args(form="one_weight"), (3,)),
+    ("residual", residual_args(branch="conv2d", activation="relu"), (2, 4, 4))])
+def test_parameter_gradient_rules_equal_autograd_through_the_built_module(op, args, in_shape):
+    """OpDef.parameter_gradients, the per-op rule the merits use, against autograd through the
+    op's module with random parameters (every role, not only the identity point)."""
+    opdef = get_op(op)
+    args = opdef.check_args(args)
+    module = opdef.build_module(args, [in_shape]).double()
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        getattr(extended.module, layers[0]).weight.mul_(0.5)  # no longer the identity
-    assert layers[0] not in identity_shortcuts(extended.module, layers).originals
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64))
+    x = torch.randn(5, *in_shape, generator=generator, dtype=torch.float64)
+    params = dict(module.named_parameters())
+    out = module(x)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    expected = torch.autograd.grad(out, list(params.values()), grad_out)
+    got = opdef.parameter_gradients(args, {k: v.detach() for k, v in params.items()}, x, grad_out, list(params))
+    assert set(got) == set(params)
+    for role, grad in zip(params, expected):
+        assert torch.allclose(got[role], grad, rtol=1e-10, atol=1e-12), role
+
+
+def test_weight_geometry_of_each_op():
+    """The linear map each weight role is, for the norms B.1a-e: input shape, stride, padding."""
+    conv = get_op("conv2d")
+    assert conv.weight_geometry(conv.check_args({"out": 4, "kernel": 5, "stride": 2}), [(3, 9, 7)], "weight") == \
+        Geometry((3, 9, 7), 2, 2)
+    assert conv.weight_geometry(conv.check_args({"out": 4, "padding": 0}), [(3, 9, 7)], "weight") == \
+        Geometry((3, 9, 7), 1, 0)
+    assert conv.weight_geometry(conv.check_args({"out": 4}), [(3, 9, 7)], "bias") is None
+    linear = get_op("linear")
+    assert linear.weight_geometry(linear.check_args({"out": 2}), [(6,)], "weight") == Geometry((6, 1, 1))
+    residual = get_op("residual")
+    conv_block = residual.check_args({"branch": "conv2d", "kernel": 5})
+    for role in ("inner.weight", "outer.weight"):
+        assert residual.weight_geometry(conv_block, [(3, 8, 8)], role) == Geometry((3, 8, 8), 1, 2)
+        assert residual.weight_geometry(residual.check_args({}), [(4,)], role) == Geometry((4, 1, 1))
+    assert residual.weight_geometry(conv_block, [(3, 8, 8)], "inner.bias") is None
+    assert get_op("relu").weight_geometry({}, [(4,)], "weight") is None

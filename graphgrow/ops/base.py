@@ -21,6 +21,20 @@ REQUIRED = object()
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """How a weight acts as a linear map: a convolution with kernel (out, in, k, k) on inputs
+    of shape (in, H, W) with stride and zero padding. A linear weight (out, in) is the 1x1
+    convolution on (in, 1, 1), so every weight norm (graphgrow.sensli) has one definition for
+    both."""
+    input_shape: tuple[int, int, int]
+    stride: int = 1
+    padding: int = 0
+
+    def as_kernel(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if weight.dim() == 4 else weight.reshape(*weight.shape, 1, 1)
+
+
+@dataclass(frozen=True)
 class Arg:
     """One op argument: its name, a checker/converter and a default (REQUIRED if none)."""
     name: str
@@ -141,6 +155,35 @@ class OpDef:
     def flops(self, args: dict, in_shapes: list[Shape], out_shape: Shape) -> int:
         """Floating point operations per sample in the forward pass (multiply-add = 2)."""
         return 0
+
+    def input_gradient_flops(self, args: dict, in_shapes: list[Shape], out_shape: Shape) -> int:
+        """FLOPs per sample of the gradient with respect to the input (backward pass without
+        parameter gradients); about one forward pass for the built-in ops."""
+        return self.flops(args, in_shapes, out_shape)
+
+    def weight_geometry(self, args: dict, in_shapes: list[Shape], role: str) -> Geometry | None:
+        """How the parameter ``role`` acts as a linear map (the SensLI merit norms, B.1a-e), or
+        None for parameters that are not weight matrices or kernels (biases, scales)."""
+        return None
+
+    # -- gradients from a tapped forward/backward pass (graphgrow.sensli) -------------------
+    def functional(self, args: dict, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The op's output for a batch ``x`` with parameters ``params`` (by role), computed
+        without a module."""
+        raise NotImplementedError(f"op '{self.name}' has no functional form")
+
+    def parameter_gradients(self, args: dict, params: dict[str, torch.Tensor], x: torch.Tensor,
+                            grad_out: torch.Tensor, roles: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Gradients (by role, for ``roles``) of the loss with respect to the op's parameters
+        ``params``, summed over the batch, given its input batch ``x`` and the loss gradient
+        ``grad_out`` at its output: the parameter-gradient part of a backward pass, without the
+        input gradient."""
+        raise NotImplementedError(f"op '{self.name}' has no parameter-gradient rule")
+
+    def parameter_gradient_flops(self, args: dict, in_shapes: list[Shape], out_shape: Shape,
+                                 roles: Sequence[str]) -> int:
+        """FLOPs per sample of ``parameter_gradients`` for ``roles``."""
+        raise NotImplementedError(f"op '{self.name}' has no parameter-gradient rule")
 
     # -- compilation --------------------------------------------------------------------
     def build_module(self, args: dict, in_shapes: list[Shape]) -> nn.Module | None:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.nn.grad import conv2d_weight
 
 from ..errors import GraphgrowError
-from .base import (Arg, OpDef, boolean, int_or, kaiming_uniform_init, numel, positive_int,
+from .base import (Arg, Geometry, OpDef, boolean, int_or, kaiming_uniform_init, numel, positive_int,
                    register_op, require)
 
 
@@ -95,6 +97,27 @@ class Conv2dOp(OpDef):
         if args["bias"]:
             params["bias"] = torch.zeros(args["out"])
         return params
+
+    def weight_geometry(self, args, in_shapes, role):
+        return Geometry(tuple(in_shapes[0]), args["stride"], self.padding(args)) if role == "weight" else None
+
+    def functional(self, args, params, x):
+        return F.conv2d(x, params["weight"], params.get("bias"), stride=args["stride"], padding=self.padding(args))
+
+    def parameter_gradients(self, args, params, x, grad_out, roles):
+        """dL/dK: the correlation of the input with grad_out (``conv2d_weight``); dL/db: grad_out
+        summed over samples and positions. Neither depends on the parameters."""
+        grads = {}
+        if "weight" in roles:
+            shape = (args["out"], x.shape[1], args["kernel"], args["kernel"])
+            grads["weight"] = conv2d_weight(x, shape, grad_out, stride=args["stride"], padding=self.padding(args))
+        if "bias" in roles:
+            grads["bias"] = grad_out.sum(dim=(0, 2, 3))
+        return grads
+
+    def parameter_gradient_flops(self, args, in_shapes, out_shape, roles):
+        weight = 2 * numel(out_shape) * in_shapes[0][0] * args["kernel"] ** 2 if "weight" in roles else 0
+        return weight + (numel(out_shape) if "bias" in roles else 0)
 
 
 register_op(Conv2dOp)

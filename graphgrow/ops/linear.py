@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import GraphgrowError
-from .base import Arg, OpDef, boolean, kaiming_uniform_init, numel, positive_int, register_op
+from .base import Arg, Geometry, OpDef, boolean, kaiming_uniform_init, numel, positive_int, register_op
 
 
 class LinearOp(OpDef):
@@ -55,6 +56,28 @@ class LinearOp(OpDef):
         if args["bias"]:
             params["bias"] = torch.zeros(args["out"])
         return params
+
+    def weight_geometry(self, args, in_shapes, role):
+        return Geometry((in_shapes[0][-1], 1, 1)) if role == "weight" else None
+
+    def functional(self, args, params, x):
+        return F.linear(x, params["weight"], params.get("bias"))
+
+    def parameter_gradients(self, args, params, x, grad_out, roles):
+        """dL/dW = sum over samples (and leading dimensions) of grad_out^T x; dL/db = sum of
+        grad_out. Neither depends on the parameters."""
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grads = {}
+        if "weight" in roles:
+            grads["weight"] = rows.T @ x.reshape(-1, x.shape[-1])
+        if "bias" in roles:
+            grads["bias"] = rows.sum(0)
+        return grads
+
+    def parameter_gradient_flops(self, args, in_shapes, out_shape, roles):
+        rows = numel(in_shapes[0][:-1])
+        weight = 2 * rows * args["out"] * in_shapes[0][-1] if "weight" in roles else 0
+        return weight + (numel(out_shape) if "bias" in roles else 0)
 
 
 register_op(LinearOp)

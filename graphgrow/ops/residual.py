@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import GraphgrowError
-from .base import (Arg, OpDef, boolean, choice, get_op, kaiming_uniform_init, number, numel,
+from .base import (Arg, Geometry, OpDef, boolean, choice, get_op, kaiming_uniform_init, number, numel,
                    positive_int, register_op, registered_ops, require)
 from .conv import expect_image, same_padding
 
@@ -130,6 +130,64 @@ class ResidualOp(OpDef):
         if args["form"] == "two_weight":
             params["outer.weight"] = torch.zeros(shape)
         return params
+
+    # -- the branch layers as linear / conv2d ops: one weight rule for both -----------------
+    def _branch(self, args, in_shape) -> tuple[OpDef, dict]:
+        """The op and arguments of W1 (and, without bias, of W2) on inputs of ``in_shape``."""
+        width = self._width([in_shape])
+        if args["branch"] == "conv2d":
+            return get_op("conv2d"), {"out": width, "kernel": args["kernel"], "stride": 1, "padding": "same",
+                                      "bias": args["bias"]}
+        return get_op("linear"), {"out": width, "bias": args["bias"]}
+
+    def weight_geometry(self, args, in_shapes, role):
+        if role not in ("inner.weight", "outer.weight"):
+            return None
+        branch, branch_args = self._branch(args, in_shapes[0])
+        return branch.weight_geometry(branch_args, in_shapes, "weight")
+
+    def parameter_gradients(self, args, params, x, grad_out, roles):
+        """With s = act(W1 x + b) and output x + h W2 s (4.14c): dL/dW2 is the branch's weight
+        rule for input s and output gradient h grad_out; the inner roles go back through W2
+        (two_weight) and the activation's derivative (autograd on the activation)."""
+        branch, branch_args = self._branch(args, tuple(x.shape[1:]))
+        act_op = get_op(args["activation"])
+        act, act_kwargs = act_op.function(act_op.check_args({}))  # the activation's defaults, as built
+        pre = branch.functional(branch_args, {"weight": params["inner.weight"], "bias": params.get("inner.bias")}, x)
+        scaled = args["h"] * grad_out
+        grads = {}
+        if "outer.weight" in roles:
+            grads["outer.weight"] = branch.parameter_gradients(branch_args, {}, act(pre, **act_kwargs), scaled,
+                                                               ("weight",))["weight"]
+        inner = [role.split(".", 1)[1] for role in roles if role.startswith("inner.")]
+        if inner:
+            with torch.enable_grad():  # also when called from a backward hook
+                pre = pre.detach().requires_grad_()
+                out = act(pre, **act_kwargs)
+                if args["form"] == "two_weight":
+                    out = branch.functional(branch_args, {"weight": params["outer.weight"]}, out)
+                (delta,) = torch.autograd.grad(out, pre, scaled)
+            grads.update({f"inner.{role}": grad for role, grad in
+                          branch.parameter_gradients(branch_args, {}, x, delta, inner).items()})
+        return grads
+
+    def parameter_gradient_flops(self, args, in_shapes, out_shape, roles):
+        branch, branch_args = self._branch(args, in_shapes[0])
+        act = get_op(args["activation"])
+        activation = act.flops({}, [out_shape], out_shape)
+        # W1 x + b, the activation and the factor h on the output gradient
+        flops = branch.flops(branch_args, in_shapes, out_shape) + activation + numel(out_shape)
+        if "outer.weight" in roles:
+            flops += branch.parameter_gradient_flops(branch_args, in_shapes, out_shape, ("weight",))
+        inner = [role.split(".", 1)[1] for role in roles if role.startswith("inner.")]
+        if inner:
+            flops += activation + act.input_gradient_flops({}, [out_shape], out_shape)
+            if args["form"] == "two_weight":
+                outer_args = {**branch_args, "bias": False}
+                flops += (branch.flops(outer_args, in_shapes, out_shape)
+                          + branch.input_gradient_flops(outer_args, in_shapes, out_shape))
+            flops += branch.parameter_gradient_flops(branch_args, in_shapes, out_shape, inner)
+        return flops
 
 
 register_op(ResidualOp)

@@ -95,7 +95,7 @@ def cmd_grow(opts) -> None:
     result = grow(opts.spec, opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
                   insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
                   per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
-                  momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer,
+                  momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer, damping=opts.damping,
                   loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out, seed=opts.seed,
                   progress=not opts.quiet)
     _print_growth(result)
@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--widen", type=int, default=0, metavar="K", help="add the K best neurons instead of layers (4.4)")
     grow.add_argument("--momentum", type=float, default=0.0)
     grow.add_argument("--weight-decay", type=float, default=0.0)
-    grow.add_argument("--optimizer", default="sgd", help="sgd or adam")
+    grow.add_argument("--optimizer", default="sgd",
+                      help="sgd, adam or frobenius (the layer-wise preconditioner, docs/preconditioning.md)")
+    grow.add_argument("--damping", type=float, default=0.01, help="gamma of the frobenius optimizer (both sides)")
     grow.set_defaults(run=cmd_grow)
 
     sens = commands.add_parser("sensitivities", help="merits of every candidate layer of a network")

@@ -553,7 +553,8 @@ class GrowResult:
 def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | None = None,
          insert_at: Iterable[int] | None = None, max_insertions: int = 1, tau: float | None = None,
          per_step: int = 1, norm: str = "fro", epochs: int = 100, lr: float = 0.1, batch: int | None = None,
-         momentum: float = 0.0, weight_decay: float = 0.0, optimizer: str = "sgd", loss: str = "cross_entropy",
+         momentum: float = 0.0, weight_decay: float = 0.0, optimizer: str = "sgd", damping: float = 0.01,
+         loss: str = "cross_entropy",
          sens_batch: int | None = 256, sample: int | float | None = None, out=None, seed: int = 0,
          progress: bool = False, eval_every: int = 1, log_steps: bool = True, export: bool = True,
          widen: int = 0) -> GrowResult:
@@ -570,8 +571,8 @@ def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | N
     dataset = load_data(data, seed)
     network = load_network(spec, seed)
     config = TrainConfig(epochs=epochs, lr=lr, batch=batch, momentum=momentum, weight_decay=weight_decay,
-                         optimizer=optimizer, loss=loss, seed=seed, progress=progress, eval_every=eval_every,
-                         log_steps=log_steps)
+                         optimizer=optimizer, damping=damping, loss=loss, seed=seed, progress=progress,
+                         eval_every=eval_every, log_steps=log_steps)
     if insert_every is None and not insert_at and strategy != "none":
         insert_every = max(epochs // (max_insertions + 1), 1)
     hook = GrowthHook(strategy=strategy, insert_at=insert_at, insert_every=insert_every,

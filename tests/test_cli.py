@@ -1,5 +1,6 @@
 """The command line: commands work, user mistakes print one located line and exit 2."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,17 @@ def test_grow_and_sensitivities_commands(tmp_path, capsys):
     assert main(["sensitivities", str(out / "final.yaml"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["candidates"] and all(c["merit"] >= 0 for c in report["candidates"])
+
+
+def test_grow_with_the_frobenius_optimizer(tmp_path, capsys):
+    """SensLI with the layer-wise preconditioner: the preconditioner follows the inserted layer."""
+    out = tmp_path / "run"
+    assert main(["grow", FNN, "--epochs", "6", "--insert-at", "3", "--lr", "0.05", "--optimizer", "frobenius",
+                 "--damping", "0.1", "--out", str(out), "--quiet"]) == 0
+    assert "epoch 3: inserted at" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["optimizer"] == "frobenius" and summary["config"]["damping"] == 0.1
+    assert math.isfinite(summary["final"]["train"]["loss"])
 
 
 def test_engine_errors_are_one_line(capsys):

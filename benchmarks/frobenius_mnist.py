@@ -133,12 +133,12 @@ def run_experiment(name, setting, data):
         axis.legend()
     figure.suptitle(f"MNIST 8k: {name} — champions")
     figure.tight_layout()
-    figure.savefig(os.path.join(REPORT_DIR, f"{name}_loss.png"), dpi=110)
+    figure.savefig(os.path.join(REPORT_DIR, f"{name}{setting['tag']}_loss.png"), dpi=110)
     plt.close(figure)
     diagnostics = champions["precond"][4].diagnostics
-    plot_gradient_norms(diagnostics, os.path.join(REPORT_DIR, f"{name}_gradient_norms.png"),
+    plot_gradient_norms(diagnostics, os.path.join(REPORT_DIR, f"{name}{setting['tag']}_gradient_norms.png"),
                         f"{name}: preconditioned champion")
-    plot_spectra(diagnostics, os.path.join(REPORT_DIR, f"{name}_spectra.png"), f"{name}: covariance spectra")
+    plot_spectra(diagnostics, os.path.join(REPORT_DIR, f"{name}{setting['tag']}_spectra.png"), f"{name}: covariance spectra")
     print(f"\nchampions: SGD lr={champions['sgd'][1]} loss {champions['sgd'][0]:.4f}; "
           f"preconditioned lr={champions['precond'][1]} loss {champions['precond'][0]:.4f}")
 
@@ -148,6 +148,7 @@ def main():
     parser.add_argument("--mnist", default="/work/shared/data/mnist")
     parser.add_argument("--experiment", choices=[*EXPERIMENTS, "all"], nargs="+", default=["all"])
     parser.add_argument("--iterations", type=int, help="override the experiment's number of iterations")
+    parser.add_argument("--tag", default="", help="appended to the names of the plots written")
     parser.add_argument("--labels", choices=["true", "sampled"], default="true",
                         help="pre-activation gradient samples from the training labels or from labels drawn from "
                              "the model (Monte-Carlo Fisher, as BackPACK's KFAC in the thesis runs)")
@@ -160,7 +161,7 @@ def main():
     data = mnist(args.mnist, split=(8000, 2000), seed=0)
     for name in EXPERIMENTS if "all" in args.experiment else args.experiment:
         setting = dict(EXPERIMENTS[name])
-        setting["labels"] = args.labels
+        setting["labels"], setting["tag"] = args.labels, args.tag
         for key, value in (("iterations", args.iterations), ("sgd", args.sgd_lrs), ("precond", args.precond_lrs)):
             if value is not None:
                 setting[key] = value

@@ -471,7 +471,7 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         rebuild both factors of each (or keep a user inner product). All damped estimates are
         factorised and inverted together, one batched LAPACK call per matrix size: a step needs
         several small inverses and their per-call overhead is a large part of its cost."""
-        pending = []
+        pending, spectra = [], []
         for index, record, group, state in due:
             for side, damping in (("out", group["damping_out"]), ("in", group["damping_in"])):
                 user = self._inner_products.get(index, {}).get("input" if side == "in" else "output")
@@ -489,7 +489,7 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                 refreshes = state.get("step", 0) // self.update_interval
                 if entry is not None and refreshes % self.spectrum_interval == 0:
                     # eigenvalues of wide estimates are expensive, so only every spectrum_interval-th refresh
-                    entry.setdefault(record.name, {})[f"{side}_spectrum"] = self._spectrum(samples, scale, covariance)
+                    spectra.append((record.name, side, samples, scale, covariance))
                 low_rank = samples is not None and self.estimate == "batch" and damping > 0 and (
                     self.woodbury is True or (self.woodbury == "auto" and samples.shape[0] < samples.shape[1]))
                 if low_rank:
@@ -513,6 +513,9 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         for items in by_size.values():
             for item, inverse in zip(items, self._damped_inverses(items)):
                 self._store(item, inverse)
+        # after the factorisations, which raise a GraphgrowError on non-finite statistics first
+        for name, side, samples, scale, covariance in spectra:
+            entry.setdefault(name, {})[f"{side}_spectrum"] = self._spectrum(samples, scale, covariance)
 
     def _damped_inverses(self, items: list) -> list:
         """(matrix + damping·I)⁻¹ of every pending item, by one batched Cholesky; an item whose
@@ -571,13 +574,19 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
     # --------------------------------------------------------------------------- diagnostics
     @staticmethod
     def _spectrum(samples, scale, covariance) -> torch.Tensor:
-        """Eigenvalues of the (undamped) estimate, descending; from the small Gram matrix if low rank."""
-        if covariance is None and samples.shape[0] < samples.shape[1]:
-            eigenvalues = torch.linalg.eigvalsh(samples @ samples.T) * scale
-            eigenvalues = torch.cat([eigenvalues, eigenvalues.new_zeros(samples.shape[1] - samples.shape[0])])
+        """Eigenvalues of the (undamped) estimate, descending; from the small Gram matrix if low rank.
+        In float64: single-precision eigvalsh can fail to converge on the badly conditioned
+        estimates met in training."""
+        if covariance is None:
+            samples = samples.double()
+            if samples.shape[0] < samples.shape[1]:
+                eigenvalues = torch.linalg.eigvalsh(samples @ samples.T) * scale
+                eigenvalues = torch.cat([eigenvalues, eigenvalues.new_zeros(samples.shape[1] - samples.shape[0])])
+            else:
+                eigenvalues = torch.linalg.eigvalsh(samples.T @ samples * scale)
         else:
-            eigenvalues = torch.linalg.eigvalsh(covariance if covariance is not None else samples.T @ samples * scale)
-        return eigenvalues.flip(0).clamp_min(0).cpu()
+            eigenvalues = torch.linalg.eigvalsh(covariance.double())
+        return eigenvalues.flip(0).clamp_min(0).float().cpu()
 
     @staticmethod
     def _norms(module, weight_direction, bias_direction) -> dict:

@@ -183,10 +183,10 @@ class _TappingInterpreter(fx.Interpreter):
 def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         names: Iterable[str], *, batch: int | None = None,
-                        taps: dict[str, Tap] | None = None) -> dict[str, torch.Tensor]:
+                        taps: dict[str, Tap] | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """Gradient of the mean loss over all of (x, y) with respect to the named parameters,
     accumulated over batches weighted by batch size (so unequal batches give the exact
-    full-data gradient). No parameter, buffer or ``.grad`` changes: the module runs in eval
+    full-data gradient), and that mean loss. No parameter, buffer or ``.grad`` changes: the module runs in eval
     mode (no batch-norm statistics updates, no dropout) and gradients come from
     ``torch.autograd.grad``.
 
@@ -208,6 +208,7 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     total = int(x.shape[0])
     step = total if batch is None else batch
     sums = [torch.zeros_like(p) for p in targets]
+    mean_loss = 0.0
     module.eval()
     try:
         for name, p in params.items():
@@ -216,6 +217,7 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             xb, yb = x[start:start + step], y[start:start + step]
             output, leaves = (module(xb), []) if runner is None else runner.run_tapped(xb)
             value = loss(output, yb) * (xb.shape[0] / total)
+            mean_loss += float(value.detach())
             if targets or leaves:
                 grads = torch.autograd.grad(value, targets + leaves, allow_unused=True)
                 for acc, grad in zip(sums, grads):
@@ -227,7 +229,7 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         for name, p in params.items():
             p.requires_grad_(flags[name])
         module.train(was_training)
-    return dict(zip(names, sums))
+    return dict(zip(names, sums)), mean_loss
 
 
 def sample_rows(size: int, sample: int | float | None, seed: int) -> torch.Tensor | None:
@@ -270,7 +272,9 @@ class Sensitivities:
     """The candidates of a network, the merits of its existing weights (same norm) and the
     threshold reference: their mean (the denominator of 4.18). ``flops_per_sample``: what the
     evaluation computed per evaluated sample (graphgrow.flops.sensitivity_flops);
-    ``extended_flops``: forward FLOPs of the fully-extended network, for comparison."""
+    ``extended_flops``: forward FLOPs of the fully-extended network, for comparison. ``loss``:
+    the network's mean loss over the evaluated samples (a by-product of the pass), ``rows``
+    their indices in the training split (None: all of it)."""
     candidates: list[Candidate]
     existing: dict[str, float]
     norm: str
@@ -278,6 +282,8 @@ class Sensitivities:
     flops_per_sample: int
     extended_flops: int = 0
     seconds: float = 0.0
+    loss: float = math.nan
+    rows: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def reference(self) -> float:
@@ -288,7 +294,7 @@ class Sensitivities:
         return candidate.merit / self.reference if self.reference > 0 else math.inf
 
     def to_json(self) -> dict:
-        return {"norm": self.norm, "samples": self.samples, "reference": self.reference,
+        return {"norm": self.norm, "samples": self.samples, "loss": self.loss, "reference": self.reference,
                 "flops_per_sample": self.flops_per_sample, "extended_flops": self.extended_flops,
                 "seconds": self.seconds,
                 "candidates": [{**c.to_json(), "ratio": self.ratio(c)} for c in self.candidates],
@@ -346,7 +352,7 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
     # the pass runs each candidate's trailing activation (ReLU after a ReLU: same values) so that
     # the backward pass gives the gradient at the candidate layer's output, as in the extended network
     taps = {plan.after: Tap(accumulate(cid, plan), plan.trailing) for cid, plan in plans.items()}
-    grads = full_data_gradients(network.module, x, y, loss_fn(loss), list(weights), batch=batch, taps=taps)
+    grads, mean_loss = full_data_gradients(network.module, x, y, loss_fn(loss), list(weights), batch=batch, taps=taps)
     existing = {name: gradient_norm(grads[name], weights[name], norm) for name in weights}
     norms_wanted = MERIT_NORMS if all_norms else (norm,)
     candidates, gradient_flops = [], []
@@ -360,7 +366,7 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
         gradient_flops.append(plan.merit_gradient_flops(shape))
     forward = graph.flops()
     return Sensitivities(candidates, existing, norm, int(x.shape[0]), sensitivity_flops(forward, gradient_flops),
-                         forward + sum(c.flops for c in candidates), time.perf_counter() - start)
+                         forward + sum(c.flops for c in candidates), time.perf_counter() - start, mean_loss, rows)
 
 
 def insert_candidates(network, positions: Iterable[str]):
@@ -458,15 +464,19 @@ class GrowthHook:
             trainer.write_progress(f"epoch {trainer.epoch}: no insertion (best merit ratio "
                                    f"{report.ratio(best):.3g} < tau {self.tau})")
             return
-        from .train import evaluate
-        before = evaluate(trainer.network, trainer.train_split, trainer.config.loss)["loss"]
-        params_before = graph.num_params()
+        from .train import Split, evaluate
+        # the loss before comes free with the sensitivity pass; the one after (equal up to
+        # rounding: the insertion preserves the function) is taken on the same samples, so an
+        # insertion costs one forward pass over them, not two over the whole training split
+        before, params_before = report.loss, graph.num_params()
         grown, kept = insert_candidates(trainer.network, [c.position for c in chosen])
-        after = evaluate(grown, trainer.train_split, trainer.config.loss)["loss"]
+        split = trainer.train_split
+        rows = split if report.rows is None else Split(split.x[report.rows], split.y[report.rows])
+        after = evaluate(grown, rows, trainer.config.loss)["loss"]
         trainer.replace_network(grown, record=kept, reason="insertion", positions=event["positions"])
         self.inserted += len(chosen)
         record = trainer.log.log("insertion", inserted=True, loss_before=before, loss_after=after,
-                                 params_before=params_before, params_after=grown.graph.num_params(),
+                                 loss_samples=report.samples, params_before=params_before, params_after=grown.graph.num_params(),
                                  nodes=[c.node for c in chosen], **event)
         self.insertions.append(record)
         where = ", ".join(f"{c.kind} layer after {c.after} (merit {c.merit:.3g}, ratio {report.ratio(c):.3g})" for c in chosen)
@@ -679,7 +689,7 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, loss: str = "cros
     wide = widen_layers(network, rows)
     split, _ = as_splits(data)
     outgoing = {name: f"{_next_linear(network.graph, name)}.weight" for name in layers}
-    grads = full_data_gradients(wide.module, split.x, split.y, loss_fn(loss), list(outgoing.values()), batch=batch)
+    grads, _ = full_data_gradients(wide.module, split.x, split.y, loss_fn(loss), list(outgoing.values()), batch=batch)
     candidates, existing = [], []
     for name in layers:
         width = network.graph.node(name).out_shape[0]

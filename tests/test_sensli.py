@@ -80,13 +80,16 @@ def test_full_data_gradient_over_unequal_batches_equals_one_batch_gradient_and_c
     data = spiral(0)
     before = {k: v.clone() for k, v in network.state().items()}
     names = ["fc1.weight", "fc2.weight", "head.bias"]
-    whole = full_data_gradients(network.module, data.x_train, data.y_train, F.cross_entropy, names)
-    chunked = full_data_gradients(network.module, data.x_train, data.y_train, F.cross_entropy, names, batch=97)
+    whole, whole_loss = full_data_gradients(network.module, data.x_train, data.y_train, F.cross_entropy, names)
+    chunked, chunked_loss = full_data_gradients(network.module, data.x_train, data.y_train, F.cross_entropy, names,
+                                                batch=97)
     params = dict(network.module.named_parameters())
     reference = torch.autograd.grad(F.cross_entropy(network(data.x_train), data.y_train), [params[n] for n in names])
     for name, expected in zip(names, reference):
         assert torch.allclose(whole[name], expected, atol=1e-7)
         assert torch.allclose(chunked[name], expected, atol=1e-6)
+    full_loss = float(F.cross_entropy(network(data.x_train), data.y_train))
+    assert whole_loss == pytest.approx(full_loss, rel=1e-6) and chunked_loss == pytest.approx(full_loss, rel=1e-6)
     assert all(torch.equal(before[k], v) for k, v in network.state().items())
     assert all(p.grad is None for p in network.module.parameters())
 
@@ -336,7 +339,7 @@ def extended_merits(network, x, y, batch):
     geometry = existing_weights(extended.graph)
     merit_params = {cid: next(iter(info.merit)) for cid, info in record.candidates.items()}
     names = list(existing_weights(network.graph)) + list(merit_params.values())
-    grads = full_data_gradients(extended.module, x, y, F.cross_entropy, names, batch=batch)
+    grads, _ = full_data_gradients(extended.module, x, y, F.cross_entropy, names, batch=batch)
     norms = {name: {norm: gradient_norm(grads[name], geometry[name], norm) for norm in MERIT_NORMS} for name in names}
     return extended, record, merit_params, norms
 
@@ -447,3 +450,16 @@ def test_weight_geometry_of_each_op():
         assert residual.weight_geometry(residual.check_args({}), [(4,)], role) == Geometry((4, 1, 1))
     assert residual.weight_geometry(conv_block, [(3, 8, 8)], "inner.bias") is None
     assert get_op("relu").weight_geometry({}, [(4,)], "weight") is None
+
+
+def test_sensitivity_pass_gives_the_loss_and_insertion_reports_it_on_the_same_samples():
+    from graphgrow.train import as_splits, evaluate
+    network = Network.build(load_graph("specs/fnn_spiral.yaml"), seed=1)
+    data = spiral(0)
+    report = sensitivities(network, data, batch=100)
+    assert report.loss == pytest.approx(evaluate(network, as_splits(data)[0])["loss"], rel=1e-6)
+    assert report.rows is None and report.to_json()["loss"] == report.loss
+    grown = grow("specs/fnn_spiral.yaml", data, insert_at=[2], epochs=3, lr=0.1, sample=120, log_steps=False)
+    (event,) = grown.insertions
+    assert event["loss_samples"] == 120
+    assert event["loss_before"] == pytest.approx(event["loss_after"], abs=1e-6)

@@ -6,13 +6,17 @@ Experiments (full-batch GD, insertion at epoch 450, then 1400 more epochs):
   fnn     FNN 2-5-2 ReLU, lr 0.2: SensLI vs baseline (no growth) vs the final 2-5-5-2 from scratch
   resnet  ResNet lift 2->3, one two-weight tanh block growing to two, lr 0.1: same comparisons
   fnn44   FNN 2-4-4-2 ReLU, lr 0.2: SensLI (max merit) vs LIother (min merit) vs random position
-Network seeds 0..N-1, one data split (spiral seed 0). Writes benchmarks/reports/sensli/*.png and
-prints a markdown table per experiment plus the sensitivity-cost ratio.
+Network seeds 0..N-1, one data split (spiral seed 0); per seed the variants run one after the
+other. Writes benchmarks/reports/sensli/*.png and spiral_results.json and prints a markdown table
+per experiment, the insertion-position counts, for fnn/resnet the per-seed wall- and CPU-time
+ratio SensLI / final architecture from scratch (same epochs) with its per-epoch breakdown and the
+sensitivity-cost ratio, for fnn44 the paired win counts. Load averages are printed per experiment.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +34,14 @@ REPORT = Path(__file__).parent / "reports" / "sensli"
 INSERT_AT, EPOCHS = 450, 1850
 
 
+def cpu_timed(run_fn):
+    """``run_fn()`` and the process CPU seconds it took (one thread: less sensitive to other
+    processes' load than wall time)."""
+    start = time.process_time()
+    result = run_fn()
+    return result, time.process_time() - start
+
+
 def run(spec, data, seed, lr, strategy, **extra):
     return grow(spec, data, strategy=strategy, insert_at=[INSERT_AT], max_insertions=1, epochs=EPOCHS, lr=lr,
                 seed=seed, log_steps=False, **extra)
@@ -39,6 +51,40 @@ def from_scratch(graph, data, seed, lr):
     """The final architecture with a fresh initialisation, trained for the same epochs."""
     return grow(Network.build(graph, seed=seed), data, strategy="none", epochs=EPOCHS, lr=lr, seed=seed,
                 log_steps=False)
+
+
+def epoch_seconds(records, first, last):
+    """Median wall seconds per epoch (training plus its evaluation) over epochs first..last."""
+    times = {r["epoch"]: r["time"] for r in records if r["event"] == "eval"}
+    return statistics.median(times[e] - times[e - 1] for e in range(max(first, 1), last + 1) if e - 1 in times)
+
+
+def wall_time_breakdown(results, cpu):
+    """Per seed: wall seconds of SensLI and of its final architecture from scratch (same
+    epochs, run back to back), their ratio, and what bounds it: seconds per epoch of the small
+    network (before the insertion), of the grown network (after it) and of the from-scratch
+    network, and the insertion overhead (sensitivities, insertion) = the rest of SensLI's time."""
+    rows = []
+    for grown, scratch, grown_cpu, scratch_cpu in zip(results["SensLI"], results["final arch. from scratch"],
+                                                     cpu["SensLI"], cpu["final arch. from scratch"]):
+        small = epoch_seconds(grown.records, 1, INSERT_AT - 1)
+        large = epoch_seconds(grown.records, INSERT_AT + 2, EPOCHS)
+        seconds = grown.summary["final"]["seconds"]
+        rows.append({"sensli_s": seconds, "scratch_s": scratch.summary["final"]["seconds"],
+                     "ratio": seconds / scratch.summary["final"]["seconds"], "sensli_cpu_s": grown_cpu,
+                     "scratch_cpu_s": scratch_cpu, "cpu_ratio": grown_cpu / scratch_cpu, "small_epoch_s": small,
+                     "grown_epoch_s": large, "scratch_epoch_s": epoch_seconds(scratch.records, 1, EPOCHS),
+                     "overhead_s": seconds - INSERT_AT * small - (EPOCHS - INSERT_AT) * large})
+    keys = rows[0].keys()
+    median = {k: statistics.median(r[k] for r in rows) for k in keys}
+    print("wall time per seed (SensLI s / scratch s = ratio):",
+          " ".join(f"{r['sensli_s']:.2f}/{r['scratch_s']:.2f}={r['ratio']:.3f}" for r in rows))
+    print("CPU time per seed:", " ".join(f"{r['sensli_cpu_s']:.2f}/{r['scratch_cpu_s']:.2f}={r['cpu_ratio']:.3f}"
+                                         for r in rows))
+    print("medians:", json.dumps({k: round(v, 6) for k, v in median.items()}),
+          f"| bound (450 r + 1400) / 1850 with r = small/grown epoch = "
+          f"{(INSERT_AT * median['small_epoch_s'] / median['grown_epoch_s'] + EPOCHS - INSERT_AT) / EPOCHS:.3f}")
+    return {"per_seed": rows, "median": median}
 
 
 def stats(values):
@@ -62,21 +108,46 @@ def table(name, results):
 
 
 def experiment_comparison(spec, lr, seeds, data):
+    """Per seed, one after the other: SensLI, baseline, SensLI's final architecture from
+    scratch. Returns the results and the CPU seconds per variant."""
     results = {"SensLI": [], "baseline": [], "final arch. from scratch": []}
+    cpu = {name: [] for name in results}
     for seed in range(seeds):
-        grown = run(spec, data, seed, lr, "sensli")
-        results["SensLI"].append(grown)
-        results["baseline"].append(run(spec, data, seed, lr, "none"))
-        results["final arch. from scratch"].append(from_scratch(grown.network.graph, data, seed, lr))
-    return results
+        runs = {"SensLI": lambda: run(spec, data, seed, lr, "sensli"),
+                "baseline": lambda: run(spec, data, seed, lr, "none"),
+                "final arch. from scratch": lambda: from_scratch(results["SensLI"][-1].network.graph, data, seed, lr)}
+        for name, run_fn in runs.items():
+            result, seconds = cpu_timed(run_fn)
+            results[name].append(result)
+            cpu[name].append(seconds)
+    return results, cpu
 
 
 def experiment_positions(spec, lr, seeds, data):
+    """Per seed: SensLI (max merit), LIother (min merit), random position. Returns the results
+    and the CPU seconds per variant."""
     results = {"SensLI (max)": [], "LIother (min)": [], "random": []}
+    cpu = {name: [] for name in results}
     for seed in range(seeds):
         for name, strategy in zip(results, ("sensli", "min", "random")):
-            results[name].append(run(spec, data, seed, lr, strategy))
-    return results
+            result, seconds = cpu_timed(lambda: run(spec, data, seed, lr, strategy))
+            results[name].append(result)
+            cpu[name].append(seconds)
+    return results, cpu
+
+
+def paired_wins(results):
+    """How often (over seeds, same initialisation) each variant ends with a lower training loss
+    than each other variant; ties counted separately."""
+    losses = {k: [r.summary["final"]["train"]["loss"] for r in v] for k, v in results.items()}
+    names = list(losses)
+    wins = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pairs = list(zip(losses[a], losses[b]))
+            wins[f"{a} vs {b}"] = {"a lower": sum(x < y for x, y in pairs), "b lower": sum(x > y for x, y in pairs),
+                                   "tie": sum(x == y for x, y in pairs)}
+    return wins
 
 
 def sensitivity_cost(spec, data, repeats=20):
@@ -122,9 +193,12 @@ def main():
     for key in args.only.split(","):
         title, spec, lr, experiment = experiments[key]
         start = time.perf_counter()
-        results = experiment(spec, lr, args.seeds, data)
+        load_before = os.getloadavg()
+        results, cpu = experiment(spec, lr, args.seeds, data)
+        load_after = os.getloadavg()
         print(table(title, results))
-        print(f"\n({args.seeds} seeds, {time.perf_counter() - start:.0f} s for the experiment)\n")
+        print(f"\n({args.seeds} seeds, {time.perf_counter() - start:.0f} s for the experiment; load average "
+              f"(1, 5, 15 min) before {load_before}, after {load_after})\n")
         for axis in ("iteration", "time"):
             plot_comparison({k: [r.records for r in v] for k, v in results.items()},
                             REPORT / f"spiral_{key}_{axis}.png", x=axis, title=title)
@@ -134,12 +208,20 @@ def main():
                  for k, v in results.items()}
         sens_flops = statistics.median(r.summary["flops_per_sample"]["run"]["sensitivity"] for r in next(iter(results.values())))
         print("insertion positions:", json.dumps(positions))
+        print("position counts:", json.dumps({k: {str(p): v.count(p) for p in sorted(set(v), key=str)}
+                                              for k, v in positions.items()}))
         print("FLOPs per training sample over the run (median):", json.dumps(flops),
               f"of which sensitivity evaluation {sens_flops}")
         summary[key] = {k: {"train_loss": stats(r.summary["final"]["train"]["loss"] for r in v),
                             "test_error": stats(r.summary["final"]["test"]["error"] for r in v),
                             "positions": positions[k], "flops": flops[k]} for k, v in results.items()}
-        if key != "fnn44":
+        summary[key]["load_average"] = {"before": load_before, "after": load_after}
+        if key == "fnn44":
+            wins = paired_wins(results)
+            print("paired final training loss (lower wins):", json.dumps(wins))
+            summary[key]["paired_wins"] = wins
+        else:
+            summary[key]["wall_time"] = wall_time_breakdown(results, cpu)
             sens_s, epoch_s = sensitivity_cost(spec, data)
             print(f"sensitivity evaluation {sens_s * 1e3:.2f} ms vs one training epoch {epoch_s * 1e3:.2f} ms: "
                   f"ratio {sens_s / epoch_s:.1f}\n")

@@ -6,10 +6,15 @@ ratio to the median SGD step time.
 
     PYTHONPATH=. python benchmarks/frobenius_speed.py --mnist /work/shared/data/mnist
     PYTHONPATH=. python benchmarks/frobenius_speed.py --methods batch-woodbury ema-every-10   # quicker
+    git show 0f7e8f6:graphgrow/frobenius.py > /tmp/frobenius_before.py   # an earlier version, timed alongside
+    PYTHONPATH=. python benchmarks/frobenius_speed.py --methods batch-woodbury ema-every-10 \
+        --reference-code /tmp/frobenius_before.py --repeats 12 --steps 20
 """
 import argparse
+import importlib.util
 import os
 import statistics
+import sys
 import time
 import warnings
 
@@ -29,7 +34,16 @@ def relu_classifier(seed):
                          nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
 
 
-def build(method):
+def load_reference(path):
+    """FrobeniusPreconditioner from another version of graphgrow/frobenius.py (a file path)."""
+    spec = importlib.util.spec_from_file_location("frobenius_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.FrobeniusPreconditioner
+
+
+def build(method, preconditioner=FrobeniusPreconditioner):
     """(model, optimizer, loss, backward function); small preconditioned lr so no run diverges."""
     model = relu_classifier(0)
     loss_fn = nn.CrossEntropyLoss()
@@ -51,7 +65,7 @@ def build(method):
         "batch-woodbury-sampled": dict(estimate="batch", labels="sampled", loss=loss_fn),
         "ema-every-10": dict(estimate="ema", update_interval=10),
     }[method]
-    return model, FrobeniusPreconditioner(model, lr=1e-3, damping_in=0.01, damping_out=0.01, **options), loss_fn, backward
+    return model, preconditioner(model, lr=1e-3, damping_in=0.01, damping_out=0.01, **options), loss_fn, backward
 
 
 def main():
@@ -61,6 +75,8 @@ def main():
     parser.add_argument("--steps", type=int, default=40, help="steps per timed block")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
                         help="contenders to time (SGD, the baseline, is always included)")
+    parser.add_argument("--reference-code", help="another version of graphgrow/frobenius.py: its hooks-backend "
+                                                 "contenders are timed alongside, as '<method> (reference)'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -68,10 +84,13 @@ def main():
     batches = [(data.x_train[i:i + 100], data.y_train[i:i + 100]) for i in range(0, 8000, 100)]
     methods = ["sgd"] + [m for m in args.methods if m != "sgd"]
     runs = {m: build(m) for m in methods}
-    times = {m: [] for m in methods}
+    if args.reference_code:
+        reference = load_reference(args.reference_code)
+        for method in [m for m in methods if m not in ("sgd", "backpack-kfac")]:
+            runs[f"{method} (reference)"] = build(method, reference)
+    times = {m: [] for m in runs}
     for repeat in range(args.repeats + 1):  # the first round warms up and is discarded
-        for method in methods:
-            model, optimizer, loss_fn, backward = runs[method]
+        for method, (model, optimizer, loss_fn, backward) in runs.items():
             start = time.perf_counter()
             for step in range(args.steps):
                 x, y = batches[(repeat * args.steps + step) % len(batches)]
@@ -83,7 +102,7 @@ def main():
     baseline = statistics.median(times["sgd"])
     print(f"load average after the run (1, 5, 15 min): {os.getloadavg()}")
     print(f"| method | median step (ms) | ratio to SGD |\n|---|---|---|")
-    for method in methods:
+    for method in runs:
         median = statistics.median(times[method])
         print(f"| {method} | {1000 * median:.2f} | {median / baseline:.2f}x |")
 

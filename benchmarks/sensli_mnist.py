@@ -1,6 +1,7 @@
 """SensLI on MNIST with the VGG-like CNN (thesis (2.11); cf. Figure 4.8 on CIFAR-10).
 
-    PYTHONPATH=. python benchmarks/sensli_mnist.py [--seeds 4] [--epochs 8] [--insert-every 2] [--sample 2000]
+    PYTHONPATH=. python benchmarks/sensli_mnist.py [--seeds 4] [--epochs 8] [--insert-every 2 | --insert-at 4 5 6]
+        [--sample 2000] [--sample-only] [--scratch-lr LR] [--tag _late]
         [--lr-grid 0.005,0.01,0.02,0.05] [--grid-epochs 3] [--data ../shared/data/mnist]
 
 The 10,000-image MNIST test set split 8,000/2,000 (split seed 0); mini-batch SGD with momentum 0.9
@@ -102,9 +103,9 @@ def breakdown(records) -> dict:
     return {"epoch_s": epoch_s, "insertions": insertions}
 
 
-def run_sensli(data, seed: int, epochs: int, insert_every: int, sample):
+def run_sensli(data, seed: int, epochs: int, schedule: dict, sample):
     """SensLI with up to 3 insertions, tau = 1, op-norm merit; ``sample``: sensitivity sample size or None."""
-    return grow(SPEC, data, strategy="sensli", insert_every=insert_every, max_insertions=3, tau=1.0, norm="op",
+    return grow(SPEC, data, strategy="sensli", **schedule, max_insertions=3, tau=1.0, norm="op",
                 sens_batch=SENS_BATCH, sample=sample, **train_settings(epochs, SENSLI_LR, seed))
 
 
@@ -185,6 +186,9 @@ def main():
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--insert-every", type=int, default=2)
+    parser.add_argument("--insert-at", type=int, nargs="+", help="try insertions at these epochs instead")
+    parser.add_argument("--sample-only", action="store_true", help="skip the SensLI run on all training data")
+    parser.add_argument("--tag", default="", help="appended to the names of the results file and plots")
     parser.add_argument("--sample", type=int, default=2000, help="sensitivity sample size of the second SensLI run")
     parser.add_argument("--lr-grid", default="0.005,0.01,0.02,0.05", help="from-scratch learning rates to try")
     parser.add_argument("--grid-epochs", type=int, default=3)
@@ -198,7 +202,8 @@ def main():
             sensitivity_cost(data, repeats=3, norm=norm)
         return
     train_size = len(data.x_train)
-    variants = {"full": None, f"sample {args.sample}": args.sample}
+    variants = {f"sample {args.sample}": args.sample} if args.sample_only else {"full": None, f"sample {args.sample}": args.sample}
+    schedule = {"insert_at": args.insert_at} if args.insert_at else {"insert_every": args.insert_every}
     rows = {name: [] for name in variants}
     records = {name: [] for name in ("SensLI", f"SensLI (sample {args.sample})", "final arch. from scratch")}
     scratch_lr, grid = args.scratch_lr, {}
@@ -210,7 +215,7 @@ def main():
         for name in (list(variants) if seed % 2 == 0 else list(variants)[::-1]):
             sample = variants[name]
             grown, grown_load = timed(f"SensLI ({name})",
-                                      lambda: run_sensli(data, seed, args.epochs, args.insert_every, sample))
+                                      lambda: run_sensli(data, seed, args.epochs, schedule, sample))
             records["SensLI" if sample is None else f"SensLI (sample {args.sample})"].append(grown.records)
             if scratch_lr is None:
                 print("learning-rate grid for the final architecture from scratch (seed 0):", flush=True)
@@ -223,11 +228,11 @@ def main():
                     f"scratch {list(architecture)}, lr {scratch_lr}",
                     lambda: run_scratch(grown.network.graph, data, seed, args.epochs, scratch_lr))
             scratch, scratch_load = scratch_by_architecture[architecture]
-            if sample is None:
+            if name == next(iter(variants)):  # one from-scratch curve per seed in the plots
                 records["final arch. from scratch"].append(scratch.records)
             rows[name].append(compare(grown, scratch, [grown_load, scratch_load], train_size) | {"seed": seed})
         write_results(rows, grid, scratch_lr, args)
-        plot_runs(records, args.seeds)
+        plot_runs(records, args.seeds, args.tag)
     print(f"(all runs: {time.perf_counter() - started:.0f} s)")
     for name, seed_rows in rows.items():
         ratios = [r["time_ratio"] for r in seed_rows]
@@ -237,15 +242,16 @@ def main():
               f"CPU time {[round(r, 3) for r in cpu]}, median {statistics.median(cpu):.3f}")
 
 
-def plot_runs(records, seeds: int) -> None:
+def plot_runs(records, seeds: int, tag: str) -> None:
     title = f"MNIST 8k/2k, VGG-like CNN, seeds 0-{seeds - 1}"
-    plot_comparison(records, REPORT / "mnist_cnn_time.png", x="time", title=title)
-    plot_comparison(records, REPORT / "mnist_cnn_iteration.png", x="iteration", title=title)
+    records = {name: runs for name, runs in records.items() if runs}
+    plot_comparison(records, REPORT / f"mnist_cnn{tag}_time.png", x="time", title=title)
+    plot_comparison(records, REPORT / f"mnist_cnn{tag}_iteration.png", x="iteration", title=title)
 
 
 def write_results(rows, grid, scratch_lr, args) -> None:
     REPORT.mkdir(parents=True, exist_ok=True)
-    (REPORT / "mnist_results.json").write_text(json.dumps(
+    (REPORT / f"mnist_results{args.tag}.json").write_text(json.dumps(
         {"settings": vars(args), "sensli_lr": SENSLI_LR, "scratch_lr": scratch_lr,
          "lr_grid_final_loss": {str(k): v for k, v in grid.items()}, "per_seed": rows,
          "median_time_ratio": {k: statistics.median(r["time_ratio"] for r in v) for k, v in rows.items() if v},

@@ -11,7 +11,8 @@ import torch
 
 from .errors import GraphgrowError
 
-DEMO_SPEC = Path("specs/fnn_spiral.yaml")
+# the repository's spec, found from the package (an editable install), so the demo runs from any directory
+DEMO_SPEC = Path(__file__).resolve().parent.parent / "specs" / "fnn_spiral.yaml"
 
 
 def _load_network(spec: str, weights: str | None, seed: int):

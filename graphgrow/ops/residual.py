@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import GraphgrowError
-from .base import (Arg, Geometry, OpDef, boolean, choice, get_op, kaiming_uniform_init, number, numel,
+from .base import (Arg, OpDef, boolean, choice, get_op, kaiming_uniform_init, number, numel,
                    positive_int, register_op, registered_ops, require)
 from .conv import expect_image, same_padding
 

@@ -534,19 +534,22 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                 item = items[position]
                 undamped = stacked[position].clone()
                 undamped.diagonal().sub_(item.damping)
-                cholesky[position], item.damping = self._damped_cholesky(item.record, item.side, undamped, item.damping)
+                cholesky[position], item.damping = self._damped_cholesky(item.record, item.side, undamped, item.damping,
+                                                                         item.scale)
         return torch.cholesky_inverse(cholesky).unbind()
 
-    def _damped_cholesky(self, record, side, matrix, damping):
+    def _damped_cholesky(self, record, side, matrix, damping, scale: float = 1.0):
         """Cholesky factor of matrix + damping·I, raising the damping until it exists (the batched
-        attempt at ``damping`` has failed already)."""
+        attempt at ``damping`` has failed already). ``matrix`` is the estimate divided by ``scale``
+        (the Woodbury inner matrix), so the damping the user set is ``damping·scale``."""
         if not torch.isfinite(matrix).all():
             raise GraphgrowError(f"non-finite {'input' if side == 'in' else 'pre-activation gradient'} "
                                  "statistics", node=record.name, hint="training diverged; lower the learning rate")
         for _ in range(_MAX_DAMPING_RAISES):
             raised = max(10.0 * damping, 1e-7 * (float(matrix.diagonal().abs().mean()) or 1.0))
             warnings.warn(f"FrobeniusPreconditioner: layer '{record.name}' ({side} side): damped estimate not "
-                          f"positive definite at damping {damping:.3g}; raising it to {raised:.3g}", stacklevel=5)
+                          f"positive definite at damping {damping * scale:.3g}; raising it to {raised * scale:.3g}",
+                          stacklevel=5)
             damping = raised
             damped = matrix.clone()
             damped.diagonal().add_(damping)

@@ -264,6 +264,17 @@ def test_singular_estimate_raises_damping_and_stays_finite():
     assert all(torch.isfinite(p).all() for p in layer.parameters())
 
 
+def test_damping_warning_speaks_in_the_users_units_for_woodbury_inner_matrices():
+    """The Woodbury inner matrix is the estimate over its scale s, damped by γ/s: a raise is
+    reported as the γ the user set (γ = 0.01 here, inner damping 1e-4 at s = 100)."""
+    layer = nn.Linear(4, 2).double()
+    optimizer = FrobeniusPreconditioner(layer, lr=0.1, damping_in=0.01)
+    indefinite = -torch.eye(3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"at damping 0\.01; raising it to 0\.1\b"):
+        _, inner_damping = optimizer._damped_cholesky(optimizer._records[0], "in", indefinite, 1e-4, 100.0)
+    assert inner_damping > 1.0  # raised until -I + damping·I is positive definite
+
+
 def test_non_finite_statistics_raise():
     layer = nn.Linear(3, 2).double()
     optimizer = FrobeniusPreconditioner(layer, lr=0.1)

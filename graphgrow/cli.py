@@ -106,7 +106,7 @@ def cmd_sensitivities(opts) -> None:
     from .sensli import load_data, load_network, sensitivities
     network = load_network(opts.spec, opts.seed, opts.weights)
     report = sensitivities(network, load_data(opts.data, opts.seed), norm=opts.norm, loss=opts.loss,
-                           sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms)
+                           sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json)
     if opts.json:
         print(json.dumps(report.to_json(), indent=2))
         return

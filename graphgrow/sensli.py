@@ -183,16 +183,18 @@ class _TappingInterpreter(fx.Interpreter):
 def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         names: Iterable[str], *, batch: int | None = None,
-                        taps: dict[str, Tap] | None = None) -> tuple[dict[str, torch.Tensor], float]:
+                        taps: dict[str, Tap] | None = None, progress: bool = False
+                        ) -> tuple[dict[str, torch.Tensor], float]:
     """Gradient of the mean loss over all of (x, y) with respect to the named parameters,
     accumulated over batches weighted by batch size (so unequal batches give the exact
-    full-data gradient), and that mean loss. No parameter, buffer or ``.grad`` changes: the module runs in eval
-    mode (no batch-norm statistics updates, no dropout) and gradients come from
-    ``torch.autograd.grad``.
+    full-data gradient), and that mean loss. No parameter, buffer or ``.grad`` changes: the
+    module runs in eval mode (no batch-norm statistics updates, no dropout) and gradients come
+    from ``torch.autograd.grad``.
 
     ``taps`` (for a compiled network): spec node name (or "input") -> Tap, whose ``take`` is
     called once per batch with the node's output and the loss gradient (of that batch's share of
-    the mean loss) at the input of the tap's ``through``, during the same backward pass."""
+    the mean loss) at the input of the tap's ``through``, during the same backward pass.
+    ``progress``: a transient progress bar over the batches (when there are several)."""
     params = dict(module.named_parameters())
     names = list(names)
     missing = [n for n in names if n not in params]
@@ -213,7 +215,11 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     try:
         for name, p in params.items():
             p.requires_grad_(name in wanted)
-        for start in range(0, total, step):
+        starts = range(0, total, step)
+        if progress and len(starts) > 1:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="sensitivities", unit="batch", leave=False, dynamic_ncols=True)
+        for start in starts:
             xb, yb = x[start:start + step], y[start:start + step]
             output, leaves = (module(xb), []) if runner is None else runner.run_tapped(xb)
             value = loss(output, yb) * (xb.shape[0] / total)
@@ -313,14 +319,15 @@ def existing_weights(graph) -> dict[str, Geometry]:
 
 
 def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entropy", batch: int | None = 256,
-                  sample: int | float | None = None, seed: int = 0, all_norms: bool = False) -> Sensitivities:
+                  sample: int | float | None = None, seed: int = 0, all_norms: bool = False,
+                  progress: bool = False) -> Sensitivities:
     """Candidates of ``network`` with their merits, from one forward and backward pass of
     ``network`` itself over the training data (or a seeded sample); no parameter of ``network``
     changes and nothing is compiled. Each candidate is the identity layer extend_all would
     insert; its merit-weight gradient is computed from the activation at its position and the
     loss gradient there (passes IdentityPlan.merit_gradient), exactly the gradient in the
     fully-extended network. ``norm`` is one of MERIT_NORMS; ``all_norms`` also reports every
-    other norm."""
+    other norm. ``progress``: a transient progress bar over the batches of the pass."""
     import time
     from passes.extend import plan_candidates
     from passes.record import network_dtype
@@ -352,7 +359,8 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
     # the pass runs each candidate's trailing activation (ReLU after a ReLU: same values) so that
     # the backward pass gives the gradient at the candidate layer's output, as in the extended network
     taps = {plan.after: Tap(accumulate(cid, plan), plan.trailing) for cid, plan in plans.items()}
-    grads, mean_loss = full_data_gradients(network.module, x, y, loss_fn(loss), list(weights), batch=batch, taps=taps)
+    grads, mean_loss = full_data_gradients(network.module, x, y, loss_fn(loss), list(weights), batch=batch, taps=taps,
+                                           progress=progress)
     existing = {name: gradient_norm(grads[name], weights[name], norm) for name in weights}
     norms_wanted = MERIT_NORMS if all_norms else (norm,)
     candidates, gradient_flops = [], []
@@ -448,7 +456,8 @@ class GrowthHook:
             self._widen(trainer)
             return
         report = sensitivities(trainer.network, trainer_data(trainer), norm=self.norm, loss=trainer.config.loss,
-                               batch=self.sens_batch, sample=self.sample, seed=self.seed + trainer.epoch)
+                               batch=self.sens_batch, sample=self.sample, seed=self.seed + trainer.epoch,
+                               progress=trainer.config.progress)
         self.ledger.add_sensitivity(report.flops_per_sample, report.samples / len(trainer.train_split))
         room = min(self.per_step, self.max_insertions - self.inserted)
         chosen = select(report, self.strategy, tau=self.tau if self.strategy == "sensli" else None,

@@ -463,3 +463,13 @@ def test_sensitivity_pass_gives_the_loss_and_insertion_reports_it_on_the_same_sa
     (event,) = grown.insertions
     assert event["loss_samples"] == 120
     assert event["loss_before"] == pytest.approx(event["loss_after"], abs=1e-6)
+
+
+def test_sensitivity_pass_shows_progress_over_several_batches(capsys):
+    network = Network.build(load_graph("specs/fnn_spiral.yaml"), seed=1)
+    data = spiral(0)
+    quiet = sensitivities(network, data, batch=100)
+    assert "sensitivities" not in capsys.readouterr().err
+    shown = sensitivities(network, data, batch=100, progress=True)
+    assert "sensitivities" in capsys.readouterr().err
+    assert [c.merit for c in shown.candidates] == [c.merit for c in quiet.candidates]

@@ -3,6 +3,7 @@ import gzip
 import math
 import os
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -11,7 +12,21 @@ import torch
 from graphgrow import data
 from graphgrow.errors import GraphgrowError
 
-MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+
+
+def find_mnist_dir() -> str:
+    """The real MNIST test set: $GRAPHGROW_MNIST, else ``shared/data/mnist`` beside the checkout,
+    else beside the repository this one was cloned from (a clone made elsewhere, e.g. in /tmp)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [os.environ.get("GRAPHGROW_MNIST"), os.path.join(repo, "..", "shared", "data", "mnist")]
+    origin = subprocess.run(["git", "-C", repo, "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and os.path.isdir(origin):
+        candidates.append(os.path.join(origin, "..", "shared", "data", "mnist"))
+    return next((c for c in candidates if c and os.path.isdir(c)), candidates[1])
+
+
+MNIST_DIR = find_mnist_dir()
 
 
 def write_idx(path, array, magic, compress=False):

@@ -223,7 +223,7 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             xb, yb = x[start:start + step], y[start:start + step]
             output, leaves = (module(xb), []) if runner is None else runner.run_tapped(xb)
             value = loss(output, yb) * (xb.shape[0] / total)
-            mean_loss += float(value.detach())
+            mean_loss = mean_loss + value.detach()  # a tensor: no device sync per batch
             if targets or leaves:
                 grads = torch.autograd.grad(value, targets + leaves, allow_unused=True)
                 for acc, grad in zip(sums, grads):
@@ -235,7 +235,7 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         for name, p in params.items():
             p.requires_grad_(flags[name])
         module.train(was_training)
-    return dict(zip(names, sums)), mean_loss
+    return dict(zip(names, sums)), float(mean_loss)
 
 
 def sample_rows(size: int, sample: int | float | None, seed: int) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ import torch.fx
 from torch import nn
 
 from graphgrow.errors import GraphgrowError
-from graphgrow.frobenius import FrobeniusPreconditioner
+from graphgrow.frobenius import _LAPACK_BLOCK, FrobeniusPreconditioner, _spd_inverses
 
 LR = 0.5
 
@@ -124,6 +124,63 @@ def test_update_matches_dense_formula(moment, labels, woodbury):
         torch.testing.assert_close(bias, expected_b, rtol=1e-8, atol=1e-10)
     low_rank = "in_basis" in optimizer.state[model[0].weight]
     assert low_rank == woodbury
+
+
+def random_spd(size, condition, seed):
+    """Q diag(eigenvalues) Qᵀ with eigenvalues spread log-uniformly over [1/condition, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64, generator=generator))
+    eigenvalues = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), size, dtype=torch.float64)
+    return basis @ torch.diag(eigenvalues) @ basis.T
+
+
+@pytest.mark.parametrize("size", [1, _LAPACK_BLOCK, _LAPACK_BLOCK + 1, 100, 3 * _LAPACK_BLOCK + 7])
+def test_spd_inverses_match_an_lu_inverse(size):
+    """The Schur complement recursion (sizes above one LAPACK block) against LU inversion."""
+    matrices = torch.stack([random_spd(size, condition, seed) for seed, condition in enumerate([1e1, 1e4, 1e8])])
+    inverses, failed = _spd_inverses(matrices)
+    assert not failed.any()
+    for matrix, inverse in zip(matrices, inverses):
+        expected = torch.linalg.inv(matrix)
+        condition = torch.linalg.cond(matrix)
+        torch.testing.assert_close(inverse, expected, rtol=0, atol=1e-13 * condition * expected.abs().max())
+
+
+def test_spd_inverses_flag_exactly_the_matrices_that_are_not_positive_definite():
+    """Indefinite in the leading block, only in the Schur complement, singular: all flagged; the
+    positive definite matrices of the same batch are still inverted correctly."""
+    size, half = 100, 50
+    positive = random_spd(size, 1e3, seed=0)
+    leading = positive.clone()
+    leading[3, 3] = -1.0
+    trailing = positive.clone()
+    trailing[half:, half:] -= 2.0 * torch.eye(size - half, dtype=torch.float64)  # A11 unchanged, S indefinite
+    assert torch.linalg.eigvalsh(positive[:half, :half]).min() > 0
+    singular = random_spd(size, 1e3, seed=1)
+    singular -= torch.linalg.eigvalsh(singular).min() * torch.eye(size, dtype=torch.float64)
+    inverses, failed = _spd_inverses(torch.stack([positive, leading, trailing, singular, positive]))
+    assert failed.tolist() == [False, True, True, True, False]
+    for position in (0, 4):
+        torch.testing.assert_close(inverses[position], torch.linalg.inv(positive), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("woodbury", [False, True])
+def test_update_matches_dense_formula_on_layers_wider_than_a_lapack_block(woodbury):
+    """Factors and Woodbury inner matrices larger than _LAPACK_BLOCK go through the Schur recursion."""
+    width_in, width_out = _LAPACK_BLOCK + 6, _LAPACK_BLOCK + 2
+    batch = _LAPACK_BLOCK + 3 if woodbury else 2 * width_in
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(width_in, width_out), nn.Tanh(), nn.Linear(width_out, 3)).double()
+    x, y = torch.randn(batch, width_in, dtype=torch.float64), torch.randint(0, 3, (batch,))
+    reference = layer_samples(copy.deepcopy(model), x, lambda out: nn.functional.cross_entropy(out, y, reduction="sum"))
+    optimizer = FrobeniusPreconditioner(model, lr=LR, woodbury="auto" if woodbury else False,
+                                        damping_out=0.03, damping_in=0.02)
+    directions = step_directions(model, optimizer, x, y, nn.CrossEntropyLoss())
+    for name, (weight, bias, grad_w, grad_b) in directions.items():
+        expected_w, expected_b, _, _ = dense_direction(*reference[name], grad_w, grad_b, "second", 0.03, 0.02)
+        torch.testing.assert_close(weight, expected_w, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(bias, expected_b, rtol=1e-8, atol=1e-10)
+    assert ("in_basis" in optimizer.state[model[0].weight]) == woodbury
 
 
 @pytest.mark.parametrize("woodbury", [False, True])
@@ -272,7 +329,7 @@ def test_damping_warning_speaks_in_the_users_units_for_woodbury_inner_matrices()
     indefinite = -torch.eye(3, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, inner_damping = optimizer._damped_cholesky(optimizer._records[0], "in", indefinite, 1e-4, 100.0)
+        _, inner_damping = optimizer._raised_damping_inverse(optimizer._records[0], "in", indefinite, 1e-4, 100.0)
     assert "at damping 0.01; raising it to 0.1" in str(caught[0].message)
     assert "at damping 0.1; raising it to 1" in str(caught[1].message)
     assert inner_damping > 1.0  # raised until -I + damping·I is positive definite

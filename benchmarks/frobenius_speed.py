@@ -2,7 +2,10 @@
 
 Network 784-100-100-100-10 (ReLU), batch 100, MNIST 10k test set, one thread. Methods are run
 interleaved in blocks of steps, repeated; the report gives the median step time per method and its
-ratio to the median SGD step time.
+ratio to the median SGD step time. It also counts the floating-point operations of a step (matrix
+products by torch's FlopCounterMode, plus Cholesky factorisations and inversions), averaged over 20
+steps so that every-K-steps refreshes are included: a floor for the time ratio if the
+preconditioner's arithmetic ran as fast per operation as the SGD step's.
 
     PYTHONPATH=. python benchmarks/frobenius_speed.py --mnist /work/shared/data/mnist
     PYTHONPATH=. python benchmarks/frobenius_speed.py --methods batch-woodbury ema-every-10   # quicker
@@ -20,6 +23,8 @@ import warnings
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from graphgrow.data import mnist
 from graphgrow.frobenius import FrobeniusPreconditioner
@@ -68,6 +73,46 @@ def build(method, preconditioner=FrobeniusPreconditioner):
     return model, preconditioner(model, lr=1e-3, damping_in=0.01, damping_out=0.01, **options), loss_fn, backward
 
 
+@register_flop_formula(torch.ops.aten.linalg_cholesky_ex)
+def cholesky_flops(matrix_shape, *args, **kwargs):
+    return matrix_shape[:-2].numel() * matrix_shape[-1] ** 3 // 3
+
+
+@register_flop_formula(torch.ops.aten.cholesky_inverse)
+def cholesky_inverse_flops(factor_shape, *args, **kwargs):
+    """L⁻¹ and then L⁻ᵀ L⁻¹, n³/3 each."""
+    return 2 * factor_shape[:-2].numel() * factor_shape[-1] ** 3 // 3
+
+
+class FlopCounter(TorchDispatchMode):
+    """Adds up torch's registered FLOP formulas over every op dispatched. FlopCounterMode itself
+    also tracks modules with backward hooks, which fail under the re-entrant autograd.grad of
+    Monte-Carlo label sampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def flops_per_step(run, batches, steps=20):
+    """Mean floating-point operations of a training step (forward, backward, optimizer step)."""
+    model, optimizer, loss_fn, backward = run
+    with FlopCounter() as counter:
+        for x, y in batches[:steps]:
+            optimizer.zero_grad()
+            backward(loss_fn(model(x), y))
+            optimizer.step()
+    return counter.total / steps
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", default="/work/shared/data/mnist")
@@ -100,11 +145,13 @@ def main():
             if repeat:
                 times[method].append((time.perf_counter() - start) / args.steps)
     baseline = statistics.median(times["sgd"])
+    flops = {method: flops_per_step(run, batches) for method, run in runs.items()}
     print(f"load average after the run (1, 5, 15 min): {os.getloadavg()}")
-    print(f"| method | median step (ms) | ratio to SGD |\n|---|---|---|")
+    print("| method | median step (ms) | ratio to SGD | MFLOP per step | FLOP ratio to SGD |\n|---|---|---|---|---|")
     for method in runs:
         median = statistics.median(times[method])
-        print(f"| {method} | {1000 * median:.2f} | {median / baseline:.2f}x |")
+        print(f"| {method} | {1000 * median:.2f} | {median / baseline:.2f}x | {flops[method] / 1e6:.1f} "
+              f"| {flops[method] / flops['sgd']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def test_full_data_gradient_over_unequal_batches_equals_one_batch_gradient_and_c
     for name, expected in zip(names, reference):
         assert torch.allclose(whole[name], expected, atol=1e-7)
         assert torch.allclose(chunked[name], expected, atol=1e-6)
-    full_loss = float(F.cross_entropy(network(data.x_train), data.y_train))
+    full_loss = F.cross_entropy(network(data.x_train), data.y_train).item()
     assert whole_loss == pytest.approx(full_loss, rel=1e-6) and chunked_loss == pytest.approx(full_loss, rel=1e-6)
     assert all(torch.equal(before[k], v) for k, v in network.state().items())
     assert all(p.grad is None for p in network.module.parameters())

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from graphgrow.frobenius import FrobeniusPreconditioner  # noqa: E402
+from graphgrow.precond import FrobeniusPreconditioner  # noqa: E402
 
 REPORT_DIR = os.path.join(os.path.dirname(__file__), "reports", "frobenius")
 INPUT_DIM, RANK, OUTPUT_DIM, BATCH, NOISE, THRESHOLD = 100, 5, 20, 256, 0.1, 0.05

@@ -22,10 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from graphgrow.data import mnist  # noqa: E402
+from graphgrow.runtime.data import mnist  # noqa: E402
 from graphgrow.errors import GraphgrowError  # noqa: E402
-from graphgrow.frobenius import FrobeniusPreconditioner  # noqa: E402
-from graphgrow.frobenius_diagnostics import plot_gradient_norms, plot_spectra  # noqa: E402
+from graphgrow.precond import FrobeniusPreconditioner  # noqa: E402
+from graphgrow.precond.diagnostics import plot_gradient_norms, plot_spectra  # noqa: E402
 
 REPORT_DIR = os.path.join(os.path.dirname(__file__), "reports", "frobenius")
 

@@ -9,7 +9,7 @@ preconditioner's arithmetic ran as fast per operation as the SGD step's.
 
     PYTHONPATH=. python benchmarks/frobenius_speed.py --mnist /work/shared/data/mnist
     PYTHONPATH=. python benchmarks/frobenius_speed.py --methods batch-woodbury ema-every-10   # quicker
-    git show 0f7e8f6:graphgrow/frobenius.py > /tmp/frobenius_before.py   # an earlier version, timed alongside
+    git show 0f7e8f6:graphgrow/frobenius.py  # (before the layout change; after it: graphgrow/precond/frobenius.py) > /tmp/frobenius_before.py   # an earlier version, timed alongside
     PYTHONPATH=. python benchmarks/frobenius_speed.py --methods batch-woodbury ema-every-10 \
         --reference-code /tmp/frobenius_before.py --repeats 12 --steps 20
 """
@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-from graphgrow.data import mnist
-from graphgrow.frobenius import FrobeniusPreconditioner
+from graphgrow.runtime.data import mnist
+from graphgrow.precond import FrobeniusPreconditioner
 
 
 METHODS = ["sgd", "batch-woodbury", "batch-dense", "batch-woodbury-sampled", "ema-every-10", "backpack-kfac"]
@@ -40,7 +40,7 @@ def relu_classifier(seed):
 
 
 def load_reference(path):
-    """FrobeniusPreconditioner from another version of graphgrow/frobenius.py (a file path)."""
+    """FrobeniusPreconditioner from another version of graphgrow/precond/frobenius.py (a file path)."""
     spec = importlib.util.spec_from_file_location("frobenius_reference", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
@@ -120,7 +120,7 @@ def main():
     parser.add_argument("--steps", type=int, default=40, help="steps per timed block")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
                         help="contenders to time (SGD, the baseline, is always included)")
-    parser.add_argument("--reference-code", help="another version of graphgrow/frobenius.py: its hooks-backend "
+    parser.add_argument("--reference-code", help="another version of graphgrow/precond/frobenius.py: its hooks-backend "
                                                  "contenders are timed alongside, as '<method> (reference)'")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphgrow.mgopt_quadratic import eigen_restriction, figure_run, model_problem
-from graphgrow.plots import plt
+from graphgrow.mgopt.quadratic import eigen_restriction, figure_run, model_problem
+from graphgrow.runtime.plots import plt
 
 REPORT = Path(__file__).parent / "reports" / "mgopt"
 KINDS = ("sgd", "largest", "smallest", "random")

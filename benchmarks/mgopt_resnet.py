@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphgrow.data import mnist
+from graphgrow.runtime.data import mnist
 from graphgrow.ir import graph_from_text
 from graphgrow.mgopt import run
-from graphgrow.plots import plt
+from graphgrow.runtime.plots import plt
 
 REPORT = Path(__file__).parent / "reports" / "mgopt"
 SPEC = """

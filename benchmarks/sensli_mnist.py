@@ -30,10 +30,10 @@ import torch
 
 from graphgrow import Network
 from graphgrow.ir import load_graph
-from graphgrow.plots import plot_comparison
-from graphgrow.runlog import select as select_events
+from graphgrow.runtime.plots import plot_comparison
+from graphgrow.runtime.runlog import select as select_events
 from graphgrow.sensli import grow, load_data, sensitivities
-from graphgrow.train import TrainConfig, Trainer
+from graphgrow.runtime.train import TrainConfig, Trainer
 
 REPORT = Path(__file__).parent / "reports" / "sensli"
 SPEC = "specs/cnn_vgg.yaml"

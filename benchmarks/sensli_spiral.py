@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from graphgrow import Network
-from graphgrow.data import spiral
+from graphgrow.runtime.data import spiral
 from graphgrow.ir import load_graph
-from graphgrow.plots import plot_comparison
+from graphgrow.runtime.plots import plot_comparison
 from graphgrow.sensli import grow, sensitivities
-from graphgrow.train import TrainConfig, Trainer
+from graphgrow.runtime.train import TrainConfig, Trainer
 
 REPORT = Path(__file__).parent / "reports" / "sensli"
 INSERT_AT, EPOCHS = 450, 1850

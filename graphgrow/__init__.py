@@ -4,9 +4,9 @@ Core API (layers 1-2 only, so ``passes`` and the engines can import this package
 ``load_graph``/``graph_from_text`` read a spec into a LayerGraph, ``compile_graph`` and
 ``Network.build`` compile it, ``save``/``load``/``dump`` round-trip it, ``register_op`` adds ops.
 """
-from .compiler import Network, compile_graph
+from .compiler.network import Network, compile_graph
 from .errors import GraphgrowError
-from .io import dump, load, save
+from .compiler.io import dump, load, save
 from .ir import INPUT, LayerGraph, Node, build_graph, graph_from_text, load_graph
 from .ops import OpDef, get_op, register_op, registered_ops
 

@@ -16,7 +16,7 @@ DEMO_SPEC = Path(__file__).resolve().parent.parent / "specs" / "fnn_spiral.yaml"
 
 
 def _load_network(spec: str, weights: str | None, seed: int):
-    from .io import load
+    from .compiler.io import load
     return load(spec, weights, seed=seed)
 
 
@@ -38,7 +38,7 @@ def to_dot(graph) -> str:
 
 
 def cmd_show(opts) -> None:
-    from .compiler import compile_graph
+    from .compiler.network import compile_graph
     from .ir import load_graph
     graph = load_graph(opts.spec)
     if opts.code:
@@ -46,7 +46,7 @@ def cmd_show(opts) -> None:
     elif opts.dot:
         print(to_dot(graph))
     else:
-        from .io import dump
+        from .compiler.io import dump
         print(graph.summary_table())
         print()
         print(dump(graph), end="")
@@ -55,7 +55,7 @@ def cmd_show(opts) -> None:
 def compile_and_export(spec: str, out: Path, fmt: str, seed: int, weights: str | None = None) -> float:
     """Compile a spec, export it, reload the artifact and return its max abs difference to the
     eager module on a probe batch."""
-    from .export import example_input, export, load_exported
+    from .compiler.export import example_input, export, load_exported
     network = _load_network(spec, weights, seed)
     network.module.eval()
     path = export(network.module, network.graph, out, fmt)
@@ -67,7 +67,7 @@ def compile_and_export(spec: str, out: Path, fmt: str, seed: int, weights: str |
 
 
 def cmd_compile(opts) -> None:
-    from .export import SUFFIX
+    from .compiler.export import SUFFIX
     out = Path(opts.output)
     if out.suffix == "":
         out = out.with_suffix(SUFFIX[opts.format])
@@ -103,7 +103,9 @@ def cmd_grow(opts) -> None:
 
 
 def cmd_sensitivities(opts) -> None:
-    from .sensli import load_data, load_network, sensitivities
+    from .compiler.io import load_network
+    from .runtime.data import load_data
+    from .sensli import sensitivities
     network = load_network(opts.spec, opts.seed, opts.weights)
     report = sensitivities(network, load_data(opts.data, opts.seed), norm=opts.norm, loss=opts.loss,
                            sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json)

@@ -8,7 +8,7 @@ from .hierarchy import (Level, Transfer, build_hierarchy, coarsen_depth, coarsen
                         residual_stages, unit_matrices)
 from .insert import insert_identity, plan_identity
 from .manager import PASSES, Pipeline, Step, register_pass, verify_pass
-from .optim import transfer_optimizer
+from .optim import record_by_name, transfer_optimizer
 from .record import CandidateInfo, Origin, Record
 from .units import trace_units
 from .widen import widen
@@ -16,5 +16,5 @@ from .widen import widen
 __all__ = ["CandidateInfo", "Level", "Origin", "PASSES", "Pipeline", "Record", "Step", "Transfer",
            "build_hierarchy", "candidate_gradient", "coarsen_depth", "coarsen_width", "depth_prolongation",
            "extend_all", "insert_identity", "keep_candidates", "legal_positions", "plan_identity",
-           "register_pass", "residual_stages", "trace_units", "transfer_optimizer", "unit_matrices",
+           "record_by_name", "register_pass", "residual_stages", "trace_units", "transfer_optimizer", "unit_matrices",
            "verify_pass", "widen", "widenable"]

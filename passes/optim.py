@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .record import Record
+from .record import Origin, Record
 
 
 def transfer_optimizer(optimizer: torch.optim.Optimizer, old_module: nn.Module, new_module: nn.Module,
@@ -50,3 +51,32 @@ def transfer_optimizer(optimizer: torch.optim.Optimizer, old_module: nn.Module, 
         group["params"] = params
     optimizer.state = new_state
     return optimizer
+
+
+def _embed_leading(shape: torch.Size) -> Callable[[torch.Tensor], torch.Tensor]:
+    def embed(old: torch.Tensor) -> torch.Tensor:
+        grown = old.new_zeros(shape)
+        grown[tuple(slice(0, s) for s in old.shape)] = old
+        return grown
+    return embed
+
+
+def record_by_name(old_module: nn.Module, new_module: nn.Module,
+                   source: Callable[[str, torch.Tensor], str | None] | dict | None = None) -> Record:
+    """A record for a network changed outside the passes: a parameter comes from the old
+    parameter named ``source`` (a dict new name -> old name, or a function (name, parameter) ->
+    old name or None; default: the same name). Same shape: carried; every dimension at least the
+    old one: derived, the old values in the leading corner and zeros elsewhere (where widening
+    puts them); otherwise, or without a source, the parameter is new and its state starts empty."""
+    old_params = dict(old_module.named_parameters())
+    record = Record("by-name")
+    for name, param in new_module.named_parameters():
+        old_name = source.get(name) if isinstance(source, dict) else source(name, param) if source else name
+        old = old_params.get(old_name) if old_name is not None else None
+        if old is None or old.dim() != param.dim() or any(o > n for o, n in zip(old.shape, param.shape)):
+            continue
+        if old.shape == param.shape:
+            record.origins[name] = Origin.carried(old_name)
+        else:
+            record.origins[name] = Origin.derived([old_name], _embed_leading(param.shape))
+    return record

@@ -14,7 +14,7 @@ from torch import fx
 
 from graphgrow.compiler import compile_graph
 from graphgrow.errors import GraphgrowError
-from graphgrow.io import dump
+from graphgrow.compiler.io import dump
 from graphgrow.ir import graph_from_text
 
 from conftest import SPECS_DIR

@@ -7,7 +7,7 @@ import torch
 
 from graphgrow.compiler import Network, compile_graph
 from graphgrow.errors import GraphgrowError
-from graphgrow.io import dump, load, load_weights, reload_graph, save, weights_path
+from graphgrow.compiler.io import dump, load, load_weights, reload_graph, save, weights_path
 from graphgrow.ir import graph_from_text, load_graph
 
 ALL_SPECS = ["fnn_spiral", "fnn_spiral_deep", "resnet_spiral", "resnet_ode", "cnn_vgg", "mnist_fnn",

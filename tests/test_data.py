@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from graphgrow import data
+from graphgrow.runtime import data
 from graphgrow.errors import GraphgrowError
 
 

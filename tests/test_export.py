@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from graphgrow import GraphgrowError, compile_graph, load_graph
-from graphgrow.export import FORMATS, SUFFIX, example_input, export, load_exported
+from graphgrow.compiler.export import FORMATS, SUFFIX, example_input, export, load_exported
 
 SPECS = sorted(Path(__file__).resolve().parent.parent.joinpath("specs").glob("*.yaml"))
 SMALL = [s for s in SPECS if "autoencoder" not in s.name]

@@ -8,7 +8,8 @@ import torch.fx
 from torch import nn
 
 from graphgrow.errors import GraphgrowError
-from graphgrow.frobenius import _LAPACK_BLOCK, FrobeniusPreconditioner, _spd_inverses
+from graphgrow.precond.factors import _LAPACK_BLOCK, _spd_inverses
+from graphgrow.precond.frobenius import FrobeniusPreconditioner
 
 LR = 0.5
 

@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from graphgrow import GraphgrowError
-from graphgrow.importer import import_module
+from graphgrow.compiler.importer import import_module
 from graphgrow.ops.residual import Residual
 
 

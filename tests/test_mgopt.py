@@ -8,7 +8,7 @@ import torch
 from graphgrow.errors import GraphgrowError
 from graphgrow.mgopt import (Hierarchy, IdentityTransfer, MatrixTransfer, MGOptConfig, MultilevelOptimizer,
                              Shifted, correction_linear_term, optimize, pd_sq_norm)
-from graphgrow.mgopt_quadratic import CoarseQuadratic, QuadraticProblem
+from graphgrow.mgopt.quadratic import CoarseQuadratic, QuadraticProblem
 
 KEY = "theta"
 f64 = torch.float64

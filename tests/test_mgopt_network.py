@@ -9,12 +9,12 @@ import torch
 from torch.nn import functional as F
 
 from graphgrow.compiler import Network
-from graphgrow.data import Dataset
+from graphgrow.runtime.data import Dataset
 from graphgrow.errors import GraphgrowError
 from graphgrow.ir import graph_from_text, load_graph
 from graphgrow.mgopt import IdentityTransfer, MGOptConfig, correction_linear_term, optimize, pd_sq_norm, run
-from graphgrow.mgopt_network import NetworkProblem, build_network_hierarchy
-from graphgrow.train import Split
+from graphgrow.mgopt.network import NetworkProblem, build_network_hierarchy
+from graphgrow.runtime.splits import Split
 
 SMALL_CNN = """
 graphgrow: 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from graphgrow.mgopt_quadratic import (KEY, CoarseQuadratic, algorithm4, eigen_restriction, figure_run,
+from graphgrow.mgopt.quadratic import (KEY, CoarseQuadratic, algorithm4, eigen_restriction, figure_run,
                                        model_problem)
 
 

@@ -10,12 +10,12 @@ import torch
 from torch.nn import functional as F
 
 from graphgrow import GraphgrowError, Network, graph_from_text, load_graph
-from graphgrow.data import spiral
+from graphgrow.runtime.data import spiral
 import passes
 from graphgrow.ops.base import get_op
 from graphgrow.sensli import (MERIT_NORMS, Candidate, Geometry, Sensitivities, conv_operator_norm, existing_weights,
                               full_data_gradients, gradient_norm, grow, insert_candidates, select, sensitivities)
-from graphgrow.train import TrainConfig, Trainer
+from graphgrow.runtime.train import TrainConfig, Trainer
 
 SMALL_CNN = """
 graphgrow: 1
@@ -453,7 +453,7 @@ def test_weight_geometry_of_each_op():
 
 
 def test_sensitivity_pass_gives_the_loss_and_insertion_reports_it_on_the_same_samples():
-    from graphgrow.train import as_splits, evaluate
+    from graphgrow.runtime.splits import as_splits, evaluate
     network = Network.build(load_graph("specs/fnn_spiral.yaml"), seed=1)
     data = spiral(0)
     report = sensitivities(network, data, batch=100)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from graphgrow import GraphgrowError, Network, graph_from_text
-from graphgrow.plots import plot_run, run_curves
-from graphgrow.runlog import RunLog, read_log
-from graphgrow.train import TrainConfig, Trainer, batches, lr_at, train
+from graphgrow.runtime.plots import plot_run, run_curves
+from graphgrow.runtime.runlog import RunLog, read_log
+from graphgrow.runtime.splits import batches
+from graphgrow.runtime.train import TrainConfig, Trainer, lr_at, train
 
 SMALL_FNN = """
 graphgrow: 1
@@ -95,7 +96,7 @@ def test_training_lowers_the_loss(optimizer, loss):
 
 
 def test_mse_with_class_targets_uses_one_hot():
-    from graphgrow.train import loss_fn
+    from graphgrow.runtime.splits import loss_fn
     output = torch.tensor([[0.2, 0.7], [1.0, -1.0]])
     target = torch.tensor([1, 0])
     expected = ((output - torch.tensor([[0.0, 1.0], [1.0, 0.0]])) ** 2).mean()
@@ -216,11 +217,11 @@ def test_run_directory_log_network_export_and_plot(tmp_path):
     assert kinds.count("step") == result.iterations == 9
     assert kinds.count("eval") == 4  # before training and after each epoch
     assert all(json.dumps(r) for r in records)
-    from graphgrow.io import load
+    from graphgrow.compiler.io import load
     reloaded = load(tmp_path / "run" / "final.yaml")
     for key, value in result.network.state().items():
         assert torch.equal(reloaded.state()[key], value)
-    from graphgrow.export import load_exported
+    from graphgrow.compiler.export import load_exported
     probe = data.x_test[:5]
     assert torch.allclose(load_exported(exported)(probe), result.network(probe), atol=1e-6)
     curves = run_curves(records)
@@ -238,7 +239,7 @@ def test_run_directory_refuses_to_overwrite_a_run(tmp_path):
 def test_frobenius_optimizer_in_the_runtime_takes_the_preconditioned_step():
     """optimizer='frobenius' steps exactly like FrobeniusPreconditioner used by hand, and keeps
     working on the network that replaces the current one (rebuilt on the new layers)."""
-    from graphgrow.frobenius import FrobeniusPreconditioner
+    from graphgrow.precond import FrobeniusPreconditioner
     data = blobs()
     by_hand = small_network()
     optimizer = FrobeniusPreconditioner(by_hand.module, lr=0.2, damping_in=0.05, damping_out=0.05)

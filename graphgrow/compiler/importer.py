@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .compiler import Network
-from .errors import GraphgrowError
-from .ir import INPUT, LayerGraph, Node
-from .ops.base import OpDef, registered_ops
-from .ops.residual import Residual
+from .network import Network
+from ..errors import GraphgrowError
+from ..ir import INPUT, LayerGraph, Node
+from ..ops.base import OpDef, registered_ops
+from ..ops.residual import Residual
 
 _METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "flatten": "flatten",
             "add": "add", "mul": "scale"}

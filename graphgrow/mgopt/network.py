@@ -20,10 +20,12 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from .compiler import Network
-from .errors import GraphgrowError
-from .mgopt import Hierarchy, IdentityTransfer, ParamDict
-from .train import Split, loss_fn
+import passes
+
+from ..compiler.network import Network
+from ..errors import GraphgrowError
+from ..runtime.splits import Split, loss_fn
+from .hierarchy import Hierarchy, IdentityTransfer, ParamDict
 
 HIERARCHIES = ("depth", "width", "batch", "resolution")
 
@@ -134,7 +136,7 @@ def build_network_hierarchy(network: Network, split: Split, kind: str, levels: i
     if levels == 1:  # plain SGD on the network: nothing to build
         return Hierarchy([NetworkProblem(network, split, batch=batch, loss=loss)], [], [f"{kind}0"])
     if kind in ("depth", "width"):
-        built = _passes_hierarchy()(network, kind=kind, levels=levels, **options)
+        built = passes.build_hierarchy(network, kind=kind, levels=levels, **options)
         networks = [level.network for level in built]
         transfers = [level.transfer for level in built[1:]]
         costs = _relative_costs([n.graph.flops() for n in networks], [fine_batch] * levels)
@@ -158,13 +160,6 @@ def build_network_hierarchy(network: Network, split: Split, kind: str, levels: i
                     for l, (n, c) in enumerate(zip(networks, costs))]
         names = [f"{'x'.join(map(str, n.graph.input_shape[1:]))}" for n in networks]
     return Hierarchy(problems, [IdentityTransfer() for _ in range(levels - 1)], names)
-
-
-def _passes_hierarchy():
-    # engines import passes lazily (layering: passes imports graphgrow)
-    import importlib
-    import passes
-    return getattr(passes, "build_hierarchy", None) or importlib.import_module("passes.hierarchy").build_hierarchy
 
 
 def load_params(network: Network, params: ParamDict) -> None:

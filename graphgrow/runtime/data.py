@@ -202,3 +202,19 @@ def npz(path: str) -> Dataset:
     to_features = lambda array: torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))  # noqa: E731
     return Dataset(to_features(x_train), to_target(y_train), to_features(x_test), to_target(y_test),
                    tuple(x_train.shape[1:]), num_classes, os.path.basename(path))
+
+
+def load_data(source, seed: int = 0):
+    """A data set from ``spiral``, ``mnist:PATH`` or ``npz:PATH`` (or a data set object,
+    returned as is). MNIST without train-* files uses the 10k test set split 8,000/2,000."""
+    if not isinstance(source, str):
+        return source
+    kind, _, path = source.partition(":")
+    if kind == "spiral" and not path:
+        return spiral(seed)
+    if kind == "mnist" and path:
+        has_train = any(os.path.exists(os.path.join(path, "train-images-idx3-ubyte" + s)) for s in ("", ".gz"))
+        return mnist(path) if has_train else mnist(path, split=(8000, 2000), seed=seed)
+    if kind == "npz" and path:
+        return npz(path)
+    raise GraphgrowError(f"unknown data source '{source}'", hint="use spiral, mnist:PATH or npz:PATH")

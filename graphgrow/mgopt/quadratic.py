@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from scipy.stats import special_ortho_group
 
-from .mgopt import Hierarchy, MatrixTransfer, MGOptConfig, MultilevelOptimizer, ParamDict, Shifted, StepInfo
+from .hierarchy import Hierarchy, MatrixTransfer, ParamDict, Shifted
+from .optimizer import MGOptConfig, MultilevelOptimizer, StepInfo
 
 KEY = "theta"
 RESTRICTIONS = ("largest", "smallest", "random")

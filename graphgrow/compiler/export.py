@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from .errors import GraphgrowError
-from .ir import LayerGraph
+from ..errors import GraphgrowError
+from ..ir import LayerGraph
 
 FORMATS = ("export", "torchscript")
 SUFFIX = {"export": ".pt2", "torchscript": ".pt"}

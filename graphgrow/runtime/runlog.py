@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import GraphgrowError
+from ..errors import GraphgrowError
 
 LOG_NAME = "log.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -87,14 +87,14 @@ class RunLog:
         """Write the network as ``stem.yaml`` + ``stem.pt`` (graphgrow.io.save)."""
         if self.directory is None:
             return None
-        from .io import save
+        from ..compiler.io import save
         return save(network, self.directory / f"{stem}.yaml")
 
     def export(self, network, name: str = EXPORT_NAME) -> Path | None:
         """Write the network exported with torch.export (graphgrow.export)."""
         if self.directory is None:
             return None
-        from .export import export
+        from ..compiler.export import export
         return export(network.module, network.graph, self.directory / name, "export")
 
     def close(self) -> None:

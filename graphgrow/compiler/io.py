@@ -6,11 +6,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from .compiler import Network
-from .errors import GraphgrowError
-from .ir import INPUT, LayerGraph, graph_from_text, load_graph
-from .ops.base import REQUIRED
-from .spec import FORMAT_VERSION
+from .network import Network
+from ..errors import GraphgrowError
+from ..ir import INPUT, LayerGraph, graph_from_text, load_graph
+from ..ops.base import REQUIRED
+from ..spec import FORMAT_VERSION
 
 WEIGHTS_SUFFIX = ".pt"
 
@@ -87,3 +87,12 @@ def load(spec_path: str | Path, weights: str | Path | None = None, *, seed: int 
 def reload_graph(graph: LayerGraph) -> LayerGraph:
     """Dump and read back (used to check round trips)."""
     return graph_from_text(dump(graph), graph.source)
+
+
+def load_network(spec, seed: int = 0, weights=None):
+    """A Network from a spec path (weights beside it or given), a LayerGraph or a Network."""
+    if isinstance(spec, Network):
+        return spec
+    if isinstance(spec, LayerGraph):
+        return Network.build(spec, seed=seed)
+    return load(spec, weights, seed=seed)

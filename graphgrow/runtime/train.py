@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.nn import functional as F
 
-from .compiler import Network
-from .errors import GraphgrowError
+import passes
+
+from ..compiler.network import Network
+from ..errors import GraphgrowError
+from .optimizers import make_optimizer, optimizer_kind
 from .runlog import RunLog
+from .splits import LOSSES, as_splits, batches, check_data_fits, error_count, evaluate, loss_fn
 
-LOSSES = ("cross_entropy", "mse")
-OPTIMIZERS = ("sgd", "adam", "frobenius")
 SCHEDULES = ("constant", "step", "exponential", "cosine")
 
 
@@ -32,7 +33,7 @@ class TrainConfig:
     given, ends training before ``epochs`` does. LR schedules are per epoch:
     step: lr * gamma**(epoch // step_size); exponential: lr * gamma**epoch;
     cosine: lr * (1 + cos(pi * epoch / epochs)) / 2. ``optimizer="frobenius"`` is SGD with the
-    Frobenius-type layer-wise preconditioner (graphgrow.frobenius, per-batch estimates) with
+    Frobenius-type layer-wise preconditioner (graphgrow.precond, per-batch estimates) with
     ``damping`` as both γ1 and γ2."""
     epochs: int = 10
     lr: float = 0.1
@@ -61,8 +62,9 @@ class TrainConfig:
             raise GraphgrowError(f"training setting: {message}", hint=hint)
         if self.loss not in LOSSES:
             bad(f"unknown loss '{self.loss}'", f"use one of {', '.join(LOSSES)}")
-        if self.optimizer not in OPTIMIZERS:
-            bad(f"unknown optimizer '{self.optimizer}'", f"use one of {', '.join(OPTIMIZERS)}")
+        misfit = optimizer_kind(self.optimizer).misfit(self)
+        if misfit:
+            bad(*misfit)
         if self.schedule not in SCHEDULES:
             bad(f"unknown LR schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         if not (isinstance(self.epochs, int) and self.epochs >= 0):
@@ -75,9 +77,6 @@ class TrainConfig:
             bad(f"batch must be a positive integer or None (full batch), got {self.batch!r}")
         if self.momentum < 0 or self.weight_decay < 0:
             bad("momentum and weight decay must not be negative")
-        if self.optimizer == "frobenius" and (self.momentum or self.weight_decay or self.nesterov):
-            bad("the Frobenius-type preconditioner takes plain preconditioned SGD steps",
-                "drop momentum/weight decay, or use optimizer 'sgd'")
         if not (self.damping >= 0 and math.isfinite(self.damping)):
             bad(f"damping must be a non-negative number, got {self.damping!r}")
         if self.eval_every < 1:
@@ -105,123 +104,6 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
     if config.schedule == "cosine":
         return config.lr * (1 + math.cos(math.pi * min(epoch, config.epochs) / max(config.epochs, 1))) / 2
     return config.lr
-
-
-def make_optimizer(module: torch.nn.Module, parameters, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer of ``config`` over ``parameters`` of ``module`` (the preconditioner records
-    its statistics with hooks on the module's layers)."""
-    if config.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    if config.optimizer == "frobenius":
-        from .frobenius import FrobeniusPreconditioner
-        return FrobeniusPreconditioner(module, parameters, lr=config.lr, damping_in=config.damping,
-                                       damping_out=config.damping)
-    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, nesterov=config.nesterov)
-
-
-# -- data -----------------------------------------------------------------------------------
-
-@dataclass
-class Split:
-    """Inputs and targets of one split as tensors."""
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-
-def as_splits(data) -> tuple[Split, Split | None]:
-    """Train and test splits from anything with x_train, y_train (and x_test, y_test)."""
-    def tensor(value, name):
-        if value is None:
-            return None
-        try:
-            out = torch.as_tensor(value)
-        except Exception as err:  # numpy object arrays, ragged lists, ...
-            raise GraphgrowError(f"data field {name} is not an array: {err}") from None
-        return out.float() if out.is_floating_point() else out
-    missing = [n for n in ("x_train", "y_train") if getattr(data, n, None) is None]
-    if missing:
-        raise GraphgrowError(f"data has no {', '.join(missing)}",
-                             hint="pass a data set with x_train, y_train, x_test, y_test")
-    train = Split(tensor(data.x_train, "x_train"), tensor(data.y_train, "y_train"))
-    x_test, y_test = getattr(data, "x_test", None), getattr(data, "y_test", None)
-    test = Split(tensor(x_test, "x_test"), tensor(y_test, "y_test")) if x_test is not None and y_test is not None and len(x_test) else None
-    for split, name in ((train, "train"), (test, "test")):
-        if split is not None and split.x.shape[0] != split.y.shape[0]:
-            raise GraphgrowError(f"{name} split has {split.x.shape[0]} inputs but {split.y.shape[0]} targets")
-    return train, test
-
-
-def check_data_fits(network: Network, train: Split) -> None:
-    expected = tuple(network.graph.input_shape)
-    got = tuple(train.x.shape[1:])
-    if got != expected:
-        raise GraphgrowError(f"data inputs have shape {list(got)} per sample, network "
-                             f"'{network.graph.name}' expects {list(expected)}", file=network.graph.source,
-                             hint="choose the spec that matches the data (e.g. input: {shape: [1, 28, 28]} for MNIST)")
-
-
-def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Mean loss over a batch. Class-index targets work for both losses (one-hot for MSE)."""
-    if kind == "mse":
-        def mse(output, target):
-            if not target.is_floating_point():
-                target = F.one_hot(target, output.shape[-1]).to(output.dtype)
-            return F.mse_loss(output, target.reshape(output.shape))
-        return mse
-    def cross_entropy(output, target):
-        return F.cross_entropy(output, target)
-    return cross_entropy
-
-
-def error_count(output: torch.Tensor, target: torch.Tensor) -> int | None:
-    """Misclassified samples, or None when targets are not classes (regression)."""
-    if target.is_floating_point():
-        if target.shape != output.shape or output.dim() != 2:
-            return None
-        target = target.argmax(dim=1)  # one-hot or probability targets
-    if output.dim() != 2:
-        return None
-    return int((output.argmax(dim=1) != target).sum())
-
-
-def batches(size: int, batch: int | None, generator: torch.Generator | None) -> Iterator[torch.Tensor | slice]:
-    """Index batches of one epoch: one slice (full batch), else a seeded permutation in chunks."""
-    if batch is None or batch >= size:
-        yield slice(None)
-        return
-    order = torch.randperm(size, generator=generator)
-    for start in range(0, size, batch):
-        yield order[start:start + batch]
-
-
-@torch.no_grad()
-def evaluate(network: Network, split: Split, loss: str = "cross_entropy", batch: int = 256) -> dict:
-    """Mean loss and error rate (None for regression) over a split, in eval mode. Batches of a
-    few hundred: on CPU, larger ones were slower per sample (activations fall out of cache; for the
-    VGG-like CNN on MNIST, batch 4096 was 1.5x slower than a whole training epoch)."""
-    module = network.module
-    was_training = module.training
-    module.eval()
-    compute = loss_fn(loss)
-    total_loss, wrong, counted = 0.0, 0, True
-    try:
-        for start in range(0, len(split), batch):
-            x, y = split.x[start:start + batch], split.y[start:start + batch]
-            output = module(x)
-            total_loss += float(compute(output, y)) * x.shape[0]
-            errors = error_count(output, y)
-            if errors is None:
-                counted = False
-            else:
-                wrong += errors
-    finally:
-        module.train(was_training)
-    n = max(len(split), 1)
-    return {"loss": total_loss / n, "error": wrong / n if counted else None}
 
 
 # -- the trainer ----------------------------------------------------------------------------
@@ -284,8 +166,9 @@ class Trainer:
     def replace_network(self, network: Network, carry: Callable[[str, torch.Tensor], torch.Tensor | None] | dict | None = None,
                         *, record=None, **event: Any) -> None:
         """Continue training ``network`` in place of the current one, keeping the optimizer's
-        state (momentum buffers, Adam moments and step counts). The Frobenius-type preconditioner
-        is rebuilt on the new network instead (its statistics are re-estimated from the next batch).
+        state (momentum buffers, Adam moments and step counts). An optimizer whose state is tied to
+        the layers (the Frobenius-type preconditioner) is rebuilt on the new network instead (its
+        statistics are re-estimated from the next batch).
 
         With ``record`` (the passes.Record of the pass that made ``network``) the optimizer is
         rewired by ``passes.transfer_optimizer``, which follows the record's parameter origins.
@@ -295,39 +178,22 @@ class Trainer:
         parameters start with fresh state. Logs an ``architecture`` event with ``event``.
         """
         check_data_fits(network, self.train_split)
-        if self.config.optimizer == "frobenius":
-            # its state is per-batch statistics tied to the old layers' shapes: the new network's
-            # preconditioner takes fresh statistics from its next batch, at the current lr
+        kind = optimizer_kind(self.config.optimizer)
+        if not kind.carries_state:
+            # its state is tied to the old layers (e.g. the preconditioner's statistics): the new
+            # network's optimizer starts afresh from its next batch, at the current lr
             lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.remove_hooks()
+            kind.release(self.optimizer)
             self.network = network
             self.optimizer = make_optimizer(network.module, self.trainable(), self.config)
             self.set_lr(lr)
-        elif record is not None:
-            import passes  # engines may import passes; the core may not
+        else:
+            if record is None:
+                record = passes.record_by_name(self.network.module, network.module, carry)
             passes.transfer_optimizer(self.optimizer, self.network.module, network.module, record)
             self.network = network
-        else:
-            self._rebuild_optimizer(network, carry)
         self.log.log("architecture", epoch=self.epoch, iteration=self.iteration,
                      params=network.graph.num_params(), flops=network.graph.flops(), **event)
-
-    def _rebuild_optimizer(self, network: Network, carry) -> None:
-        old_params = dict(self.network.module.named_parameters())
-        old_state = self.optimizer.state
-        self.network = network
-        new_optimizer = make_optimizer(network.module, self.trainable(), self.config)
-        for group in new_optimizer.param_groups:
-            group["lr"] = self.optimizer.param_groups[0]["lr"]
-        for name, param in self.named_trainable().items():
-            source = carry.get(name) if isinstance(carry, dict) else carry(name, param) if carry else name
-            old = old_params.get(source) if source is not None else None
-            if old is None or old not in old_state:
-                continue
-            state = carry_state(old_state[old], param)
-            if state is not None:
-                new_optimizer.state[param] = state
-        self.optimizer = new_optimizer
 
     def request_stop(self) -> None:
         self.stop_requested = True
@@ -413,24 +279,6 @@ class Trainer:
             self._progress.write(text)
         elif self.config.progress:
             print(text, flush=True)
-
-
-def carry_state(state: dict, param: torch.Tensor) -> dict | None:
-    """An optimizer state entry for ``param`` from the old parameter's entry: tensors are
-    copied, scalars (step counts) kept. A widened parameter (every dimension at least the old
-    one) gets the old state in its leading corner and zeros for the new entries, which is where
-    widening puts the old weights; None if the shapes do not fit that way."""
-    carried = {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            if value.dim() != param.dim() or any(o > n for o, n in zip(value.shape, param.shape)):
-                return None
-            grown = torch.zeros_like(param, dtype=value.dtype)
-            grown[tuple(slice(0, s) for s in value.shape)] = value.detach()
-            carried[key] = grown
-        else:
-            carried[key] = value.clone() if isinstance(value, torch.Tensor) else value
-    return carried
 
 
 def _fmt(value) -> str:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .errors import GraphgrowError
-from .init import apply_init, normalize_init
-from .ir import LayerGraph
+from ..errors import GraphgrowError
+from ..init import apply_init, normalize_init
+from ..ir import LayerGraph
 
 PLACEHOLDER = "x"
 

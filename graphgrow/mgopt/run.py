@@ -1,0 +1,152 @@
+"""The one-call MG/Opt engine the CLI calls: build a hierarchy from a spec, train, write the run."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..compiler.io import load_network
+from ..errors import GraphgrowError
+from ..runtime.data import load_data
+from ..runtime.runlog import RunLog
+from ..runtime.splits import as_splits, check_data_fits
+from .network import build_network_hierarchy, iterations_per_epoch, load_params
+from .optimizer import MGOptConfig, optimize
+
+
+@dataclass
+class MGOptResult:
+    network: Any
+    records: list[dict]
+    summary: dict
+    out: Any = None
+
+
+def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa: float = 0.5, K: int = 10,
+        lam: float = 0.0, alpha: float = 0.1, alpha_bar: float | None = None, alpha_cgc: float = 1.0,
+        variant: str = "mgopt", epochs: int = 10, batch: int | None = 100, loss: str = "cross_entropy",
+        pre_smooth: int = 1, post_smooth: int = 1, min_gap: int = 1, descent_check: bool = True,
+        backtracking: int = 0, schedule: str = "constant", decay: float = 100.0, nested_epochs: int = 1,
+        interpolation: str = "constant", out=None, seed: int = 0, progress: bool = False, eval_every: int = 1,
+        evals_per_epoch: int = 1, work_budget: float | None = None, log_steps: bool = True,
+        export: bool = True) -> MGOptResult:
+    """Train ``spec`` on ``data`` with multilevel optimisation on a hierarchy built from it.
+
+    ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
+    npz:PATH. ``hierarchy``: depth | width | batch | resolution with ``levels`` levels (1 level:
+    plain SGD). ``variant``: mgopt (Algorithm 5, V-cycle for levels > 2), no-correction, or
+    nested (``nested_epochs`` epochs of SGD on each coarse level, coarsest first, then
+    ``epochs`` on the finest). ``interpolation`` (constant | linear) is the depth prolongation.
+    One epoch is ceil(train size / batch) fine iterations with mini-batches drawn by ``seed``.
+    With ``out`` the run directory gets log.jsonl (step and eval records with wall time and
+    work units), summary.json, final.yaml + .pt, model.pt2 and curves.png. The full training and
+    test sets are evaluated every ``eval_every`` epochs, or ``evals_per_epoch`` times per epoch.
+    ``work_budget`` (work units, one = a fine gradient evaluation) ends training when spent,
+    whichever of it and ``epochs`` comes first (to compare contenders at equal work)."""
+    from ..runtime.plots import plot_run
+
+    config = MGOptConfig(alpha=alpha, alpha_bar=alpha_bar, alpha_cgc=alpha_cgc, kappa=kappa, K=K, lam=lam,
+                         variant=variant, pre_smooth=pre_smooth, post_smooth=post_smooth, min_gap=min_gap,
+                         descent_check=descent_check, backtracking=backtracking, schedule=schedule, decay=decay)
+    if not (isinstance(epochs, int) and epochs >= 0):
+        raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}")
+    dataset = load_data(data, seed)
+    network = load_network(spec, seed)
+    train_split, test_split = as_splits(dataset)
+    check_data_fits(network, train_split)
+    options = {"interpolation": interpolation} if hierarchy == "depth" else {}
+    levels_built = build_network_hierarchy(network, train_split, hierarchy, levels, batch=batch, loss=loss, **options)
+    per_epoch = iterations_per_epoch(len(train_split), batch)
+    if not (isinstance(evals_per_epoch, int) and evals_per_epoch >= 1 and isinstance(eval_every, int) and eval_every >= 1):
+        raise GraphgrowError("eval_every and evals_per_epoch must be positive integers")
+    eval_interval = max(per_epoch // evals_per_epoch, 1) if evals_per_epoch > 1 else per_epoch * eval_every
+    config.nested_iterations = nested_epochs * per_epoch
+    iterations = epochs * per_epoch
+    fine = levels_built.levels[0]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        total = iterations + (config.nested_iterations * (len(levels_built) - 1) if variant == "nested" else 0)
+        bar = tqdm(total=total, desc=f"mgopt {variant}", unit="it", leave=False, dynamic_ncols=True)
+
+    with RunLog(out) as log:
+        log.log("start", config=config.to_dict(), hierarchy=hierarchy, levels=levels_built.names,
+                network=network.graph.name, params=network.graph.num_params(), flops=network.graph.flops(),
+                costs=[p.cost for p in levels_built.levels], epochs=epochs, batch=batch, seed=seed,
+                train_size=len(train_split), test_size=len(test_split) if test_split else 0)
+        origin = time.perf_counter()
+        excluded = 0.0  # evaluation time is not training time
+
+        def evaluate_and_log(params, iteration, epoch, work, phase="fine"):
+            nonlocal excluded
+            began = time.perf_counter()
+            train = fine.evaluate(params, train_split)
+            test = fine.evaluate(params, test_split) if test_split is not None else None
+            record = log.log("eval", epoch=epoch, iteration=iteration, work=work, phase=phase,
+                             train_time=began - origin - excluded, train_loss=train["loss"],
+                             train_error=train["error"], test_loss=test and test["loss"],
+                             test_error=test and test["error"])
+            excluded += time.perf_counter() - began
+            return record
+
+        evaluate_and_log(fine.parameters(), 0, 0, 0.0)
+        seen = {"fine": 0}
+
+        def on_iteration(params, info, optimizer):
+            if log_steps:
+                log.log("step", iteration=info.iteration, kind=info.kind, loss=info.loss, work=info.work,
+                        grad_sq_norm=info.grad_sq_norm, restricted_sq_norm=info.restricted_sq_norm,
+                        slope=info.slope, step=info.step, reason=info.reason)
+            if bar is not None:
+                bar.update(1)
+            if not math.isfinite(info.loss):
+                raise _Diverged(info.iteration)
+            if info.kind.startswith("level"):
+                done = info.iteration + 1
+                if done % eval_interval == 0:
+                    evaluate_and_log(params, done, 0, info.work, phase=info.kind)
+                return
+            seen["fine"] += 1
+            last = seen["fine"] == iterations or (work_budget is not None and optimizer.work >= work_budget)
+            if seen["fine"] % eval_interval == 0 or last:
+                epoch = seen["fine"] / per_epoch
+                evaluate_and_log(params, info.iteration + 1, int(epoch) if epoch.is_integer() else epoch, info.work)
+
+        try:
+            theta, history, optimizer = optimize(levels_built, fine.parameters(), config, iterations, seed=seed,
+                                                 work_budget=work_budget, callback=on_iteration)
+            diverged = None
+        except _Diverged as stop:
+            log.log("diverged", iteration=stop.iteration)
+            theta, history, optimizer, diverged = None, [], None, stop.iteration
+        finally:
+            if bar is not None:
+                bar.close()
+        if theta is not None:
+            load_params(network, theta)
+        final = {"train": fine.evaluate(fine.parameters(), train_split),
+                 "test": fine.evaluate(fine.parameters(), test_split) if test_split is not None else None,
+                 "train_time": time.perf_counter() - origin - excluded,
+                 "work": optimizer.work if optimizer else None,
+                 "iterations": len(history), "corrections": optimizer.corrections if optimizer else 0,
+                 "rejected": optimizer.rejections if optimizer else 0, "diverged": diverged}
+        log.log("end", **final)
+        summary = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
+                   "hierarchy": hierarchy, "levels": levels_built.names,
+                   "costs": [p.cost for p in levels_built.levels], "variant": variant, "seed": seed,
+                   "epochs": epochs, "batch": batch, "config": config.to_dict(), "final": final}
+        if out is not None:
+            log.save_network(network)
+            if export:
+                log.export(network)
+            plot_run(log.records, log.path("curves.png"),
+                     title=f"{network.graph.name}: MG/Opt {variant}, {hierarchy} x{len(levels_built)}")
+            log.write_json("summary.json", summary)
+    return MGOptResult(network, log.records, summary, out)
+
+
+class _Diverged(Exception):
+    def __init__(self, iteration: int):
+        super().__init__(f"loss is not finite at iteration {iteration}")
+        self.iteration = iteration

@@ -1,0 +1,316 @@
+"""The sensitivity pass of SensLI: loss gradients with respect to the weights of identity
+candidates at every legal position over the training data (thesis 4.16), their merits, and the
+selection of where to insert (4.18)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+from torch import fx
+
+import passes
+from passes.extend import plan_candidates
+from passes.record import network_dtype
+
+from ..errors import GraphgrowError
+from ..ops.base import Geometry
+from ..runtime.flops import sensitivity_flops
+from ..runtime.splits import as_splits, check_data_fits, loss_fn
+from .norms import MERIT_NORMS, gradient_norm
+
+# -- gradients over the data (4.16) -------------------------------------------------------------
+
+class Tap(NamedTuple):
+    """What a gradient pass does at the output ``a`` of one node of a compiled network: it
+    continues with ``through(a)`` (elementwise nodes that give back the values of ``a``, e.g.
+    the trailing ReLU of an identity candidate after a ReLU; None: ``a`` itself) and calls
+    ``take(a, grad)`` with the loss gradient at the input of ``through`` as soon as the
+    backward pass has it."""
+    take: Callable[[torch.Tensor, torch.Tensor], None]
+    through: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+class _TappingInterpreter(fx.Interpreter):
+    """Runs a compiled network node by node (no new compilation), applying the ``taps`` (by
+    spec node name; "input" for the network input)."""
+
+    def __init__(self, module: fx.GraphModule, taps: dict[str, Tap]):
+        super().__init__(module)
+        self.taps = taps
+        value_nodes: dict[str, fx.Node] = {}
+        for node in module.graph.nodes:
+            name = "input" if node.op == "placeholder" else node.meta.get("graphgrow", {}).get("node")
+            if name in taps:  # a spec node may emit several fx nodes (a multi-input add); its value is the last
+                value_nodes[name] = node
+        missing = set(taps) - set(value_nodes)
+        if missing:
+            raise KeyError(f"no nodes {sorted(missing)} in the compiled network")
+        self.tapped = {node: name for name, node in value_nodes.items()}
+        self.unreached: dict[str, torch.Tensor] = {}
+
+    def run_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The network's output for ``x`` and the leaves the caller must differentiate with
+        respect to (tapped values without autograd history, e.g. the input), so that the
+        backward pass reaches every tap. Each tapped value ``a`` continues as
+        ``through(view of a)``; a hook on the view hands its gradient to ``take`` during the
+        backward pass, so it is used while fresh and then freed, as in a backward pass of the
+        extended network. ``unreached`` keeps the tapped values whose hook has not run yet.
+        (Interpreter.run without its progress bar and per-node bookkeeping, which cost about a
+        quarter of a spiral network's forward pass.)"""
+        self.env, self.args_iter, self.unreached, leaves = {}, iter((x,)), {}, []
+        try:
+            for node in self.graph.nodes:
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                value = getattr(self, node.op)(node.target, args, kwargs)
+                if node.op == "output":
+                    return value, leaves
+                name = self.tapped.get(node)
+                if name is not None:
+                    if not value.requires_grad:  # nothing upstream needs gradients: a leaf
+                        value = value.detach().requires_grad_()
+                        leaves.append(value)
+                    self.unreached[name] = value.detach()
+                    layer_output = value.view_as(value)  # the candidate layer's output, = a at the identity
+                    layer_output.register_hook(self._hand_over(name))
+                    through = self.taps[name].through
+                    value = layer_output if through is None else through(layer_output)
+                self.env[node] = value
+            raise RuntimeError("the compiled network has no output node")
+        finally:
+            self.env = {}  # no reference from the interpreter to the autograd graph (its hooks refer to it)
+
+    def _hand_over(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            self.taps[name].take(self.unreached.pop(name), grad)
+        return hook
+
+
+def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        names: Iterable[str], *, batch: int | None = None,
+                        taps: dict[str, Tap] | None = None, progress: bool = False
+                        ) -> tuple[dict[str, torch.Tensor], float]:
+    """Gradient of the mean loss over all of (x, y) with respect to the named parameters,
+    accumulated over batches weighted by batch size (so unequal batches give the exact
+    full-data gradient), and that mean loss. No parameter, buffer or ``.grad`` changes: the
+    module runs in eval mode (no batch-norm statistics updates, no dropout) and gradients come
+    from ``torch.autograd.grad``.
+
+    ``taps`` (for a compiled network): spec node name (or "input") -> Tap, whose ``take`` is
+    called once per batch with the node's output and the loss gradient (of that batch's share of
+    the mean loss) at the input of the tap's ``through``, during the same backward pass.
+    ``progress``: a transient progress bar over the batches (when there are several)."""
+    params = dict(module.named_parameters())
+    names = list(names)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"no parameters {missing}")
+    targets = [params[n] for n in names]
+    runner = _TappingInterpreter(module, taps) if taps else None
+    was_training = module.training
+    # only the named parameters require gradients during the pass, so backward skips the
+    # weight gradients of every other parameter (biases, normalisation, non-merit weights)
+    flags = {name: p.requires_grad for name, p in params.items()}
+    wanted = set(names)
+    total = int(x.shape[0])
+    step = total if batch is None else batch
+    sums = [torch.zeros_like(p) for p in targets]
+    mean_loss = 0.0
+    module.eval()
+    try:
+        for name, p in params.items():
+            p.requires_grad_(name in wanted)
+        starts = range(0, total, step)
+        if progress and len(starts) > 1:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="sensitivities", unit="batch", leave=False, dynamic_ncols=True)
+        for start in starts:
+            xb, yb = x[start:start + step], y[start:start + step]
+            output, leaves = (module(xb), []) if runner is None else runner.run_tapped(xb)
+            value = loss(output, yb) * (xb.shape[0] / total)
+            mean_loss = mean_loss + value.detach()  # a tensor: no device sync per batch
+            if targets or leaves:
+                grads = torch.autograd.grad(value, targets + leaves, allow_unused=True)
+                for acc, grad in zip(sums, grads):
+                    if grad is not None:
+                        acc += grad
+            for name, activation in (runner.unreached.items() if runner else ()):
+                taps[name].take(activation, torch.zeros_like(activation))  # the loss does not depend on it
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(flags[name])
+        module.train(was_training)
+    return dict(zip(names, sums)), float(mean_loss)
+
+
+def sample_rows(size: int, sample: int | float | None, seed: int) -> torch.Tensor | None:
+    """Row indices of a seeded sample (a count, or a fraction in (0, 1]), or None for all."""
+    if sample is None:
+        return None
+    count = round(sample * size) if isinstance(sample, float) else int(sample)
+    if not 1 <= count <= size:
+        raise GraphgrowError(f"sensitivity sample {sample} does not fit {size} training samples",
+                             hint="a count between 1 and the training size, or a fraction in (0, 1]")
+    if count == size:
+        return None
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
+# -- sensitivities (4.16, 4.17) and the threshold reference (4.18) ------------------------------
+
+@dataclass
+class Candidate:
+    """One candidate layer (``position`` is its id in passes.extend_all's record, e.g.
+    ``layer:act1``; ``after`` the node it follows): its merit (squared norm of the gradient of
+    its merit weight under ``norm``), its new parameters and forward FLOPs per sample."""
+    position: str
+    after: str
+    kind: str
+    node: str
+    param: str
+    shape: list[int]
+    merit: float
+    new_params: int
+    flops: int
+    norms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Sensitivities:
+    """The candidates of a network, the merits of its existing weights (same norm) and the
+    threshold reference: their mean (the denominator of 4.18). ``flops_per_sample``: what the
+    evaluation computed per evaluated sample (graphgrow.flops.sensitivity_flops);
+    ``extended_flops``: forward FLOPs of the fully-extended network, for comparison. ``loss``:
+    the network's mean loss over the evaluated samples (a by-product of the pass), ``rows``
+    their indices in the training split (None: all of it)."""
+    candidates: list[Candidate]
+    existing: dict[str, float]
+    norm: str
+    samples: int
+    flops_per_sample: int
+    extended_flops: int = 0
+    seconds: float = 0.0
+    loss: float = math.nan
+    rows: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def reference(self) -> float:
+        return sum(self.existing.values()) / len(self.existing) if self.existing else 0.0
+
+    def ratio(self, candidate: Candidate) -> float:
+        """The left side of (4.18): merit over the mean merit of the existing weights."""
+        return candidate.merit / self.reference if self.reference > 0 else math.inf
+
+    def to_json(self) -> dict:
+        return {"norm": self.norm, "samples": self.samples, "loss": self.loss, "reference": self.reference,
+                "flops_per_sample": self.flops_per_sample, "extended_flops": self.extended_flops,
+                "seconds": self.seconds,
+                "candidates": [{**c.to_json(), "ratio": self.ratio(c)} for c in self.candidates],
+                "existing": self.existing}
+
+
+def existing_weights(graph) -> dict[str, Geometry]:
+    """Parameter name -> geometry of every weight matrix or kernel of the network."""
+    found = {}
+    for node in graph.nodes:
+        for role in node.param_shapes():
+            geometry = node.opdef.weight_geometry(node.args, node.in_shapes, role)
+            if geometry is not None:
+                found[f"{node.name}.{role}"] = geometry
+    return found
+
+
+def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entropy", batch: int | None = 256,
+                  sample: int | float | None = None, seed: int = 0, all_norms: bool = False,
+                  progress: bool = False) -> Sensitivities:
+    """Candidates of ``network`` with their merits, from one forward and backward pass of
+    ``network`` itself over the training data (or a seeded sample); no parameter of ``network``
+    changes and nothing is compiled. Each candidate is the identity layer extend_all would
+    insert; its merit-weight gradient is computed from the activation at its position and the
+    loss gradient there (passes IdentityPlan.merit_gradient), exactly the gradient in the
+    fully-extended network. ``norm`` is one of MERIT_NORMS; ``all_norms`` also reports every
+    other norm. ``progress``: a transient progress bar over the batches of the pass."""
+    import time
+    if norm not in MERIT_NORMS:
+        raise GraphgrowError(f"unknown merit norm '{norm}'", hint=f"use one of {', '.join(MERIT_NORMS)}")
+    start = time.perf_counter()
+    train_split, _ = as_splits(data)
+    check_data_fits(network, train_split)
+    graph = network.graph
+    plans = plan_candidates(graph)
+    if not plans:
+        raise GraphgrowError(f"network '{graph.name}' has no position where a layer can be inserted",
+                             file=graph.source,
+                             hint="SensLI inserts after ReLU activations and around residual blocks")
+    rows = sample_rows(len(train_split), sample, seed)
+    x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows], train_split.y[rows])
+    x = x.to(network_dtype(network))  # the data splits are float32; a float64 network computes in float64
+    weights = existing_weights(graph)
+    merit_grads: dict[str, torch.Tensor] = {}
+
+    def accumulate(cid, plan):
+        def take(activation, grad):
+            merit_grad = plan.merit_gradient(activation, grad)
+            merit_grads[cid] = merit_grads[cid] + merit_grad if cid in merit_grads else merit_grad
+        return take
+
+    # the pass runs each candidate's trailing activation (ReLU after a ReLU: same values) so that
+    # the backward pass gives the gradient at the candidate layer's output, as in the extended network
+    taps = {plan.after: Tap(accumulate(cid, plan), plan.trailing) for cid, plan in plans.items()}
+    grads, mean_loss = full_data_gradients(network.module, x, y, loss_fn(loss), list(weights), batch=batch, taps=taps,
+                                           progress=progress)
+    existing = {name: gradient_norm(grads[name], weights[name], norm) for name in weights}
+    norms_wanted = MERIT_NORMS if all_norms else (norm,)
+    candidates, gradient_flops = [], []
+    for cid, plan in plans.items():
+        shape, head, grad = graph.shape_of(plan.after), plan.nodes[0], merit_grads[cid]
+        geometry = head.opdef.weight_geometry(head.args, [shape], plan.merit_role)
+        values = {k: gradient_norm(grad, geometry, k) for k in norms_wanted}
+        candidates.append(Candidate(cid, plan.after, plan.kind, head.name, plan.merit_param, list(grad.shape),
+                                    values[norm], sum(t.numel() for t in plan.values.values()),
+                                    plan.forward_flops(shape), values))
+        gradient_flops.append(plan.merit_gradient_flops(shape))
+    forward = graph.flops()
+    return Sensitivities(candidates, existing, norm, int(x.shape[0]), sensitivity_flops(forward, gradient_flops),
+                         forward + sum(c.flops for c in candidates), time.perf_counter() - start, mean_loss, rows)
+
+
+def insert_candidates(network, positions: Iterable[str]):
+    """``network`` with the candidates ``positions`` (ids from ``sensitivities``) inserted with
+    the initial values their merits were computed for (passes.extend_all, then keep_candidates;
+    built at insertion time only). Returns (network, passes.Record) for Trainer.replace_network."""
+    return passes.keep_candidates(*passes.extend_all(network, "layers"), positions)
+
+
+# -- where: selection strategies and the threshold (4.18) ---------------------------------------
+
+STRATEGIES = ("sensli", "random", "min", "none")
+
+
+def select(report: Sensitivities, strategy: str = "sensli", *, tau: float | None = None, count: int = 1,
+           generator: torch.Generator | None = None) -> list[Candidate]:
+    """Candidates to insert. ``sensli``: largest merits; ``min``: smallest ("LIother");
+    ``random``: uniformly at random (seeded); ``none``: nothing. With ``tau`` (>= 1) a
+    candidate is kept only if merit >= tau x the mean merit of the existing weights (4.18);
+    up to ``count`` candidates that pass are returned (several layers at once)."""
+    if strategy not in STRATEGIES:
+        raise GraphgrowError(f"unknown strategy '{strategy}'", hint=f"use one of {', '.join(STRATEGIES)}")
+    if tau is not None and not tau >= 1:
+        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}")
+    if strategy == "none":
+        return []
+    pool = list(report.candidates)
+    if strategy == "random":
+        order = torch.randperm(len(pool), generator=generator).tolist()
+        pool = [pool[k] for k in order]
+    else:
+        pool.sort(key=lambda c: c.merit, reverse=strategy == "sensli")
+    if tau is not None:
+        pool = [c for c in pool if report.ratio(c) >= tau]
+    return pool[:count]
+

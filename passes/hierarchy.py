@@ -43,17 +43,22 @@ class StackMap:
 
 @dataclass
 class AxisMap:
-    """The units of one layer: each tensor in ``axes`` (name -> (axis, block)) is multiplied
-    along its unit axis by R (coarse units x fine units) or P (fine x coarse)."""
-    axes: dict[str, tuple[int, int]]
+    """The units of one layer: each tensor in ``axes`` (name -> (axis, block, side)) is
+    multiplied along its unit axis by R (coarse units x fine units) or P (fine x coarse) where
+    the units are outputs (rows, per-unit state), and by the transposes P^T resp. R^T where
+    they are a consumer's inputs (columns)."""
+    axes: dict[str, tuple[int, int, str]]
     P: torch.Tensor
     R: torch.Tensor
 
     def apply(self, params: dict, direction: str) -> dict:
-        matrix = self.R if direction == "restrict" else self.P
+        restrict = direction == "restrict"
+        matrices = {"outputs": self.R if restrict else self.P,
+                    "columns": self.P.T if restrict else self.R.T}
         out = dict(params)
-        for name, (axis, block) in self.axes.items():
+        for name, (axis, block, side) in self.axes.items():
             if name in out:
+                matrix = matrices["columns" if side == "columns" else "outputs"]
                 out[name] = map_units(out[name], axis, block, matrix)
         return out
 
@@ -168,7 +173,15 @@ def coarsen_depth(network: Network, interpolation: str = "constant",
 
 def unit_matrices(units: int, groups: list[list[int]], scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """R (groups x units) with rows 1/g (average) or 1/sqrt(g) (orthonormal) on each group and
-    P = g R^T resp. R^T, so that R P = I."""
+    P = g R^T resp. R^T, so that R P = I. They act on a layer's output units; its consumers'
+    columns take R^T (prolongation) and P^T (restriction), which is the same R P = I transposed.
+    With ``average`` the prolonged network computes the coarse network's function exactly: every
+    fine unit of a group is a copy of its coarse unit and the consumer's columns split the coarse
+    column 1/g each, so the copies add up to it again (Net2WiderNet); the restriction averages
+    rows and sums columns, so it gives back the coarse network of a prolonged one exactly.
+    ``orthonormal`` (R R^T = I) prolongs exactly only through positively homogeneous
+    activations (relu, leaky_relu, identity) without normalisation: a copy is the coarse unit
+    divided by sqrt(g)."""
     R = torch.zeros(len(groups), units, dtype=torch.float64)
     P = torch.zeros(units, len(groups), dtype=torch.float64)
     for j, group in enumerate(groups):
@@ -211,7 +224,7 @@ def coarsen_width(network: Network, layers: list[str] | None = None, groups: lis
         coupling = trace_units(graph, layer, network.module.state_dict())
         layer_groups = _check_groups(graph, layer, coupling.units, groups)
         P, R = unit_matrices(coupling.units, layer_groups, scaling)
-        maps.append(AxisMap({axis.tensor: (axis.axis, axis.block) for axis in coupling.axes}, P, R))
+        maps.append(AxisMap({axis.tensor: (axis.axis, axis.block, axis.side) for axis in coupling.axes}, P, R))
         node = coarse.node(layer)
         node.args = {**node.args, node.opdef.width_arg: len(layer_groups)}
     coarse.infer_shapes()

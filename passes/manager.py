@@ -3,7 +3,10 @@ verification (graph validity plus function preservation in float64) after each p
 from __future__ import annotations
 
 import inspect
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,21 +55,57 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, declared: Any = None) -> Any:
+    """The value of an option written as ``text``, of the type the pass declares for it
+    (``declared``: the parameter's annotation; without one the form decides: a number, true/false,
+    a name or a list). A node called ``inf`` or ``1e3`` stays a name where a name is declared."""
     text = text.strip()
+    options = _declared_types(declared)
     if text.startswith("[") and text.endswith("]"):
         inner = text[1:-1].strip()
-        return [_parse_value(part) for part in inner.split(";")] if inner else []
-    if text in ("true", "false"):
-        return text == "true"
-    for convert in (int, float):
+        item = next((typing.get_args(t)[0] for t in options if typing.get_origin(t) is list
+                     and typing.get_args(t)), None)
+        return [_parse_value(part, item) for part in inner.split(";")] if inner else []
+    for kind in options or (bool, int, float, str):
+        value = _as_type(text, kind)
+        if value is not None:
+            return value
+    expected = " or ".join(getattr(t, "__name__", str(t)) for t in options) or "a number, true/false or a name"
+    raise GraphgrowError(f"pipeline option value {text!r} is not {expected}",
+                         hint="numbers are finite; names are identifiers; lists are written [a;b;c]")
+
+
+def _declared_types(declared: Any) -> tuple:
+    """The concrete types an annotation allows (``int | None`` -> (int,)); () when unknown."""
+    if declared in (None, inspect.Parameter.empty, Any):
+        return ()
+    if typing.get_origin(declared) in (typing.Union, types.UnionType):
+        return tuple(t for t in typing.get_args(declared) if t is not type(None))
+    return (declared,)
+
+
+def _as_type(text: str, kind: Any) -> Any:
+    """``text`` read as ``kind`` (bool, int, float, str), or None where it is not one."""
+    if kind is bool:
+        return {"true": True, "false": False}.get(text)
+    if kind in (int, float):
         try:
-            return convert(text)
+            value = kind(text)
         except ValueError:
-            pass
-    if not _NAME.fullmatch(text):
-        raise GraphgrowError(f"pipeline option value {text!r} is not a number, true/false, a name or a [list]")
-    return text
+            return None
+        if kind is float and not math.isfinite(value):
+            raise GraphgrowError(f"pipeline option value {text!r} is not a finite number")
+        return value
+    if kind is str:
+        return text if _NAME.fullmatch(text) else None
+    return None
+
+
+def _option_types(run: Callable) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(run)
+    except Exception:  # annotations that do not resolve: read values by their form
+        return {}
 
 
 @dataclass(frozen=True)
@@ -104,12 +143,12 @@ class Pipeline:
             if name not in PASSES:
                 raise GraphgrowError(f"unknown pass '{name}'", column=position + 1,
                                      hint=did_you_mean(name, PASSES) or f"passes: {', '.join(PASSES)}")
-            options = []
+            options, declared = [], _option_types(PASSES[name].run)
             for item in _split_options(body or ""):
                 key, sep, value = item.partition("=")
                 if not sep or not _NAME.fullmatch(key.strip()):
                     raise GraphgrowError(f"pass '{name}': option {item!r} is not key=value", column=position + 1)
-                options.append((key.strip(), _parse_value(value)))
+                options.append((key.strip(), _parse_value(value, declared.get(key.strip()))))
             steps.append(Step(name, tuple(options)))
             position = match.end()
             if match.group(4) == "," and position == len(text):

@@ -247,6 +247,31 @@ def test_pipeline_parse_errors(text, message):
         passes.Pipeline.parse(text)
 
 
+NUMERIC_NAMES = """
+graphgrow: 1
+name: numeric_names
+input: {shape: [3]}
+layers:
+  - {name: inf, op: linear, out: 4}
+  - {name: nan, op: relu}
+  - {name: head, op: linear, out: 2}
+"""
+
+
+def test_pipeline_option_values_keep_the_type_the_pass_declares():
+    pipeline = passes.Pipeline.parse("insert-identity{after=nan,c=2}")
+    assert pipeline.steps[0].options == (("after", "nan"), ("c", 2.0))
+    assert passes.Pipeline.parse(str(pipeline)) == pipeline
+    network = build(NUMERIC_NAMES)
+    wider, records = passes.Pipeline.parse("widen{layer=inf,by=2,scale=1},insert-identity{after=nan}").run(
+        network, verify=True)
+    assert wider.graph.node("inf").args["out"] == 6 and records[1].pass_name == "insert-identity"
+    with pytest.raises(GraphgrowError, match="'nan' is not int"):
+        passes.Pipeline.parse("widen{layer=inf,by=nan}")
+    with pytest.raises(GraphgrowError, match="not a finite number"):
+        passes.Pipeline.parse("widen{layer=inf,by=2,scale=inf}")
+
+
 def test_verification_catches_a_pass_that_changes_the_function():
     def breaking(network):
         state = {k: v.clone() for k, v in network.state().items()}

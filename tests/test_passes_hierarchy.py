@@ -166,7 +166,7 @@ def test_width_coarsening_of_a_cnn_restricts_rows_columns_and_flatten_blocks():
     assert transfer.coarse.graph.node("conv2").args["out"] == 16
     assert torch.allclose(coarse["conv2.weight"], 0.5 * (theta["conv2.weight"][0::2] + theta["conv2.weight"][1::2]))
     fc1 = theta["fc1.weight"].reshape(128, 32, 49)  # flatten: each channel owns 7*7 columns
-    expected = 0.5 * (fc1[:, 0::2] + fc1[:, 1::2])
+    expected = fc1[:, 0::2] + fc1[:, 1::2]  # columns of merged units add up
     assert torch.allclose(coarse["fc1.weight"], expected.reshape(128, 16 * 49))
     assert close(params(transfer.coarse), coarse)
     assert close(transfer.restrict(transfer.prolong(coarse)), coarse)
@@ -196,3 +196,59 @@ layers:
         passes.coarsen_width(fine, layers=["fc1"])
     levels = passes.build_hierarchy(Network.build(graphgrow.load_graph(SPECS / "cnn_vgg.yaml")), "width", 3)
     assert [lvl.network.graph.node("fc1").args["out"] for lvl in levels] == [128, 64, 32]
+
+
+def prolonged_network(transfer, coarse_state):
+    """The fine network with the prolonged parameters of a coarse network (buffers prolonged too)."""
+    fine_state = transfer.prolong(dict(coarse_state))
+    return Network.build(transfer.fine.graph.copy(), fine_state, dtype=torch.float64)
+
+
+BN_TANH = """
+graphgrow: 1
+name: bn_tanh
+input: {shape: [3]}
+layers:
+  - {name: fc1, op: linear, out: 6}
+  - {name: bn1, op: batchnorm}
+  - {name: act1, op: tanh}
+  - {name: fc2, op: linear, out: 4}
+  - {name: act2, op: sigmoid}
+  - {name: head, op: linear, out: 2}
+"""
+
+
+@pytest.mark.parametrize("source", ["fnn_spiral_deep.yaml", "cnn_vgg.yaml", BN_TANH])
+@pytest.mark.parametrize("train", [False, True])
+def test_average_prolongation_computes_the_coarse_function(source, train):
+    graph = graphgrow.load_graph(SPECS / source) if source.endswith(".yaml") else graphgrow.graph_from_text(source)
+    fine = Network.build(graph, seed=1, dtype=torch.float64)
+    transfer = passes.coarsen_width(fine, scaling="average")
+    coarse = transfer.coarse
+    state = coarse.state()
+    state = {k: (v + 0.3 * torch.randn_like(v) if k.endswith(("weight", "bias")) else
+                 v + 0.5 if k.endswith("running_var") else v) for k, v in state.items()}
+    coarse = Network.build(coarse.graph.copy(), state, dtype=torch.float64)
+    prolonged = prolonged_network(transfer, coarse.state())
+    x = torch.randn(7, *graph.input_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for network in (coarse, prolonged):
+        network.module.train(train)
+    with torch.no_grad():
+        assert float((coarse(x) - prolonged(x)).abs().max()) <= 1e-10
+    # and the restriction of the prolonged network is the coarse network again
+    assert close(transfer.restrict(params(prolonged)), params(coarse))
+
+
+def test_orthonormal_prolongation_is_exact_through_relu_only():
+    fine = Network.build(graphgrow.load_graph(SPECS / "fnn_spiral_deep.yaml"), seed=1, dtype=torch.float64)
+    transfer = passes.coarsen_width(fine, scaling="orthonormal")
+    x = torch.randn(7, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    prolonged = prolonged_network(transfer, transfer.coarse.state())
+    with torch.no_grad():
+        assert float((transfer.coarse(x) - prolonged(x)).abs().max()) <= 1e-10
+    tanh = Network.build(graphgrow.graph_from_text(BN_TANH.replace("bn1, op: batchnorm", "bn1, op: identity")),
+                         seed=1, dtype=torch.float64)
+    transfer = passes.coarsen_width(tanh, scaling="orthonormal")
+    prolonged = prolonged_network(transfer, transfer.coarse.state())
+    with torch.no_grad():
+        assert float((transfer.coarse(x[:, :1].repeat(1, 3)) - prolonged(x[:, :1].repeat(1, 3))).abs().max()) > 1e-3

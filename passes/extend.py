@@ -60,12 +60,19 @@ def extend_all(network: Network, candidates: str = "layers", neurons: int = 1, a
     generator = torch.Generator().manual_seed(seed)
     state_names = network.module.state_dict()
     maps: dict[str, list[UnitMap]] = {}
-    for layer in widenable(network.graph):
+    layers = widenable(network.graph)
+    widths = {}
+    for layer in layers:  # each group traced on the graph the groups before it have widened
         coupling = trace_units(graph, layer, state_names)
-        n = coupling.units
+        widths[layer] = coupling.units
         plan_widen(graph, coupling, neurons, "sensli", scale=scale, alpha=0.5, units=None,
                    generator=generator, maps=maps)
-        merit = {axis.tensor: (axis.axis, n * axis.block, (n + neurons) * axis.block)
+        graph.infer_shapes()
+    for layer in layers:  # merit slices where the new units sit in the final network
+        coupling, n = trace_units(graph, layer, state_names), widths[layer]
+        merit = {axis.tensor: [(axis.axis, (others + k * (n + neurons) + n) * axis.block,
+                                (others + (k + 1) * (n + neurons)) * axis.block)
+                               for k, others in enumerate(axis.before)]
                  for axis in coupling.on("columns")}
         own = [axis.tensor for axis in coupling.on("rows")]
         record.candidates[f"neurons:{layer}"] = CandidateInfo(
@@ -75,15 +82,17 @@ def extend_all(network: Network, candidates: str = "layers", neurons: int = 1, a
 
 
 def widenable(graph: LayerGraph) -> list[str]:
-    """Every layer ``widen`` accepts (its units reach only linear / conv2d consumers)."""
-    names = []
+    """One layer per coupled group that ``widen`` accepts, the group's first producing layer
+    (widening any layer of a group widens all of them: residual streams, inputs of an add)."""
+    names, covered = [], set()
     for node in graph.nodes:
-        if node.opdef.width_arg is None:
+        if node.opdef.width_arg is None or node.name in covered:
             continue
         try:
-            trace_units(graph, node.name, ())
+            coupling = trace_units(graph, node.name, ())
         except GraphgrowError:
             continue
+        covered.update(coupling.producers)
         names.append(node.name)
     return names
 
@@ -93,7 +102,7 @@ def candidate_gradient(grads: dict[str, torch.Tensor], info: CandidateInfo) -> l
     pieces = []
     for name, where in info.merit.items():
         grad = grads[name]
-        pieces.append(grad if where is None else grad.narrow(where[0], where[1], where[2] - where[1]))
+        pieces += [grad] if where is None else [grad.narrow(axis, start, stop - start) for axis, start, stop in where]
     return pieces
 
 
@@ -115,9 +124,11 @@ def keep_candidates(network: Network, record: Record, keep) -> tuple[Network, Re
             coupling = trace_units(graph, info.position, state_names)
             kept = keep_units(coupling.units, list(range(info.units[0])))
             for axis in coupling.axes:
-                maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, kept))
-            node = graph.node(info.position)
-            node.args = {**node.args, node.opdef.width_arg: info.units[0]}
+                maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, kept, before=axis.before))
+            for producer in coupling.producers:
+                node = graph.node(producer)
+                node.args = {**node.args, node.opdef.width_arg: info.units[0]}
+            graph.infer_shapes()
             continue
         last = info.nodes[-1]
         for reader in graph.consumers(last):

@@ -11,7 +11,7 @@ from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .extend import widenable
 from .record import network_dtype
-from .units import map_units, trace_units
+from .units import UnitAxis, UnitMap, trace_units
 
 INTERPOLATIONS = ("constant", "linear")
 RESTRICTIONS = ("half-transpose", "injection")
@@ -47,7 +47,7 @@ class AxisMap:
     multiplied along its unit axis by R (coarse units x fine units) or P (fine x coarse) where
     the units are outputs (rows, per-unit state), and by the transposes P^T resp. R^T where
     they are a consumer's inputs (columns)."""
-    axes: dict[str, tuple[int, int, str]]
+    axes: list[UnitAxis]
     P: torch.Tensor
     R: torch.Tensor
 
@@ -56,10 +56,10 @@ class AxisMap:
         matrices = {"outputs": self.R if restrict else self.P,
                     "columns": self.P.T if restrict else self.R.T}
         out = dict(params)
-        for name, (axis, block, side) in self.axes.items():
-            if name in out:
-                matrix = matrices["columns" if side == "columns" else "outputs"]
-                out[name] = map_units(out[name], axis, block, matrix)
+        for axis in self.axes:
+            if axis.tensor in out:
+                matrix = matrices["columns" if axis.side == "columns" else "outputs"]
+                out[axis.tensor] = UnitMap(axis.axis, axis.block, matrix, before=axis.before).state(out[axis.tensor])
         return out
 
 
@@ -219,15 +219,20 @@ def coarsen_width(network: Network, layers: list[str] | None = None, groups: lis
     if groups is not None and len(layers) != 1:
         raise GraphgrowError("explicit groups need exactly one layer", file=graph.source)
     coarse = graph.copy()
-    maps = []
-    for layer in layers:
-        coupling = trace_units(graph, layer, network.module.state_dict())
+    maps, covered = [], {}
+    for layer in layers:  # each group traced on the graph with the groups before it coarsened
+        coupling = trace_units(coarse, layer, network.module.state_dict())
+        if layer in covered:
+            raise GraphgrowError(f"'{layer}' is tied to '{covered[layer]}' (one coupled group); "
+                                 "name one layer per group", file=graph.source, node=layer)
+        covered.update(dict.fromkeys(coupling.producers, layer))
         layer_groups = _check_groups(graph, layer, coupling.units, groups)
         P, R = unit_matrices(coupling.units, layer_groups, scaling)
-        maps.append(AxisMap({axis.tensor: (axis.axis, axis.block, axis.side) for axis in coupling.axes}, P, R))
-        node = coarse.node(layer)
-        node.args = {**node.args, node.opdef.width_arg: len(layer_groups)}
-    coarse.infer_shapes()
+        maps.append(AxisMap(coupling.axes, P, R))
+        for producer in coupling.producers:
+            node = coarse.node(producer)
+            node.args = {**node.args, node.opdef.width_arg: len(layer_groups)}
+        coarse.infer_shapes()
     return Transfer(network, coarse, maps, "width")
 
 

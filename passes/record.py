@@ -46,15 +46,15 @@ class Origin:
 
 @dataclass
 class CandidateInfo:
-    """A candidate of the fully-extended network. ``merit`` maps a parameter name to
-    ``(axis, start, stop)``, the slice of its gradient that scores the candidate, or None for
-    the whole gradient."""
+    """A candidate of the fully-extended network. ``merit`` maps a parameter name to a list of
+    ``(axis, start, stop)``, the slices of its gradient that score the candidate (several where
+    a concat holds the units twice), or None for the whole gradient."""
     id: str
     kind: str  # "dense", "conv", "residual" or "neurons"
     position: str  # the node the candidate follows (layers) or widens (neurons)
     nodes: list[str]
     params: list[str]
-    merit: dict[str, tuple[int, int, int] | None]
+    merit: dict[str, list[tuple[int, int, int]] | None]
     units: tuple[int, int] | None = None  # neurons: the new unit range [start, stop)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -18,21 +18,29 @@ from graphgrow import GraphgrowError, LayerGraph
 @dataclass(frozen=True)
 class UnitAxis:
     """Axis ``axis`` of state entry ``tensor`` holds the units, ``block`` entries per unit.
-    ``side``: ``rows`` (the layer's own output units), ``state`` (per-unit state of a
-    pass-through op; ``fresh`` is the value of a new unit) or ``columns`` (a consumer's input)."""
+    ``side``: ``rows`` (output units of a layer of the group), ``state`` (per-unit state of a
+    pass-through op; ``fresh`` is the value of a new unit) or ``columns`` (a consumer's input).
+    ``before``: per copy of the group's units on the axis, how many other units precede it
+    (after a concat the axis also holds other units, and a group reaching a concat through two
+    inputs sits there twice); counted without the group's own units, so it holds at any width."""
     tensor: str
     axis: int
     block: int
     side: str
     fresh: float | None = None
+    before: tuple[int, ...] = (0,)
 
 
 @dataclass
 class UnitCoupling:
+    """A coupled group: the units of ``layer`` and everything tied to them. ``producers`` are the
+    layers whose width argument counts the units (several where an ``add`` or a residual stream
+    ties layers together); ``consumers`` read them as input columns."""
     layer: str
     units: int
     axes: list[UnitAxis]
     consumers: list[str]
+    producers: list[str]
 
     def on(self, side: str) -> list[UnitAxis]:
         return [a for a in self.axes if a.side == side]
@@ -45,57 +53,143 @@ def layers_with_units(graph: LayerGraph) -> list[str]:
 
 
 def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
-    """Follow the output units of ``layer`` through pass-through ops to its consumers; a
-    GraphgrowError where they reach something that cannot take more units. ``state_names``
-    (anything supporting ``in``: a state dict, a ``StateView``) says which entries exist."""
+    """The coupled group of the output units of ``layer`` (a linear/conv2d layer or a residual
+    block): the layers that produce them, pass-through ops, ops that tie several inputs to one
+    set of units (add, residual blocks: followed backwards too), concats (the units at an
+    offset) and the consumers. A GraphgrowError names the node where the units reach something
+    that cannot take more of them. ``state_names`` (anything supporting ``in``: a state dict,
+    a ``StateView``) says which state entries exist."""
     try:
         node = graph.node(layer)
     except GraphgrowError as error:
         raise error.located(node=layer)
     fail = lambda message, where=layer, hint=None: GraphgrowError(
         message, file=graph.source, node=where, hint=hint)
-    if node.opdef.width_arg is None:
+    if node.opdef.width_arg is None and not node.opdef.ties_units:
         raise fail(f"'{layer}' ({node.op}) has no output units to widen",
                    hint=f"layers with units: {', '.join(layers_with_units(graph)) or 'none'}")
-    if len(node.out_shape) not in (1, 3):
-        raise fail(f"'{layer}' has output shape {list(node.out_shape)}; units are widened on "
-                   "vectors (C,) and images (C, H, W) only")
-    axes = [UnitAxis(f"{layer}.{role}", out_axis, 1, "rows")
-            for role, (out_axis, _) in node.opdef.widen_roles(node.args).items()
-            if out_axis is not None and f"{layer}.{role}" in state_names]
-    consumers: list[str] = []
-    frontier = [(layer, 1)]  # (node whose output carries the units, entries per unit)
-    seen = {layer}
-    while frontier:
-        name, block = frontier.pop()
+    carriers = _carriers(graph, layer, fail)
+    return _place(graph, layer, carriers, state_names, fail)
+
+
+def _carriers(graph: LayerGraph, layer: str, fail) -> set[str]:
+    """Nodes whose whole output is the group's units: forwards through pass-through ops, ops
+    that tie units and into add/residual; backwards from those to the producing layers."""
+    carriers: set[str] = set()
+    todo = [layer]
+    while todo:
+        name = todo.pop()
+        if name in carriers:
+            continue
+        carriers.add(name)
+        node = graph.node(name)
         if name in graph.outputs:
-            raise fail(f"the units of '{layer}' reach the network output '{name}'",
-                       where=name, hint="the output width is fixed by the data; widen a hidden layer")
+            raise fail(f"the units of '{layer}' reach the network output '{name}'", where=name,
+                       hint="the output width is fixed by the data; widen a hidden layer")
+        if node.opdef.width_arg is None:  # the inputs hold the same units: follow them back
+            for source in node.inputs:
+                if source == "input":
+                    raise fail(f"the units of '{layer}' are tied to the network input at '{name}'",
+                               where=name, hint="the input width is fixed by the data")
+                op = graph.node(source).opdef
+                if not (op.width_arg is not None or op.ties_units or
+                        op.passes_units_through and len(graph.node(source).inputs) == 1):
+                    raise fail(f"the units of '{layer}' are tied at '{name}' to the output of '{source}' "
+                               f"({op.name}), which cannot take more units", where=source)
+                todo.append(source)
         for reader_name in graph.consumers(name):
-            if reader_name in seen:
-                continue
-            seen.add(reader_name)
             reader = graph.node(reader_name)
             op = reader.opdef
-            if op.passes_units_through and len(reader.inputs) == 1:
-                axes += [UnitAxis(f"{reader_name}.{role}", 0, block, "state", fresh)
-                         for role, fresh in op.unit_roles(reader.args).items()
-                         if f"{reader_name}.{role}" in state_names]
-                in_shape = reader.in_shapes[0]
-                next_block = block * math.prod(in_shape[1:]) if len(reader.out_shape) == 1 else block
-                frontier.append((reader_name, next_block))
-            elif op.width_arg is not None and _reads_units_on_axis_0(reader, block):
-                consumers.append(reader_name)
-                axes += [UnitAxis(f"{reader_name}.{role}", in_axis, block, "columns")
-                         for role, (_, in_axis) in op.widen_roles(reader.args).items()
-                         if in_axis is not None and f"{reader_name}.{role}" in state_names]
-            else:
-                why = f" ({op.widen_refusal})" if op.widen_refusal else ""
-                raise fail(f"the units of '{layer}' flow into '{reader_name}' ({reader.op}), "
-                           f"which cannot take more input units{why}", where=reader_name,
-                           hint="widen layers whose output passes through elementwise ops, pooling, "
-                                "dropout, batchnorm or flatten into linear or conv2d layers")
-    return UnitCoupling(layer, node.args[node.opdef.width_arg], axes, consumers)
+            if op.ties_units or op.passes_units_through and len(reader.inputs) == 1:
+                todo.append(reader_name)
+            elif op.width_arg is None and op.input_unit_offsets(reader.args, reader.in_shapes) is None:
+                raise _refusal(reader, layer, fail)
+    return carriers
+
+
+def _refusal(reader, layer: str, fail) -> GraphgrowError:
+    why = f" ({reader.opdef.widen_refusal})" if reader.opdef.widen_refusal else ""
+    return fail(f"the units of '{layer}' flow into '{reader.name}' ({reader.op}), which cannot take more "
+                f"input units{why}", where=reader.name,
+                hint="units pass through elementwise ops, pooling, dropout, batchnorm, flatten, add, "
+                     "residual blocks and concat (along the first dimension) into linear or conv2d layers")
+
+
+def _place(graph: LayerGraph, layer: str, carriers: set[str], state_names, fail) -> UnitCoupling:
+    """Walk the graph in order: blocks and offsets of the group's units at every node that holds
+    them, and the tensor axes they occupy."""
+    placed: dict[str, tuple[int, tuple[int, ...]]] = {}  # node -> (entries per unit, offsets)
+    axes: list[UnitAxis] = []
+    producers, consumers = [], []
+    roles = lambda node, side, block, offsets=(0,): [
+        UnitAxis(f"{node.name}.{role}", axis_pair[side], block, "rows" if side == 0 else "columns",
+                 before=offsets)
+        for role, axis_pair in node.opdef.widen_roles(node.args).items()
+        if axis_pair[side] is not None and f"{node.name}.{role}" in state_names]
+    for node in graph.nodes:
+        op, name = node.opdef, node.name
+        sources = [s for s in node.inputs if s in placed]
+        if op.width_arg is not None and sources:  # a consumer: its columns
+            block, offsets = placed[sources[0]]
+            if len(sources) != 1 or not _reads_units_on_axis_0(node, block):
+                raise _refusal(node, layer, fail)
+            consumers.append(name)
+            axes += roles(node, 1, block, offsets)
+        if name in carriers:
+            if op.width_arg is not None:
+                if len(node.out_shape) not in (1, 3):
+                    raise fail(f"'{name}' has output shape {list(node.out_shape)}; units are widened on "
+                               "vectors (C,) and images (C, H, W) only", where=name)
+                producers.append(name)
+                axes += roles(node, 0, 1)
+                placed[name] = (1, (0,))
+                continue
+            blocks = {placed[s][0] for s in node.inputs}
+            if len(blocks) != 1:
+                raise fail(f"'{name}' ties units laid out in different blocks {sorted(blocks)}", where=name)
+            block = _block_after(node, blocks.pop())
+            if op.ties_units:
+                axes += roles(node, 0, block) + roles(node, 1, block)
+            axes += _state_axes(node, block, (0,), state_names)
+            placed[name] = (block, (0,))
+        elif sources and op.width_arg is None:
+            starts = op.input_unit_offsets(node.args, node.in_shapes)
+            if starts is not None:  # concat: each placed input's units at its start
+                if {placed[s][0] for s in sources} != {1}:  # flattened units: blocks need not align
+                    raise _refusal(node, layer, fail)
+                offsets = tuple(sorted(start + o for source, start in zip(node.inputs, starts)
+                                       if source in placed for o in placed[source][1]))
+                placed[name] = (1, offsets)
+            elif op.passes_units_through and len(node.inputs) == 1:
+                block, offsets = placed[sources[0]]
+                block = _block_after(node, block)
+                axes += _state_axes(node, block, offsets, state_names)
+                placed[name] = (block, offsets)
+            else:  # concatenated units reaching add, a residual block or another op
+                raise _refusal(node, layer, fail)
+            if name in graph.outputs:
+                raise fail(f"the units of '{layer}' reach the network output '{name}'", where=name,
+                           hint="the output width is fixed by the data; widen a hidden layer")
+    widths = {graph.node(p).args[graph.node(p).opdef.width_arg] for p in producers}
+    if len(widths) != 1:
+        raise fail(f"the layers {', '.join(producers)} are tied to one set of units but have "
+                   f"widths {sorted(widths)}")
+    units = widths.pop()
+    # offsets -> other units before each copy (k copies of the group precede copy k)
+    axes = [replace(a, before=tuple(o - k * units for k, o in enumerate(a.before))) for a in axes]
+    return UnitCoupling(layer, units, axes, consumers, producers)
+
+
+def _block_after(node, block: int) -> int:
+    """Entries per unit at the output of a pass-through op (flatten turns a channel into H*W)."""
+    in_shape = node.in_shapes[0]
+    return block * math.prod(in_shape[1:]) if len(node.out_shape) == 1 else block
+
+
+def _state_axes(node, block: int, offsets, state_names) -> list[UnitAxis]:
+    return [UnitAxis(f"{node.name}.{role}", 0, block, "state", fresh, offsets)
+            for role, fresh in node.opdef.unit_roles(node.args).items()
+            if f"{node.name}.{role}" in state_names]
 
 
 def _reads_units_on_axis_0(reader, block: int) -> bool:
@@ -151,21 +245,50 @@ def map_units(tensor: torch.Tensor, axis: int, block: int, matrix: torch.Tensor)
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def embed_units(matrix: torch.Tensor, total: int, before: tuple[int, ...]) -> torch.Tensor:
+    """The map on all ``total`` units of an axis that applies ``matrix`` (new x old group
+    units) to each copy of the group's units (``before[k]`` other units precede copy k) and
+    keeps the other units; new units follow their copy."""
+    new, old = matrix.shape
+    if before == (0,) and total == old:
+        return matrix
+    full = torch.zeros(total + (new - old) * len(before), total, dtype=matrix.dtype)
+    row = column = 0
+    for k, others in enumerate((*before, total - old * len(before))):
+        offset = others + k * old
+        keep = offset - column
+        full[row:row + keep, column:offset] = torch.eye(keep, dtype=matrix.dtype)
+        row, column = row + keep, offset
+        if k < len(before):
+            full[row:row + new, column:column + old] = matrix
+            row, column = row + new, column + old
+    return full
+
+
 @dataclass(frozen=True)
 class UnitMap:
-    """One linear map on the units of one axis, plus the values of fresh units (``fresh``
-    gives the full new tensor's additive part; optimizer state gets no fresh part)."""
+    """One linear map on the group's units of one axis (each copy, see ``UnitAxis.before``),
+    plus the values of the new units (``fill(shape)`` of the part they occupy; optimizer state
+    gets no fill)."""
     axis: int
     block: int
     matrix: torch.Tensor
-    fresh: TensorFn | None = None
-
-    def value(self, tensor: torch.Tensor) -> torch.Tensor:
-        mapped = map_units(tensor, self.axis, self.block, self.matrix)
-        return mapped + self.fresh(mapped).to(mapped.dtype) if self.fresh else mapped
+    fill: Callable[[tuple], torch.Tensor] | None = None
+    before: tuple[int, ...] = (0,)
 
     def state(self, tensor: torch.Tensor) -> torch.Tensor:
-        return map_units(tensor, self.axis, self.block, self.matrix)
+        total = tensor.shape[self.axis] // self.block
+        return map_units(tensor, self.axis, self.block, embed_units(self.matrix, total, self.before))
+
+    def value(self, tensor: torch.Tensor) -> torch.Tensor:
+        mapped = self.state(tensor)
+        if self.fill is not None:
+            new, old = self.matrix.shape
+            for k, others in enumerate(self.before):
+                start = (others + k * new + old) * self.block
+                part = mapped.narrow(self.axis, start, (new - old) * self.block)
+                part.copy_(self.fill(tuple(part.shape)))
+        return mapped
 
 
 def composed(maps: list[UnitMap], part: str) -> TensorFn:
@@ -175,16 +298,6 @@ def composed(maps: list[UnitMap], part: str) -> TensorFn:
             tensor = getattr(unit_map, part)(tensor)
         return tensor
     return apply
-
-
-def fresh_units(start: int, block: int, axis: int, fill: Callable[[tuple], torch.Tensor]) -> TensorFn:
-    """Additive part that puts ``fill(shape of the new part)`` on units ``start...`` of ``axis``."""
-    def values(mapped: torch.Tensor) -> torch.Tensor:
-        extra = torch.zeros_like(mapped)
-        part = extra.narrow(axis, start * block, mapped.shape[axis] - start * block)
-        part.copy_(fill(tuple(part.shape)))
-        return extra
-    return values
 
 
 def keep_units(units: int, keep: list[int]) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .record import Origin, Record, rebuild
-from .units import StateView, UnitCoupling, UnitMap, composed, fresh_units, trace_units
+from .units import StateView, UnitCoupling, UnitMap, composed, trace_units
 
 METHODS = ("sensli", "split")
 
@@ -15,8 +15,8 @@ METHODS = ("sensli", "split")
 def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, *, scale: float,
                alpha: float, units: list[int] | None, generator: torch.Generator,
                maps: dict[str, list[UnitMap]]) -> None:
-    """Add to ``maps`` the unit maps that widen ``coupling.layer`` by ``by`` units, and set the
-    layer's width argument in ``graph``."""
+    """Add to ``maps`` the unit maps that widen the coupled group ``coupling`` by ``by`` units,
+    and set the width argument of its producing layers in ``graph``."""
     node = graph.node(coupling.layer)
     n = coupling.units
     fail = lambda message, hint=None: GraphgrowError(message, file=graph.source, node=node.name, hint=hint)
@@ -49,21 +49,22 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
         columns = torch.cat([keep, (1.0 - alpha) * copies])
         columns[units, units] = alpha
     for axis in coupling.axes:
-        fresh = None
+        fill = None
         if axis.side == "columns":
             matrix = columns
         else:
             matrix = grown
             if method == "sensli" and axis.side == "state":
-                value = axis.fresh
-                fresh = fresh_units(n, axis.block, axis.axis, lambda shape, v=value: torch.full(shape, v))
+                fill = lambda shape, v=axis.fresh: torch.full(shape, v, dtype=torch.float64)
             elif method == "sensli" and _is_weight(graph, axis.tensor):
                 # a seed per tensor drawn now keeps the record's value function pure
                 draw_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
-                fresh = fresh_units(n, axis.block, axis.axis, lambda shape, s=draw_seed: scale * torch.randn(
-                    shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64))
-        maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, matrix, fresh))
-    node.args = {**node.args, node.opdef.width_arg: n + by}
+                fill = lambda shape, s=draw_seed: scale * torch.randn(
+                    shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, matrix, fill, axis.before))
+    for producer in coupling.producers:
+        producer_node = graph.node(producer)
+        producer_node.args = {**producer_node.args, producer_node.opdef.width_arg: n + by}
 
 
 def _is_weight(graph: LayerGraph, tensor: str) -> bool:
@@ -92,5 +93,6 @@ def widen(network: Network, layer: str, by: int, method: str = "sensli", scale: 
     plan_widen(graph, coupling, by, method, scale=scale, alpha=alpha, units=units,
                generator=torch.Generator().manual_seed(seed), maps=maps)
     record = Record("widen")
-    record.notes.append(f"widened {layer} by {by} units ({method}); consumers: {', '.join(coupling.consumers)}")
+    record.notes.append(f"widened {', '.join(coupling.producers)} by {by} units ({method}); "
+                        f"consumers: {', '.join(coupling.consumers)}")
     return rebuild(network, graph, record, apply_maps(network, maps, record)), record

@@ -190,7 +190,7 @@ def test_extend_all_marks_merit_parameters_with_the_thesis_gradients():
     assert merit[0].abs().sum() > 0  # outgoing weights of new neurons: merit (4.20)
     assert not grads["fc1.weight"][6:].any()  # their incoming weights: zero gradient while outgoing = 0
     conv = record.candidates["neurons:conv2"]
-    assert conv.merit == {"fc1.weight": (1, 5 * 16, 7 * 16)}  # columns after the flatten, 4x4 per channel
+    assert conv.merit == {"fc1.weight": [(1, 5 * 16, 7 * 16)]}  # columns after the flatten, 4x4 per channel
 
 
 def test_keep_candidates_equals_inserting_the_kept_candidate_alone():

@@ -218,7 +218,7 @@ layers:
 """
 
 
-@pytest.mark.parametrize("source", ["fnn_spiral_deep.yaml", "cnn_vgg.yaml", BN_TANH])
+@pytest.mark.parametrize("source", ["fnn_spiral_deep.yaml", "cnn_vgg.yaml", "resnet_ode.yaml", "two_path.yaml", BN_TANH])
 @pytest.mark.parametrize("train", [False, True])
 def test_average_prolongation_computes_the_coarse_function(source, train):
     graph = graphgrow.load_graph(SPECS / source) if source.endswith(".yaml") else graphgrow.graph_from_text(source)

@@ -237,6 +237,15 @@ class OpDef:
     input_units_dim: int = 0
     #: why units cannot flow into this op, for the error of a refused widening
     widen_refusal: str | None = None
+    #: every input and the output hold the same units (add, a residual block x + F(x)), so
+    #: widening one of them widens all; the op's ``widen_roles`` name the axes of its own
+    #: parameters on those units (passes/units.py, coupled groups)
+    ties_units: bool = False
+
+    def input_unit_offsets(self, args: dict, in_shapes: list[Shape]) -> list[int] | None:
+        """Where the units of each input start on the output's first per-sample dimension, for
+        ops that place their inputs side by side there (concat); None for other ops."""
+        return None
 
     def widen_roles(self, args: dict) -> dict[str, tuple[int | None, int | None]]:
         """Per parameter role of a widenable op: (axis of its output units, axis of its input

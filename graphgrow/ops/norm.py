@@ -53,6 +53,9 @@ class LayerNormOp(OpDef):
     def param_shapes(self, args, in_shapes):
         return {"weight": in_shapes[0], "bias": in_shapes[0]}
 
+    widen_refusal = ("layer norm normalises over all per-sample entries: new units would change the "
+                     "mean and variance the existing units are normalised with")
+
     def flops(self, args, in_shapes, out_shape):
         return 5 * numel(out_shape)
 

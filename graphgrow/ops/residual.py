@@ -107,8 +107,14 @@ class ResidualOp(OpDef):
         if args["form"] == "two_weight":
             kaiming_uniform_init(module.outer.weight, None, generator)
 
-    widen_refusal = ("x + h F(x) ties every tensor of the residual stream to one width; widening "
-                     "would have to widen the whole stream, which is not supported")
+    # x + h F(x): the stream and the branch's hidden units have one width, so widening the
+    # stream adds rows (W1, b, rows of W2) and columns (W1, W2) here (passes/units.py)
+    ties_units = True
+
+    def widen_roles(self, args):
+        roles = {"inner.weight": (0, 1), "inner.bias": (0, None), "outer.weight": (0, 1)}
+        return {role: axes for role, axes in roles.items()
+                if (role != "inner.bias" or args["bias"]) and (role != "outer.weight" or args["form"] == "two_weight")}
 
     def identity_params(self, args, in_shapes, scale=1.0):
         """Two-weight form: W1 = c I (Dirac kernel), b = 0, W2 = 0 for any activation (4.13).

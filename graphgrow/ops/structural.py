@@ -42,6 +42,7 @@ class AddOp(OpDef):
     name = "add"
     doc = "Sum of two or more inputs of equal shape."
     min_inputs, max_inputs = 2, None
+    ties_units = True
     imports_functions = (operator.add, torch.add)
 
     def args_from_call(self, args, kwargs):
@@ -94,6 +95,14 @@ class ConcatOp(OpDef):
                 raise GraphgrowError(f"concat along dim {args['dim']} needs matching other dimensions, "
                                      f"got {list(first)} and {list(shape)}")
         return first[:axis] + (sum(s[axis] for s in in_shapes),) + first[axis + 1:]
+
+    def input_unit_offsets(self, args, in_shapes):
+        if self.sample_axis(args["dim"], len(in_shapes[0])) != 0:
+            return None
+        starts = [0]
+        for shape in in_shapes[:-1]:
+            starts.append(starts[-1] + shape[0])
+        return starts
 
     def emit(self, graph, name, args, inputs, as_module):
         return graph.create_node("call_function", torch.cat, (list(inputs),), {"dim": args["dim"]}, name=name)

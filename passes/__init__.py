@@ -9,12 +9,13 @@ from .hierarchy import (Level, Transfer, build_hierarchy, coarsen_depth, coarsen
 from .insert import insert_identity, plan_identity
 from .manager import PASSES, Pipeline, Step, register_pass, verify_pass
 from .optim import record_by_name, transfer_optimizer
+from .prune import identity_distances, prune, unit_scores
 from .record import CandidateInfo, Origin, Record
 from .units import trace_units
 from .widen import widen
 
 __all__ = ["CandidateInfo", "Level", "Origin", "PASSES", "Pipeline", "Record", "Step", "Transfer",
            "build_hierarchy", "candidate_gradient", "coarsen_depth", "coarsen_width", "depth_prolongation",
-           "extend_all", "insert_identity", "keep_candidates", "legal_positions", "plan_identity",
-           "record_by_name", "register_pass", "residual_stages", "trace_units", "transfer_optimizer", "unit_matrices",
-           "verify_pass", "widen", "widenable"]
+           "extend_all", "identity_distances", "insert_identity", "keep_candidates", "legal_positions", "plan_identity",
+           "prune", "record_by_name", "register_pass", "residual_stages", "trace_units", "transfer_optimizer", "unit_matrices",
+           "unit_scores", "verify_pass", "widen", "widenable"]

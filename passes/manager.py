@@ -17,7 +17,8 @@ from graphgrow.errors import did_you_mean
 
 from .extend import extend_all
 from .insert import insert_identity
-from .record import Record
+from .prune import prune
+from .record import Record, function_change
 from .widen import widen
 
 
@@ -32,6 +33,7 @@ PASSES: dict[str, PassInfo] = {info.name: info for info in (
     PassInfo("insert-identity", insert_identity),
     PassInfo("widen", widen),
     PassInfo("extend-all", extend_all),
+    PassInfo("prune", prune, preserves_function=False),  # exact only where what it removes is dead
 )}
 
 
@@ -211,17 +213,7 @@ def verify_pass(old: Network, new: Network, preserves_function: bool = True, pro
     new.graph.infer_shapes()
     if not preserves_function:
         return 0.0
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((probe_batch, *old.graph.input_shape), generator=generator, dtype=torch.float64)
-    outputs = []
-    for network in (old, new):
-        module = Network.build(network.graph.copy(), {k: v.double() if v.is_floating_point() else v
-                                                      for k, v in network.state().items()},
-                               dtype=torch.float64).module.eval()
-        with torch.no_grad():
-            out = module(x)
-        outputs.append(out if isinstance(out, tuple) else (out,))
-    difference = max(float((a - b).abs().max()) for a, b in zip(*outputs))
+    difference = function_change(old, new, probe_batch, seed)
     if not difference <= tolerance:
         first_new = next((n for n in new.graph.names() if n not in old.graph), None)
         raise GraphgrowError(f"the function changed: max abs difference {difference:.3g} > {tolerance:g} "

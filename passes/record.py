@@ -65,6 +65,9 @@ class Record:
     origins: dict[str, Origin] = field(default_factory=dict)
     candidates: dict[str, CandidateInfo] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: passes that may change the function (prune) measure it: max abs output difference on a
+    #: float64 probe batch (passes.record.function_change); None where the pass is exact by design
+    change: float | None = None
 
     def derive_state(self, name: str, old_tensors: list[torch.Tensor]) -> torch.Tensor:
         """Optimizer state of new parameter ``name`` from the state tensors of its sources."""
@@ -161,3 +164,19 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
                            modules=reused)
     module.train(old.module.training)
     return Network(graph, module)
+
+
+def function_change(old: Network, new: Network, probe_batch: int = 8, seed: int = 0) -> float:
+    """Max abs difference of the two networks' outputs on a float64 normal probe batch drawn
+    from ``seed``, both in eval mode (copies in float64; the networks are left as they are)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((probe_batch, *old.graph.input_shape), generator=generator, dtype=torch.float64)
+    outputs = []
+    for network in (old, new):
+        module = Network.build(network.graph.copy(), {k: v.double() if v.is_floating_point() else v
+                                                      for k, v in network.state().items()},
+                               dtype=torch.float64).module.eval()
+        with torch.no_grad():
+            out = module(x)
+        outputs.append(out if isinstance(out, tuple) else (out,))
+    return max(float((a - b).abs().max()) for a, b in zip(*outputs))

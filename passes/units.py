@@ -300,6 +300,15 @@ def composed(maps: list[UnitMap], part: str) -> TensorFn:
     return apply
 
 
+def unit_entries(tensor: torch.Tensor, axis: UnitAxis, units: int) -> torch.Tensor:
+    """The entries of ``tensor`` on ``axis`` that belong to each of the group's ``units`` units,
+    one row per unit (every copy, every entry of its block and of the other axes)."""
+    moved = tensor.movedim(axis.axis, 0)
+    split = moved.reshape(moved.shape[0] // axis.block, -1)
+    index = torch.cat([torch.arange(units) + others + k * units for k, others in enumerate(axis.before)])
+    return split[index.to(tensor.device)].reshape(len(axis.before), units, -1).transpose(0, 1).reshape(units, -1)
+
+
 def keep_units(units: int, keep: list[int]) -> torch.Tensor:
     """Selection matrix keeping units ``keep`` (in that order) of ``units``."""
     matrix = torch.zeros(len(keep), units, dtype=torch.float64)

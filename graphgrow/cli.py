@@ -97,7 +97,7 @@ def cmd_grow(opts) -> None:
                   insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
                   per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
                   momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer, damping=opts.damping,
-                  loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out, seed=opts.seed,
+                  loss=opts.loss, sample=opts.sample, widen=opts.widen, neurons=opts.neurons, out=opts.out, seed=opts.seed,
                   progress=not opts.quiet)
     _print_growth(result)
 
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--norm", default="fro", help="merit norm (fro; conv kernels also B.1a-e names)")
     grow.add_argument("--sample", type=float, default=None, help="sensitivities on a sample (count or fraction)")
     grow.add_argument("--widen", type=int, default=0, metavar="K", help="add the K best neurons instead of layers (4.4)")
+    grow.add_argument("--neurons", choices=("random", "gradmax"), default="random",
+                      help="incoming weights of new neurons: random, or gradmax (data-driven, docs/sensli.md)")
     grow.add_argument("--momentum", type=float, default=0.0)
     grow.add_argument("--weight-decay", type=float, default=0.0)
     grow.add_argument("--optimizer", default="sgd",

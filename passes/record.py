@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -77,6 +77,29 @@ class Record:
         if origin.kind == "new":
             raise ValueError(f"'{name}' is new; its state starts at zero")
         return (origin.state or origin.value)(*old_tensors)
+
+    def then(self, later: "Record") -> "Record":
+        """The record of this pass followed by ``later`` (one record for a chain of passes, e.g.
+        to carry optimizer state across both at once). Origins of ``later`` that read several
+        sources are kept only where each source was carried."""
+        chained = Record(f"{self.pass_name},{later.pass_name}", candidates=dict(later.candidates),
+                         notes=self.notes + later.notes)
+        for name, origin in later.origins.items():
+            first = [self.origins.get(source) for source in origin.sources]
+            if origin.kind == "new" or any(o is None or o.kind == "new" for o in first):
+                chained.origins[name] = origin if origin.kind == "new" else Origin.new("through a new entry")
+            elif all(o.kind == "carried" for o in first):
+                chained.origins[name] = replace(origin, sources=tuple(o.sources[0] for o in first))
+            elif origin.kind == "carried":
+                chained.origins[name] = first[0]
+            elif len(first) == 1:
+                earlier = first[0]
+                chained.origins[name] = Origin.derived(
+                    earlier.sources, lambda *t, a=earlier.value, b=origin.value: b(a(*t)),
+                    lambda *t, a=earlier.state or earlier.value, b=origin.state or origin.value: b(a(*t)))
+            else:
+                raise ValueError(f"'{name}' derives from several derived entries; chain the passes one by one")
+        return chained
 
     def by_kind(self, kind: str) -> list[str]:
         return [name for name, origin in self.origins.items() if origin.kind == kind]

@@ -14,7 +14,7 @@ METHODS = ("sensli", "split")
 
 def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, *, scale: float,
                alpha: float, units: list[int] | None, generator: torch.Generator,
-               maps: dict[str, list[UnitMap]]) -> None:
+               maps: dict[str, list[UnitMap]], incoming: torch.Tensor | None = None) -> None:
     """Add to ``maps`` the unit maps that widen the coupled group ``coupling`` by ``by`` units,
     and set the width argument of its producing layers in ``graph``."""
     node = graph.node(coupling.layer)
@@ -25,6 +25,13 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
     if method not in METHODS:
         raise fail(f"unknown widening method {method!r}", hint=f"one of {', '.join(METHODS)}")
     keep = torch.eye(n, dtype=torch.float64)
+    if incoming is not None:
+        fan_in = graph.node(coupling.layer).param_shapes().get("weight", (0,))[1:]
+        if method != "sensli" or node.opdef.width_arg is None or tuple(incoming.shape) != (by, *fan_in):
+            raise fail(f"incoming weights of shape {list(incoming.shape)}: expected {[by, *fan_in]} "
+                       f"for method sensli on a linear or conv2d layer")
+        if not bool(torch.isfinite(incoming).all()):
+            raise fail("incoming weights contain NaN or infinity")
     if method == "sensli":
         if not scale > 0.0:
             raise fail(f"sensli scale {scale}: expected a positive standard deviation",
@@ -56,6 +63,8 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
             matrix = grown
             if method == "sensli" and axis.side == "state":
                 fill = lambda shape, v=axis.fresh: torch.full(shape, v, dtype=torch.float64)
+            elif incoming is not None and axis.tensor == f"{coupling.layer}.weight":
+                fill = lambda shape, rows=incoming.detach().to(torch.float64): rows.reshape(shape)
             elif method == "sensli" and _is_weight(graph, axis.tensor):
                 # a seed per tensor drawn now keeps the record's value function pure
                 draw_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
@@ -84,14 +93,16 @@ def apply_maps(network: Network, maps: dict[str, list[UnitMap]], record: Record)
 
 
 def widen(network: Network, layer: str, by: int, method: str = "sensli", scale: float = 0.1,
-          alpha: float = 0.7, units: list[int] | None = None, seed: int = 0) -> tuple[Network, Record]:
-    """Add ``by`` units to ``layer``; ``sensli``: incoming weights N(0, scale^2), bias 0,
+          alpha: float = 0.7, units: list[int] | None = None, seed: int = 0,
+          incoming: torch.Tensor | None = None) -> tuple[Network, Record]:
+    """Add ``by`` units to ``layer``; ``sensli``: incoming weights N(0, scale^2) (or the given
+    ``incoming`` rows of ``layer``'s weight, shape (by, *fan-in), e.g. data-driven ones), bias 0,
     outgoing 0 (4.19); ``split``: duplicate ``units`` with outgoing weights alpha / 1 - alpha."""
     graph = network.graph.copy()
     coupling = trace_units(graph, layer, StateView(network.module))
     maps: dict[str, list[UnitMap]] = {}
     plan_widen(graph, coupling, by, method, scale=scale, alpha=alpha, units=units,
-               generator=torch.Generator().manual_seed(seed), maps=maps)
+               generator=torch.Generator().manual_seed(seed), maps=maps, incoming=incoming)
     record = Record("widen")
     record.notes.append(f"widened {', '.join(coupling.producers)} by {by} units ({method}); "
                         f"consumers: {', '.join(coupling.consumers)}")

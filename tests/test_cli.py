@@ -95,6 +95,21 @@ def test_grow_with_the_frobenius_optimizer(tmp_path, capsys):
     assert math.isfinite(summary["final"]["train"]["loss"])
 
 
+def test_grow_by_data_driven_neurons(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["grow", FNN, "--epochs", "4", "--insert-at", "2", "--lr", "0.2", "--widen", "2",
+                 "--neurons", "gradmax", "--out", str(out), "--quiet"]) == 0
+    assert "epoch 2: inserted at fc1" in capsys.readouterr().out
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    (widening,) = [e for e in events if e["event"] == "widening"]
+    # fc1 reads 2 inputs: 2 singular directions (4 signed candidates), the other 4 candidates random
+    assert "gradmax" in [n["init"] for n in widening["neurons"]] and len(widening["neurons"]) == 2
+    assert widening["loss_after"] == pytest.approx(widening["loss_before"], abs=1e-6)
+    with pytest.raises(SystemExit) as stopped:  # argparse refuses an unknown choice with status 2
+        main(["grow", FNN, "--epochs", "2", "--widen", "1", "--neurons", "smart"])
+    assert stopped.value.code == 2
+
+
 def test_engine_errors_are_one_line(capsys):
     assert main(["grow", FNN, "--strategy", "best", "--epochs", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

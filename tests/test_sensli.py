@@ -245,11 +245,12 @@ layers:
 
 
 def test_widening_keeps_function_and_merit_is_outgoing_column_gradient():
-    from graphgrow.sensli import neuron_sensitivities, widen_best, widen_layers
+    from graphgrow.sensli import neuron_sensitivities, widen_best
     network = Network.build(load_graph("specs/fnn_spiral_deep.yaml"), seed=8)
     data = spiral(0)
-    candidates, reference, rows = neuron_sensitivities(network, data, per_layer=4, batch=None)
+    candidates, reference, extended, _ = neuron_sensitivities(network, data, per_layer=4, batch=None)
     assert {c.layer for c in candidates} == {"fc1", "fc2"}
+    rows = extended.state()["fc1.weight"][4:]  # the candidates' incoming weights (fc1 has 4 units)
     # independent computation for fc1's candidates (4.19): W2_new = 0, so
     # dL/dW2_new[:, k] = sum_j dL/d(fc2 pre-activation)_j * relu(w1_k . x_j)
     p = dict(network.module.named_parameters())
@@ -258,27 +259,29 @@ def test_widening_keeps_function_and_merit_is_outgoing_column_gradient():
     pre.requires_grad_(True)
     loss = F.cross_entropy(torch.relu(pre) @ p["head.weight"].T + p["head.bias"], data.y_train)
     (delta,) = torch.autograd.grad(loss, [pre])
-    expected = (delta.T @ torch.relu(hidden_in @ rows["fc1"].T)).double().pow(2).sum(0)
+    expected = (delta.T @ torch.relu(hidden_in @ rows.T)).double().pow(2).sum(0)
     got = torch.tensor([c.merit for c in candidates if c.layer == "fc1"], dtype=torch.float64)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-12)
-    wider, chosen, _ = widen_best(network, data, count=3, per_layer=4, batch=None)
+    wider, chosen, _, record = widen_best(network, data, count=3, per_layer=4, batch=None)
     assert [c.merit for c in chosen] == sorted((c.merit for c in candidates), reverse=True)[:3]
     assert torch.allclose(wider(data.x_test), network(data.x_test), atol=1e-6)
     assert wider.graph.num_params() > network.graph.num_params()
     # threshold (4.20): a tau above every ratio rejects, a tau at the best ratio accepts
     best = max(c.merit for c in candidates)
-    _, rejected, _ = widen_best(network, data, count=3, per_layer=4, batch=None, tau=best / reference * 1.001 + 1)
+    _, rejected, _, _ = widen_best(network, data, count=3, per_layer=4, batch=None, tau=best / reference * 1.001 + 1)
     assert rejected == []
     if best / reference >= 1:
-        _, accepted, _ = widen_best(network, data, count=3, per_layer=4, batch=None, tau=best / reference * 0.999)
+        _, accepted, _, _ = widen_best(network, data, count=3, per_layer=4, batch=None, tau=best / reference * 0.999)
         assert len(accepted) == 1
-    # widened parameters keep their momentum in the old entries
+    # widened parameters keep their momentum in the old entries (the record of widen + prune)
     trainer = Trainer(network, data, TrainConfig(epochs=1, lr=0.1, momentum=0.9, log_steps=False))
     trainer.fit()
     old = trainer.optimizer.state[dict(trainer.network.module.named_parameters())["fc2.weight"]]["momentum_buffer"].clone()
-    trainer.replace_network(widen_layers(trainer.network, {"fc1": rows["fc1"][:2]}))
+    wider, chosen, _, record = widen_best(trainer.network, data, count=None, per_layer=2, batch=None)
+    trainer.replace_network(wider, record=record)
     new = trainer.optimizer.state[dict(trainer.network.module.named_parameters())["fc2.weight"]]["momentum_buffer"]
-    assert new.shape == (4, 6) and torch.equal(new[:, :4], old) and not new[:, 4:].any()
+    added = sum(c.layer == "fc1" for c in chosen)
+    assert new.shape[1] == 4 + added and torch.equal(new[:4, :4], old) and not new[:, 4:].any()
 
 
 def test_grow_with_widening():

@@ -20,10 +20,10 @@ from .growth import GrowResult, GrowthHook, grow
 from .norms import MERIT_NORMS, conv_operator_norm, gradient_norm, top_eigenvalue
 from .sensitivity import (STRATEGIES, Candidate, Geometry, Sensitivities, Tap, existing_weights,
                           full_data_gradients, insert_candidates, sample_rows, select, sensitivities)
-from .widening import NeuronCandidate, neuron_sensitivities, widen_best, widen_layers, widening_positions
+from .widening import (NEURON_INITS, NeuronCandidate, cross_term, gradmax_rows, neuron_positions, neuron_sensitivities,
+                       widen_best)
 
-__all__ = ["Candidate", "Geometry", "GrowResult", "GrowthHook", "MERIT_NORMS", "NeuronCandidate", "STRATEGIES",
-           "Sensitivities", "Tap", "conv_operator_norm", "existing_weights", "full_data_gradients",
-           "gradient_norm", "grow", "insert_candidates", "load_data", "load_network", "neuron_sensitivities",
-           "sample_rows", "select", "sensitivities", "top_eigenvalue", "widen_best", "widen_layers",
-           "widening_positions"]
+__all__ = ["Candidate", "Geometry", "GrowResult", "GrowthHook", "MERIT_NORMS", "NEURON_INITS", "NeuronCandidate", "STRATEGIES",
+           "Sensitivities", "Tap", "conv_operator_norm", "cross_term", "existing_weights", "full_data_gradients", "gradmax_rows",
+           "gradient_norm", "grow", "insert_candidates", "load_data", "load_network", "neuron_positions", "neuron_sensitivities",
+           "sample_rows", "select", "sensitivities", "top_eigenvalue", "widen_best"]

@@ -28,7 +28,7 @@ class GrowthHook:
     def __init__(self, *, strategy: str = "sensli", insert_at: Iterable[int] | None = None,
                  insert_every: int | None = None, max_insertions: int = 1, tau: float | None = None,
                  per_step: int = 1, norm: str = "fro", sens_batch: int | None = 256,
-                 sample: int | float | None = None, seed: int = 0, widen: int = 0):
+                 sample: int | float | None = None, seed: int = 0, widen: int = 0, neurons: str = "random"):
         if strategy not in STRATEGIES:
             raise GraphgrowError(f"unknown strategy '{strategy}'", hint=f"use one of {', '.join(STRATEGIES)}")
         if insert_every is not None and insert_every < 1:
@@ -42,6 +42,7 @@ class GrowthHook:
         self.sens_batch, self.sample, self.seed = sens_batch, sample, seed
         self.generator = torch.Generator().manual_seed(seed + 7919)  # random strategy, apart from data order
         self.widen = widen  # > 0: add this many neurons per try (4.4) instead of inserting layers
+        self.neurons = neurons  # their incoming weights: random or gradmax
         self.inserted = 0
         self.ledger = CostLedger()
         self.insertions: list[dict] = []
@@ -99,7 +100,8 @@ class GrowthHook:
     def _widen(self, trainer) -> None:
         before = evaluate(trainer.network, trainer.train_split, trainer.config.loss)["loss"]
         params_before = trainer.network.graph.num_params()
-        wider, chosen, reference = widen_best(trainer.network, trainer_data(trainer), count=self.widen, tau=self.tau,
+        wider, chosen, reference, widened = widen_best(trainer.network, trainer_data(trainer), count=self.widen,
+                                                       tau=self.tau, init=self.neurons,
                                               loss=trainer.config.loss, batch=self.sens_batch,
                                               seed=self.seed + trainer.epoch)
         event = {"epoch": trainer.epoch, "iteration": trainer.iteration, "reference": reference,
@@ -108,7 +110,7 @@ class GrowthHook:
             trainer.log.log("widening", inserted=False, **event)
             return
         after = evaluate(wider, trainer.train_split, trainer.config.loss)["loss"]
-        trainer.replace_network(wider, reason="widening")
+        trainer.replace_network(wider, record=widened, reason="widening")
         self.inserted += 1
         record = trainer.log.log("widening", inserted=True, loss_before=before, loss_after=after,
                                  params_before=params_before, params_after=wider.graph.num_params(),
@@ -145,13 +147,14 @@ def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | N
          loss: str = "cross_entropy",
          sens_batch: int | None = 256, sample: int | float | None = None, out=None, seed: int = 0,
          progress: bool = False, eval_every: int = 1, log_steps: bool = True, export: bool = True,
-         widen: int = 0) -> GrowResult:
+         widen: int = 0, neurons: str = "random") -> GrowResult:
     """Train ``spec`` on ``data`` while SensLI (or a comparison strategy) inserts layers.
 
     ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
     npz:PATH. With ``out`` a run directory gets log.jsonl, summary.json, final.yaml + .pt,
     model.pt2 and curves.png. ``widen=k`` adds the k best neurons per try (4.4, 4.20)
-    instead of inserting layers (``max_insertions`` then counts widening steps). Returns the grown network, the records, the insertion events
+    instead of inserting layers (``max_insertions`` then counts widening steps); ``neurons``: their
+    incoming weights, ``random`` or ``gradmax`` (data-driven, sensli.widening). Returns the grown network, the records, the insertion events
     and the summary (final metrics, FLOPs per training sample as in thesis Tables 4.2/4.4)."""
     from ..runtime.plots import plot_run
     dataset = load_data(data, seed)
@@ -163,7 +166,7 @@ def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | N
         insert_every = max(epochs // (max_insertions + 1), 1)
     hook = GrowthHook(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
                       max_insertions=max_insertions, tau=tau, per_step=per_step, norm=norm,
-                      sens_batch=sens_batch, sample=sample, seed=seed, widen=widen)
+                      sens_batch=sens_batch, sample=sample, seed=seed, widen=widen, neurons=neurons)
     start_params, start_flops = network.graph.num_params(), network.graph.flops()
     with RunLog(out) as log:
         trainer = Trainer(network, dataset, config, log=log, hooks=[hook])

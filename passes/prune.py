@@ -101,9 +101,10 @@ def _remove_layer(graph: LayerGraph, nodes: list[str], source: str) -> None:
 @gc_paused()
 def prune(network: Network, layer: str | None = None, count: int = 1, units: list[int] | None = None,
           tolerance: float | None = None, criterion: str = "magnitude", layers: bool = False,
-          gradients: dict | None = None, probe_seed: int = 0) -> tuple[Network, Record]:
+          gradients: dict | None = None, probe_seed: int = 0, measure: bool = True) -> tuple[Network, Record]:
     """Remove units or identity-like layers; ``record.change`` is the measured change of the
-    function (float64 probe batch, eval mode), 0 where what was removed had no effect.
+    function (float64 probe batch, eval mode), 0 where what was removed had no effect
+    (``measure=False`` skips the measurement, which costs two float64 forward passes and builds).
 
     Units (``layers=False``): of the coupled group of ``layer``, the given ``units``, or those
     scoring at most ``tolerance``, or the ``count`` lowest by ``criterion`` (``unit_scores``).
@@ -149,6 +150,7 @@ def prune(network: Network, layer: str | None = None, count: int = 1, units: lis
             node.args = {**node.args, node.opdef.width_arg: n - len(units)}
         record.notes.append(f"removed units {units} of {', '.join(coupling.producers)}")
         new = rebuild(network, graph, record, apply_maps(network, maps, record))
-    record.change = function_change(network, new, seed=probe_seed)
-    record.notes.append(f"max output change on a float64 probe batch: {record.change:.3g}")
+    if measure:
+        record.change = function_change(network, new, seed=probe_seed)
+        record.notes.append(f"max output change on a float64 probe batch: {record.change:.3g}")
     return new, record

@@ -148,6 +148,15 @@ def gc_paused():
             gc.enable()
 
 
+def _same_code(old: LayerGraph, new: LayerGraph) -> bool:
+    """The two graphs compile to the same forward: same nodes in the same order with the same
+    ops, inputs and outputs (a width change, e.g. widen and prune)."""
+    if old.names() != new.names() or old.outputs != new.outputs:
+        return False
+    return all(a.op == b.op and a.inputs == b.inputs and a.frozen == b.frozen and a.loc == b.loc
+               for a, b in zip(old.nodes, new.nodes))
+
+
 def rebuild(old: Network, graph: LayerGraph, record: Record,
             values: dict[str, torch.Tensor]) -> Network:
     """Compile ``graph`` with state entries ``values`` (described in ``record`` by the pass)
@@ -184,7 +193,7 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
     kept = set(state) | {name for name in record.origins if name.split(".", 1)[0] in reused}
     record.origins = {name: origin for name, origin in record.origins.items() if name in kept}
     module = compile_graph(graph, state, dtype=None if dtype == torch.get_default_dtype() else dtype,
-                           modules=reused)
+                           modules=reused, code_from=old.module if _same_code(old.graph, graph) else None)
     module.train(old.module.training)
     return Network(graph, module)
 

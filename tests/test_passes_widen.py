@@ -297,3 +297,16 @@ def test_record_value_functions_are_pure():
         assert origin.kind == "derived" and origin.sources == (name,)
         assert torch.equal(origin.value(old[name]), wider.module.state_dict()[name])
         assert torch.equal(origin.value(old[name]), origin.value(old[name]))
+
+
+def test_a_width_change_reuses_the_generated_forward_in_an_independent_module():
+    network = build(load_graph(SPECS_DIR / "cnn_vgg.yaml"))
+    wider, _ = passes.widen(network, "conv2", by=2)
+    old, new = network.module, wider.module
+    assert new.code == old.code and new.graph is not old.graph and type(new) is not type(old)
+    assert [n.meta.get("graphgrow") for n in new.graph.nodes] == [n.meta.get("graphgrow") for n in old.graph.nodes]
+    new.recompile()  # the recompiled class is the new module's own: the old one keeps working
+    x = probe(network.graph, batch=2)
+    assert max_difference(network, wider, x) <= TOLERANCE
+    deeper, _ = passes.insert_identity(wider, "act1")  # a new node: code generated afresh
+    assert "act1_id" in deeper.module.code and max_difference(network, deeper, x) <= TOLERANCE

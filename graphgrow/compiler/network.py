@@ -75,7 +75,7 @@ def _load(graph: LayerGraph, root: nn.Module, state: dict[str, torch.Tensor]) ->
 def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
                   seed: int = 0, dtype: torch.dtype | None = None,
                   modules: dict[str, nn.Module] | None = None,
-                  stateless_as_modules: bool = False) -> fx.GraphModule:
+                  stateless_as_modules: bool = False, code_from: fx.GraphModule | None = None) -> fx.GraphModule:
     """Compile ``graph`` to a GraphModule, with parameters from ``state`` or initialised
     deterministically from ``seed`` (same seed, bitwise-identical parameters).
 
@@ -83,7 +83,10 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     unchanged layers); ``state`` then holds the entries of the other nodes only.
     ``stateless_as_modules``: activations, pooling and flatten become ``call_module`` too (same
     function and state dict), for tools that only understand modules, e.g. BackPACK's
-    ``extend(..., use_converter=True)``."""
+    ``extend(..., use_converter=True)``.
+    ``code_from``: a module compiled from a graph with the same nodes, inputs, ops and outputs
+    (only arguments such as widths differ): its generated forward is reused, which skips fx's
+    code generation, most of a compile (passes that change widths only)."""
     given = modules or {}
     fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
     root = nn.Module()
@@ -107,6 +110,11 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
         if node.frozen and node.name in modules:
             modules[node.name].requires_grad_(False)
 
+    if code_from is not None and list(code_from._modules) == list(root._modules):  # same call_module nodes
+        module = _with_code_of(code_from, root)
+        if dtype is not None and state is None:
+            module.to(dtype)
+        return module
     fx_graph = fx.Graph()
     values = {"input": fx_graph.placeholder(PLACEHOLDER)}
     for node in graph.nodes:
@@ -128,6 +136,24 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     module = fx.GraphModule(root, fx_graph, class_name=graph.name)
     if dtype is not None and state is None:  # a given state was loaded in dtype already
         module.to(dtype)
+    return module
+
+
+def _with_code_of(template: fx.GraphModule, root: nn.Module) -> fx.GraphModule:
+    """A GraphModule holding ``root``'s submodules that runs ``template``'s generated forward:
+    a copy of its fx graph and code, and a class of its own (fx keeps the forward on a class per
+    module, so a later recompile of either module leaves the other alone)."""
+    cls = type(template)
+    own = type(cls.__name__, (cls,), {"forward": cls.forward})
+    module = own.__new__(own)
+    skip = ("_parameters", "_buffers", "_modules", "_graph")
+    module.__dict__.update({key: value.copy() if isinstance(value, (dict, set, list)) else value
+                            for key, value in template.__dict__.items() if key not in skip})
+    module._parameters, module._buffers = {}, {}
+    module._modules = dict(root._modules)
+    graph = fx.Graph(owning_module=module, tracer_cls=template.graph._tracer_cls)
+    graph.output(graph.graph_copy(template.graph, {}))
+    module._graph = graph
     return module
 
 

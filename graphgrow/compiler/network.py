@@ -141,10 +141,10 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
 
 def _with_code_of(template: fx.GraphModule, root: nn.Module) -> fx.GraphModule:
     """A GraphModule holding ``root``'s submodules that runs ``template``'s generated forward:
-    a copy of its fx graph and code, and a class of its own (fx keeps the forward on a class per
-    module, so a later recompile of either module leaves the other alone)."""
-    cls = type(template)
-    own = type(cls.__name__, (cls,), {"forward": cls.forward})
+    a copy of its fx graph and code, and a class of its own beside the template's (fx keeps the
+    forward on a class per module, so a later recompile of either module leaves the other alone)."""
+    cls = type(template)  # fx's class for the template alone, made from (a subclass of) GraphModule
+    own = type(cls.__name__, cls.__bases__, {"forward": cls.forward})
     module = own.__new__(own)
     skip = ("_parameters", "_buffers", "_modules", "_graph")
     module.__dict__.update({key: value.copy() if isinstance(value, (dict, set, list)) else value

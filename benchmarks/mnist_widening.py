@@ -79,9 +79,13 @@ def grow(network, optimizer, method, layers, targets, data, seed, ledger):
         if method == "random":
             fan_in = math.prod(network.graph.node(layer).param_shapes()["weight"][1:])
             options["scale"] = 1 / math.sqrt(fan_in)
-        if method == "gradmax":
+        if method == "gradmax":  # A has rank <= the consumer's outputs: random rows for the rest
             rows, _ = gradmax_rows(network, layer, data, by, batch=1000)
-            options["incoming"] = rows
+            fan_in = rows.shape[1:]
+            extra = torch.randn(by - len(rows), *fan_in, generator=torch.Generator().manual_seed(seed + k),
+                                dtype=torch.float64) / math.sqrt(math.prod(fan_in))
+            options["incoming"] = torch.cat([rows, extra])
+            ledger["gradmax_rows"] = ledger.get("gradmax_rows", 0) + len(rows)
             ledger["flops"] += 3 * network.graph.flops() * 2000 / len(data.x_train)  # the cross-term pass
         wider, record = passes.widen(network, layer, by, **options)
         passes.transfer_optimizer(optimizer, network.module, wider.module, record)

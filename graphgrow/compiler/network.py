@@ -6,7 +6,6 @@ Parameters are named ``<node>.<role>``.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,16 +18,13 @@ from ..ir import LayerGraph
 PLACEHOLDER = "x"
 
 
-def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False,
-                  empty_on: torch.device | None = None) -> dict[str, nn.Module]:
+def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False) -> dict[str, nn.Module]:
     """Fresh (uninitialised) modules of the nodes that compile to ``call_module``, except ``skip``;
-    with ``stateless_as_modules`` also of the stateless ops that have a module twin. With
-    ``empty_on`` (for modules whose whole state is loaded next) they are made on the meta device
-    and given empty storage on that device: torch's throwaway initialisation is skipped."""
+    with ``stateless_as_modules`` also of the stateless ops that have a module twin."""
     modules = {}
     # torch modules draw a throwaway initialisation from the global generator in their
     # constructors; fork it so compiling leaves the user's random stream (data order, dropout) alone
-    with torch.random.fork_rng(devices=[]), torch.device("meta") if empty_on is not None else contextlib.nullcontext():
+    with torch.random.fork_rng(devices=[]):
         for node in graph.nodes:
             if node.name in skip:
                 continue
@@ -36,7 +32,7 @@ def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False
             if module is None and stateless_as_modules:
                 module = node.opdef.torch_module(node.args)
             if module is not None:
-                modules[node.name] = module if empty_on is None else module.to_empty(device=empty_on)
+                modules[node.name] = module
     return modules
 
 
@@ -92,8 +88,7 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     (only arguments such as widths differ): its generated forward is reused, which skips fx's
     code generation, most of a compile (passes that change widths only)."""
     given = modules or {}
-    loaded_on = next(iter(state.values())).device if state else None
-    fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules, empty_on=loaded_on)
+    fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
     root = nn.Module()
     for name, module in fresh.items():
         root.add_module(name, module)

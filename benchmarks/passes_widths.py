@@ -5,7 +5,9 @@ the package) removing 2 units from the same layer of an equal nn.Sequential, dep
 included.
 
 Cases are interleaved over ``--repeats`` rounds, garbage collection off inside a timing (as in
-timeit), torch threads 1; medians in milliseconds and ratios to graphgrow's compile.
+timeit), torch threads 1; medians in milliseconds of CPU time (``time.process_time``: on the shared
+2-core machine, at load averages of 10-15, wall time mostly measures the other jobs) and ratios
+to graphgrow's compile.
 
     PYTHONPATH=. python benchmarks/passes_widths.py [--repeats 15]
 """
@@ -78,13 +80,13 @@ def timed(case) -> float:
         run, template = case
         model = copy.deepcopy(template)
         gc.disable()
-        start = time.perf_counter()
+        start = time.process_time()
         run(model)
     else:
         gc.disable()
-        start = time.perf_counter()
+        start = time.process_time()
         case()
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     gc.enable()
     return elapsed
 
@@ -105,7 +107,7 @@ def main(argv=None) -> None:
         for label, suite in suites.items():
             for name, case in suite.items():
                 times[(label, name)].append(timed(case))
-    print(f"| network | case | ms (median of {opts.repeats}) | ratio to compile |\n|---|---|---|---|")
+    print(f"| network | case | CPU ms (median of {opts.repeats}) | ratio to compile |\n|---|---|---|---|")
     for label, suite in suites.items():
         base = statistics.median(times[(label, "compile (baseline)")])
         for name in suite:

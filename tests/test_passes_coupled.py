@@ -208,6 +208,11 @@ def test_generated_stream_graphs_keep_their_function(text, by, method, train, se
     for layer in passes.widenable(network.graph):
         wider, _ = passes.widen(network, layer, by=by, method=method, seed=seed)
         assert difference(network, wider, train) <= TOLERANCE
+        if method == "sensli":  # the new units are dead (zero outgoing): pruning them is exact
+            n = trace_units(network.graph, layer, network.state()).units
+            pruned, _ = passes.prune(wider, layer, units=list(range(n, n + by)), measure=False)
+            old, new = network.state(), pruned.state()
+            assert sorted(old) == sorted(new) and all(torch.equal(old[k], new[k]) for k in old)
 
 
 def test_neuron_candidates_of_groups_sharing_a_concat_mark_the_final_columns():

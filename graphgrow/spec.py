@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import gc
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,13 +157,16 @@ def parse_yaml(text: str, file: str | None = None) -> Any:
 
 
 # -- ${} expressions --------------------------------------------------------------------------
+# `/` is true division (always a float: `${1/256}` for a step size h), `//` floor division
+# (an integer for integer operands: `${width // 2}` for a layer width)
 _BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
-           ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
-_EXPRESSION_HINT = "expressions may use numbers, variables, + - * // and parentheses"
+           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b}
+_EXPRESSION_HINT = "expressions may use numbers, variables, + - * / // and parentheses"
 
 
 def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
-    """Evaluate a ${} expression with integers, floats, variables, + - * // and parentheses."""
+    """Evaluate a ${} expression with integers, floats, variables, + - * / // and parentheses
+    (``/`` gives a float, ``//`` an integer when both operands are integers)."""
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -171,7 +175,7 @@ def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
     def number(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise loc.error(f"arithmetic on {value!r}, which is not a number, in '${{{expression}}}'",
-                            hint="only numeric variables can take part in + - * //")
+                            hint="only numeric variables can take part in + - * / //")
         return value
 
     def walk(node):
@@ -187,19 +191,20 @@ def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
             return env[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
             left, right = number(walk(node.left)), number(walk(node.right))
-            if isinstance(node.op, ast.FloorDiv) and right == 0:
+            if isinstance(node.op, (ast.Div, ast.FloorDiv)) and right == 0:
                 raise loc.error(f"division by zero in '${{{expression}}}'")
             if isinstance(node.op, ast.Mult) and max(abs(left), abs(right)) > 1e12:
                 raise loc.error(f"number too large in '${{{expression}}}'")
             try:
-                return _BINARY[type(node.op)](left, right)
+                result = _BINARY[type(node.op)](left, right)
             except OverflowError:  # a huge integer literal meeting a float
                 raise loc.error(f"number too large in '${{{expression}}}'") from None
+            if isinstance(result, float) and not math.isfinite(result):  # 1e300 / 1e-300
+                raise loc.error(f"number too large in '${{{expression}}}'")
+            return result
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             value = number(walk(node.operand))
             return -value if isinstance(node.op, ast.USub) else value
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
-            raise loc.error(f"'/' is not allowed in '${{{expression}}}'", hint="use // for integer division")
         raise loc.error(f"bad expression '${{{expression}}}'", hint=_EXPRESSION_HINT)
 
     try:
@@ -298,7 +303,9 @@ def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
             count = substitute(item["repeat"], env, item.value_locs["repeat"])
             count_loc = item.value_locs["repeat"]
             if isinstance(count, bool) or not isinstance(count, int):
-                raise count_loc.error(f"repeat count must be an integer, got {count!r}")
+                raise count_loc.error(f"repeat count must be an integer, got {count!r}",
+                                      hint="'/' in ${} gives a float; use // for integer division"
+                                      if isinstance(count, float) else None)
             if count < 0:
                 raise count_loc.error(f"repeat count must not be negative, got {count}")
             if count > MAX_REPEAT:

@@ -3,6 +3,7 @@ and exit with status 2; no traceback."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -74,6 +75,20 @@ def cmd_compile(opts) -> None:
     compile_and_export(opts.spec, out, opts.format, opts.seed, opts.weights)
 
 
+def _final_line(final: dict, loss: str) -> str:
+    """Loss per split, and the accuracy where the loss is cross-entropy (a classification)."""
+    parts = []
+    for split in ("train", "test"):
+        metrics = final.get(split)
+        if not metrics:
+            continue
+        text = f"{split} loss {metrics['loss']:.4g}"
+        if loss == "cross_entropy" and metrics.get("error") is not None:
+            text += f", accuracy {100 * (1 - metrics['error']):.2f}%"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def _print_growth(result) -> None:
     """Where a growth run inserted, the loss before and after, and the final metrics."""
     for event in result.insertions:
@@ -83,9 +98,7 @@ def _print_growth(result) -> None:
     if not result.insertions:
         print("no insertion")
     final = result.summary["final"]
-    splits = "; ".join(f"{split} loss {final[split]['loss']:.4f}"
-                       + (f", error {final[split]['error']:.3f}" if final[split].get("error") is not None else "")
-                       for split in ("train", "test") if final.get(split))
+    splits = _final_line(final, result.summary["config"]["loss"])
     print(f"final: {splits}; {final['params']} parameters, {final['epochs']} epochs in {final['seconds']:.1f} s")
     if result.out is not None:
         print(f"run directory: {result.out} (log.jsonl, summary.json, final.yaml/.pt, model.pt2, curves.png)")
@@ -98,7 +111,7 @@ def cmd_grow(opts) -> None:
                   per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
                   momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer, damping=opts.damping,
                   loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out, seed=opts.seed,
-                  progress=not opts.quiet)
+                  progress=not opts.quiet, export=not opts.no_export)
     _print_growth(result)
 
 
@@ -121,20 +134,33 @@ def cmd_sensitivities(opts) -> None:
         print(f"{c.position:<{width}}  {c.kind:<9}  {c.merit:>10.4g}  {report.ratio(c):>8.3g}  {c.new_params:>10}")
 
 
+# `graphgrow mgopt` passes every parameter of graphgrow.mgopt.run; the option of parameter p is
+# --p (dest p) except these. Negated flags store the opposite of the parameter.
+MGOPT_RENAMED = {"alpha": "lr"}
+MGOPT_NEGATED = {"progress": "quiet", "descent_check": "no_descent_check", "log_steps": "no_log_steps",
+                 "export": "no_export"}
+
+
+def mgopt_arguments(opts) -> dict:
+    """The keyword arguments of ``graphgrow.mgopt.run`` from parsed ``mgopt`` options."""
+    from .mgopt import run
+    arguments = {}
+    for name in inspect.signature(run).parameters:
+        if name in MGOPT_NEGATED:
+            arguments[name] = not getattr(opts, MGOPT_NEGATED[name])
+        else:
+            arguments[name] = getattr(opts, MGOPT_RENAMED.get(name, name))
+    return arguments
+
+
 def cmd_mgopt(opts) -> None:
     from .mgopt import run
-    result = run(opts.spec, opts.data, hierarchy=opts.hierarchy, levels=opts.levels, kappa=opts.kappa,
-                 K=opts.K, lam=opts.lam, alpha=opts.lr, alpha_bar=opts.alpha_bar, alpha_cgc=opts.alpha_cgc,
-                 variant=opts.variant, epochs=opts.epochs, batch=opts.batch, loss=opts.loss,
-                 pre_smooth=opts.pre_smooth, post_smooth=opts.post_smooth, backtracking=opts.backtracking,
-                 descent_check=not opts.no_descent_check, schedule=opts.schedule,
-                 interpolation=opts.interpolation, out=opts.out, seed=opts.seed, progress=not opts.quiet)
+    result = run(**mgopt_arguments(opts))
     summary, final = result.summary, result.summary["final"]
     print(f"{summary['variant']} on a {summary['hierarchy']} hierarchy, levels {', '.join(summary['levels'])}")
     print(f"{final['iterations']} fine iterations, {final['corrections']} coarse corrections taken "
           f"({final['rejected']} rejected), {final['work']:.1f} work units, {final['train_time']:.1f} s")
-    print(f"final: train loss {final['train']['loss']:.4g}"
-          + (f", test loss {final['test']['loss']:.4g}" if final.get("test") else ""))
+    print(f"final: {_final_line(final, opts.loss)}")
     if result.out is not None:
         print(f"run directory: {result.out}")
 
@@ -151,15 +177,17 @@ def cmd_demo(opts) -> None:
     _print_growth(result)
 
 
-def _add_training_options(parser, *, epochs: int, lr: float) -> None:
+def _add_training_options(parser, *, epochs: int, lr: float, batch: int | None = None) -> None:
     parser.add_argument("--data", default="spiral", help="spiral, mnist:DIR or npz:FILE (default spiral)")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--lr", type=float, default=lr, help="learning rate")
-    parser.add_argument("--batch", type=int, default=None, help="mini-batch size (default: full batch)")
+    parser.add_argument("--batch", type=int, default=batch,
+                        help=f"mini-batch size (default: {'full batch' if batch is None else batch})")
     parser.add_argument("--loss", default="cross_entropy", help="cross_entropy or mse")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="run directory (log, final network, export, plots)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--no-export", action="store_true", help="with --out: skip the torch.export artifact")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mgopt = commands.add_parser("mgopt", help="multilevel training (MG/Opt) on a hierarchy built by passes")
     mgopt.add_argument("spec")
-    _add_training_options(mgopt, epochs=10, lr=0.1)
+    _add_training_options(mgopt, epochs=10, lr=0.1, batch=100)
     mgopt.add_argument("--hierarchy", default="depth", help="depth, width, batch or resolution")
     mgopt.add_argument("--levels", type=int, default=2)
     mgopt.add_argument("--kappa", type=float, default=0.5, help="take a coarse correction when |R g|^2 > kappa |g|^2")
@@ -235,6 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     mgopt.add_argument("--no-descent-check", action="store_true", help="accept ascent corrections too")
     mgopt.add_argument("--schedule", default="constant", help="step sizes: constant or diminishing")
     mgopt.add_argument("--interpolation", default="constant", help="depth prolongation: constant or linear")
+    mgopt.add_argument("--restriction", default="half-transpose",
+                       help="depth restriction: half-transpose (P^T/2) or injection (coarse block j = fine block 2j)")
+    mgopt.add_argument("--min-gap", type=int, default=1,
+                       help="fine SGD steps between corrections (0: a V-cycle every iteration)")
+    mgopt.add_argument("--same-batch", action="store_true", help="every level of a correction uses the fine batch")
+    mgopt.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum on every level")
+    mgopt.add_argument("--decay", type=float, default=100.0, help="diminishing schedule: alpha / (1 + k / decay)")
+    mgopt.add_argument("--nested-epochs", type=int, nargs="+", default=1, metavar="E",
+                       help="variant nested: epochs on each coarse level (one count, or one per level, coarsest first)")
+    mgopt.add_argument("--work-budget", type=float, default=None,
+                       help="stop after this many work units (one = a fine gradient evaluation)")
+    mgopt.add_argument("--eval-every", type=int, default=1, help="epochs between full evaluations")
+    mgopt.add_argument("--evals-per-epoch", type=int, default=1, help="full evaluations per epoch")
+    mgopt.add_argument("--no-log-steps", action="store_true", help="no step records in the log")
     mgopt.set_defaults(run=cmd_mgopt)
 
     demo = commands.add_parser("demo", help="the main job: SensLI on the spiral data")

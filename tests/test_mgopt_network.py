@@ -225,3 +225,32 @@ def test_width_hierarchy_correction_is_first_order_coherent_and_trains():
     end, history, optimizer = optimize(hierarchy, theta, config, 20, seed=0)
     assert optimizer.corrections >= 5
     assert fine.value(end, slice(None)) < fine.value(theta, slice(None))
+
+
+def test_injection_restriction_takes_every_second_block():
+    network = resnet(8)
+    data = spiral_like()
+    split = Split(data.x_train.double(), data.y_train)
+    hierarchy = build_network_hierarchy(network, split, "depth", 2, batch=None, restriction="injection")
+    transfer = hierarchy.transfers[0]
+    theta = dict(network.module.named_parameters())
+    coarse = transfer.restrict({k: v.detach() for k, v in theta.items()})
+    assert sorted(coarse) == sorted(dict(hierarchy.levels[1].network.module.named_parameters()))
+    # the coarse level keeps the names of the blocks it keeps: res0, res2, ... (coarse block j = fine 2j)
+    assert {name.split(".")[0] for name in coarse if name.startswith("res")} == {"res0", "res2", "res4", "res6"}
+    for name, value in coarse.items():
+        assert torch.equal(value, theta[name].detach()), name
+    # h doubles on the coarse level and R P = I: prolonging the restriction of a coarse point returns it
+    torch.testing.assert_close(transfer.restrict(transfer.prolong(coarse)), coarse, rtol=0, atol=0)
+
+
+def test_run_nested_epochs_per_level_and_transfer_options_checked():
+    spec = load_graph("specs/resnet_ode.yaml")
+    result = run(spec, spiral_like(), hierarchy="depth", levels=3, variant="nested", nested_epochs=[2, 1],
+                 alpha=0.1, epochs=1, batch=16, seed=0)
+    kinds = [r["kind"] for r in result.records if r["event"] == "step"]
+    assert kinds == ["level2"] * 6 + ["level1"] * 3 + ["sgd"] * 3  # coarsest first: 2 epochs, then 1
+    with pytest.raises(GraphgrowError, match="interpolation and restriction choose the depth transfers"):
+        run(spec, spiral_like(), hierarchy="batch", restriction="injection", epochs=1, batch=16)
+    with pytest.raises(GraphgrowError, match="same_batch contradicts the batch hierarchy"):
+        run(spec, spiral_like(), hierarchy="batch", same_batch=True, epochs=1, batch=16)

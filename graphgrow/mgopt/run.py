@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from ..compiler.io import load_network
 from ..errors import GraphgrowError
@@ -26,9 +26,10 @@ class MGOptResult:
 def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa: float = 0.5, K: int = 10,
         lam: float = 0.0, alpha: float = 0.1, alpha_bar: float | None = None, alpha_cgc: float = 1.0,
         variant: str = "mgopt", epochs: int = 10, batch: int | None = 100, loss: str = "cross_entropy",
-        pre_smooth: int = 1, post_smooth: int = 1, min_gap: int = 1, descent_check: bool = True,
-        backtracking: int = 0, schedule: str = "constant", decay: float = 100.0, nested_epochs: int = 1,
-        interpolation: str = "constant", out=None, seed: int = 0, progress: bool = False, eval_every: int = 1,
+        pre_smooth: int = 1, post_smooth: int = 1, min_gap: int = 1, same_batch: bool = False,
+        momentum: float = 0.0, descent_check: bool = True, backtracking: int = 0, schedule: str = "constant",
+        decay: float = 100.0, nested_epochs: int | Sequence[int] = 1, interpolation: str = "constant",
+        restriction: str = "half-transpose", out=None, seed: int = 0, progress: bool = False, eval_every: int = 1,
         evals_per_epoch: int = 1, work_budget: float | None = None, log_steps: bool = True,
         export: bool = True) -> MGOptResult:
     """Train ``spec`` on ``data`` with multilevel optimisation on a hierarchy built from it.
@@ -36,8 +37,12 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
     ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
     npz:PATH. ``hierarchy``: depth | width | batch | resolution with ``levels`` levels (1 level:
     plain SGD). ``variant``: mgopt (Algorithm 5, V-cycle for levels > 2), no-correction, or
-    nested (``nested_epochs`` epochs of SGD on each coarse level, coarsest first, then
-    ``epochs`` on the finest). ``interpolation`` (constant | linear) is the depth prolongation.
+    nested (``nested_epochs`` epochs of SGD on each coarse level, or a list with one count per
+    coarse level, coarsest first; then ``epochs`` on the finest). ``min_gap``: fine SGD steps
+    between corrections (0: a V-cycle every iteration); ``same_batch``: every level of a
+    correction uses the fine mini-batch; ``momentum``: heavy-ball momentum on every level.
+    ``interpolation`` (constant | linear) is the depth prolongation, ``restriction``
+    (half-transpose: R = P^T / 2 | injection: coarse block j = fine block 2j) its restriction.
     One epoch is ceil(train size / batch) fine iterations with mini-batches drawn by ``seed``.
     With ``out`` the run directory gets log.jsonl (step and eval records with wall time and
     work units), summary.json, final.yaml + .pt, model.pt2 and curves.png. The full training and
@@ -48,20 +53,27 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
 
     config = MGOptConfig(alpha=alpha, alpha_bar=alpha_bar, alpha_cgc=alpha_cgc, kappa=kappa, K=K, lam=lam,
                          variant=variant, pre_smooth=pre_smooth, post_smooth=post_smooth, min_gap=min_gap,
-                         descent_check=descent_check, backtracking=backtracking, schedule=schedule, decay=decay)
+                         same_batch=same_batch, momentum=momentum, descent_check=descent_check,
+                         backtracking=backtracking, schedule=schedule, decay=decay)
+    if same_batch and hierarchy == "batch":
+        raise GraphgrowError("same_batch contradicts the batch hierarchy (its levels differ only in batch size)",
+                             hint="use another hierarchy, or leave same_batch off")
     if not (isinstance(epochs, int) and epochs >= 0):
         raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}")
     dataset = load_data(data, seed)
     network = load_network(spec, seed)
     train_split, test_split = as_splits(dataset)
     check_data_fits(network, train_split)
-    options = {"interpolation": interpolation} if hierarchy == "depth" else {}
+    options = {"interpolation": interpolation, "restriction": restriction} if hierarchy == "depth" else {}
+    if hierarchy != "depth" and (interpolation, restriction) != ("constant", "half-transpose"):
+        raise GraphgrowError(f"interpolation and restriction choose the depth transfers; hierarchy '{hierarchy}' "
+                             "has its own", hint="leave them at their defaults or use hierarchy depth")
     levels_built = build_network_hierarchy(network, train_split, hierarchy, levels, batch=batch, loss=loss, **options)
     per_epoch = iterations_per_epoch(len(train_split), batch)
     if not (isinstance(evals_per_epoch, int) and evals_per_epoch >= 1 and isinstance(eval_every, int) and eval_every >= 1):
         raise GraphgrowError("eval_every and evals_per_epoch must be positive integers")
     eval_interval = max(per_epoch // evals_per_epoch, 1) if evals_per_epoch > 1 else per_epoch * eval_every
-    config.nested_iterations = nested_epochs * per_epoch
+    config.nested_iterations = nested_iterations(nested_epochs, len(levels_built), per_epoch)
     iterations = epochs * per_epoch
     fine = levels_built.levels[0]
     bar = None
@@ -129,6 +141,8 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
                  "test": fine.evaluate(fine.parameters(), test_split) if test_split is not None else None,
                  "train_time": time.perf_counter() - origin - excluded,
                  "work": optimizer.work if optimizer else None,
+                 "transfers": optimizer.transfers if optimizer else 0,
+                 "transfer_work": optimizer.transfer_work if optimizer else None,
                  "iterations": len(history), "corrections": optimizer.corrections if optimizer else 0,
                  "rejected": optimizer.rejections if optimizer else 0, "diverged": diverged}
         log.log("end", **final)
@@ -144,6 +158,20 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
                      title=f"{network.graph.name}: MG/Opt {variant}, {hierarchy} x{len(levels_built)}")
             log.write_json("summary.json", summary)
     return MGOptResult(network, log.records, summary, out)
+
+
+def nested_iterations(epochs: int | Sequence[int], levels: int, per_epoch: int) -> int | list[int]:
+    """SGD iterations per coarse level (level 1 first) from epochs given as one count for every
+    coarse level or as a list, coarsest level first (the order they run in)."""
+    counts = [epochs] if isinstance(epochs, int) else list(epochs)
+    if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+        raise GraphgrowError(f"nested_epochs must be non-negative integers, got {epochs!r}")
+    if len(counts) == 1:
+        return counts[0] * per_epoch
+    if len(counts) != levels - 1:
+        raise GraphgrowError(f"nested_epochs has {len(counts)} counts for {levels - 1} coarse levels",
+                             hint="give one count for all coarse levels or one per coarse level, coarsest first")
+    return [c * per_epoch for c in reversed(counts)]
 
 
 class _Diverged(Exception):

@@ -13,6 +13,7 @@ from graphgrow.runtime.data import Dataset
 from graphgrow.errors import GraphgrowError
 from graphgrow.ir import graph_from_text, load_graph
 from graphgrow.mgopt import IdentityTransfer, MGOptConfig, correction_linear_term, optimize, pd_sq_norm, run
+from graphgrow.mgopt.flat import FLAT
 from graphgrow.mgopt.network import NetworkProblem, build_network_hierarchy
 from graphgrow.runtime.splits import Split
 
@@ -59,8 +60,10 @@ def test_network_problem_gradient_matches_module_autograd():
     reference = F.cross_entropy(network.module(split.x[batch]), split.y[batch])
     reference.backward()
     assert value == pytest.approx(float(reference.detach()), rel=1e-14)
+    named = problem.named(grads)  # one flat gradient; views per parameter
+    assert grads[FLAT].shape == (sum(p.numel() for p in network.module.parameters()),)
     for name, parameter in network.module.named_parameters():
-        torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(named[name], parameter.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_batch_hierarchy_halves_batches_with_identity_transfers():
@@ -165,6 +168,7 @@ def test_depth_hierarchy_first_order_coherence_on_a_resnet():
     config = MGOptConfig(alpha_bar=0.5, K=1, lam=0.0, kappa=0.0, descent_check=False)
     new, history, _ = optimize(two, theta, config, 1, seed=0)
     assert history[0].kind == "cgc"
+    theta, new, grad = fine.named(theta), fine.named(new), fine.named(grad)
     for name, value in theta.items():
         node, role = name.split(".", 1)
         if node.startswith("res"):
@@ -217,10 +221,11 @@ def test_width_hierarchy_correction_is_first_order_coherent_and_trains():
     linear, _ = correction_linear_term(transfer, coarse, grad, start, slice(None))
     _, h_grad = coarse.value_and_grad(start, slice(None))
     restricted = transfer.restrict_gradient(grad)
-    for name in restricted:  # grad h(R_p theta) = grad f_H + v = R_g grad f
-        torch.testing.assert_close(h_grad[name] + linear[name], restricted[name], rtol=1e-12, atol=1e-14)
+    # grad h(R_p theta) = grad f_H + v = R_g grad f
+    torch.testing.assert_close(h_grad[FLAT] + linear[FLAT], restricted[FLAT], rtol=1e-12, atol=1e-14)
     # fc1's rows: R_g averages unit pairs (rows 2j, 2j+1), written out by hand
-    torch.testing.assert_close(restricted["fc1.weight"], 0.5 * (grad["fc1.weight"][0::2] + grad["fc1.weight"][1::2]))
+    fine_grad = fine.named(grad)["fc1.weight"]
+    torch.testing.assert_close(coarse.named(restricted)["fc1.weight"], 0.5 * (fine_grad[0::2] + fine_grad[1::2]))
     config = MGOptConfig(alpha=0.5, K=3, kappa=0.0, lam=0.1, backtracking=4)
     end, history, optimizer = optimize(hierarchy, theta, config, 20, seed=0)
     assert optimizer.corrections >= 5
@@ -233,15 +238,17 @@ def test_injection_restriction_takes_every_second_block():
     split = Split(data.x_train.double(), data.y_train)
     hierarchy = build_network_hierarchy(network, split, "depth", 2, batch=None, restriction="injection")
     transfer = hierarchy.transfers[0]
-    theta = dict(network.module.named_parameters())
-    coarse = transfer.restrict({k: v.detach() for k, v in theta.items()})
+    fine = hierarchy.levels[0]
+    theta = fine.named(fine.parameters())
+    coarse = hierarchy.levels[1].named(transfer.restrict(fine.parameters()))
     assert sorted(coarse) == sorted(dict(hierarchy.levels[1].network.module.named_parameters()))
     # the coarse level keeps the names of the blocks it keeps: res0, res2, ... (coarse block j = fine 2j)
     assert {name.split(".")[0] for name in coarse if name.startswith("res")} == {"res0", "res2", "res4", "res6"}
     for name, value in coarse.items():
         assert torch.equal(value, theta[name].detach()), name
     # h doubles on the coarse level and R P = I: prolonging the restriction of a coarse point returns it
-    torch.testing.assert_close(transfer.restrict(transfer.prolong(coarse)), coarse, rtol=0, atol=0)
+    start = transfer.restrict(fine.parameters())
+    assert torch.equal(transfer.restrict(transfer.prolong(start))[FLAT], start[FLAT])
 
 
 def test_run_nested_epochs_per_level_and_transfer_options_checked():

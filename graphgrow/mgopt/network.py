@@ -8,8 +8,10 @@
   ``2**l``; needs a network whose parameter shapes do not depend on the input size (e.g. a CNN
   with adaptive pooling before its head); identity transfers.
 
-A :class:`NetworkProblem` evaluates a network's mini-batch loss at any parameter dict through
-``torch.func.functional_call``, so levels never share or mutate module parameters.
+A :class:`NetworkProblem` evaluates a network's mini-batch loss at any parameter vector through
+``torch.func.functional_call``, so levels never share or mutate module parameters. Parameters
+are dicts with the single key ``FLAT`` (one vector per level, see ``flat.py``), and the depth
+and width transfers are compiled to operations on those vectors.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import passes
 from ..compiler.network import Network
 from ..errors import GraphgrowError
 from ..runtime.splits import Split, loss_fn
+from .flat import FLAT, FlatLayout, FlatTransfer
 from .hierarchy import Hierarchy, IdentityTransfer, ParamDict
 
 HIERARCHIES = ("depth", "width", "batch", "resolution")
@@ -32,8 +35,9 @@ HIERARCHIES = ("depth", "width", "batch", "resolution")
 
 class NetworkProblem:
     """The mean mini-batch loss of ``network`` on ``split`` as a function of its trainable
-    parameters. Batches are index tensors into the split, so a batch drawn by one level can
-    be evaluated on another (the resolution hierarchy max-pools the inputs by ``pool``)."""
+    parameters (``{FLAT: vector}`` in the order of ``layout``). Batches are index tensors into
+    the split, so a batch drawn by one level can be evaluated on another (the resolution
+    hierarchy max-pools the inputs by ``pool``)."""
 
     def __init__(self, network: Network, split: Split, *, batch: int | None, loss: str = "cross_entropy",
                  pool: int = 1, cost: float = 1.0):
@@ -43,12 +47,22 @@ class NetworkProblem:
         self.loss = loss_fn(loss)
         self.pool = pool
         self.cost = cost
-        self.names = [n for n, p in network.module.named_parameters() if p.requires_grad]
+        self.layout = FlatLayout(network.module)
 
     def parameters(self) -> ParamDict:
-        """The network's current trainable parameters (detached copies)."""
-        params = dict(self.network.module.named_parameters())
-        return {n: params[n].detach().clone() for n in self.names}
+        """The network's current trainable parameters (a copy, as one vector)."""
+        return {FLAT: self.layout.flatten(dict(self.network.module.named_parameters()))}
+
+    def named(self, params: ParamDict) -> dict[str, torch.Tensor]:
+        """``{parameter name: tensor}`` views of ``params``."""
+        return self.layout.views(params[FLAT])
+
+    def load(self, params: ParamDict) -> None:
+        """Write ``params`` into the network's module."""
+        with torch.no_grad():
+            modules = dict(self.network.module.named_parameters())
+            for name, value in self.named(params).items():
+                modules[name].copy_(value)
 
     def draw_batch(self, generator: torch.Generator) -> torch.Tensor | slice:
         size = len(self.split)
@@ -62,29 +76,30 @@ class NetworkProblem:
             x = F.max_pool2d(x, self.pool)
         return x, y
 
-    def _loss(self, params: ParamDict, batch) -> torch.Tensor:
+    def _loss(self, flat: torch.Tensor, batch) -> torch.Tensor:
         x, y = self.inputs(batch)
-        return self.loss(functional_call(self.network.module, params, (x,)), y)
+        return self.loss(functional_call(self.network.module, self.layout.views(flat), (x,)), y)
 
     def value_and_grad(self, params: ParamDict, batch) -> tuple[float, ParamDict]:
-        leaves = {n: params[n].detach().requires_grad_(True) for n in self.names}
-        loss = self._loss(leaves, batch)
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-        return float(loss.detach()), dict(zip(self.names, grads))
+        leaf = params[FLAT].detach().requires_grad_(True)
+        loss = self._loss(leaf, batch)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        return float(loss.detach()), {FLAT: grad}
 
     @torch.no_grad()
     def value(self, params: ParamDict, batch) -> float:
-        return float(self._loss(params, batch))
+        return float(self._loss(params[FLAT], batch))
 
     @torch.no_grad()
     def evaluate(self, params: ParamDict, split: Split, chunk: int = 4096) -> dict:
         """Mean loss and error rate over a whole split (no pooling beyond this level's)."""
         total, wrong = 0.0, 0
+        named = self.named(params)
         for start in range(0, len(split), chunk):
             x, y = split.x[start:start + chunk], split.y[start:start + chunk]
             if self.pool > 1:
                 x = F.max_pool2d(x, self.pool)
-            output = functional_call(self.network.module, params, (x,))
+            output = functional_call(self.network.module, named, (x,))
             total += float(self.loss(output, y)) * x.shape[0]
             if output.dim() == 2 and not y.is_floating_point():
                 wrong += int((output.argmax(dim=1) != y).sum())
@@ -138,9 +153,14 @@ def build_network_hierarchy(network: Network, split: Split, kind: str, levels: i
     if kind in ("depth", "width"):
         built = passes.build_hierarchy(network, kind=kind, levels=levels, **options)
         networks = [level.network for level in built]
-        transfers = [level.transfer for level in built[1:]]
         costs = _relative_costs([n.graph.flops() for n in networks], [fine_batch] * levels)
         problems = [NetworkProblem(n, split, batch=batch, loss=loss, cost=c) for n, c in zip(networks, costs)]
+        # one fine gradient evaluation: forward and backward, about 3 forward passes
+        reference = 3.0 * networks[0].graph.flops() * fine_batch
+        example = next(networks[0].module.parameters())
+        transfers = [FlatTransfer(level.transfer, fine.layout, coarse.layout, reference_operations=reference,
+                                  device=example.device, dtype=example.dtype)
+                     for level, fine, coarse in zip(built[1:], problems, problems[1:])]
         names = [f"{kind}{l}:{n.graph.num_params()}p" for l, n in enumerate(networks)]
         return Hierarchy(problems, transfers, names)
     if options:
@@ -160,14 +180,6 @@ def build_network_hierarchy(network: Network, split: Split, kind: str, levels: i
                     for l, (n, c) in enumerate(zip(networks, costs))]
         names = [f"{'x'.join(map(str, n.graph.input_shape[1:]))}" for n in networks]
     return Hierarchy(problems, [IdentityTransfer() for _ in range(levels - 1)], names)
-
-
-def load_params(network: Network, params: ParamDict) -> None:
-    """Write a parameter dict into the network's module."""
-    with torch.no_grad():
-        named = dict(network.module.named_parameters())
-        for name, value in params.items():
-            named[name].copy_(value)
 
 
 def iterations_per_epoch(size: int, batch: int | None) -> int:

@@ -11,7 +11,7 @@ from ..errors import GraphgrowError
 from ..runtime.data import load_data
 from ..runtime.runlog import RunLog
 from ..runtime.splits import as_splits, check_data_fits
-from .network import build_network_hierarchy, iterations_per_epoch, load_params
+from .network import build_network_hierarchy, iterations_per_epoch
 from .optimizer import MGOptConfig, optimize
 
 
@@ -136,7 +136,7 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
             if bar is not None:
                 bar.close()
         if theta is not None:
-            load_params(network, theta)
+            fine.load(theta)
         final = {"train": fine.evaluate(fine.parameters(), train_split),
                  "test": fine.evaluate(fine.parameters(), test_split) if test_split is not None else None,
                  "train_time": time.perf_counter() - origin - excluded,

@@ -374,3 +374,18 @@ def test_momentum_in_nested_iteration_prolongs_the_buffer():
         t = t - 0.2 * m
     torch.testing.assert_close(end[KEY], P @ t, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(optimizer.velocity[KEY], P @ m, rtol=1e-12, atol=1e-14)
+
+
+def test_v_cycle_without_smoothing_equals_two_levels_with_composed_transfers():
+    """pre_smooth = post_smooth = 0: grad h_1(R theta) = R g is known (no gradient evaluated),
+    so the 3-level V-cycle is the 2-level correction from level 0 to level 2 with R2 R1, P1 P2."""
+    hierarchy, theta = galerkin_hierarchy(levels=3, seed=12)
+    (fine, middle, coarsest), (t1, t2) = hierarchy.levels, hierarchy.transfers
+    direct = Hierarchy([fine, coarsest], [MatrixTransfer(t2.R_p @ t1.R_p, t1.P @ t2.P)])
+    config = MGOptConfig(alpha=0.05, K=4, kappa=0.0, pre_smooth=0, post_smooth=0, descent_check=False)
+    three, history, optimizer = optimize(hierarchy, theta, config, 5, seed=0)
+    two, _, direct_optimizer = optimize(direct, theta, config, 5, seed=0)
+    assert [i.kind for i in history] == ["cgc", "sgd", "cgc", "sgd", "cgc"]
+    torch.testing.assert_close(three[KEY], two[KEY], rtol=1e-12, atol=1e-13)
+    # the only extra work: the level-1 coarse gradient in v_1 (cost 0.5) per correction
+    assert optimizer.work == pytest.approx(direct_optimizer.work + 3 * middle.cost)

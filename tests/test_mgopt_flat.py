@@ -106,9 +106,11 @@ def test_copies_compile_to_a_single_gather():
     hierarchy = build_network_hierarchy(network, split(dtype=torch.float32), "depth", 2, batch=None,
                                         restriction="injection")
     transfer = hierarchy.transfers[0]
-    assert transfer.compiled and transfer._restrict.dense == [] and transfer._prolong.dense == []
+    assert transfer.compiled and transfer._restrict.mixed == [] and transfer._prolong.mixed == []
     averaged = build_network_hierarchy(network, split(dtype=torch.float32), "depth", 2, batch=None).transfers[0]
-    assert len(averaged._restrict.dense) == 1 and averaged._prolong.dense == []  # one group: the stage's roles
+    assert len(averaged._restrict.mixed) == 1 and averaged._prolong.mixed == []  # one group: the stage's roles
+    weights, sources, _ = averaged._restrict.mixed[0]
+    assert weights.shape == (4, 2) and bool((weights == 0.5).all())  # 8 -> 4 blocks, two fine blocks each
     # float32 in, float32 out, on the parameters' device
     out = averaged.restrict(hierarchy.levels[0].parameters())[FLAT]
     assert out.dtype == torch.float32 and out.shape == (hierarchy.levels[1].layout.numel,)

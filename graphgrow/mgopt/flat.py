@@ -7,9 +7,10 @@ ResNet has 514). The network sees views into the vector (:meth:`FlatLayout.views
 returns the gradient as one vector too.
 
 A :class:`FlatTransfer` turns the linear maps of a ``passes`` transfer into, per direction, one
-gather of the whole vector plus one matrix product per group of stacked blocks whose rows are
-not plain copies. Injection and constant interpolation are plain copies (each row of R or P
-holds a single one), so they become a single gather. Maps that act along a unit axis (width
+gather of the whole vector plus, per group of stacked blocks whose rows are not plain copies,
+one weighted sum over the few nonzeros of each row (R = P^T / 2 has two per row). Injection and
+constant interpolation are plain copies (each row of R or P holds a single one), so they become
+a single gather. Maps that act along a unit axis (width
 hierarchies) are applied to the views and concatenated: one copy in, one out.
 """
 from __future__ import annotations
@@ -45,23 +46,36 @@ class FlatLayout:
 
 
 class _Direction:
-    """dst = src[gather], then dst[rows_dst] = M @ src[rows_src] for each dense group."""
+    """dst = src[gather], then for each group of blocks that mixes rows,
+    dst[rows_dst[i]] = sum_k weights[i, k] src[sources[i, k]] (the nonzeros of row i of R or P)."""
 
-    def __init__(self, size: int, gather: torch.Tensor, dense: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-        self.size, self.gather, self.dense = size, gather, dense
-        # operations per application: one per element moved, 2 per multiply-add of the products
-        self.operations = size + sum(2 * m.numel() * src.shape[1] for m, src, _ in dense)
+    def __init__(self, size: int, gather: torch.Tensor, mixed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self.size, self.gather, self.mixed = size, gather, mixed
+        # operations per application: one per element moved, two per multiply-add
+        self.operations = size + sum(2 * sources.numel() for _, sources, _ in mixed)
 
     def __call__(self, src: torch.Tensor) -> torch.Tensor:
         dst = src[self.gather]
-        for matrix, rows_src, rows_dst in self.dense:
-            dst[rows_dst] = matrix @ src[rows_src]
+        for weights, sources, rows_dst in self.mixed:
+            dst[rows_dst] = (weights.unsqueeze(-1) * src[sources]).sum(1)
         return dst
 
     def to(self, device, dtype) -> "_Direction":
         self.gather = self.gather.to(device)
-        self.dense = [(m.to(device, dtype), s.to(device), d.to(device)) for m, s, d in self.dense]
+        self.mixed = [(w.to(device, dtype), s.to(device), d.to(device)) for w, s, d in self.mixed]
         return self
+
+
+def _row_nonzeros(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns and values of the nonzeros of each row, padded to the longest row with weight 0."""
+    width = int((matrix != 0).sum(1).max())
+    columns = torch.zeros(matrix.shape[0], width, dtype=torch.long)
+    weights = torch.zeros(matrix.shape[0], width, dtype=matrix.dtype)
+    for i, row in enumerate(matrix):
+        nonzero = row.nonzero().flatten()
+        columns[i, :len(nonzero)] = nonzero
+        weights[i, :len(nonzero)] = row[nonzero]
+    return columns, weights
 
 
 def _selection(matrix: torch.Tensor) -> torch.Tensor | None:
@@ -78,7 +92,7 @@ def _compile(stacks: list[StackMap], src: FlatLayout, dst: FlatLayout, restrict:
     groups: dict[tuple[int, int], list[StackMap]] = {}  # maps sharing P and R: the roles of one stage
     for stack in stacks:
         groups.setdefault((id(stack.P), id(stack.R)), []).append(stack)
-    dense = []
+    mixed = []
     for group in groups.values():
         src_names = [s.fine if restrict else s.coarse for s in group]
         dst_names = [s.coarse if restrict else s.fine for s in group]
@@ -91,13 +105,14 @@ def _compile(stacks: list[StackMap], src: FlatLayout, dst: FlatLayout, restrict:
         selected = _selection(matrix)
         if selected is not None:
             gather[rows_dst.reshape(-1)] = rows_src[selected].reshape(-1)
-        else:
-            dense.append((matrix, rows_src, rows_dst))
+        else:  # rows of a block with the roles side by side: (blocks, nonzeros, block size) sources
+            columns, weights = _row_nonzeros(matrix)
+            mixed.append((weights, rows_src[columns], rows_dst))
         covered.update(n for names in dst_names for n in names)
     for name in dst.names:  # parameters outside the maps pass unchanged
         if name not in covered:
             gather[dst.index(name)] = src.index(name)
-    return _Direction(dst.numel, gather, dense)
+    return _Direction(dst.numel, gather, mixed)
 
 
 class FlatTransfer:

@@ -16,6 +16,9 @@ of gradients R_g and prolongation P, all linear maps on parameter dicts).
 * More than two levels: the cgc problem of level l is itself solved by a V-cycle: pre-smoothing
   SGD steps on h_l, a correction from level l+1 (built from h_l's gradient, so the
   linear terms nest as in FAS), post-smoothing steps. The coarsest level takes K SGD steps.
+  Without pre-smoothing the gradient of h_l at its start is known (R_g of the finer gradient,
+  first-order coherence), so no gradient is evaluated for it: ``pre_smooth = post_smooth = 0``
+  goes straight to the coarsest level, paying only the coarse gradients of the linear terms.
 * Safeguards (Section 2.4.3, Theorem 2.39): a correction is accepted only if <g, e> < 0 (a
   descent direction for the mini-batch objective) and, optionally, alpha_cgc is halved until
   the Armijo condition holds on the same mini-batch; a rejected correction becomes an SGD step.
@@ -275,14 +278,17 @@ class MultilevelOptimizer:
         transfer = self.hierarchy.transfers[level]
         coarse = self.hierarchy.levels[level + 1]
         start = self.transfer(level, "restrict", theta)
+        known = None
         if cfg.variant == "mgopt":
-            linear, _ = correction_linear_term(transfer, coarse, grad, start, batch)
+            linear, coarse_grad = correction_linear_term(transfer, coarse, grad, start, batch)
             self.work += coarse.cost  # the coarse gradient in v; R_g is counted next
             self._count_transfer(transfer)
+            # first-order coherence: grad h(R_p theta) = G_H + v = R_g g on this batch
+            known = (batch, pd_add(coarse_grad, linear))
         else:
             linear = None
         coarse_objective = Shifted(coarse, linear, cfg.lam, start)
-        end = self.solve(level + 1, coarse_objective, start)
+        end = self.solve(level + 1, coarse_objective, start, known)
         direction = self.transfer(level, "prolong", pd_sub(end, start))
         slope = pd_dot(grad, direction)
         if cfg.descent_check and not slope < 0:
@@ -297,16 +303,22 @@ class MultilevelOptimizer:
             step *= 0.5
         return None, "backtracking", slope, step
 
-    def solve(self, level: int, objective: Shifted, start: ParamDict) -> ParamDict:
+    def solve(self, level: int, objective: Shifted, start: ParamDict, known=None) -> ParamDict:
         """Approximate minimisation of ``objective`` on ``level``: K SGD steps on the coarsest
-        level, otherwise a V-cycle (pre-smoothing, correction from below, post-smoothing)."""
+        level, otherwise a V-cycle (pre-smoothing, correction from below, post-smoothing).
+        ``known``: (batch, gradient of ``objective`` at ``start`` on it); without pre-smoothing
+        the next correction is built from it instead of a new gradient evaluation."""
         cfg = self.config
         rate = cfg.coarse_rate
         if level == len(self.hierarchy) - 1:
             return self._sgd(level, objective, start, cfg.K, rate)
         params = self._sgd(level, objective, start, cfg.pre_smooth, rate)
-        batch = self.draw(level)
-        value, grad = self._grad(level, objective, params, batch)
+        if cfg.pre_smooth == 0 and known is not None:
+            batch, grad = known
+            value = self._value(level, objective, params, batch) if cfg.backtracking else math.nan
+        else:
+            batch = self.draw(level)
+            value, grad = self._grad(level, objective, params, batch)
         corrected, _, _, _ = self.correct(level, objective, params, grad, value, batch)
         if corrected is not None:
             params = corrected

@@ -2,6 +2,8 @@
 with the ``passes`` transfers applied tensor by tensor, and their cost is in the work ledger."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -14,27 +16,11 @@ from graphgrow.mgopt.flat import FLAT
 from graphgrow.mgopt.network import build_network_hierarchy
 from graphgrow.runtime.data import Dataset
 from graphgrow.runtime.splits import Split
+from test_mgopt_network import WIDE_FNN
 
-RESNET = open("specs/resnet_ode.yaml").read()
-WIDE_FNN = """
-graphgrow: 1
-name: wide_fnn
-input: {shape: [2]}
-layers:
-  - {name: fc1, op: linear, out: 8}
-  - {name: act1, op: tanh}
-  - {name: fc2, op: linear, out: 8}
-  - {name: act2, op: tanh}
-  - {name: head, op: linear, out: 2}
-"""
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+RESNET = (Path(__file__).resolve().parent.parent / "specs" / "resnet_ode.yaml").read_text()
+# two hidden layers, so that fc2's weight is mapped along both of its axes
+WIDE_FNN = WIDE_FNN.replace("  - {name: head", "  - {name: fc2, op: linear, out: 8}\n  - {name: act2, op: tanh}\n  - {name: head")
 
 
 class NamedProblem:

@@ -31,14 +31,6 @@ layers:
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: a second intra-op thread only adds synchronisation, which on a loaded
-    2-core machine makes each backward pass many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 FIXED_HEAD_CNN = SMALL_CNN.replace("{name: pool, op: adaptive_avgpool2d, out: 2}", "{name: pool, op: maxpool2d, kernel: 2}")

@@ -4,7 +4,9 @@ networks with stochastic MG/OPT" (2021): MNIST-1D (4,000 train / 1,000 test, 40 
 batch 1000, 4 levels by depth coarsening (256 -> 128 -> 64 -> 32 blocks).
 
     pip install mnist1d==0.0.2.post1     # benchmark-only dependency, never imported by graphgrow
-    PYTHONPATH=. python benchmarks/mgopt_mnist1d.py [--epochs 6 --seeds 3]
+    PYTHONPATH=. python benchmarks/mgopt_mnist1d.py [--epochs 4 --seeds 3]
+    PYTHONPATH=. python benchmarks/mgopt_mnist1d.py --epochs 4 --seeds 2 --momentum-variants \
+        --only momentum --prefix mnist1d_momentum
 
 The data come from the ``mnist1d`` package's own generator (``make_dataset`` with its default
 arguments: 5,000 samples, 80/20 split, seed 42), run locally; nothing is downloaded. The
@@ -15,7 +17,8 @@ momentum 0.9, the anchor's MG/Opt (a V-cycle every iteration, injection restrict
 mini-batch on every level), MG/Opt with graphgrow's defaults (Algorithm 5 with a V-cycle,
 kappa 0.5, K 10, R = P^T/2, fresh batches), MG/Opt straight to the coarsest level (no
 smoothing on the intermediate levels), coarse training without the correction term, and nested
-iteration. Multilevel contenders stop after ``--epochs`` fine epochs or ``--work-factor`` times
+iteration (``--momentum-variants``: two of them with momentum on every level as well).
+Multilevel contenders stop after ``--epochs`` fine epochs or ``--work-factor`` times
 SGD's work, whichever comes first. Reports time and work to reach SGD's final training loss
 (linear interpolation between evaluations), the diagnosis (share of the blocks in the squared
 gradient norm, kappa-rule ratios ||R_g g||^2 / ||g||^2, wall time per gradient on each level,
@@ -63,7 +66,7 @@ def mnist1d_file(cache: Path) -> Path:
     return cache
 
 
-def contenders() -> dict[str, dict]:
+def contenders(momentum_variants: bool = False) -> dict[str, dict]:
     anchor = dict(levels=4, min_gap=0, kappa=0.0, restriction="injection", same_batch=True)
     return {
         "SGD": dict(levels=1),
@@ -73,7 +76,10 @@ def contenders() -> dict[str, dict]:
         "MG/Opt straight to coarsest (no smoothing, K 10)": dict(levels=4, pre_smooth=0, post_smooth=0),
         "no-correction 4-level": dict(levels=4, variant="no-correction"),
         "nested 4-level": dict(levels=4, variant="nested", nested_epochs=1),
-    }
+    } | ({
+        "straight to coarsest + momentum 0.9": dict(levels=4, pre_smooth=0, post_smooth=0, momentum=0.9),
+        "no-correction 4-level + momentum 0.9": dict(levels=4, variant="no-correction", momentum=0.9),
+    } if momentum_variants else {})
 
 
 def reach(evals: list[dict], target: float, key: str) -> float | None:
@@ -132,24 +138,31 @@ def diagnosis(graph, dataset) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work-factor", type=float, default=1.5)
     parser.add_argument("--cache", default="/tmp/graphgrow_mnist1d.npz")
+    parser.add_argument("--only", nargs="+", default=None, metavar="WORD",
+                        help="run only contenders whose name contains one of these words (SGD always runs)")
+    parser.add_argument("--momentum-variants", action="store_true",
+                        help="also MG/Opt straight to coarsest and no-correction with momentum 0.9 on every level")
+    parser.add_argument("--prefix", default="mnist1d", help="names of the files written to the report folder")
     args = parser.parse_args()
     torch.set_num_threads(1)
     REPORT.mkdir(parents=True, exist_ok=True)
     graph = graph_from_text(SPEC)
     dataset = npz(str(mnist1d_file(Path(args.cache))))
     began = time.perf_counter()
-    diagnosed = diagnosis(graph, dataset)
+    diagnosed = diagnosis(graph, dataset) if args.only is None else None
     print(json.dumps(diagnosed, indent=1), flush=True)
     sgd_work = args.epochs * 4  # 4000 / 1000 fine iterations per epoch
-    runs: dict[str, list[list[dict]]] = {name: [] for name in contenders()}
-    finals: dict[str, list[dict]] = {name: [] for name in contenders()}
-    ratios: dict[str, list[float]] = {name: [] for name in contenders()}
+    chosen = {name: settings for name, settings in contenders(args.momentum_variants).items()
+              if name == "SGD" or args.only is None or any(word in name for word in args.only)}
+    runs: dict[str, list[list[dict]]] = {name: [] for name in chosen}
+    finals: dict[str, list[dict]] = {name: [] for name in chosen}
+    ratios: dict[str, list[float]] = {name: [] for name in chosen}
     for seed in range(args.seeds):
-        for name, settings in contenders().items():
+        for name, settings in chosen.items():
             budget = None if settings["levels"] == 1 else args.work_factor * sgd_work
             result = run(graph, dataset, alpha=0.1, batch=1000, epochs=args.epochs, seed=seed, work_budget=budget,
                          **settings)
@@ -199,9 +212,10 @@ def main() -> None:
         if row["kappa_ratio_median"] is not None:
             print(f"kappa ratio ||R_g g||^2/||g||^2 {row['contender']}: median {row['kappa_ratio_median']:.6f}, "
                   f"min {row['kappa_ratio_min']:.6f}")
-    (REPORT / "mnist1d_results.json").write_text(json.dumps({"args": vars(args), "diagnosis": diagnosed,
-                                                              "total_seconds": total, "rows": rows}, indent=2) + "\n")
-    plot_medians(runs, "ResNet 256 one-weight blocks (h = 1/256), MNIST-1D, depth hierarchy x4", "mnist1d")
+    (REPORT / f"{args.prefix}_results.json").write_text(json.dumps({"args": vars(args), "diagnosis": diagnosed,
+                                                              "total_seconds": total, "rows": rows,
+                                                              "evaluations": runs}, indent=1) + "\n")
+    plot_medians(runs, "ResNet 256 one-weight blocks (h = 1/256), MNIST-1D, depth hierarchy x4", args.prefix)
 
 
 if __name__ == "__main__":

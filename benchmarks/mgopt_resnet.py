@@ -130,7 +130,7 @@ def plot_medians(runs: dict[str, list[list[dict]]], title: str, prefix: str) -> 
     for x_key, label in (("train_time", "training wall time [s]"), ("work", "work units (fine gradient evaluations)")):
         figure, axis = plt.subplots(figsize=(7.5, 4.5))
         for index, (name, seed_runs) in enumerate(runs.items()):
-            end = max(r[-1][x_key] for r in seed_runs)
+            end = max(r[-1][x_key] for r in seed_runs)  # past the shortest seed: a median of fewer seeds
             grid = np.linspace(0, end, 100)
             stacked = np.stack([np.interp(grid, [e[x_key] for e in r], [e["train_loss"] for e in r], right=np.nan)
                                 for r in seed_runs])

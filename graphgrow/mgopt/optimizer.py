@@ -325,13 +325,6 @@ class MultilevelOptimizer:
         return self._sgd(level, objective, params, cfg.post_smooth, rate)
 
 
-def restrict_to(hierarchy: Hierarchy, theta: ParamDict, level: int) -> ParamDict:
-    """R_p applied ``level`` times."""
-    for transfer in hierarchy.transfers[:level]:
-        theta = transfer.restrict(theta)
-    return theta
-
-
 def prolong_from(hierarchy: Hierarchy, theta: ParamDict, level: int, to: int = 0) -> ParamDict:
     """P applied from ``level`` up to level ``to``."""
     for transfer in reversed(hierarchy.transfers[to:level]):

@@ -46,7 +46,7 @@ class Arg:
 def _type_error(expected: str, value: Any) -> GraphgrowError:
     hint = None
     if "integer" in expected and isinstance(value, float):  # most likely `${a / b}` where `//` was meant
-        hint = "'/' in ${} gives a float; use // for integer division (${w // 2})"
+        hint = "write an integer; in ${} expressions '/' gives a float, '//' an integer (${w // 2})"
     return GraphgrowError(f"expected {expected}, got {value!r} ({type(value).__name__})", hint=hint)
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .errors import GraphgrowError
 
-# the repository's spec, found from the package (an editable install), so the demo runs from any directory
-DEMO_SPEC = Path(__file__).resolve().parent.parent / "specs" / "fnn_spiral.yaml"
+# shipped with the package (graphgrow/specs links to the repository's specs/), so the demo runs
+# from any directory after an editable or a plain install
+DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "fnn_spiral.yaml"
 
 
 def _load_network(spec: str, weights: str | None, seed: int):
@@ -164,6 +166,7 @@ def _add_training_options(parser, *, epochs: int, lr: float) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphgrow", description="Networks that change shape while they train.")
+    parser.add_argument("--version", action="version", version=f"graphgrow {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="check a spec and print its summary")

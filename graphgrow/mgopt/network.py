@@ -129,9 +129,9 @@ def build_network_hierarchy(network: Network, split: Split, kind: str, levels: i
     ``options`` go to ``passes.build_hierarchy`` (depth: interpolation, restriction; width:
     layers, groups, scaling)."""
     if kind not in HIERARCHIES:
-        raise GraphgrowError(f"unknown hierarchy '{kind}'", hint=f"use one of {', '.join(HIERARCHIES)}")
+        raise GraphgrowError(f"unknown hierarchy '{kind}'", option="hierarchy", hint=f"use one of {', '.join(HIERARCHIES)}")
     if not (isinstance(levels, int) and levels >= 1):
-        raise GraphgrowError(f"levels must be a positive integer, got {levels!r}")
+        raise GraphgrowError(f"levels must be a positive integer, got {levels!r}", option="levels")
     fine_batch = len(split) if batch is None else min(batch, len(split))
     if levels == 1:  # plain SGD on the network: nothing to build
         return Hierarchy([NetworkProblem(network, split, batch=batch, loss=loss)], [], [f"{kind}0"])

@@ -50,11 +50,11 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
                          variant=variant, pre_smooth=pre_smooth, post_smooth=post_smooth, min_gap=min_gap,
                          descent_check=descent_check, backtracking=backtracking, schedule=schedule, decay=decay)
     if not (isinstance(epochs, int) and epochs >= 0):
-        raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}")
+        raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}", option="epochs")
     dataset = load_data(data, seed)
     network = load_network(spec, seed)
     train_split, test_split = as_splits(dataset)
-    check_data_fits(network, train_split)
+    check_data_fits(network, train_split, loss, test_split)
     options = {"interpolation": interpolation} if hierarchy == "depth" else {}
     levels_built = build_network_hierarchy(network, train_split, hierarchy, levels, batch=batch, loss=loss, **options)
     per_epoch = iterations_per_epoch(len(train_split), batch)

@@ -240,7 +240,7 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
         raise GraphgrowError(f"unknown merit norm '{norm}'", hint=f"use one of {', '.join(MERIT_NORMS)}")
     start = time.perf_counter()
     train_split, _ = as_splits(data)
-    check_data_fits(network, train_split)
+    check_data_fits(network, train_split, loss)
     graph = network.graph
     plans = plan_candidates(graph)
     if not plans:

@@ -16,8 +16,9 @@ FORMATS = ("export", "torchscript")
 SUFFIX = {"export": ".pt2", "torchscript": ".pt"}
 # Nodes an exporter is asked to handle at most. Measured on a chain of relu nodes (2 loaded CPU
 # cores, torch 2.13): torch.export takes ~40 s for 1,000 nodes and ~75 s for 3,000, and minutes
-# beyond; torch.jit.script takes ~40 s for 10,000 nodes and crashed the interpreter (SIGSEGV)
-# at 50,000. A deeper network is refused before the exporter starts.
+# beyond; torch.jit.script takes ~40 s for 10,000 nodes, ~230 s for 20,000, and at 50,000 ran
+# past 400 s here and crashed the interpreter (SIGSEGV) in the report of issue 12. A deeper
+# network is refused before the exporter starts; save() writes YAML + weights at any depth.
 MAX_EXPORT_NODES = {"export": 10_000, "torchscript": 10_000}
 
 

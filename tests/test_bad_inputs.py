@@ -19,6 +19,7 @@ from graphgrow.runtime.runlog import RunDirectoryTaken, RunLog
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY = "graphgrow: 1\nname: tiny\ninput: {shape: [2]}\nlayers:\n  - {name: fc, op: linear, out: 2}\n"
+TINY_SPEC = str(ROOT / "specs" / "fnn_spiral.yaml")
 
 
 def alias_bomb() -> str:
@@ -198,3 +199,38 @@ def test_help_shows_defaults_and_the_mnist_split(capsys):
     assert "(default: 100)" in text and "(default: 0.1)" in text and "(default: sgd)" in text
     assert "8,000 train / 2,000 test" in text
     assert "when neither this nor --insert-at is given: every epochs // (max-" in text  # argparse wraps at '-' 
+
+
+def test_python_api_errors_name_the_argument(tmp_path):
+    from graphgrow import GraphgrowError
+    from graphgrow.sensli import grow
+    with pytest.raises(GraphgrowError) as caught:
+        grow(TINY_SPEC, "spiral", insert_at=[5], epochs=5, out=tmp_path / "run")
+    assert caught.value.option == "insert_at" and str(caught.value).startswith("insert_at: error:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_repeat_blocks_count_the_values_they_copy():
+    """A repeat of a layer with a long argument expands past MAX_VALUES even though the layer
+    count stays under MAX_EXPANSION: refused at the repeated layer, before the copies pile up."""
+    from graphgrow import GraphgrowError, graph_from_text
+    from graphgrow.spec import MAX_EXPANSION, MAX_VALUES
+    count = MAX_VALUES // 1000 + 1
+    assert count < MAX_EXPANSION
+    text = (TINY + f"  - repeat: {count}\n    layers:\n"
+            f"      - {{name: c${{i}}, op: linear, out: 2, extra: [{', '.join(['1'] * 1000)}]}}\n")
+    with pytest.raises(GraphgrowError, match="expands to more than") as caught:
+        graph_from_text(text, "rep.yaml")
+    assert (caught.value.file, caught.value.line) == ("rep.yaml", 8)
+
+
+def test_regression_targets_must_match_the_output_size():
+    from types import SimpleNamespace
+
+    from graphgrow import GraphgrowError, Network, graph_from_text
+    from graphgrow.runtime.splits import as_splits, check_data_fits
+    network = Network.build(graph_from_text(TINY))
+    data = SimpleNamespace(x_train=torch.zeros(3, 2), y_train=torch.zeros(3, 5))
+    with pytest.raises(GraphgrowError, match=r"y_train has shape \[5\] per sample"):
+        check_data_fits(network, as_splits(data)[0], "mse")
+    check_data_fits(network, as_splits(SimpleNamespace(x_train=torch.zeros(3, 2), y_train=torch.zeros(3, 2)))[0], "mse")

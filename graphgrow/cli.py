@@ -153,12 +153,13 @@ def cmd_mgopt(opts) -> None:
 def cmd_demo(opts) -> None:
     """SensLI on the spiral data (thesis 4.5.1): FNN 2-5-2, full-batch SGD lr 0.2, one layer
     inserted at epoch 450 where the sensitivities say, 1400 more epochs."""
+    import itertools
     import time
     from .runtime.runlog import RunDirectoryTaken
     from .sensli import grow
     default = time.strftime("runs/demo-%Y%m%d-%H%M%S")
     print(f"SensLI demo: {opts.spec} on the spiral data; insertion at epoch {opts.insert_at} of {opts.epochs}")
-    for attempt in range(1, 100):
+    for attempt in itertools.count(1):
         # the run directory is created exclusively: a demo started in the same second takes the next name
         out = opts.out or (default if attempt == 1 else f"{default}-{attempt}")
         try:

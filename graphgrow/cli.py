@@ -109,15 +109,19 @@ def cmd_grow(opts) -> None:
 
 def cmd_sensitivities(opts) -> None:
     from .compiler.io import load_network, weights_path
+    from .ir import load_graph
     from .runtime.data import load_data
     from .sensli import sensitivities
-    if opts.weights is None and not opts.random_weights and not weights_path(opts.spec).exists():
+    if opts.random_weights:  # a fresh initialisation from --seed, even when weights lie beside the spec
+        if opts.weights is not None:
+            raise GraphgrowError("give --weights or --random-weights, not both", option="random_weights")
+        network = load_network(load_graph(opts.spec), opts.seed)
+    elif opts.weights is None and not weights_path(opts.spec).exists():
         raise GraphgrowError(f"no weights: {weights_path(opts.spec)} does not exist", option="weights",
                              hint="pass --weights W (trained weights), or --random-weights to score a freshly "
                                   "initialised network on purpose")
-    if opts.weights is not None and opts.random_weights:
-        raise GraphgrowError("give --weights or --random-weights, not both", option="random_weights")
-    network = load_network(opts.spec, opts.seed, opts.weights)
+    else:
+        network = load_network(opts.spec, opts.seed, opts.weights)
     report = sensitivities(network, load_data(opts.data, opts.seed), norm=opts.norm, loss=opts.loss,
                            sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json)
     if opts.json:

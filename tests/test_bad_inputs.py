@@ -234,3 +234,10 @@ def test_regression_targets_must_match_the_output_size():
     with pytest.raises(GraphgrowError, match=r"y_train has shape \[5\] per sample"):
         check_data_fits(network, as_splits(data)[0], "mse")
     check_data_fits(network, as_splits(SimpleNamespace(x_train=torch.zeros(3, 2), y_train=torch.zeros(3, 2)))[0], "mse")
+
+
+def test_sensitivities_with_random_weights_scores_a_fresh_network(capsys):
+    from graphgrow.cli import main
+    assert main(["sensitivities", TINY_SPEC, "--random-weights", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["candidates"] and all(c["merit"] >= 0 for c in report["candidates"])

@@ -1,8 +1,8 @@
 """Every bad input is one clear error: through the command line, each case below prints one
 line naming the file or option, exits with status 2, shows no traceback and leaves nothing
 behind (no run directory, no artifact). The cases run in one fresh interpreter (the CLI's
-``main`` per case, as ``python -m graphgrow`` calls it), so the table stays fast; two of them
-also go through ``python -m graphgrow`` itself."""
+``main`` per case, as ``python -m graphgrow`` calls it), so the table stays fast;
+tests/test_cli.py runs a spec error through ``python -m graphgrow`` itself."""
 import json
 import os
 import subprocess
@@ -160,15 +160,6 @@ def test_bad_input_is_one_line_and_status_2(outcomes, case, argv, start, phrase)
 
 def test_bad_inputs_leave_nothing_behind(outcomes):
     assert outcomes["after"] == outcomes["before"]
-
-
-def test_the_real_command_line(outcomes):
-    """One case through ``python -m graphgrow`` itself (tests/test_cli.py does a spec error)."""
-    argv = [fill(a, {"d": outcomes["d"]}) for a in GROW + ["--max-insertions", "-1"]]
-    done = subprocess.run([sys.executable, "-m", "graphgrow", *argv], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
-    assert done.returncode == 2 and done.stdout == ""
-    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("--max-insertions: error:")
 
 
 def test_a_run_directory_is_created_exclusively(tmp_path):

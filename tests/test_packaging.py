@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import graphgrow
 from graphgrow.cli import DEMO_SPEC
 
@@ -42,7 +44,8 @@ def test_the_packaged_specs_are_the_repository_specs():
     assert DEMO_SPEC.is_file()
 
 
-def test_version_option():
-    result = subprocess.run([sys.executable, "-m", "graphgrow", "--version"], capture_output=True, text=True,
-                            cwd=ROOT)
-    assert result.returncode == 0 and result.stdout.strip() == f"graphgrow {graphgrow.__version__}"
+def test_version_option(capsys):
+    from graphgrow.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"graphgrow {graphgrow.__version__}"

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .errors import GraphgrowError
 
-# the repository's spec, found from the package (an editable install), so the demo runs from any directory
-DEMO_SPEC = Path(__file__).resolve().parent.parent / "specs" / "fnn_spiral.yaml"
+# shipped with the package (graphgrow/specs links to the repository's specs/), so the demo runs
+# from any directory after an editable or a plain install
+DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "fnn_spiral.yaml"
 
 
 def _load_network(spec: str, weights: str | None, seed: int):
@@ -56,7 +58,10 @@ def cmd_show(opts) -> None:
 def compile_and_export(spec: str, out: Path, fmt: str, seed: int, weights: str | None = None) -> float:
     """Compile a spec, export it, reload the artifact and return its max abs difference to the
     eager module on a probe batch."""
-    from .compiler.export import example_input, export, load_exported
+    from .compiler.export import check_exportable, check_target, example_input, export, load_exported
+    from .ir import load_graph
+    check_target(out, fmt)
+    check_exportable(load_graph(spec), fmt)  # before anything is built: a spec too deep fails fast
     network = _load_network(spec, weights, seed)
     network.module.eval()
     path = export(network.module, network.graph, out, fmt)
@@ -116,10 +121,20 @@ def cmd_grow(opts) -> None:
 
 
 def cmd_sensitivities(opts) -> None:
-    from .compiler.io import load_network
+    from .compiler.io import load_network, weights_path
+    from .ir import load_graph
     from .runtime.data import load_data
     from .sensli import sensitivities
-    network = load_network(opts.spec, opts.seed, opts.weights)
+    if opts.random_weights:  # a fresh initialisation from --seed, even when weights lie beside the spec
+        if opts.weights is not None:
+            raise GraphgrowError("give --weights or --random-weights, not both", option="random_weights")
+        network = load_network(load_graph(opts.spec), opts.seed)
+    elif opts.weights is None and not weights_path(opts.spec).exists():
+        raise GraphgrowError(f"no weights: {weights_path(opts.spec)} does not exist", option="weights",
+                             hint="pass --weights W (trained weights), or --random-weights to score a freshly "
+                                  "initialised network on purpose")
+    else:
+        network = load_network(opts.spec, opts.seed, opts.weights)
     report = sensitivities(network, load_data(opts.data, opts.seed), norm=opts.norm, loss=opts.loss,
                            sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json)
     if opts.json:
@@ -168,17 +183,31 @@ def cmd_mgopt(opts) -> None:
 def cmd_demo(opts) -> None:
     """SensLI on the spiral data (thesis 4.5.1): FNN 2-5-2, full-batch SGD lr 0.2, one layer
     inserted at epoch 450 where the sensitivities say, 1400 more epochs."""
+    import itertools
     import time
+    from .runtime.runlog import RunDirectoryTaken
     from .sensli import grow
-    opts.out = opts.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    default = time.strftime("runs/demo-%Y%m%d-%H%M%S")
     print(f"SensLI demo: {opts.spec} on the spiral data; insertion at epoch {opts.insert_at} of {opts.epochs}")
-    result = grow(opts.spec, "spiral", strategy="sensli", insert_at=[opts.insert_at], max_insertions=1,
-                  epochs=opts.epochs, lr=0.2, out=opts.out, seed=opts.seed, progress=True, log_steps=False)
+    for attempt in itertools.count(1):
+        # the run directory is created exclusively: a demo started in the same second takes the next name
+        out = opts.out or (default if attempt == 1 else f"{default}-{attempt}")
+        try:
+            result = grow(opts.spec, "spiral", strategy="sensli", insert_at=[opts.insert_at], max_insertions=1,
+                          epochs=opts.epochs, lr=0.2, out=out, seed=opts.seed, progress=True, log_steps=False)
+            break
+        except RunDirectoryTaken:
+            if opts.out:
+                raise
     _print_growth(result)
 
 
+DATA_HELP = ("spiral, mnist:DIR (IDX files; with only the 10k t10k-* test files it is split 8,000 train / "
+             "2,000 test by --seed) or npz:FILE (x_train, y_train, x_test, y_test)")
+
+
 def _add_training_options(parser, *, epochs: int, lr: float, batch: int | None = None) -> None:
-    parser.add_argument("--data", default="spiral", help="spiral, mnist:DIR or npz:FILE (default spiral)")
+    parser.add_argument("--data", default="spiral", help=DATA_HELP)
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--lr", type=float, default=lr, help="learning rate")
     parser.add_argument("--batch", type=int, default=batch,
@@ -190,8 +219,28 @@ def _add_training_options(parser, *, epochs: int, lr: float, batch: int | None =
     parser.add_argument("--no-export", action="store_true", help="with --out: skip the torch.export artifact")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr and exit status 2, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (hint: {self.prog} --help)\n")
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append '(default: X)' to the help of every option of every subcommand that has a default
+    its help does not already state."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+        elif (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+              and "default" not in (action.help or "")):
+            action.help = f"{action.help or ''} (default: {action.default})".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphgrow", description="Networks that change shape while they train.")
+    parser = _Parser(prog="graphgrow", description="Networks that change shape while they train.")
+    parser.add_argument("--version", action="version", version=f"graphgrow {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="check a spec and print its summary")
@@ -218,9 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("spec")
     _add_training_options(grow, epochs=100, lr=0.1)
     grow.add_argument("--strategy", default="sensli", help="sensli, random, min (LIother) or none")
-    grow.add_argument("--insert-every", type=int, default=None, metavar="N", help="try an insertion every N epochs")
-    grow.add_argument("--insert-at", type=int, nargs="+", default=None, metavar="EPOCH", help="try at these epochs")
-    grow.add_argument("--max-insertions", type=int, default=1, metavar="K")
+    grow.add_argument("--insert-every", type=int, default=None, metavar="N",
+                      help="try an insertion every N epochs (default, when neither this nor --insert-at is given: "
+                           "every epochs // (max-insertions + 1) epochs)")
+    grow.add_argument("--insert-at", type=int, nargs="+", default=None, metavar="EPOCH",
+                      help="try at the end of these epochs (1 .. epochs-1); not with --insert-every")
+    grow.add_argument("--max-insertions", type=int, default=1, metavar="K", help="layers (or widening steps) at most")
     grow.add_argument("--per-step", type=int, default=1, help="layers inserted at once when several pass")
     grow.add_argument("--tau", type=float, default=None, help="threshold (4.18), >= 1; default: always insert")
     grow.add_argument("--norm", default="fro", help="merit norm (fro; conv kernels also B.1a-e names)")
@@ -235,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sens = commands.add_parser("sensitivities", help="merits of every candidate layer of a network")
     sens.add_argument("spec")
-    sens.add_argument("--weights", default=None, help="trained weights (.pt); default: beside the spec")
-    sens.add_argument("--data", default="spiral", help="spiral, mnist:DIR or npz:FILE")
+    sens.add_argument("--weights", default=None, help="trained weights (.pt); default: the .pt beside the spec")
+    sens.add_argument("--random-weights", action="store_true",
+                      help="score a freshly initialised network (from --seed) when no weights exist")
+    sens.add_argument("--data", default="spiral", help=DATA_HELP)
     sens.add_argument("--norm", default="fro")
     sens.add_argument("--all-norms", action="store_true", help="also the conv kernel norms B.1a-e")
     sens.add_argument("--loss", default="cross_entropy", help="cross_entropy or mse")
@@ -286,7 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=1850)
     demo.add_argument("--insert-at", type=int, default=450, metavar="EPOCH")
     demo.set_defaults(run=cmd_demo)
+    _show_defaults(parser)
     return parser
+
+
+#: Python API argument names whose command-line option is spelt differently, per command
+_OPTION_NAMES = {"mgopt": {"alpha": "lr"}}
+
+
+def cli_message(err: GraphgrowError, command: str) -> str:
+    """The error's one line, with the Python argument it names shown as the command's option
+    (``insert_at`` -> ``--insert-at``) and 'graphgrow' where nothing more precise is known."""
+    if err.option and not err.option.startswith("-"):
+        err.option = "--" + _OPTION_NAMES.get(command, {}).get(err.option, err.option).replace("_", "-")
+    if err.file is None and err.option is None:
+        err.option = f"graphgrow {command}"
+    return err.format()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts.run(opts)
     except GraphgrowError as err:
-        print(err.format(), file=sys.stderr)
+        print(cli_message(err, opts.command), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,6 +23,10 @@ FORMAT_VERSION = 1
 MAX_REPEAT = 100_000
 # nested repeats multiply; this bounds the whole expansion (each layer and each repeat step counts)
 MAX_EXPANSION = 2 * MAX_REPEAT
+# YAML aliases share one value among many places and repeat blocks copy their layers, so a
+# small file can stand for a huge one (an "alias bomb"); this bounds the values (scalars,
+# lists, mappings) the spec stands for, counted with every alias and repeat expanded
+MAX_VALUES = 2_000_000
 # YAML forbids '{' and '}' in plain scalars inside flow mappings, yet `{out: ${width}}` is the
 # natural way to write a layer. Before parsing, the braces of each template are swapped for two
 # private-use characters (same length, so reported columns stay right) that TEMPLATE matches.
@@ -68,6 +72,17 @@ class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
             raise _loc(self, node.start_mark).error(
                 f"cannot read this value as {node.tag.rsplit(':', 1)[-1]}: {str(err)[:80]}",
                 hint="remove the explicit tag (!!...)") from None
+
+
+def is_identifier(text: Any) -> bool:
+    """The one rule for names in a spec (nodes, the network, variables, repeat indices): ASCII
+    identifiers. Python normalises non-ASCII identifiers (NFKC: fullwidth 'ＡＢ' is 'AB'), so two
+    names that differ in a spec could become one attribute of the compiled module, and
+    TorchScript rejects non-ASCII names."""
+    return isinstance(text, str) and text.isascii() and text.isidentifier()
+
+
+IDENTIFIER_HINT = "names are ASCII identifiers: letters a-z, A-Z, digits and _, not starting with a digit"
 
 
 def _loc(loader, mark) -> Loc:
@@ -136,7 +151,9 @@ def parse_yaml(text: str, file: str | None = None) -> Any:
         # the reader checks the characters already in the constructor (ReaderError)
         loader = _SpecLoader(_SOURCE_TEMPLATE.sub(lambda m: f"${_OPEN}{m.group(1)}{_CLOSE}", text))
         loader.spec_file = file
-        return loader.get_single_data()
+        document = loader.get_single_data()
+        check_expanded_size(document, Loc(file, 1, 1))
+        return document
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         loc = Loc(file, mark.line + 1, mark.column + 1) if mark else Loc(file)
@@ -154,6 +171,34 @@ def parse_yaml(text: str, file: str | None = None) -> Any:
             gc.enable()
         if loader is not None:
             loader.dispose()
+
+
+def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
+    """Values ``value`` stands for with aliases expanded; ``sizes`` memoises shared values, so
+    this takes time linear in the YAML text, not in the expansion."""
+    key = id(value)
+    if key not in sizes:
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        sizes[key] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[key]
+
+
+def check_expanded_size(value: Any, loc: Loc, budget: int = MAX_VALUES, sizes: dict | None = None) -> int:
+    """The expanded size of ``value``; an error at the innermost value that alone exceeds
+    ``budget`` when the whole does."""
+    sizes = {} if sizes is None else sizes
+    size = _expanded_size(value, sizes)
+    if size <= budget:
+        return size
+    while True:  # descend to the value that is too large, to point at it
+        items = (list(zip(value.values(), (value.value_locs.get(k, loc) for k in value))) if isinstance(value, LocMap)
+                 else list(zip(value, value.item_locs)) if isinstance(value, LocList) else [])
+        larger = next(((child, child_loc) for child, child_loc in items if sizes[id(child)] > budget), None)
+        if larger is None:
+            break
+        value, loc = larger
+    raise loc.error(f"this value expands to {sizes[id(value)]:,} values, more than the {budget:,} a spec may hold",
+                    hint="YAML aliases (*name) and repeat blocks multiply what they copy; write the value out")
 
 
 # -- ${} expressions --------------------------------------------------------------------------
@@ -284,16 +329,21 @@ def _shape(value, loc: Loc) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _spend(budget: list[int], loc: Loc) -> None:
+def _spend(budget: list[int], loc: Loc, values: int = 1) -> None:
+    """``budget`` holds the layers and repeat steps left and the values left (MAX_VALUES)."""
     budget[0] -= 1
+    budget[1] -= values
     if budget[0] < 0:
         raise loc.error(f"the spec expands to more than {MAX_EXPANSION} layers and repeat steps",
                         hint="nested repeat counts multiply; lower them")
+    if budget[1] < 0:
+        raise loc.error(f"the spec expands to more than {MAX_VALUES:,} values",
+                        hint="repeat blocks copy their layers; lower the repeat counts or the layers' arguments")
 
 
 def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
             budget: list[int] | None = None) -> None:
-    budget = [MAX_EXPANSION] if budget is None else budget  # shared by the nested calls
+    budget = [MAX_EXPANSION, MAX_VALUES] if budget is None else budget  # shared by the nested calls
     if not isinstance(items, LocList):
         raise loc.error("layers must be a list")
     for item, item_loc in zip(items, items.item_locs):
@@ -311,9 +361,9 @@ def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
             if count > MAX_REPEAT:
                 raise count_loc.error(f"repeat count {count} exceeds {MAX_REPEAT}")
             index = item.get("index", "i")
-            if not isinstance(index, str) or not index.isidentifier():
+            if not is_identifier(index):
                 raise item.value_locs.get("index", item.loc).error(
-                    f"repeat index must be an identifier, got {index!r}")
+                    f"repeat index must be an identifier, got {index!r}", hint=IDENTIFIER_HINT)
             if "layers" not in item:
                 raise item.loc.error("repeat block needs 'layers'")
             if depth > 20:
@@ -322,7 +372,7 @@ def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
                 _spend(budget, count_loc)
                 _expand(item["layers"], {**env, index: k}, item.value_locs["layers"], out, depth + 1, budget)
         else:
-            _spend(budget, item_loc)
+            _spend(budget, item_loc, _expanded_size(item, {}))
             try:
                 fields = substitute(item, env, item_loc)
             except GraphgrowError as err:  # name the layer when its name is written literally
@@ -347,16 +397,16 @@ def read_spec(text: str, file: str | None = None) -> SpecDocument:
         if key not in doc:
             raise doc.loc.error(f"missing '{key}'")
     name = doc["name"]
-    if not isinstance(name, str) or not name.isidentifier():
-        raise doc.value_locs["name"].error(f"spec name must be an identifier, got {name!r}")
+    if not is_identifier(name):
+        raise doc.value_locs["name"].error(f"spec name must be an identifier, got {name!r}", hint=IDENTIFIER_HINT)
 
     env: dict[str, Any] = {}
     if "vars" in doc:
         variables = _expect_map(doc["vars"], doc.value_locs["vars"], "vars")
         for key, value in variables.items():
             value_loc = variables.value_locs[key]
-            if not key.isidentifier():
-                raise value_loc.error(f"variable name must be an identifier, got {key!r}")
+            if not is_identifier(key):
+                raise value_loc.error(f"variable name must be an identifier, got {key!r}", hint=IDENTIFIER_HINT)
             value = substitute(value, env, value_loc)
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise value_loc.error(f"variable '{key}' must be a number or string, got {value!r}")

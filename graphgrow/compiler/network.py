@@ -6,6 +6,7 @@ Parameters are named ``<node>.<role>``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,24 @@ def _load(graph: LayerGraph, root: nn.Module, state: dict[str, torch.Tensor]) ->
         root.get_submodule(node).load_state_dict(entries)
 
 
+def _too_large(graph: LayerGraph, dtype, why: str) -> GraphgrowError:
+    size = graph.num_params() * torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    return GraphgrowError(f"network '{graph.name}' is too large: {graph.num_params():,} parameters "
+                          f"({size / 2**30:,.1f} GiB); {why}", file=graph.source,
+                          hint="lower the layer widths or the input size")
+
+
+def check_fits_in_memory(graph: LayerGraph, dtype: torch.dtype | None = None) -> None:
+    """Refuse, before allocating anything, a network whose parameters alone exceed this
+    machine's physical memory (the allocation would fail or, with overcommit, swap and be killed)."""
+    if not hasattr(os, "sysconf") or "SC_PHYS_PAGES" not in os.sysconf_names:
+        return
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    element = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    if graph.num_params() * element > memory:
+        raise _too_large(graph, dtype, f"this machine has {memory / 2**30:,.1f} GiB of memory")
+
+
 def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
                   seed: int = 0, dtype: torch.dtype | None = None,
                   modules: dict[str, nn.Module] | None = None,
@@ -85,7 +104,13 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     function and state dict), for tools that only understand modules, e.g. BackPACK's
     ``extend(..., use_converter=True)``."""
     given = modules or {}
-    fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
+    check_fits_in_memory(graph, dtype)
+    try:
+        fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
+    except (MemoryError, RuntimeError) as err:  # torch reports a failed allocation as a RuntimeError
+        if isinstance(err, RuntimeError) and "allocate" not in str(err):
+            raise
+        raise _too_large(graph, dtype, "memory ran out while allocating them") from None
     root = nn.Module()
     for name, module in fresh.items():
         root.add_module(name, module)

@@ -117,7 +117,7 @@ def resolution_network(network: Network, factor: int) -> Network:
     graph = network.graph
     shape = tuple(graph.input_shape)
     if len(shape) != 3 or shape[1] % factor or shape[2] % factor:
-        raise GraphgrowError(f"resolution hierarchy: input shape {list(shape)} cannot be max-pooled by {factor}",
+        raise GraphgrowError(f"resolution hierarchy: input shape {list(shape)} cannot be max-pooled by {factor}", option="levels",
                              file=graph.source, hint="it needs image inputs (C, H, W) with H and W divisible "
                                                       "by 2**(levels-1); use fewer levels")
     coarse = copy.deepcopy(graph)
@@ -144,9 +144,9 @@ def build_network_hierarchy(network: Network, split: Split, kind: str, levels: i
     ``options`` go to ``passes.build_hierarchy`` (depth: interpolation, restriction; width:
     layers, groups, scaling)."""
     if kind not in HIERARCHIES:
-        raise GraphgrowError(f"unknown hierarchy '{kind}'", hint=f"use one of {', '.join(HIERARCHIES)}")
+        raise GraphgrowError(f"unknown hierarchy '{kind}'", option="hierarchy", hint=f"use one of {', '.join(HIERARCHIES)}")
     if not (isinstance(levels, int) and levels >= 1):
-        raise GraphgrowError(f"levels must be a positive integer, got {levels!r}")
+        raise GraphgrowError(f"levels must be a positive integer, got {levels!r}", option="levels")
     fine_batch = len(split) if batch is None else min(batch, len(split))
     if levels == 1:  # plain SGD on the network: nothing to build
         return Hierarchy([NetworkProblem(network, split, batch=batch, loss=loss)], [], [f"{kind}0"])
@@ -168,7 +168,7 @@ def build_network_hierarchy(network: Network, split: Split, kind: str, levels: i
     if kind == "batch":
         sizes = [max(fine_batch // 2 ** l, 1) for l in range(levels)]
         if levels > 1 and sizes[-1] == sizes[-2]:
-            raise GraphgrowError(f"batch hierarchy: batch {fine_batch} cannot be halved {levels - 1} times",
+            raise GraphgrowError(f"batch hierarchy: batch {fine_batch} cannot be halved {levels - 1} times", option="batch",
                                  hint="use a larger --batch or fewer --levels")
         costs = _relative_costs([1] * levels, sizes)
         problems = [NetworkProblem(network, split, batch=s, loss=loss, cost=c) for s, c in zip(sizes, costs)]

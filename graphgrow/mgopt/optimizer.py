@@ -98,33 +98,33 @@ class MGOptConfig:
         self.check()
 
     def check(self) -> None:
-        def bad(message, hint=None):
-            raise GraphgrowError(f"mgopt setting: {message}", hint=hint)
+        def bad(option, message, hint=None):
+            raise GraphgrowError(f"mgopt setting: {message}", option=option, hint=hint)
         if self.variant not in VARIANTS:
-            bad(f"unknown variant '{self.variant}'", f"use one of {', '.join(VARIANTS)}")
+            bad("variant", f"unknown variant '{self.variant}'", f"use one of {', '.join(VARIANTS)}")
         if self.schedule not in SCHEDULES:
-            bad(f"unknown step-size schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
+            bad("schedule", f"unknown step-size schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         for name in ("alpha", "alpha_cgc", "decay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                bad(f"{name} must be a positive number, got {value!r}")
+                bad(name, f"{name} must be a positive number, got {value!r}")
         if self.alpha_bar is not None and not self.alpha_bar > 0:
-            bad(f"alpha_bar must be positive, got {self.alpha_bar!r}")
+            bad("alpha_bar", f"alpha_bar must be positive, got {self.alpha_bar!r}")
         if not 0 <= self.kappa < 1:
-            bad(f"kappa must lie in [0, 1), got {self.kappa!r}",
+            bad("kappa", f"kappa must lie in [0, 1), got {self.kappa!r}",
                 "the rule ||R_g g||^2 > kappa ||g||^2 compares a restricted gradient with the full one")
         if not (isinstance(self.K, int) and self.K >= 1):
-            bad(f"K must be a positive integer, got {self.K!r}")
+            bad("K", f"K must be a positive integer, got {self.K!r}")
         if self.lam < 0:
-            bad(f"lam must not be negative, got {self.lam!r}")
+            bad("lam", f"lam must not be negative, got {self.lam!r}")
         for name in ("pre_smooth", "post_smooth", "backtracking"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                bad(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+                bad(name, f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if not (isinstance(self.min_gap, int) and self.min_gap >= 0):
-            bad(f"min_gap must be a non-negative integer, got {self.min_gap!r}",
+            bad("min_gap", f"min_gap must be a non-negative integer, got {self.min_gap!r}",
                 "1 is Algorithm 5 (no corrections in consecutive iterations), 0 a V-cycle every iteration")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            bad(f"momentum must lie in [0, 1), got {self.momentum!r}")
+            bad("momentum", f"momentum must lie in [0, 1), got {self.momentum!r}")
 
     @property
     def coarse_rate(self) -> float:

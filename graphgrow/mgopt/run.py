@@ -57,17 +57,18 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
                          backtracking=backtracking, schedule=schedule, decay=decay)
     if same_batch and hierarchy == "batch":
         raise GraphgrowError("same_batch contradicts the batch hierarchy (its levels differ only in batch size)",
-                             hint="use another hierarchy, or leave same_batch off")
+                             hint="use another hierarchy, or leave same_batch off", option="same_batch")
     if not (isinstance(epochs, int) and epochs >= 0):
-        raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}")
+        raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}", option="epochs")
     dataset = load_data(data, seed)
     network = load_network(spec, seed)
     train_split, test_split = as_splits(dataset)
-    check_data_fits(network, train_split)
+    check_data_fits(network, train_split, loss, test_split)
     options = {"interpolation": interpolation, "restriction": restriction} if hierarchy == "depth" else {}
     if hierarchy != "depth" and (interpolation, restriction) != ("constant", "half-transpose"):
         raise GraphgrowError(f"interpolation and restriction choose the depth transfers; hierarchy '{hierarchy}' "
-                             "has its own", hint="leave them at their defaults or use hierarchy depth")
+                             "has its own", hint="leave them at their defaults or use hierarchy depth",
+                             option="restriction")
     levels_built = build_network_hierarchy(network, train_split, hierarchy, levels, batch=batch, loss=loss, **options)
     per_epoch = iterations_per_epoch(len(train_split), batch)
     if not (isinstance(evals_per_epoch, int) and evals_per_epoch >= 1 and isinstance(eval_every, int) and eval_every >= 1):
@@ -165,12 +166,13 @@ def nested_iterations(epochs: int | Sequence[int], levels: int, per_epoch: int) 
     coarse level or as a list, coarsest level first (the order they run in)."""
     counts = [epochs] if isinstance(epochs, int) else list(epochs)
     if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
-        raise GraphgrowError(f"nested_epochs must be non-negative integers, got {epochs!r}")
+        raise GraphgrowError(f"nested_epochs must be non-negative integers, got {epochs!r}", option="nested_epochs")
     if len(counts) == 1:
         return counts[0] * per_epoch
     if len(counts) != levels - 1:
         raise GraphgrowError(f"nested_epochs has {len(counts)} counts for {levels - 1} coarse levels",
-                             hint="give one count for all coarse levels or one per coarse level, coarsest first")
+                             hint="give one count for all coarse levels or one per coarse level, coarsest first",
+                             option="nested_epochs")
     return [c * per_epoch for c in reversed(counts)]
 
 

@@ -58,29 +58,31 @@ class TrainConfig:
         self.check()
 
     def check(self) -> None:
-        def bad(message, hint=None):
-            raise GraphgrowError(f"training setting: {message}", hint=hint)
+        def bad(option, message, hint=None):
+            raise GraphgrowError(f"training setting: {message}", option=option, hint=hint)
         if self.loss not in LOSSES:
-            bad(f"unknown loss '{self.loss}'", f"use one of {', '.join(LOSSES)}")
+            bad("loss", f"unknown loss '{self.loss}'", f"use one of {', '.join(LOSSES)}")
         misfit = optimizer_kind(self.optimizer).misfit(self)
         if misfit:
-            bad(*misfit)
+            bad("optimizer", *misfit)
         if self.schedule not in SCHEDULES:
-            bad(f"unknown LR schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
+            bad("schedule", f"unknown LR schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         if not (isinstance(self.epochs, int) and self.epochs >= 0):
-            bad(f"epochs must be a non-negative integer, got {self.epochs!r}")
+            bad("epochs", f"epochs must be a non-negative integer, got {self.epochs!r}")
         if self.iterations is not None and not (isinstance(self.iterations, int) and self.iterations >= 0):
-            bad(f"iterations must be a non-negative integer, got {self.iterations!r}")
+            bad("iterations", f"iterations must be a non-negative integer, got {self.iterations!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad(f"lr must be positive, got {self.lr!r}")
+            bad("lr", f"lr must be positive, got {self.lr!r}")
         if self.batch is not None and not (isinstance(self.batch, int) and self.batch >= 1):
-            bad(f"batch must be a positive integer or None (full batch), got {self.batch!r}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            bad("momentum and weight decay must not be negative")
+            bad("batch", f"batch must be a positive integer or None (full batch), got {self.batch!r}")
+        if not (self.momentum >= 0 and math.isfinite(self.momentum)):
+            bad("momentum", f"momentum must be a non-negative number, got {self.momentum!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad("weight_decay", f"weight decay must be a non-negative number, got {self.weight_decay!r}")
         if not (self.damping >= 0 and math.isfinite(self.damping)):
-            bad(f"damping must be a non-negative number, got {self.damping!r}")
+            bad("damping", f"damping must be a non-negative number, got {self.damping!r}")
         if self.eval_every < 1:
-            bad(f"eval_every must be at least 1, got {self.eval_every}")
+            bad("eval_every", f"eval_every must be at least 1, got {self.eval_every}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +128,7 @@ class Trainer:
         self.config = config or TrainConfig()
         self.network = network
         self.train_split, self.test_split = as_splits(data)
-        check_data_fits(network, self.train_split)
+        check_data_fits(network, self.train_split, self.config.loss, self.test_split)
         self.log = log if log is not None else RunLog()
         self.hooks = list(hooks)
         self.loss = loss_fn(self.config.loss)

@@ -12,12 +12,47 @@ from ..errors import GraphgrowError
 from ..runtime.data import load_data
 from ..runtime.flops import CostLedger
 from ..runtime.runlog import RunLog
-from ..runtime.splits import Split, evaluate
+from ..runtime.splits import Split, as_splits, check_data_fits, evaluate
 from ..runtime.train import TrainConfig, Trainer
 from .sensitivity import STRATEGIES, insert_candidates, select, sensitivities
 from .widening import widen_best
 
 # -- when: the growth hook (Algorithm 6) ----------------------------------------------------------
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_schedule(*, strategy: str, insert_at, insert_every, max_insertions, tau, per_step, widen,
+                   epochs: int | None = None) -> None:
+    """Every growth option a user can get wrong, each error naming its option; with ``epochs``,
+    also that the insertion epochs fall inside the run (tries happen at the end of epochs
+    1 .. epochs-1)."""
+    if strategy not in STRATEGIES:
+        raise GraphgrowError(f"unknown strategy '{strategy}'", option="strategy", hint=f"use one of {', '.join(STRATEGIES)}")
+    if insert_at and insert_every is not None:
+        raise GraphgrowError("insert_at and insert_every cannot be combined", option="insert_at",
+                             hint="insert_at lists the epochs; insert_every tries every N epochs")
+    if insert_every is not None and not (_count(insert_every) and insert_every >= 1):
+        raise GraphgrowError(f"must be a positive integer, got {insert_every!r}", option="insert_every")
+    for epoch in insert_at or ():
+        if not (_count(epoch) and epoch >= 1):
+            raise GraphgrowError(f"insertion epochs must be positive integers, got {epoch!r}", option="insert_at",
+                                 hint="an insertion is tried at the end of the epoch named")
+        if epochs is not None and epoch >= epochs:
+            raise GraphgrowError(f"insertion epoch {epoch} is not before the last epoch ({epochs})", option="insert_at",
+                                 hint=f"insertions are tried at the end of epochs 1..{epochs - 1}; raise epochs or lower it")
+    if not (_count(max_insertions) and max_insertions >= 0):
+        raise GraphgrowError(f"must be a non-negative integer, got {max_insertions!r}",
+                             option="max_insertions")
+    if not (_count(per_step) and per_step >= 1):
+        raise GraphgrowError(f"must be a positive integer, got {per_step!r}", option="per_step")
+    if not (_count(widen) and widen >= 0):
+        raise GraphgrowError(f"must be a non-negative integer (neurons added per try), got {widen!r}",
+                             option="widen")
+    if tau is not None and not tau >= 1:
+        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}", option="tau")
+
 
 class GrowthHook:
     """Trainer hook running Algorithm 6: at the scheduled epochs (``insert_at`` or every
@@ -29,12 +64,8 @@ class GrowthHook:
                  insert_every: int | None = None, max_insertions: int = 1, tau: float | None = None,
                  per_step: int = 1, norm: str = "fro", sens_batch: int | None = 256,
                  sample: int | float | None = None, seed: int = 0, widen: int = 0):
-        if strategy not in STRATEGIES:
-            raise GraphgrowError(f"unknown strategy '{strategy}'", hint=f"use one of {', '.join(STRATEGIES)}")
-        if insert_every is not None and insert_every < 1:
-            raise GraphgrowError(f"insert_every must be at least 1, got {insert_every}")
-        if tau is not None and not tau >= 1:
-            raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}")
+        check_schedule(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
+                       max_insertions=max_insertions, tau=tau, per_step=per_step, widen=widen)
         self.strategy, self.tau, self.per_step, self.norm = strategy, tau, per_step, norm
         self.insert_at = set(insert_at or ())
         self.insert_every = insert_every
@@ -154,12 +185,18 @@ def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | N
     instead of inserting layers (``max_insertions`` then counts widening steps). Returns the grown network, the records, the insertion events
     and the summary (final metrics, FLOPs per training sample as in thesis Tables 4.2/4.4)."""
     from ..runtime.plots import plot_run
-    dataset = load_data(data, seed)
-    network = load_network(spec, seed)
     config = TrainConfig(epochs=epochs, lr=lr, batch=batch, momentum=momentum, weight_decay=weight_decay,
                          optimizer=optimizer, damping=damping, loss=loss, seed=seed, progress=progress,
                          eval_every=eval_every, log_steps=log_steps)
+    check_schedule(strategy=strategy, insert_at=insert_at, insert_every=insert_every, max_insertions=max_insertions,
+                   tau=tau, per_step=per_step, widen=widen, epochs=epochs)
+    dataset = load_data(data, seed)
+    network = load_network(spec, seed)
+    # everything a user can get wrong is checked before the run directory is created
+    train_split, test_split = as_splits(dataset)
+    check_data_fits(network, train_split, loss, test_split)
     if insert_every is None and not insert_at and strategy != "none":
+        # no schedule given: max_insertions tries spread evenly over the run (README, --insert-every)
         insert_every = max(epochs // (max_insertions + 1), 1)
     hook = GrowthHook(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
                       max_insertions=max_insertions, tau=tau, per_step=per_step, norm=norm,

@@ -151,7 +151,7 @@ def sample_rows(size: int, sample: int | float | None, seed: int) -> torch.Tenso
         return None
     count = round(sample * size) if isinstance(sample, float) else int(sample)
     if not 1 <= count <= size:
-        raise GraphgrowError(f"sensitivity sample {sample} does not fit {size} training samples",
+        raise GraphgrowError(f"sensitivity sample {sample} does not fit {size} training samples", option="sample",
                              hint="a count between 1 and the training size, or a fraction in (0, 1]")
     if count == size:
         return None
@@ -237,10 +237,10 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
     other norm. ``progress``: a transient progress bar over the batches of the pass."""
     import time
     if norm not in MERIT_NORMS:
-        raise GraphgrowError(f"unknown merit norm '{norm}'", hint=f"use one of {', '.join(MERIT_NORMS)}")
+        raise GraphgrowError(f"unknown merit norm '{norm}'", option="norm", hint=f"use one of {', '.join(MERIT_NORMS)}")
     start = time.perf_counter()
     train_split, _ = as_splits(data)
-    check_data_fits(network, train_split)
+    check_data_fits(network, train_split, loss)
     graph = network.graph
     plans = plan_candidates(graph)
     if not plans:
@@ -299,9 +299,9 @@ def select(report: Sensitivities, strategy: str = "sensli", *, tau: float | None
     candidate is kept only if merit >= tau x the mean merit of the existing weights (4.18);
     up to ``count`` candidates that pass are returned (several layers at once)."""
     if strategy not in STRATEGIES:
-        raise GraphgrowError(f"unknown strategy '{strategy}'", hint=f"use one of {', '.join(STRATEGIES)}")
+        raise GraphgrowError(f"unknown strategy '{strategy}'", option="strategy", hint=f"use one of {', '.join(STRATEGIES)}")
     if tau is not None and not tau >= 1:
-        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}")
+        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}", option="tau")
     if strategy == "none":
         return []
     pool = list(report.candidates)

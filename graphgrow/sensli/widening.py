@@ -97,7 +97,7 @@ def widen_best(network, data, *, count: int = 1, tau: float | None = None, per_l
     """Add the ``count`` best neuron candidates (those passing 4.20 when ``tau`` is given);
     returns (network, chosen candidates, reference)."""
     if tau is not None and not tau >= 1:
-        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.20), got {tau}")
+        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.20), got {tau}", option="tau")
     candidates, reference, rows = neuron_sensitivities(network, data, per_layer=per_layer, loss=loss,
                                                        batch=batch, seed=seed)
     ranked = sorted(candidates, key=lambda c: c.merit, reverse=True)

@@ -145,6 +145,10 @@ class L1Term:
     def value(self, z: torch.Tensor) -> float:
         return float((self.weight * self._inner(z).abs()).sum())
 
+    def change(self, z: torch.Tensor, s: torch.Tensor) -> float:
+        """phi(z + s) - phi(z), summed term by term (no cancellation between two large sums)."""
+        return float((self.weight * (self._inner(z + s).abs() - self._inner(z).abs())).sum())
+
     def _kink_table(self):
         """(rows, kinks, weights): per coarse coordinate its kinks -offset/coef and weights
         weight*|coef|, padded with zero weights to the largest group."""

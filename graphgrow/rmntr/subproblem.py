@@ -25,10 +25,9 @@ class Step:
     spg_iterations: int
 
 
-def model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, phi: L1Term, x: torch.Tensor,
-                phi_x: float) -> float:
+def model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, phi: L1Term, x: torch.Tensor) -> float:
     """m(s) - m(0) = <g, s> + 1/2 <s, H s> + phi(x + s) - phi(x)."""
-    return float(g @ s + 0.5 * (s @ Hs)) + phi.value(x + s) - phi_x
+    return float(g @ s + 0.5 * (s @ Hs)) + phi.change(x, s)
 
 
 def boundary_fraction(s: torch.Tensor, d: torch.Tensor, radius: float) -> float:
@@ -45,7 +44,6 @@ def cauchy_point(x: torch.Tensor, g: torch.Tensor, hvp: HVP, phi: L1Term, radius
     """The generalized Cauchy point s(t) = prox_{t phi}(x - t g) - x with the largest
     t = t0 backtrack^k such that ||s|| <= radius and m(s) - m(0) <= mu (<g, s> + phi(x+s) - phi(x));
     returns the step and its t. A zero step (x stationary) is returned as is."""
-    phi_x = phi.value(x)
     t, hvps = t0, 0
     for _ in range(max_tries):
         s = phi.prox(x - t * g, t) - x
@@ -55,7 +53,7 @@ def cauchy_point(x: torch.Tensor, g: torch.Tensor, hvp: HVP, phi: L1Term, radius
         if norm <= radius:
             Hs = hvp(s)
             hvps += 1
-            linear = float(g @ s) + phi.value(x + s) - phi_x
+            linear = float(g @ s) + phi.change(x, s)
             change = linear + 0.5 * float(s @ Hs)
             if change <= mu * linear:
                 return Step(s, Hs, -change, hvps, 0), t
@@ -74,7 +72,6 @@ def spectral_prox_gradient(x: torch.Tensor, g: torch.Tensor, hvp: HVP, phi: L1Te
     phi(x + s + tau d), so the model never increases. Stops when the model's stationarity
     ||prox_phi(x+s - grad q(s)) - (x+s)|| <= rtol * h0, on the boundary, or after max_iterations."""
     s, Hs, hvps, alpha = start.s, start.Hs, start.hvps, t_start
-    phi_x = phi.value(x)
     iterations = 0
     for iterations in range(1, max_iterations + 1):
         model_gradient = g + Hs
@@ -88,7 +85,7 @@ def spectral_prox_gradient(x: torch.Tensor, g: torch.Tensor, hvp: HVP, phi: L1Te
         Hd = hvp(d)
         hvps += 1
         curvature = float(d @ Hd)
-        linear = float(model_gradient @ d) + phi.value(x + s + d) - phi.value(point)
+        linear = float(model_gradient @ d) + phi.change(point, d)
         if curvature > 0:
             tau = min(tau_max, max(0.0, -linear / curvature))
         else:
@@ -99,7 +96,7 @@ def spectral_prox_gradient(x: torch.Tensor, g: torch.Tensor, hvp: HVP, phi: L1Te
         alpha = min(max(float(d @ d) / curvature, alpha_min), alpha_max) if curvature > 0 else alpha_max
         if tau == tau_max and tau_max < 1.0:
             break   # reached the boundary
-    predicted = -model_value(g, s, Hs, phi, x, phi_x)
+    predicted = -model_value(g, s, Hs, phi, x)
     return Step(s, Hs, predicted, hvps, iterations)
 
 

@@ -1,0 +1,169 @@
+"""The levels RMNTR works on: a smooth objective of one flat parameter vector per level (value,
+gradient, exact Hessian-vector products, with counters), and the restrictions between levels
+read from graphgrow's width and depth hierarchies (``passes.build_hierarchy``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch.func import functional_call
+
+import passes
+
+from ..compiler.network import Network
+from ..errors import GraphgrowError
+from .prox import Restriction
+
+#: a network's loss as a function of its module and a {name: tensor} parameter dict
+NetworkLoss = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+#: work of one evaluation in units of one gradient on the same level (the ledger's convention)
+VALUE_COST, GRADIENT_COST, HVP_COST = 0.5, 1.0, 2.0
+
+
+@dataclass
+class Counts:
+    values: int = 0
+    gradients: int = 0
+    hvps: int = 0
+
+    def work(self) -> float:
+        return VALUE_COST * self.values + GRADIENT_COST * self.gradients + HVP_COST * self.hvps
+
+
+@dataclass
+class Linearisation:
+    """f, grad f and v -> (Hessian of f) v at one point."""
+    value: float
+    gradient: torch.Tensor
+    hvp: Callable[[torch.Tensor], torch.Tensor]
+
+
+class Objective(Protocol):
+    """A smooth function of a flat vector, counting its evaluations."""
+    counts: Counts
+
+    def value(self, x: torch.Tensor) -> float: ...
+
+    def linearize(self, x: torch.Tensor) -> Linearisation: ...
+
+
+class AutogradObjective:
+    """A smooth objective given by a scalar torch function of a flat vector; gradient by
+    autograd, HVPs by differentiating the gradient graph again (kept while the linearisation
+    lives, so each HVP is one backward pass)."""
+
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor]):
+        self.function = function
+        self.counts = Counts()
+
+    def value(self, x: torch.Tensor) -> float:
+        self.counts.values += 1
+        with torch.enable_grad():   # losses may differentiate with respect to their inputs
+            return float(self.function(x.detach()).detach())
+
+    def linearize(self, x: torch.Tensor) -> Linearisation:
+        self.counts.gradients += 1
+        with torch.enable_grad():
+            leaf = x.detach().clone().requires_grad_(True)
+            loss = self.function(leaf)
+            gradient, = torch.autograd.grad(loss, leaf, create_graph=True)
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            self.counts.hvps += 1
+            with torch.enable_grad():
+                return torch.autograd.grad(gradient, leaf, v, retain_graph=True)[0].detach()
+        return Linearisation(float(loss.detach()), gradient.detach(), hvp)
+
+
+class ParameterVector:
+    """The trainable parameters of a network as one flat vector and back."""
+
+    def __init__(self, network: Network):
+        named = [(n, p) for n, p in network.module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.size = sum(self.sizes)
+
+    def flatten(self, params: dict) -> torch.Tensor:
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, x: torch.Tensor) -> dict:
+        return {n: piece.view(shape) for n, piece, shape in zip(self.names, torch.split(x, self.sizes), self.shapes)}
+
+    def of(self, network: Network) -> torch.Tensor:
+        params = dict(network.module.named_parameters())
+        return self.flatten({n: params[n].detach() for n in self.names})
+
+    def load(self, network: Network, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            params = dict(network.module.named_parameters())
+            for name, value in self.unflatten(x).items():
+                params[name].copy_(value)
+
+
+def network_objective(network: Network, loss: NetworkLoss) -> tuple[AutogradObjective, ParameterVector]:
+    """The loss of ``network`` as an objective of its flat trainable parameters."""
+    vector = ParameterVector(network)
+    module = network.module
+    return AutogradObjective(lambda x: loss(module, vector.unflatten(x))), vector
+
+
+def supervised_loss(x: torch.Tensor, y: torch.Tensor, loss: Callable) -> NetworkLoss:
+    """Full-batch ``loss(output, y)`` of a network on inputs ``x``."""
+    return lambda module, params: loss(functional_call(module, params, (x,)), y)
+
+
+@dataclass
+class Level:
+    """One level: its network, objective, flat parameter layout, cost of a gradient relative to
+    the finest level, and the restriction to the next coarser level (None on the coarsest)."""
+    network: Network
+    objective: AutogradObjective
+    vector: ParameterVector
+    cost: float = 1.0
+    restriction: Restriction | None = None
+    name: str = ""
+    counts: Counts = field(init=False)
+
+    def __post_init__(self):
+        self.counts = self.objective.counts
+
+
+HIERARCHIES = ("width", "depth")
+
+
+def build_levels(network: Network, loss: NetworkLoss, kind: str = "width", levels: int = 2,
+                 **options) -> list[Level]:
+    """Levels 0 (``network``) .. levels-1 from ``passes.build_hierarchy``: width with
+    ``scaling='orthonormal'`` (P = R^T), depth with ``restriction='injection'``. Every restriction
+    is checked to be row-orthonormal with disjoint rows (a closed-form composite prox)."""
+    if kind not in HIERARCHIES:
+        raise GraphgrowError(f"unknown hierarchy {kind!r} for rmntr", hint="use width or depth")
+    if not (isinstance(levels, int) and levels >= 1):
+        raise GraphgrowError(f"levels must be a positive integer, got {levels!r}")
+    fixed = {"width": ("scaling", "orthonormal"), "depth": ("restriction", "injection")}[kind]
+    if options.get(fixed[0], fixed[1]) != fixed[1]:
+        raise GraphgrowError(f"rmntr needs {fixed[0]}={fixed[1]!r} on a {kind} hierarchy, got {options[fixed[0]]!r}",
+                             hint="the composite l1 prox is closed-form only when R R^T = I with disjoint rows; "
+                                  f"use {fixed[0]}={fixed[1]!r}")
+    options[fixed[0]] = fixed[1]
+    built = passes.build_hierarchy(network, kind=kind, levels=levels, **options) if levels > 1 else None
+    networks = [network] + ([level.network for level in built[1:]] if built else [])
+    fine_flops = max(network.graph.flops(), 1)
+    result = []
+    for index, net in enumerate(networks):
+        objective, vector = network_objective(net, loss)
+        result.append(Level(net, objective, vector, cost=net.graph.flops() / fine_flops,
+                            name=f"{kind}{index}:{vector.size}p"))
+    for index in range(len(result) - 1):
+        fine, coarse, transfer = result[index], result[index + 1], built[index + 1].transfer
+        fine_x = fine.vector.of(fine.network)
+
+        def restrict(x, fine=fine, coarse=coarse, transfer=transfer):
+            return coarse.vector.flatten(transfer.restrict(fine.vector.unflatten(x)))
+        fine.restriction = Restriction.from_linear_map(restrict, fine.vector.size, coarse.vector.size,
+                                                       dtype=fine_x.dtype, device=fine_x.device)
+    return result

@@ -210,7 +210,7 @@ class RMNTR:
                   "gradients": [lv.counts.gradients for lv in self.levels],
                   "hvps": [lv.counts.hvps for lv in self.levels],
                   "values": [lv.counts.values for lv in self.levels],
-                  "work": self.work(), "time": time.perf_counter() - self.start}
+                  "work": self.work(), "elapsed": time.perf_counter() - self.start}
         self.records.append(record)
         if self.callback is not None:
             self.callback(record)

@@ -36,6 +36,7 @@ from .subproblem import Step, cauchy_point, reduction_ratio, spectral_prox_gradi
 class RMNTRConfig:
     gtol: float = 1e-4
     max_iterations: int = 500
+    max_work: float = float("inf")   # fine-gradient units over all levels; checked before each finest-level iteration
     radius: float = 1.0
     radius_max: float = 1e4
     radius_floor: float = 1e-12
@@ -95,6 +96,10 @@ class RMNTR:
         self.start = time.perf_counter()
         self.coarse_tried = [0] * len(levels)
         self.coarse_accepted = [0] * len(levels)
+        # why recursions did not give a step, per coarse level: h_c below the rule, nothing accepted
+        # on the coarse level, rejected on the fine level (rho < eta1)
+        self.coarse_declined = [0] * len(levels)
+        self.coarse_empty = [0] * len(levels)
 
     def work(self) -> float:
         """Work in fine-gradient units over all levels."""
@@ -131,7 +136,8 @@ class RMNTR:
                 radius, parent[1] - float(torch.linalg.vector_norm(x - parent[0])))
             reason = ("stationary" if h <= gtol else "iterations" if iteration >= max_iterations
                       else "parent radius" if parent is not None and available <= cfg.parent_boundary * parent[1]
-                      else "radius floor" if available <= cfg.radius_floor else None)
+                      else "radius floor" if available <= cfg.radius_floor
+                      else "work budget" if parent is None and self.work() >= cfg.max_work else None)
             if reason is not None:
                 return LevelRun(x, value, start_value, reduction, h, iteration, accepted, reason)
             iteration += 1
@@ -193,11 +199,13 @@ class RMNTR:
         cfg = self.config
         y0, coarse_gradient, phi_c, h_c = self.coarse_model(level, x, lin.gradient, phi)
         if not (h_c >= cfg.kappa_h * h and h_c > cfg.coarse_min_h):
+            self.coarse_declined[level + 1] += 1
             return None, None
         shift, coarse_lin = self.coarse_shift(level, y0, coarse_gradient)
         run = self._solve(level + 1, y0, shift, phi_c, available, (y0, available), cfg.coarse_iterations,
                           max(cfg.coarse_rtol * h_c, cfg.gtol * 1e-3), lin=coarse_lin)
         if run.accepted == 0:
+            self.coarse_empty[level + 1] += 1
             return None, run
         s = self.levels[level].restriction.adjoint(run.x - y0)
         # the model's reduction m_c(y0) - m_c(y) with the composite phi_c (phi_c(y) = phi(x + s))

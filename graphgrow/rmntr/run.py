@@ -133,7 +133,8 @@ def run(spec, data="pinn", *, hierarchy: str = "width", levels: int = 2, beta: f
         final = {"iterations": result.iterations, "reason": result.reason, "F": result.value, "h": result.h,
                  "fine_gradients": counts.gradients, "fine_hvps": counts.hvps, "fine_values": counts.values,
                  "work": method.work(), "seconds": seconds, "zero_share": sparsity(result.x, weight),
-                 "coarse_tried": method.coarse_tried[1:], "coarse_accepted": method.coarse_accepted[1:]}
+                 "coarse_tried": method.coarse_tried[1:], "coarse_accepted": method.coarse_accepted[1:],
+                 "coarse_declined": method.coarse_declined[1:], "coarse_empty": method.coarse_empty[1:]}
         if isinstance(problem, PoissonPINN):
             final.update(problem.metrics(network.module, built[0].vector.unflatten(result.x)))
         log.log("end", **final)

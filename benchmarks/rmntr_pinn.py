@@ -53,7 +53,7 @@ def run_rmntr(network, problem, weight, nlevels, budget, config):
     seconds = time.perf_counter() - began
     fine = levels[0].counts
     extra = {"iterations": sum(r["level"] == 0 for r in result.records), "fine_gradients": fine.gradients,
-             "fine_hvps": fine.hvps, "work": method.work(), "coarse_tried": method.coarse_tried[1:],
+             "fine_hvps": fine.hvps, "work": method.work(), "fine_work": fine.work(), "coarse_tried": method.coarse_tried[1:],
              "coarse_accepted": method.coarse_accepted[1:], "coarse_declined": method.coarse_declined[1:],
              "coarse_empty": method.coarse_empty[1:], "reason": result.reason}
     return levels, result.x, result.records, seconds, extra
@@ -95,6 +95,7 @@ def run_first_order(network, problem, weight, budget, kind, lr):
         optimizer.step(closure)
     seconds = time.perf_counter() - began
     extra = {"iterations": len(records), "fine_gradients": len(records), "fine_hvps": 0, "work": float(len(records)),
+             "fine_work": float(len(records)),
              "coarse_tried": [], "coarse_accepted": [], "coarse_declined": [], "coarse_empty": [], "reason": "budget"}
     return levels, leaf.detach(), records, seconds, extra
 
@@ -147,7 +148,7 @@ def main():
                       f"RMNTR 2 levels, beta {beta:g}")
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=1))
-    columns = ("beta", "method", "iterations", "fine_gradients", "fine_hvps", "work", "seconds", "F", "h", "l2_error",
+    columns = ("beta", "method", "iterations", "fine_gradients", "fine_hvps", "fine_work", "work", "seconds", "F", "h", "l2_error",
                "residual_rmse", "zero_share", "coarse_tried", "coarse_accepted", "work_h<=0.01", "work_h<=0.001")
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

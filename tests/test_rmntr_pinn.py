@@ -81,3 +81,36 @@ def test_two_level_smoke_run_on_a_narrow_pinn():
         if r["accepted"]:
             assert r["predicted"] >= 0 and r["step_norm"] <= r["radius"] * (1 + 1e-12)
             assert r["trial_F"] < r["F"] or math.isclose(r["trial_F"], r["F"], rel_tol=1e-13)
+
+
+def test_gauss_newton_products_equal_the_dense_jacobian_formula():
+    from torch.autograd.functional import jacobian
+    from graphgrow.rmntr.levels import network_objective
+    network = pinn_network(4)
+    problem = PoissonPINN(grid=9)
+    objective, vector = network_objective(network, problem, "gauss-newton")
+    x = vector.of(network)
+    residual = lambda z: problem.residual(network.module, vector.unflatten(z))   # noqa: E731
+    J = jacobian(residual, x)
+    r = residual(x).detach()
+    lin = objective.linearize(x)
+    assert torch.allclose(lin.gradient, J.T @ r / r.numel(), rtol=1e-10, atol=1e-14)
+    v = torch.randn(x.numel(), dtype=DT, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(lin.hvp(v), J.T @ (J @ v) / r.numel(), rtol=1e-10, atol=1e-14)
+    assert objective.counts.hvps == 1
+
+
+def test_the_smooth_gauss_newton_member_decreases_the_pinn_loss_on_two_levels():
+    from graphgrow import GraphgrowError
+    network = pinn_network(8)
+    levels = build_levels(network, PoissonPINN(), "width", 2, model="gauss-newton")
+    x0 = levels[0].vector.of(network)
+    method = RMNTR(levels, torch.zeros(33, dtype=DT), RMNTRConfig(max_iterations=4, kappa_h=0.1, spg_iterations=5,
+                                                                  coarse_iterations=2))
+    result = method.minimize(x0)
+    assert result.value < result.records[0]["F"]
+    assert all(r["predicted"] >= 0 for r in result.records if r["accepted"])
+    with pytest.raises(GraphgrowError, match="least-squares"):
+        from graphgrow.rmntr.levels import supervised_loss
+        build_levels(network, supervised_loss(torch.zeros(3, 2, dtype=DT), torch.zeros(3, 1, dtype=DT),
+                                              torch.nn.functional.mse_loss), "width", 1, model="gauss-newton")

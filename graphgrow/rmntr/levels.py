@@ -77,6 +77,34 @@ class AutogradObjective:
         return Linearisation(float(loss.detach()), gradient.detach(), hvp)
 
 
+class GaussNewtonObjective(AutogradObjective):
+    """f = 1/2 mean r^2 for a residual vector r(x); the "HVP" is the Gauss-Newton product
+    J^T J v / m, matrix-free: J v by differentiating u -> J^T u (linear in u) once more, then
+    J^T (J v) by one more backward pass. No Jacobian is formed."""
+
+    def __init__(self, residual: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__(lambda x: 0.5 * residual(x).pow(2).mean())
+        self.residual = residual
+
+    def linearize(self, x: torch.Tensor) -> Linearisation:
+        self.counts.gradients += 1
+        with torch.enable_grad():
+            leaf = x.detach().clone().requires_grad_(True)
+            r = self.residual(leaf)
+            m = r.numel()
+            loss = 0.5 * r.pow(2).mean()
+            gradient, = torch.autograd.grad(loss, leaf, retain_graph=True)
+            dual = torch.zeros_like(r, requires_grad=True)
+            transposed, = torch.autograd.grad(r, leaf, dual, create_graph=True)   # J^T u, linear in u
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            self.counts.hvps += 1
+            with torch.enable_grad():
+                jv, = torch.autograd.grad(transposed, dual, v, retain_graph=True)
+                return torch.autograd.grad(r, leaf, jv, retain_graph=True)[0].detach() / m
+        return Linearisation(float(loss.detach()), gradient.detach(), product)
+
+
 class ParameterVector:
     """The trainable parameters of a network as one flat vector and back."""
 
@@ -104,10 +132,23 @@ class ParameterVector:
                 params[name].copy_(value)
 
 
-def network_objective(network: Network, loss: NetworkLoss) -> tuple[AutogradObjective, ParameterVector]:
-    """The loss of ``network`` as an objective of its flat trainable parameters."""
+MODELS = ("hessian", "gauss-newton")
+
+
+def network_objective(network: Network, loss: NetworkLoss,
+                      model: str = "hessian") -> tuple[AutogradObjective, ParameterVector]:
+    """The loss of ``network`` as an objective of its flat trainable parameters; ``model``
+    gauss-newton needs a least-squares loss (an object with ``residual(module, params)`` whose
+    loss is 1/2 mean residual^2, e.g. the PINN)."""
     vector = ParameterVector(network)
     module = network.module
+    if model == "gauss-newton":
+        if not callable(getattr(loss, "residual", None)):
+            raise GraphgrowError("the gauss-newton model needs a least-squares loss",
+                                 hint="use --data pinn, or --model hessian")
+        return GaussNewtonObjective(lambda x: loss.residual(module, vector.unflatten(x))), vector
+    if model != "hessian":
+        raise GraphgrowError(f"unknown model {model!r}", hint=f"use {' or '.join(MODELS)}")
     return AutogradObjective(lambda x: loss(module, vector.unflatten(x))), vector
 
 
@@ -136,10 +177,11 @@ HIERARCHIES = ("width", "depth")
 
 
 def build_levels(network: Network, loss: NetworkLoss, kind: str = "width", levels: int = 2,
-                 **options) -> list[Level]:
+                 model: str = "hessian", **options) -> list[Level]:
     """Levels 0 (``network``) .. levels-1 from ``passes.build_hierarchy``: width with
     ``scaling='orthonormal'`` (P = R^T), depth with ``restriction='injection'``. Every restriction
-    is checked to be row-orthonormal with disjoint rows (a closed-form composite prox)."""
+    is checked to be row-orthonormal with disjoint rows (a closed-form composite prox).
+    ``model``: the curvature of the Taylor models, exact Hessian or Gauss-Newton."""
     if kind not in HIERARCHIES:
         raise GraphgrowError(f"unknown hierarchy {kind!r} for rmntr", hint="use width or depth")
     if not (isinstance(levels, int) and levels >= 1):
@@ -155,7 +197,7 @@ def build_levels(network: Network, loss: NetworkLoss, kind: str = "width", level
     fine_flops = max(network.graph.flops(), 1)
     result = []
     for index, net in enumerate(networks):
-        objective, vector = network_objective(net, loss)
+        objective, vector = network_objective(net, loss, model)
         result.append(Level(net, objective, vector, cost=net.graph.flops() / fine_flops,
                             name=f"{kind}{index}:{vector.size}p"))
     for index in range(len(result) - 1):

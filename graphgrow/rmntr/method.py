@@ -115,8 +115,9 @@ class RMNTR:
     def _reduction(self, level: int, x: torch.Tensor, lin: Linearisation, s: torch.Tensor, shift,
                    phi: L1Term) -> float:
         """F(x) - F(x + s), the shift and phi parts term by term."""
-        smooth = lin.value - (self.levels[level].objective.value(x + s) + (float(shift @ x) if shift is not None else 0.0))
-        return smooth - (float(shift @ s) if shift is not None else 0.0) - phi.change(x, s)
+        shift_x, shift_s = (float(shift @ x), float(shift @ s)) if shift is not None else (0.0, 0.0)
+        smooth = lin.value - (self.levels[level].objective.value(x + s) + shift_x)
+        return smooth - shift_s - phi.change(x, s)
 
     def _linearize(self, level: int, x: torch.Tensor, shift) -> Linearisation:
         lin = self.levels[level].objective.linearize(x)
@@ -185,7 +186,8 @@ class RMNTR:
         phi_c = phi.compose(restriction, x)
         return y0, coarse_gradient, phi_c, stationarity(phi_c, y0, coarse_gradient)
 
-    def coarse_shift(self, level: int, y0: torch.Tensor, coarse_gradient: torch.Tensor) -> tuple[torch.Tensor, Linearisation]:
+    def coarse_shift(self, level: int, y0: torch.Tensor,
+                     coarse_gradient: torch.Tensor) -> tuple[torch.Tensor, Linearisation]:
         """The first-order coherence term v = R grad - grad f_c(y0) and the coarse model's
         linearisation at y0 (gradient R grad)."""
         lin = self.levels[level + 1].objective.linearize(y0)

@@ -45,7 +45,8 @@ def prox_piecewise_linear(v: torch.Tensor, kinks: torch.Tensor, weights: torch.T
     inf = torch.full_like(zeros, float("inf"))
     lower, upper = torch.cat([-inf, c], dim=1), torch.cat([c, inf], dim=1)
     candidates = torch.minimum(torch.maximum(v[:, None] - (2 * before - total), lower), upper)
-    objective = 0.5 * (candidates - v[:, None]) ** 2 + (w[:, None, :] * (candidates[:, :, None] - c[:, None, :]).abs()).sum(-1)
+    kink_terms = (w[:, None, :] * (candidates[:, :, None] - c[:, None, :]).abs()).sum(-1)
+    objective = 0.5 * (candidates - v[:, None]) ** 2 + kink_terms
     best = torch.argmin(objective, dim=1, keepdim=True)
     return torch.gather(candidates, 1, best)[:, 0]
 
@@ -114,7 +115,8 @@ class Restriction:
         for _ in range(probes):
             probe = torch.randn(fine_size, generator=generator, dtype=dtype).to(device)
             exact = restrict(probe)
-            if not torch.allclose(_scatter(owner, coef, coarse_size, probe), exact, rtol=1e-12, atol=1e-12 * float(exact.abs().max() + 1)):
+            tolerance = 1e-12 * float(exact.abs().max() + 1)
+            if not torch.allclose(_scatter(owner, coef, coarse_size, probe), exact, rtol=1e-12, atol=tolerance):
                 raise GraphgrowError("the restriction mixes one fine parameter into several coarse ones: "
                                      "the composite l1 term has no closed-form prox", hint=hint)
         return cls(owner, coef, coarse_size)

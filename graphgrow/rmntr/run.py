@@ -82,11 +82,13 @@ def sparsity(x: torch.Tensor, weight: torch.Tensor) -> float:
 
 def run(spec, data="pinn", *, hierarchy: str = "width", levels: int = 2, beta: float = 1e-4, l1="weights",
         gtol: float = 1e-4, max_iterations: int = 200, loss: str = "cross_entropy", warmup: int = 0,
-        warmup_lr: float = 1e-2, dtype: torch.dtype = torch.float64, seed: int = 0, out=None,
+        warmup_lr: float = 1e-2, model: str = "hessian", dtype: torch.dtype = torch.float64, seed: int = 0, out=None,
         progress: bool = False, export: bool = True, hierarchy_options: dict | None = None, **config) -> RMNTRRun:
     """Minimise f + beta ||.||_1 for the network ``spec`` on ``data`` with RMNTR on a ``levels``-level
     ``hierarchy`` (width: neuron pairs, orthonormal; depth: ResNet stages, injection); levels=1
-    is the single-level proximal trust-region method. ``config`` sets :class:`RMNTRConfig`
+    is the single-level proximal trust-region method. ``model='gauss-newton'`` uses matrix-free
+    Gauss-Newton products instead of Hessian products (least-squares losses: the PINN); with
+    beta = 0 it is the smooth multilevel Gauss-Newton trust-region member. ``config`` sets :class:`RMNTRConfig`
     fields (radius, kappa_h, coarse_iterations, spg_iterations, ...). With ``out`` the run
     directory gets log.jsonl (every step on every level), summary.json, final.yaml + .pt,
     model.pt2, progress.png and sparsity.png."""
@@ -104,7 +106,7 @@ def run(spec, data="pinn", *, hierarchy: str = "width", levels: int = 2, beta: f
     fine = build_levels(network, problem, hierarchy, 1)[0]
     if warmup:
         fine.vector.load(network, adam_warmup(fine.objective, fine.vector.of(network), warmup, warmup_lr))
-    built = build_levels(network, problem, hierarchy, levels, **(hierarchy_options or {}))
+    built = build_levels(network, problem, hierarchy, levels, model, **(hierarchy_options or {}))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -112,7 +114,7 @@ def run(spec, data="pinn", *, hierarchy: str = "width", levels: int = 2, beta: f
 
     with RunLog(out) as log:
         log.log("start", config=settings.to_dict(), hierarchy=hierarchy, levels=[lv.name for lv in built],
-                costs=[lv.cost for lv in built], network=network.graph.name, data=str(data), beta=beta,
+                costs=[lv.cost for lv in built], model=model, network=network.graph.name, data=str(data), beta=beta,
                 l1=l1 if isinstance(l1, str) else list(l1), warmup=warmup, seed=seed)
 
         def on_step(record):
@@ -132,13 +134,15 @@ def run(spec, data="pinn", *, hierarchy: str = "width", levels: int = 2, beta: f
         counts = built[0].counts
         final = {"iterations": result.iterations, "reason": result.reason, "F": result.value, "h": result.h,
                  "fine_gradients": counts.gradients, "fine_hvps": counts.hvps, "fine_values": counts.values,
-                 "work": method.work(), "seconds": seconds, "zero_share": sparsity(result.x, weight),
+                 "work": method.work(), "fine_work": counts.work(), "seconds": seconds,
+                 "zero_share": sparsity(result.x, weight),
                  "coarse_tried": method.coarse_tried[1:], "coarse_accepted": method.coarse_accepted[1:],
                  "coarse_declined": method.coarse_declined[1:], "coarse_empty": method.coarse_empty[1:]}
         if isinstance(problem, PoissonPINN):
             final.update(problem.metrics(network.module, built[0].vector.unflatten(result.x)))
         log.log("end", **final)
         summary = {"spec": str(getattr(network.graph, "source", None) or network.graph.name), "data": str(data),
+                   "model": model,
                    "hierarchy": hierarchy, "levels": [lv.name for lv in built], "beta": beta,
                    "config": settings.to_dict(), "final": final}
         if out is not None:

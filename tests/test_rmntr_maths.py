@@ -187,3 +187,16 @@ def test_reduction_ratio_never_accepts_a_nonpositive_prediction():
     assert reduction_ratio(0.5, 1.0, 1.0) == 0.5
     assert reduction_ratio(-1e-17, 1e-17, 1.0) == 1.0          # both at rounding level
     assert reduction_ratio(-1e-3, 1e-3, 1.0) == -1.0
+
+
+def test_the_composite_prox_in_float32_matches_float64():
+    R = random_restriction(6, 3, 7)
+    g = torch.Generator().manual_seed(7)
+    theta, weight, v = torch.randn(6, generator=g, dtype=DT), torch.rand(6, generator=g, dtype=DT), torch.randn(3, generator=g, dtype=DT)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        restriction = Restriction.from_linear_map(lambda x: R.to(dtype) @ x, 6, 3, dtype=dtype)
+        y = L1Term.fine(weight.to(dtype)).compose(restriction, theta.to(dtype)).prox(v.to(dtype), 0.5)
+        assert y.dtype == dtype
+        results.append(y.double())
+    assert torch.allclose(results[0], results[1], atol=1e-5)

@@ -59,3 +59,13 @@ def test_cli_runs_on_a_data_set_and_reports_user_errors_in_one_line(tmp_path, ca
                  "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_float32_networks_run_in_float32():
+    graph = graph_from_text(SPEC.read_text().replace("width: 60", "width: 4"), str(SPEC))
+    result = run(graph, "pinn", levels=2, beta=1e-3, max_iterations=3, spg_iterations=3, coarse_iterations=2,
+                 kappa_h=0.1, dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in result.network.module.parameters())
+    assert result.result.x.dtype == torch.float32
+    steps = [r for r in result.records if r["event"] == "step" and r["level"] == 0]
+    assert result.result.value < steps[0]["F"]

@@ -156,7 +156,7 @@ class RMNTR:
             trial = x + step.s
             actual = self._reduction(level, x, lin, step.s, shift, phi)
             trial_value = value - actual
-            rho = reduction_ratio(actual, step.predicted, value)
+            rho = reduction_ratio(actual, step.predicted, value, torch.finfo(x.dtype).eps)
             step_norm = float(torch.linalg.vector_norm(step.s))
             ok = rho >= cfg.eta1
             if kind == "recursive":

@@ -71,7 +71,7 @@ class Restriction:
         row_sq = torch.zeros(self.size, dtype=self.coef.dtype, device=self.coef.device)
         used = self.owner >= 0
         row_sq.index_add_(0, self.owner[used], self.coef[used] ** 2)
-        if not torch.allclose(row_sq, torch.ones_like(row_sq), rtol=0, atol=1e-12):
+        if not torch.allclose(row_sq, torch.ones_like(row_sq), rtol=0, atol=100 * torch.finfo(self.coef.dtype).eps):
             raise GraphgrowError("the restriction's rows are not orthonormal (R R^T != I)",
                                  hint="use coarsen_width(..., scaling='orthonormal') for width hierarchies and "
                                       "coarsen_depth(..., restriction='injection') for depth hierarchies")
@@ -115,8 +115,9 @@ class Restriction:
         for _ in range(probes):
             probe = torch.randn(fine_size, generator=generator, dtype=dtype).to(device)
             exact = restrict(probe)
-            tolerance = 1e-12 * float(exact.abs().max() + 1)
-            if not torch.allclose(_scatter(owner, coef, coarse_size, probe), exact, rtol=1e-12, atol=tolerance):
+            tolerance = 1000 * torch.finfo(dtype).eps
+            if not torch.allclose(_scatter(owner, coef, coarse_size, probe), exact, rtol=tolerance,
+                                  atol=tolerance * float(exact.abs().max() + 1)):
                 raise GraphgrowError("the restriction mixes one fine parameter into several coarse ones: "
                                      "the composite l1 term has no closed-form prox", hint=hint)
         return cls(owner, coef, coarse_size)

@@ -100,12 +100,12 @@ def spectral_prox_gradient(x: torch.Tensor, g: torch.Tensor, hvp: HVP, phi: L1Te
     return Step(s, Hs, predicted, hvps, iterations)
 
 
-def reduction_ratio(actual: float, predicted: float, reference: float) -> float:
+def reduction_ratio(actual: float, predicted: float, reference: float, eps: float = 2.2e-16) -> float:
     """rho = actual / predicted; a step with predicted <= 0 gets -inf (never accepted). When both
-    reductions are at rounding level of the objective (``reference``) rho is 1."""
+    reductions are at rounding level of the objective (50 eps |reference|, eps of the dtype) rho is 1."""
     if not predicted > 0.0:
         return -math.inf
-    noise = 1e-14 * max(abs(reference), 1.0)
+    noise = 50 * eps * max(abs(reference), 1.0)
     if abs(actual) <= noise and predicted <= noise:
         return 1.0
     return actual / predicted

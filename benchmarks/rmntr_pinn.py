@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -52,10 +53,14 @@ def run_rmntr(network, problem, weight, nlevels, budget, config):
     result = method.minimize(levels[0].vector.of(levels[0].network))
     seconds = time.perf_counter() - began
     fine = levels[0].counts
+    rho = {kind: [r["rho"] for r in result.records if r["level"] == 0 and r["kind"] == kind and r["rho"] is not None]
+           for kind in ("taylor", "recursive")}
     extra = {"iterations": sum(r["level"] == 0 for r in result.records), "fine_gradients": fine.gradients,
              "fine_hvps": fine.hvps, "work": method.work(), "fine_work": fine.work(), "coarse_tried": method.coarse_tried[1:],
              "coarse_accepted": method.coarse_accepted[1:], "coarse_declined": method.coarse_declined[1:],
-             "coarse_empty": method.coarse_empty[1:], "reason": result.reason}
+             "coarse_empty": method.coarse_empty[1:], "reason": result.reason,
+             "median_rho": {kind: statistics.median(values) if values else None for kind, values in rho.items()},
+             "median_step": statistics.median([r["step_norm"] for r in result.records if r["level"] == 0] or [0.0])}
     return levels, result.x, result.records, seconds, extra
 
 
@@ -111,6 +116,7 @@ def main():
     parser.add_argument("--spg-iterations", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--plots", default=str(REPORTS), help="folder for the plots")
     opts = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -124,9 +130,16 @@ def main():
     problem = PoissonPINN()
     start = build_levels(network, problem, "width", 1)[0]
     start.vector.load(network, adam_warmup(start.objective, start.vector.of(network), opts.warmup, 1e-2))
+    # how good a model of f the coarse network is at the restricted start (first-order coherence
+    # corrects the gradient, not the value or the curvature)
+    pair = build_levels(copy.deepcopy(network), problem, "width", 2)
+    x_start = pair[0].vector.of(pair[0].network)
+    print(json.dumps({"f_fine_start": pair[0].objective.value(x_start),
+                      "f_coarse_at_R_start": pair[1].objective.value(pair[0].restriction.restrict(x_start))}))
     config = {"gtol": 1e-4, "max_iterations": 10 ** 6, "kappa_h": opts.kappa_h, "spg_iterations": opts.spg_iterations}
     rows = []
-    REPORTS.mkdir(parents=True, exist_ok=True)
+    plots = Path(opts.plots)
+    plots.mkdir(parents=True, exist_ok=True)
     for beta in opts.betas:
         weight = l1_weights(network, beta, "weights")
         contenders = {
@@ -143,8 +156,8 @@ def main():
             logs[name] = records
             finals[name] = {n: v.detach().numpy() for n, v in levels[0].vector.unflatten(x).items() if n.endswith(".weight")}
             print(json.dumps(row), flush=True)
-        plot_progress(logs, REPORTS / f"progress_beta{beta:g}.png", f"PINN [2,{opts.width},1], beta {beta:g}")
-        plot_sparsity(finals["RMNTR, 2 levels"], REPORTS / f"sparsity_rmntr2_beta{beta:g}.png",
+        plot_progress(logs, plots / f"progress_beta{beta:g}.png", f"PINN [2,{opts.width},1], beta {beta:g}")
+        plot_sparsity(finals["RMNTR, 2 levels"], plots / f"sparsity_rmntr2_beta{beta:g}.png",
                       f"RMNTR 2 levels, beta {beta:g}")
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=1))

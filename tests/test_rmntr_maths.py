@@ -200,3 +200,14 @@ def test_the_composite_prox_in_float32_matches_float64():
         assert y.dtype == dtype
         results.append(y.double())
     assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_snap_zeros_removes_rounding_residue_of_penalised_entries_only():
+    from graphgrow.rmntr.prox import snap_zeros
+    x = torch.tensor([0.1, 0.3, 0.3, 2.0], dtype=DT)
+    two_ulps = lambda v: torch.nextafter(torch.nextafter(v, torch.zeros_like(v)), torch.zeros_like(v))  # noqa: E731
+    s = torch.cat([-x[:1], two_ulps(-x[1:3]), torch.tensor([-1.0], dtype=DT)])
+    assert bool(((x + s)[1:3] != 0).all())                      # a residue of a few ulps
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=DT)
+    z = x + snap_zeros(x, s, weight)
+    assert z[0] == 0 and z[1] == 0 and z[2] != 0 and z[3] == 1.0

@@ -93,6 +93,7 @@ def test_lasso_reaches_the_ista_solution(nlevels):
     assert float((result.x - expected).abs().max()) <= 1e-8
     accepted = [r for r in result.records if r["accepted"]]
     assert all(r["predicted"] >= 0 and r["step_norm"] <= r["radius"] * (1 + 1e-12) for r in accepted)
+    assert torch.equal(result.x == 0, expected == 0)          # exact zeros, also after coarse steps
     if nlevels == 2:
         assert method.coarse_accepted[1] >= 1
         assert any(r["level"] == 1 for r in result.records)

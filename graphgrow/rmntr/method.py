@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from .levels import Level, Linearisation
-from .prox import L1Term, stationarity
+from .prox import L1Term, snap_zeros, stationarity
 from .subproblem import Step, cauchy_point, reduction_ratio, spectral_prox_gradient, update_radius
 
 
@@ -153,6 +153,8 @@ class RMNTR:
                 gcp, t = cauchy_point(x, lin.gradient, lin.hvp, phi, available, mu=cfg.gcp_mu)
                 step = spectral_prox_gradient(x, lin.gradient, lin.hvp, phi, available, gcp, t,
                                               max_iterations=cfg.spg_iterations, rtol=cfg.spg_rtol, h0=h)
+            if kind == "recursive" and level == 0:
+                step.s = snap_zeros(x, step.s, self.weight)
             trial = x + step.s
             actual = self._reduction(level, x, lin, step.s, shift, phi)
             trial_value = value - actual

@@ -117,6 +117,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--plots", default=str(REPORTS), help="folder for the plots")
+    parser.add_argument("--only", default=None, help="run only the contenders whose name contains this")
     opts = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -150,6 +151,8 @@ def main():
         }
         logs, finals = {}, {}
         for name, contender in contenders.items():
+            if opts.only and opts.only not in name:
+                continue
             levels, x, records, seconds, extra = contender()
             row = {"beta": beta, **summarize(name, levels, problem, x, weight, records, seconds, extra)}
             rows.append(row)
@@ -157,8 +160,9 @@ def main():
             finals[name] = {n: v.detach().numpy() for n, v in levels[0].vector.unflatten(x).items() if n.endswith(".weight")}
             print(json.dumps(row), flush=True)
         plot_progress(logs, plots / f"progress_beta{beta:g}.png", f"PINN [2,{opts.width},1], beta {beta:g}")
-        plot_sparsity(finals["RMNTR, 2 levels"], plots / f"sparsity_rmntr2_beta{beta:g}.png",
-                      f"RMNTR 2 levels, beta {beta:g}")
+        if "RMNTR, 2 levels" in finals:
+            plot_sparsity(finals["RMNTR, 2 levels"], plots / f"sparsity_rmntr2_beta{beta:g}.png",
+                          f"RMNTR 2 levels, beta {beta:g}")
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=1))
     columns = ("beta", "method", "iterations", "fine_gradients", "fine_hvps", "fine_work", "work", "seconds", "F", "h", "l2_error",

@@ -46,8 +46,8 @@ def summarize(name, levels, problem, x, weight, records, seconds, extra):
             "seconds": seconds, "zero_share": sparsity(x, weight), **metrics, **first, **extra}
 
 
-def run_rmntr(network, problem, weight, nlevels, budget, config):
-    levels = build_levels(copy.deepcopy(network), problem, "width", nlevels)
+def run_rmntr(network, problem, weight, nlevels, budget, config, pairing="adjacent"):
+    levels = build_levels(copy.deepcopy(network), problem, "width", nlevels, pairing=pairing)
     method = RMNTR(levels, weight, RMNTRConfig(max_work=budget, **config))
     began = time.perf_counter()
     result = method.minimize(levels[0].vector.of(levels[0].network))
@@ -146,6 +146,8 @@ def main():
         contenders = {
             "prox TR, 1 level": lambda: run_rmntr(network, problem, weight, 1, opts.budget, config),
             "RMNTR, 2 levels": lambda: run_rmntr(network, problem, weight, 2, opts.budget, config),
+            "RMNTR, 2 levels, gradient pairs": lambda: run_rmntr(network, problem, weight, 2, opts.budget, config,
+                                                                 "gradient"),
             "Adam + soft-threshold": lambda: run_first_order(network, problem, weight, opts.budget, "adam", opts.adam_lr),
             "L-BFGS on f": lambda: run_first_order(network, problem, weight, opts.budget, "lbfgs", 1.0),
         }

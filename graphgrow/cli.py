@@ -144,7 +144,7 @@ def cmd_rmntr(opts) -> None:
     l1 = opts.l1 if opts.l1 in ("weights", "all") else opts.l1.split(",")
     result = run(opts.spec, opts.data, hierarchy=opts.hierarchy, levels=opts.levels, beta=opts.beta, l1=l1,
                  gtol=opts.gtol, max_iterations=opts.max_iterations, loss=opts.loss, warmup=opts.warmup,
-                 warmup_lr=opts.warmup_lr, model=opts.model, seed=opts.seed, out=opts.out, progress=not opts.quiet,
+                 warmup_lr=opts.warmup_lr, model=opts.model, pairing=opts.pairing, seed=opts.seed, out=opts.out, progress=not opts.quiet,
                  radius=opts.radius, kappa_h=opts.kappa_h, coarse_iterations=opts.coarse_iterations,
                  spg_iterations=opts.spg_iterations)
     final = result.summary["final"]
@@ -176,6 +176,8 @@ def _add_rmntr_parser(commands) -> None:
     rmntr.add_argument("--spg-iterations", type=int, default=25, help="prox-gradient iterations per subproblem")
     rmntr.add_argument("--model", default="hessian", choices=("hessian", "gauss-newton"),
                        help="curvature of the Taylor models (gauss-newton: least-squares losses such as the PINN)")
+    rmntr.add_argument("--pairing", default="adjacent", choices=("adjacent", "gradient"),
+                       help="width: pair adjacent units or the most strongly connected ones (residual gradients)")
     rmntr.add_argument("--warmup", type=int, default=0, help="Adam steps on f before the method")
     rmntr.add_argument("--warmup-lr", type=float, default=1e-2)
     rmntr.add_argument("--loss", default="cross_entropy", help="for data sets: cross_entropy or mse")

@@ -114,3 +114,25 @@ def test_the_smooth_gauss_newton_member_decreases_the_pinn_loss_on_two_levels():
         from graphgrow.rmntr.levels import supervised_loss
         build_levels(network, supervised_loss(torch.zeros(3, 2, dtype=DT), torch.zeros(3, 1, dtype=DT),
                                               torch.nn.functional.mse_loss), "width", 1, model="gauss-newton")
+
+
+def test_gradient_pairing_reads_the_residual_jacobian_and_gives_coherent_levels():
+    from torch.autograd.functional import jacobian
+    import passes
+    from graphgrow.rmntr.levels import unit_strength
+    network = pinn_network(6)
+    problem = PoissonPINN(grid=9)
+    params = {n: p.detach() for n, p in network.module.named_parameters()}
+    J = jacobian(lambda b: problem.residual(network.module, {**params, "hidden.bias": b}), params["hidden.bias"])
+    A = (J / J.abs().amax(dim=1, keepdim=True)).T @ J
+    expected = (A / torch.outer(A.diagonal().sqrt(), A.diagonal().sqrt())).abs()
+    strength = unit_strength(network, problem, "hidden")
+    assert torch.allclose(strength, expected, rtol=1e-10, atol=1e-12)
+    groups = passes.strongest_pairs(strength)
+    assert sorted(u for g in groups for u in g) == list(range(6)) and all(len(g) == 2 for g in groups)
+    best = max(((i, j) for i in range(6) for j in range(i + 1, 6)), key=lambda ij: float(strength[ij]))
+    assert list(best) in groups
+    levels = build_levels(network, problem, "width", 2, pairing="gradient")
+    R = levels[0].restriction.dense()
+    assert torch.allclose(R @ R.T, torch.eye(R.shape[0], dtype=DT), atol=1e-14)
+    assert levels[1].vector.size == 3 * 2 + 3 + 3 + 1      # the [2, 3, 1] network

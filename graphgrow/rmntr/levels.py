@@ -174,14 +174,62 @@ class Level:
 
 
 HIERARCHIES = ("width", "depth")
+PAIRINGS = ("adjacent", "gradient")
+
+
+def unit_strength(network: Network, loss, layer: str) -> torch.Tensor:
+    """Connection strength of the units of ``layer`` from the data: with g_p the gradient of the
+    residual r_p with respect to the layer's biases (one entry per unit), A = sum_p g_p g_p^T /
+    ||g_p||_inf and strength_ij = |A_ij| / sqrt(A_ii A_jj). J (points x units) is formed column
+    by column, J e_k = d/du <J^T u, e_k>, so no per-point backward pass is needed."""
+    residual = getattr(loss, "residual", None)
+    name = f"{layer}.bias"
+    params = {n: p.detach() for n, p in network.module.named_parameters()}
+    if not callable(residual) or name not in params:
+        raise GraphgrowError(f"gradient pairing needs a least-squares loss and a bias on '{layer}'",
+                             file=network.graph.source, node=layer, hint="use pairing='adjacent'")
+    with torch.enable_grad():
+        bias = params[name].clone().requires_grad_(True)
+        r = residual(network.module, {**params, name: bias})
+        dual = torch.zeros_like(r, requires_grad=True)
+        transposed, = torch.autograd.grad(r, bias, dual, create_graph=True)
+        J = torch.stack([torch.autograd.grad(transposed, dual, e, retain_graph=True)[0]
+                         for e in torch.eye(bias.numel(), dtype=bias.dtype, device=bias.device)], dim=1)
+    scaled = J / J.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(J.dtype).tiny)
+    A = scaled.T @ J
+    diagonal = A.diagonal().clamp_min(torch.finfo(J.dtype).tiny).sqrt()
+    return (A / diagonal[:, None] / diagonal[None, :]).abs()
+
+
+def _gradient_paired_networks(network: Network, loss, levels: int) -> tuple[list, list]:
+    """Width levels whose pairs are the strongest units (passes.strongest_pairs) of the one
+    widenable layer, recomputed on every level."""
+    networks, transfers = [network], []
+    for _ in range(levels - 1):
+        current = networks[-1]
+        layers = [n for n in passes.widenable(current.graph) if current.graph.node(n).out_shape[0] >= 2]
+        if len(layers) != 1:
+            raise GraphgrowError(f"gradient pairing coarsens exactly one hidden layer; '{current.graph.name}' has "
+                                 f"{len(layers)}", file=current.graph.source, hint="use pairing='adjacent'")
+        groups = passes.strongest_pairs(unit_strength(current, loss, layers[0]))
+        transfer = passes.coarsen_width(current, layers, groups, scaling="orthonormal")
+        networks.append(transfer.coarse)
+        transfers.append(transfer)
+    return networks, transfers
 
 
 def build_levels(network: Network, loss: NetworkLoss, kind: str = "width", levels: int = 2,
-                 model: str = "hessian", **options) -> list[Level]:
+                 model: str = "hessian", pairing: str = "adjacent", **options) -> list[Level]:
     """Levels 0 (``network``) .. levels-1 from ``passes.build_hierarchy``: width with
     ``scaling='orthonormal'`` (P = R^T), depth with ``restriction='injection'``. Every restriction
     is checked to be row-orthonormal with disjoint rows (a closed-form composite prox).
-    ``model``: the curvature of the Taylor models, exact Hessian or Gauss-Newton."""
+    ``model``: the curvature of the Taylor models, exact Hessian or Gauss-Newton. ``pairing``
+    (width): adjacent units, or the most strongly connected ones by residual gradients
+    (:func:`unit_strength`; least-squares losses, one hidden layer)."""
+    if pairing not in PAIRINGS:
+        raise GraphgrowError(f"unknown pairing {pairing!r}", hint=f"use {' or '.join(PAIRINGS)}")
+    if pairing == "gradient" and kind != "width":
+        raise GraphgrowError("gradient pairing is for width hierarchies", hint="use pairing='adjacent'")
     if kind not in HIERARCHIES:
         raise GraphgrowError(f"unknown hierarchy {kind!r} for rmntr", hint="use width or depth")
     if not (isinstance(levels, int) and levels >= 1):
@@ -192,8 +240,11 @@ def build_levels(network: Network, loss: NetworkLoss, kind: str = "width", level
                              hint="the composite l1 prox is closed-form only when R R^T = I with disjoint rows; "
                                   f"use {fixed[0]}={fixed[1]!r}")
     options[fixed[0]] = fixed[1]
-    built = passes.build_hierarchy(network, kind=kind, levels=levels, **options) if levels > 1 else None
-    networks = [network] + ([level.network for level in built[1:]] if built else [])
+    if pairing == "gradient":
+        networks, transfers = _gradient_paired_networks(network, loss, levels)
+    else:
+        built = passes.build_hierarchy(network, kind=kind, levels=levels, **options)
+        networks, transfers = [level.network for level in built], [level.transfer for level in built[1:]]
     fine_flops = max(network.graph.flops(), 1)
     result = []
     for index, net in enumerate(networks):
@@ -201,7 +252,7 @@ def build_levels(network: Network, loss: NetworkLoss, kind: str = "width", level
         result.append(Level(net, objective, vector, cost=net.graph.flops() / fine_flops,
                             name=f"{kind}{index}:{vector.size}p"))
     for index in range(len(result) - 1):
-        fine, coarse, transfer = result[index], result[index + 1], built[index + 1].transfer
+        fine, coarse, transfer = result[index], result[index + 1], transfers[index]
         fine_x = fine.vector.of(fine.network)
 
         def restrict(x, fine=fine, coarse=coarse, transfer=transfer):

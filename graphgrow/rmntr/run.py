@@ -82,13 +82,14 @@ def sparsity(x: torch.Tensor, weight: torch.Tensor) -> float:
 
 def run(spec, data="pinn", *, hierarchy: str = "width", levels: int = 2, beta: float = 1e-4, l1="weights",
         gtol: float = 1e-4, max_iterations: int = 200, loss: str = "cross_entropy", warmup: int = 0,
-        warmup_lr: float = 1e-2, model: str = "hessian", dtype: torch.dtype = torch.float64, seed: int = 0, out=None,
+        warmup_lr: float = 1e-2, model: str = "hessian", pairing: str = "adjacent", dtype: torch.dtype = torch.float64, seed: int = 0, out=None,
         progress: bool = False, export: bool = True, hierarchy_options: dict | None = None, **config) -> RMNTRRun:
     """Minimise f + beta ||.||_1 for the network ``spec`` on ``data`` with RMNTR on a ``levels``-level
     ``hierarchy`` (width: neuron pairs, orthonormal; depth: ResNet stages, injection); levels=1
     is the single-level proximal trust-region method. ``model='gauss-newton'`` uses matrix-free
     Gauss-Newton products instead of Hessian products (least-squares losses: the PINN); with
-    beta = 0 it is the smooth multilevel Gauss-Newton trust-region member. ``config`` sets :class:`RMNTRConfig`
+    beta = 0 it is the smooth multilevel Gauss-Newton trust-region member. ``pairing='gradient'``
+    pairs the most strongly connected units (residual gradients) instead of adjacent ones. ``config`` sets :class:`RMNTRConfig`
     fields (radius, kappa_h, coarse_iterations, spg_iterations, ...). With ``out`` the run
     directory gets log.jsonl (every step on every level), summary.json, final.yaml + .pt,
     model.pt2, progress.png and sparsity.png."""
@@ -106,7 +107,7 @@ def run(spec, data="pinn", *, hierarchy: str = "width", levels: int = 2, beta: f
     fine = build_levels(network, problem, hierarchy, 1)[0]
     if warmup:
         fine.vector.load(network, adam_warmup(fine.objective, fine.vector.of(network), warmup, warmup_lr))
-    built = build_levels(network, problem, hierarchy, levels, model, **(hierarchy_options or {}))
+    built = build_levels(network, problem, hierarchy, levels, model, pairing, **(hierarchy_options or {}))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -114,7 +115,7 @@ def run(spec, data="pinn", *, hierarchy: str = "width", levels: int = 2, beta: f
 
     with RunLog(out) as log:
         log.log("start", config=settings.to_dict(), hierarchy=hierarchy, levels=[lv.name for lv in built],
-                costs=[lv.cost for lv in built], model=model, network=network.graph.name, data=str(data), beta=beta,
+                costs=[lv.cost for lv in built], model=model, pairing=pairing, network=network.graph.name, data=str(data), beta=beta,
                 l1=l1 if isinstance(l1, str) else list(l1), warmup=warmup, seed=seed)
 
         def on_step(record):

@@ -211,3 +211,11 @@ def test_snap_zeros_removes_rounding_residue_of_penalised_entries_only():
     weight = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=DT)
     z = x + snap_zeros(x, s, weight)
     assert z[0] == 0 and z[1] == 0 and z[2] != 0 and z[3] == 1.0
+
+
+def test_strongest_pairs_pairs_greedily_and_leaves_an_odd_unit_alone():
+    import passes
+    strength = torch.tensor([[1.0, 0.1, 0.9, 0.2, 0.0], [0.1, 1.0, 0.3, 0.8, 0.0], [0.9, 0.3, 1.0, 0.1, 0.95],
+                             [0.2, 0.8, 0.1, 1.0, 0.0], [0.0, 0.0, 0.95, 0.0, 1.0]])
+    # 2-4 (0.95) first, then 1-3 (0.8); 0 stays alone although 0-2 (0.9) is strong
+    assert passes.strongest_pairs(strength) == [[0], [1, 3], [2, 4]]

@@ -65,7 +65,6 @@ class LevelRun:
     """What one (possibly coarse) solve produced."""
     x: torch.Tensor
     value: float            # F at x (the level's model, with the composite phi)
-    start_value: float
     reduction: float        # sum of the accepted steps' reductions, F(start) - F(x) without cancellation
     h: float
     iterations: int
@@ -131,7 +130,7 @@ class RMNTR:
         lin = lin if lin is not None else self._linearize(level, x, shift)
         value = lin.value + phi.value(x)
         h = stationarity(phi, x, lin.gradient)
-        start_value, reduction, accepted, iteration, recursion_failed = value, 0.0, 0, 0, False
+        reduction, accepted, iteration, recursion_failed = 0.0, 0, 0, False
         while True:
             available = radius if parent is None else min(
                 radius, parent[1] - float(torch.linalg.vector_norm(x - parent[0])))
@@ -140,7 +139,7 @@ class RMNTR:
                       else "radius floor" if available <= cfg.radius_floor
                       else "work budget" if parent is None and self.work() >= cfg.max_work else None)
             if reason is not None:
-                return LevelRun(x, value, start_value, reduction, h, iteration, accepted, reason)
+                return LevelRun(x, value, reduction, h, iteration, accepted, reason)
             iteration += 1
             step, kind = None, "taylor"
             if level + 1 < len(self.levels) and not recursion_failed and available >= cfg.recursion_min_radius:

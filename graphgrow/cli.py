@@ -180,6 +180,54 @@ def cmd_mgopt(opts) -> None:
         print(f"run directory: {result.out}")
 
 
+def cmd_rmntr(opts) -> None:
+    from .rmntr import run
+    l1 = opts.l1 if opts.l1 in ("weights", "all") else opts.l1.split(",")
+    result = run(opts.spec, opts.data, hierarchy=opts.hierarchy, levels=opts.levels, beta=opts.beta, l1=l1,
+                 gtol=opts.gtol, max_iterations=opts.max_iterations, loss=opts.loss, warmup=opts.warmup,
+                 warmup_lr=opts.warmup_lr, model=opts.model, pairing=opts.pairing, seed=opts.seed, out=opts.out, progress=not opts.quiet,
+                 radius=opts.radius, kappa_h=opts.kappa_h, coarse_iterations=opts.coarse_iterations,
+                 spg_iterations=opts.spg_iterations)
+    final = result.summary["final"]
+    print(f"RMNTR on {', '.join(result.summary['levels'])}: {final['reason']} after {final['iterations']} "
+          f"iterations; F {final['F']:.6g}, h {final['h']:.3g}")
+    print(f"fine level: {final['fine_gradients']} gradients, {final['fine_hvps']} HVPs; work {final['work']:.1f} "
+          f"fine gradients; {final['seconds']:.1f} s; zero weights {100 * final['zero_share']:.1f}%; "
+          f"coarse steps accepted/tried {final['coarse_accepted']}/{final['coarse_tried']}")
+    if "l2_error" in final:
+        print(f"PINN: L2 relative error {final['l2_error']:.3g}, residual RMSE {final['residual_rmse']:.3g}")
+    if result.out is not None:
+        print(f"run directory: {result.out}")
+
+
+def _add_rmntr_parser(commands) -> None:
+    rmntr = commands.add_parser("rmntr", help="multilevel proximal trust region for f + beta ||w||_1 (docs/rmntr.md)")
+    rmntr.add_argument("spec")
+    rmntr.add_argument("--data", default="pinn",
+                       help="pinn (the PDE of docs/rmntr.md), spiral, mnist:DIR or npz:FILE (default pinn)")
+    rmntr.add_argument("--hierarchy", default="width", choices=("width", "depth"))
+    rmntr.add_argument("--levels", type=int, default=2, help="1: the single-level proximal trust region")
+    rmntr.add_argument("--beta", type=float, default=1e-4, help="weight of the l1 term")
+    rmntr.add_argument("--l1", default="weights", help="penalised parameters: weights, all, or layer names a,b")
+    rmntr.add_argument("--gtol", type=float, default=1e-4, help="stop when h <= gtol")
+    rmntr.add_argument("--max-iterations", type=int, default=200)
+    rmntr.add_argument("--radius", type=float, default=1.0, help="initial trust-region radius")
+    rmntr.add_argument("--kappa-h", type=float, default=0.5, help="recurse when h_coarse >= kappa_h h")
+    rmntr.add_argument("--coarse-iterations", type=int, default=5, help="iterations per coarse solve")
+    rmntr.add_argument("--spg-iterations", type=int, default=25, help="prox-gradient iterations per subproblem")
+    rmntr.add_argument("--model", default="hessian", choices=("hessian", "gauss-newton"),
+                       help="curvature of the Taylor models (gauss-newton: least-squares losses such as the PINN)")
+    rmntr.add_argument("--pairing", default="adjacent", choices=("adjacent", "gradient"),
+                       help="width: pair adjacent units or the most strongly connected ones (residual gradients)")
+    rmntr.add_argument("--warmup", type=int, default=0, help="Adam steps on f before the method")
+    rmntr.add_argument("--warmup-lr", type=float, default=1e-2)
+    rmntr.add_argument("--loss", default="cross_entropy", help="for data sets: cross_entropy or mse")
+    rmntr.add_argument("--seed", type=int, default=0)
+    rmntr.add_argument("--out", default=None, help="run directory (log, final network, export, plots)")
+    rmntr.add_argument("--quiet", action="store_true", help="no progress bar")
+    rmntr.set_defaults(run=cmd_rmntr)
+
+
 def cmd_demo(opts) -> None:
     """SensLI on the spiral data (thesis 4.5.1): FNN 2-5-2, full-batch SGD lr 0.2, one layer
     inserted at epoch 450 where the sensitivities say, 1400 more epochs."""
@@ -332,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     mgopt.add_argument("--evals-per-epoch", type=int, default=1, help="full evaluations per epoch")
     mgopt.add_argument("--no-log-steps", action="store_true", help="no step records in the log")
     mgopt.set_defaults(run=cmd_mgopt)
+
+    _add_rmntr_parser(commands)
 
     demo = commands.add_parser("demo", help="the main job: SensLI on the spiral data")
     demo.add_argument("--spec", default=str(DEMO_SPEC))

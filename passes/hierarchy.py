@@ -191,6 +191,24 @@ def _check_groups(graph: LayerGraph, layer: str, units: int, groups) -> list[lis
     return [list(group) for group in groups]
 
 
+def strongest_pairs(strength: torch.Tensor) -> list[list[int]]:
+    """Units paired greedily by a symmetric strength matrix (data-driven width coarsening):
+    repeatedly the two unpaired units with the largest strength; with an odd count the last
+    unit stays alone. Pass the result as ``groups`` to :func:`coarsen_width`."""
+    units = strength.shape[0]
+    scores = strength.detach().double().clone()
+    scores.fill_diagonal_(-float("inf"))
+    groups, free = [], set(range(units))
+    for flat in torch.argsort(scores.reshape(-1), descending=True).tolist():
+        i, j = divmod(flat, units)
+        if i < j and i in free and j in free:
+            groups.append([i, j])
+            free -= {i, j}
+        if len(free) < 2:
+            break
+    return sorted(groups + [[u] for u in sorted(free)])
+
+
 def coarsen_width(network: Network, layers: list[str] | None = None, groups: list[list[int]] | None = None,
                   scaling: str = "average") -> Transfer:
     """One unit per group for each of ``layers`` (default: every widenable layer with an even

@@ -98,15 +98,16 @@ def cmd_grow(opts) -> None:
                   per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
                   momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer, damping=opts.damping,
                   loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out, seed=opts.seed,
-                  progress=not opts.quiet)
+                  progress=not opts.quiet, device=opts.device, dtype=opts.dtype)
     _print_growth(result)
 
 
 def cmd_sensitivities(opts) -> None:
     from .compiler.io import load_network
     from .runtime.data import load_data
+    from .runtime.devices import place_network
     from .sensli import sensitivities
-    network = load_network(opts.spec, opts.seed, opts.weights)
+    network = place_network(load_network(opts.spec, opts.seed, opts.weights), opts.device, opts.dtype)
     report = sensitivities(network, load_data(opts.data, opts.seed), norm=opts.norm, loss=opts.loss,
                            sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json)
     if opts.json:
@@ -128,7 +129,8 @@ def cmd_mgopt(opts) -> None:
                  variant=opts.variant, epochs=opts.epochs, batch=opts.batch, loss=opts.loss,
                  pre_smooth=opts.pre_smooth, post_smooth=opts.post_smooth, backtracking=opts.backtracking,
                  descent_check=not opts.no_descent_check, schedule=opts.schedule,
-                 interpolation=opts.interpolation, out=opts.out, seed=opts.seed, progress=not opts.quiet)
+                 interpolation=opts.interpolation, out=opts.out, seed=opts.seed, progress=not opts.quiet,
+                 device=opts.device, dtype=opts.dtype)
     summary, final = result.summary, result.summary["final"]
     print(f"{summary['variant']} on a {summary['hierarchy']} hierarchy, levels {', '.join(summary['levels'])}")
     print(f"{final['iterations']} fine iterations, {final['corrections']} coarse corrections taken "
@@ -160,6 +162,13 @@ def _add_training_options(parser, *, epochs: int, lr: float) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="run directory (log, final network, export, plots)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_device_options(parser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="the network's floating-point type; the data are cast to it (default float32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--optimizer", default="sgd",
                       help="sgd, adam or frobenius (the layer-wise preconditioner, docs/preconditioning.md)")
     grow.add_argument("--damping", type=float, default=0.01, help="gamma of the frobenius optimizer (both sides)")
+    _add_device_options(grow)
     grow.set_defaults(run=cmd_grow)
 
     sens = commands.add_parser("sensitivities", help="merits of every candidate layer of a network")
@@ -215,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--sample", type=float, default=None)
     sens.add_argument("--seed", type=int, default=0)
     sens.add_argument("--json", action="store_true")
+    _add_device_options(sens)
     sens.set_defaults(run=cmd_sensitivities)
 
     mgopt = commands.add_parser("mgopt", help="multilevel training (MG/Opt) on a hierarchy built by passes")
@@ -235,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     mgopt.add_argument("--no-descent-check", action="store_true", help="accept ascent corrections too")
     mgopt.add_argument("--schedule", default="constant", help="step sizes: constant or diminishing")
     mgopt.add_argument("--interpolation", default="constant", help="depth prolongation: constant or linear")
+    _add_device_options(mgopt)
     mgopt.set_defaults(run=cmd_mgopt)
 
     demo = commands.add_parser("demo", help="the main job: SensLI on the spiral data")

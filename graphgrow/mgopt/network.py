@@ -57,7 +57,7 @@ class NetworkProblem:
         return torch.randperm(size, generator=generator)[:self.batch]
 
     def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.split.x[batch], self.split.y[batch]
+        x, y = self.split.rows(batch, self.network.device)
         if self.pool > 1:
             x = F.max_pool2d(x, self.pool)
         return x, y
@@ -81,7 +81,7 @@ class NetworkProblem:
         """Mean loss and error rate over a whole split (no pooling beyond this level's)."""
         total, wrong = 0.0, 0
         for start in range(0, len(split), chunk):
-            x, y = split.x[start:start + chunk], split.y[start:start + chunk]
+            x, y = split.rows(slice(start, start + chunk), self.network.device)
             if self.pool > 1:
                 x = F.max_pool2d(x, self.pool)
             output = functional_call(self.network.module, params, (x,))
@@ -120,7 +120,7 @@ def resolution_network(network: Network, factor: int) -> Network:
             raise GraphgrowError("resolution hierarchy: parameter shapes change with the input size",
                                  file=graph.source, node=node.name,
                                  hint="use adaptive_avgpool2d before flatten so the head sees a fixed size")
-    return Network.build(coarse, network.state())
+    return Network.build(coarse, network.state(), dtype=network.dtype, device=network.device)
 
 
 def build_network_hierarchy(network: Network, split: Split, kind: str, levels: int, *, batch: int | None,

@@ -6,11 +6,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..compiler.io import load_network
 from ..errors import GraphgrowError
 from ..runtime.data import load_data
+from ..runtime.devices import place_network
 from ..runtime.runlog import RunLog
-from ..runtime.splits import as_splits, check_data_fits
+from ..runtime.splits import as_splits, check_data_fits, place
 from .network import build_network_hierarchy, iterations_per_epoch, load_params
 from .optimizer import MGOptConfig, optimize
 
@@ -30,7 +33,8 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
         backtracking: int = 0, schedule: str = "constant", decay: float = 100.0, nested_epochs: int = 1,
         interpolation: str = "constant", out=None, seed: int = 0, progress: bool = False, eval_every: int = 1,
         evals_per_epoch: int = 1, work_budget: float | None = None, log_steps: bool = True,
-        export: bool = True) -> MGOptResult:
+        export: bool = True, device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None) -> MGOptResult:
     """Train ``spec`` on ``data`` with multilevel optimisation on a hierarchy built from it.
 
     ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
@@ -43,7 +47,9 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
     work units), summary.json, final.yaml + .pt, model.pt2 and curves.png. The full training and
     test sets are evaluated every ``eval_every`` epochs, or ``evals_per_epoch`` times per epoch.
     ``work_budget`` (work units, one = a fine gradient evaluation) ends training when spent,
-    whichever of it and ``epochs`` comes first (to compare contenders at equal work)."""
+    whichever of it and ``epochs`` comes first (to compare contenders at equal work).
+    ``device`` (auto, cpu, cuda, cuda:N, mps) and ``dtype`` (float32, float64): where and in which
+    type every level trains (None: as the network is); the data are cast to the network's dtype."""
     from ..runtime.plots import plot_run
 
     config = MGOptConfig(alpha=alpha, alpha_bar=alpha_bar, alpha_cgc=alpha_cgc, kappa=kappa, K=K, lam=lam,
@@ -52,8 +58,8 @@ def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa
     if not (isinstance(epochs, int) and epochs >= 0):
         raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}")
     dataset = load_data(data, seed)
-    network = load_network(spec, seed)
-    train_split, test_split = as_splits(dataset)
+    network = place_network(load_network(spec, seed), device, dtype)
+    train_split, test_split = (place(split, network.device) for split in as_splits(dataset, network.dtype))
     check_data_fits(network, train_split)
     options = {"interpolation": interpolation} if hierarchy == "depth" else {}
     levels_built = build_network_hierarchy(network, train_split, hierarchy, levels, batch=batch, loss=loss, **options)

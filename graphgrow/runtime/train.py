@@ -22,7 +22,7 @@ from ..compiler.network import Network
 from ..errors import GraphgrowError
 from .optimizers import make_optimizer, optimizer_kind
 from .runlog import RunLog
-from .splits import LOSSES, as_splits, batches, check_data_fits, error_count, evaluate, loss_fn
+from .splits import LOSSES, as_splits, batches, check_data_fits, error_count, evaluate, loss_fn, place
 
 SCHEDULES = ("constant", "step", "exponential", "cosine")
 
@@ -125,7 +125,8 @@ class Trainer:
                  log: RunLog | None = None, hooks: Sequence[Any] = ()):
         self.config = config or TrainConfig()
         self.network = network
-        self.train_split, self.test_split = as_splits(data)
+        # data in the network's dtype, on its device when they fit there (else batch by batch)
+        self.train_split, self.test_split = (place(split, network.device) for split in as_splits(data, network.dtype))
         check_data_fits(network, self.train_split)
         self.log = log if log is not None else RunLog()
         self.hooks = list(hooks)
@@ -236,7 +237,7 @@ class Trainer:
                 self.set_lr(lr_at(cfg, self.epoch))
                 epoch_loss, epoch_wrong, seen, classified = 0.0, 0, 0, True
                 for index in batches(len(self.train_split), cfg.batch, self.generator):
-                    x, y = self.train_split.x[index], self.train_split.y[index]
+                    x, y = self.train_split.rows(index, self.network.device)
                     value, output = self.step(x, y)
                     wrong = error_count(output, y)
                     classified = classified and wrong is not None

@@ -10,6 +10,7 @@ import torch
 from ..compiler.io import load_network
 from ..errors import GraphgrowError
 from ..runtime.data import load_data
+from ..runtime.devices import place_network
 from ..runtime.flops import CostLedger
 from ..runtime.runlog import RunLog
 from ..runtime.splits import Split, evaluate
@@ -145,17 +146,21 @@ def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | N
          loss: str = "cross_entropy",
          sens_batch: int | None = 256, sample: int | float | None = None, out=None, seed: int = 0,
          progress: bool = False, eval_every: int = 1, log_steps: bool = True, export: bool = True,
-         widen: int = 0) -> GrowResult:
+         widen: int = 0, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None) -> GrowResult:
     """Train ``spec`` on ``data`` while SensLI (or a comparison strategy) inserts layers.
 
     ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
     npz:PATH. With ``out`` a run directory gets log.jsonl, summary.json, final.yaml + .pt,
     model.pt2 and curves.png. ``widen=k`` adds the k best neurons per try (4.4, 4.20)
-    instead of inserting layers (``max_insertions`` then counts widening steps). Returns the grown network, the records, the insertion events
-    and the summary (final metrics, FLOPs per training sample as in thesis Tables 4.2/4.4)."""
+    instead of inserting layers (``max_insertions`` then counts widening steps). ``device``
+    (auto, cpu, cuda, cuda:N, mps) and ``dtype`` (float32, float64): where and in which type the
+    network trains (None: as it is); the data are cast to the network's dtype. Returns the grown
+    network, the records, the insertion events and the summary (final metrics, FLOPs per
+    training sample as in thesis Tables 4.2/4.4)."""
     from ..runtime.plots import plot_run
     dataset = load_data(data, seed)
-    network = load_network(spec, seed)
+    network = place_network(load_network(spec, seed), device, dtype)
     config = TrainConfig(epochs=epochs, lr=lr, batch=batch, momentum=momentum, weight_decay=weight_decay,
                          optimizer=optimizer, damping=damping, loss=loss, seed=seed, progress=progress,
                          eval_every=eval_every, log_steps=log_steps)

@@ -12,7 +12,6 @@ from torch import fx
 
 import passes
 from passes.extend import plan_candidates
-from passes.record import network_dtype
 
 from ..errors import GraphgrowError
 from ..ops.base import Geometry
@@ -117,6 +116,7 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     total = int(x.shape[0])
     step = total if batch is None else batch
     sums = [torch.zeros_like(p) for p in targets]
+    device = next(iter(params.values())).device if params else x.device
     mean_loss = 0.0
     module.eval()
     try:
@@ -127,7 +127,7 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             from tqdm.auto import tqdm
             starts = tqdm(starts, desc="sensitivities", unit="batch", leave=False, dynamic_ncols=True)
         for start in starts:
-            xb, yb = x[start:start + step], y[start:start + step]
+            xb, yb = x[start:start + step].to(device), y[start:start + step].to(device)
             output, leaves = (module(xb), []) if runner is None else runner.run_tapped(xb)
             value = loss(output, yb) * (xb.shape[0] / total)
             mean_loss = mean_loss + value.detach()  # a tensor: no device sync per batch
@@ -239,7 +239,7 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
     if norm not in MERIT_NORMS:
         raise GraphgrowError(f"unknown merit norm '{norm}'", hint=f"use one of {', '.join(MERIT_NORMS)}")
     start = time.perf_counter()
-    train_split, _ = as_splits(data)
+    train_split, _ = as_splits(data, network.dtype)
     check_data_fits(network, train_split)
     graph = network.graph
     plans = plan_candidates(graph)
@@ -249,7 +249,6 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
                              hint="SensLI inserts after ReLU activations and around residual blocks")
     rows = sample_rows(len(train_split), sample, seed)
     x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows], train_split.y[rows])
-    x = x.to(network_dtype(network))  # the data splits are float32; a float64 network computes in float64
     weights = existing_weights(graph)
     merit_grads: dict[str, torch.Tensor] = {}
 

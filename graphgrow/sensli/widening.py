@@ -41,14 +41,15 @@ def widen_layers(network, new_rows: dict[str, torch.Tensor]):
     for name, rows in new_rows.items():
         graph.node(name).args["out"] += rows.shape[0]
     graph.infer_shapes()
-    module = compile_graph(graph, seed=0)
+    module = compile_graph(graph, seed=0, dtype=network.dtype, device=network.device)
     state = {k: torch.zeros_like(v) for k, v in module.state_dict().items()}
     for key, old in network.state().items():
         state[key][tuple(slice(0, s) for s in old.shape)] = old
     for name, rows in new_rows.items():
         width = network.graph.node(name).out_shape[0]
+        weight = state[f"{name}.weight"]
         # columns past the old fan-in belong to neurons added upstream; their weights stay zero
-        state[f"{name}.weight"][width:, :rows.shape[1]] = rows
+        weight[width:, :rows.shape[1]] = rows.to(weight)
     module.load_state_dict(state)
     return Network(graph, module)
 
@@ -80,7 +81,7 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, loss: str = "cros
         fan_in = network.graph.node(name).in_shapes[0][-1]
         rows[name] = torch.randn(per_layer, fan_in, generator=generator) / math.sqrt(fan_in)
     wide = widen_layers(network, rows)
-    split, _ = as_splits(data)
+    split, _ = as_splits(data, network.dtype)
     outgoing = {name: f"{_next_linear(network.graph, name)}.weight" for name in layers}
     grads, _ = full_data_gradients(wide.module, split.x, split.y, loss_fn(loss), list(outgoing.values()), batch=batch)
     candidates, existing = [], []

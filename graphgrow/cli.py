@@ -91,15 +91,29 @@ def _print_growth(result) -> None:
         print(f"run directory: {result.out} (log.jsonl, summary.json, final.yaml/.pt, model.pt2, curves.png)")
 
 
-def cmd_grow(opts) -> None:
+def _launched(opts) -> int | None:
+    """With ``--nproc N`` > 1 in a process that is not a rank yet: run the same command in N
+    local ranks (runtime.distributed.launch) and return their exit status; else None."""
+    import os
+    if opts.nproc == 1 or "WORLD_SIZE" in os.environ:
+        return None
+    from .runtime.distributed import launch
+    return launch(opts.argv, opts.nproc)
+
+
+def cmd_grow(opts) -> int | None:
+    code = _launched(opts)
+    if code is not None:
+        return code
     from .sensli import grow
     result = grow(opts.spec, opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
                   insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
                   per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
                   momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer, damping=opts.damping,
                   loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out, seed=opts.seed,
-                  progress=not opts.quiet, device=opts.device, dtype=opts.dtype)
+                  progress=not opts.quiet, device=opts.device, dtype=opts.dtype, dist_timeout=opts.dist_timeout)
     _print_growth(result)
+    return None
 
 
 def cmd_sensitivities(opts) -> None:
@@ -171,6 +185,14 @@ def _add_device_options(parser) -> None:
                         help="the network's floating-point type; the data are cast to it (default float32)")
 
 
+def _add_parallel_options(parser) -> None:
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel ranks on this machine (gloo on the CPU, NCCL on CUDA); "
+                             "torchrun --nproc-per-node N -m graphgrow ... works too")
+    parser.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                        help="seconds a rank waits for the others before the run stops (default 300)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphgrow", description="Networks that change shape while they train.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -213,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sgd, adam or frobenius (the layer-wise preconditioner, docs/preconditioning.md)")
     grow.add_argument("--damping", type=float, default=0.01, help="gamma of the frobenius optimizer (both sides)")
     _add_device_options(grow)
+    _add_parallel_options(grow)
     grow.set_defaults(run=cmd_grow)
 
     sens = commands.add_parser("sensitivities", help="merits of every candidate layer of a network")
@@ -260,16 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = build_parser().parse_args(argv)
+    opts.argv = argv
     try:
-        opts.run(opts)
+        code = opts.run(opts)
     except GraphgrowError as err:
         print(err.format(), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -101,6 +101,12 @@ def _launched(opts) -> int | None:
     return launch(opts.argv, opts.nproc)
 
 
+def _rank_zero() -> bool:
+    """True unless this process is a rank > 0 of a data-parallel run (which prints nothing)."""
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_grow(opts) -> int | None:
     code = _launched(opts)
     if code is not None:
@@ -112,7 +118,8 @@ def cmd_grow(opts) -> int | None:
                   momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer, damping=opts.damping,
                   loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out, seed=opts.seed,
                   progress=not opts.quiet, device=opts.device, dtype=opts.dtype, dist_timeout=opts.dist_timeout)
-    _print_growth(result)
+    if _rank_zero():
+        _print_growth(result)
     return None
 
 
@@ -136,7 +143,10 @@ def cmd_sensitivities(opts) -> None:
         print(f"{c.position:<{width}}  {c.kind:<9}  {c.merit:>10.4g}  {report.ratio(c):>8.3g}  {c.new_params:>10}")
 
 
-def cmd_mgopt(opts) -> None:
+def cmd_mgopt(opts) -> int | None:
+    code = _launched(opts)
+    if code is not None:
+        return code
     from .mgopt import run
     result = run(opts.spec, opts.data, hierarchy=opts.hierarchy, levels=opts.levels, kappa=opts.kappa,
                  K=opts.K, lam=opts.lam, alpha=opts.lr, alpha_bar=opts.alpha_bar, alpha_cgc=opts.alpha_cgc,
@@ -144,7 +154,9 @@ def cmd_mgopt(opts) -> None:
                  pre_smooth=opts.pre_smooth, post_smooth=opts.post_smooth, backtracking=opts.backtracking,
                  descent_check=not opts.no_descent_check, schedule=opts.schedule,
                  interpolation=opts.interpolation, out=opts.out, seed=opts.seed, progress=not opts.quiet,
-                 device=opts.device, dtype=opts.dtype)
+                 device=opts.device, dtype=opts.dtype, dist_timeout=opts.dist_timeout)
+    if not _rank_zero():
+        return None
     summary, final = result.summary, result.summary["final"]
     print(f"{summary['variant']} on a {summary['hierarchy']} hierarchy, levels {', '.join(summary['levels'])}")
     print(f"{final['iterations']} fine iterations, {final['corrections']} coarse corrections taken "
@@ -153,6 +165,7 @@ def cmd_mgopt(opts) -> None:
           + (f", test loss {final['test']['loss']:.4g}" if final.get("test") else ""))
     if result.out is not None:
         print(f"run directory: {result.out}")
+    return None
 
 
 def cmd_demo(opts) -> None:
@@ -270,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     mgopt.add_argument("--schedule", default="constant", help="step sizes: constant or diminishing")
     mgopt.add_argument("--interpolation", default="constant", help="depth prolongation: constant or linear")
     _add_device_options(mgopt)
+    _add_parallel_options(mgopt)
     mgopt.set_defaults(run=cmd_mgopt)
 
     demo = commands.add_parser("demo", help="the main job: SensLI on the spiral data")

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from graphgrow.compiler.io import load_network  # noqa: E402
+from graphgrow import mgopt  # noqa: E402
 from graphgrow.errors import GraphgrowError  # noqa: E402
 from graphgrow.runtime.data import spiral  # noqa: E402
 from graphgrow.runtime.distributed import DataParallelTrainer, joined  # noqa: E402
@@ -70,12 +71,21 @@ class Contrary(growth.GrowthHook):
         self.strategy = "min"
 
 
+def run_mgopt() -> dict:
+    """MG/Opt on a depth hierarchy (alone, or as a rank of the process group already joined)."""
+    result = mgopt.run(str(ROOT / "specs" / "resnet_ode.yaml"), "spiral", hierarchy="depth", levels=2, epochs=1,
+                       batch=100, K=2, kappa=0.1, lam=0.1, dtype="float64", export=False, log_steps=False)
+    return {"params": {n: p.detach().clone() for n, p in result.network.module.named_parameters()},
+            "corrections": result.summary["final"]["corrections"], "final": result.summary["final"]["train"]}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     results = {}
     with joined(torch.device("cpu"), timeout=20.0) as parallel:
         for name in SCENARIOS:
             results[name] = run_scenario(name, parallel)
+        results["mgopt"] = run_mgopt()
         began = time.monotonic()
         try:
             run_scenario("contrary", parallel, Contrary if parallel.rank == 1 else growth.GrowthHook)

@@ -15,7 +15,7 @@ from graphgrow.cli import main
 from graphgrow.runtime.distributed import DataParallel, free_port, network_digest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distributed_worker import SCENARIOS, run_scenario  # noqa: E402
+from distributed_worker import SCENARIOS, run_mgopt, run_scenario  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -66,6 +66,15 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(ranks, scenario):
     if scenario != "insert":  # momentum buffers / Adam moments exist and were carried
         assert rank0[scenario]["end"]["optimizer"]
     assert rank0[scenario]["final"]["train"]["loss"] == pytest.approx(single["final"]["train"]["loss"], rel=1e-12)
+
+
+def test_mgopt_on_two_ranks_matches_one_process(ranks):
+    (rank0, rank1), _, _ = ranks
+    single = run_mgopt()
+    assert_identical(rank0["mgopt"]["params"], rank1["mgopt"]["params"])
+    assert_close(rank0["mgopt"]["params"], single["params"], 1e-10)
+    assert rank0["mgopt"]["corrections"] == single["corrections"] > 0
+    assert rank0["mgopt"]["final"]["loss"] == pytest.approx(single["final"]["loss"], rel=1e-12)
 
 
 def test_a_rank_that_picks_another_candidate_stops_both(ranks):

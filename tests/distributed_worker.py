@@ -19,15 +19,19 @@ from graphgrow.runtime.distributed import DataParallelTrainer, joined  # noqa: E
 from graphgrow.runtime.train import TrainConfig, Trainer  # noqa: E402
 from graphgrow.sensli import growth  # noqa: E402
 
-#: name -> (spec, training settings, growth settings, insertion epoch)
+#: name -> (spec, dtype, training settings, growth settings, insertion epoch)
 SCENARIOS = {
-    "insert": ("fnn_spiral", dict(epochs=60, lr=0.2), dict(insert_at=[30]), 30),
-    "momentum": ("fnn_spiral_deep", dict(epochs=6, lr=0.1, batch=64, momentum=0.9), dict(insert_at=[3]), 3),
-    "adam": ("fnn_spiral_deep", dict(epochs=6, lr=0.01, batch=64, optimizer="adam"), dict(insert_at=[3]), 3),
-    "widen": ("fnn_spiral_deep", dict(epochs=6, lr=0.1, batch=64, momentum=0.9), dict(insert_at=[3], widen=2), 3),
+    "insert": ("fnn_spiral", torch.float64, dict(epochs=60, lr=0.2), dict(insert_at=[30]), 30),
+    "insert-float32": ("fnn_spiral", torch.float32, dict(epochs=60, lr=0.2), dict(insert_at=[30]), 30),
+    "momentum": ("fnn_spiral_deep", torch.float64, dict(epochs=6, lr=0.1, batch=64, momentum=0.9),
+                 dict(insert_at=[3]), 3),
+    "adam": ("fnn_spiral_deep", torch.float64, dict(epochs=6, lr=0.01, batch=64, optimizer="adam"),
+             dict(insert_at=[3]), 3),
+    "widen": ("fnn_spiral_deep", torch.float64, dict(epochs=6, lr=0.1, batch=64, momentum=0.9),
+              dict(insert_at=[3], widen=2), 3),
 }
 #: two candidate positions, so that a contrary rank can pick another one
-CONTRARY = ("fnn_spiral_deep", dict(epochs=4, lr=0.2), dict(insert_at=[2]), 2)
+CONTRARY = ("fnn_spiral_deep", torch.float64, dict(epochs=4, lr=0.2), dict(insert_at=[2]), 2)
 
 
 class Capture:
@@ -52,8 +56,8 @@ class Capture:
 
 
 def run_scenario(name: str, parallel=None, hook_factory=growth.GrowthHook) -> dict:
-    spec, settings, grow_settings, event = SCENARIOS[name] if name in SCENARIOS else CONTRARY
-    network = load_network(str(ROOT / "specs" / f"{spec}.yaml"), 0).to(dtype=torch.float64)
+    spec, dtype, settings, grow_settings, event = SCENARIOS[name] if name in SCENARIOS else CONTRARY
+    network = load_network(str(ROOT / "specs" / f"{spec}.yaml"), 0).to(dtype=dtype)
     config = TrainConfig(log_steps=False, **settings)
     hook, capture = hook_factory(**grow_settings), Capture(event)
     options = dict(hooks=[hook, capture])

@@ -1,7 +1,7 @@
 """Data-parallel growth (runtime.distributed): two ranks on 127.0.0.1 with gloo, with bounded
 timeouts. Both ranks end with identical parameters and optimizer state, choose the position a
 single process chooses, and match a single-process run on the same global batches to 1e-10
-(float64); a rank that picks another candidate stops both; a dead rank stops the other."""
+(float64; float32: 1e-5 relative); a rank that picks another candidate stops both; a dead rank stops the other."""
 import json
 import os
 import subprocess
@@ -48,10 +48,12 @@ def assert_identical(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def assert_close(a: dict, b: dict, tolerance: float) -> None:
+def assert_close(a: dict, b: dict, tolerance: float, relative: bool = False) -> None:
+    """Within ``tolerance`` (absolute; with ``relative`` relative to the largest entry)."""
     assert a.keys() == b.keys()
     for key in a:
-        assert (a[key] - b[key]).abs().max() <= tolerance, key
+        scale = b[key].abs().max() if relative else 1.0
+        assert (a[key] - b[key]).abs().max() <= tolerance * scale, key
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -62,10 +64,14 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(ranks, scenario):
     for moment in ("after_growth", "end"):
         for part in ("params", "optimizer"):
             assert_identical(rank0[scenario][moment][part], rank1[scenario][moment][part])
-            assert_close(rank0[scenario][moment][part], single[moment][part], 1e-10)
-    if scenario != "insert":  # momentum buffers / Adam moments exist and were carried
+            if SCENARIOS[scenario][1] == torch.float64:
+                assert_close(rank0[scenario][moment][part], single[moment][part], 1e-10)
+            else:
+                assert_close(rank0[scenario][moment][part], single[moment][part], 1e-5, relative=True)
+    if not scenario.startswith("insert"):  # momentum buffers / Adam moments exist and were carried
         assert rank0[scenario]["end"]["optimizer"]
-    assert rank0[scenario]["final"]["train"]["loss"] == pytest.approx(single["final"]["train"]["loss"], rel=1e-12)
+    tolerance = 1e-12 if SCENARIOS[scenario][1] == torch.float64 else 1e-5
+    assert rank0[scenario]["final"]["train"]["loss"] == pytest.approx(single["final"]["train"]["loss"], rel=tolerance)
 
 
 def test_mgopt_on_two_ranks_matches_one_process(ranks):

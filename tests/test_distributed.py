@@ -140,3 +140,9 @@ def test_batchnorm_and_the_preconditioner_are_refused_with_a_hint(tmp_path, make
     error = refusal(fnn, "frobenius")
     assert error is not None and "preconditioner" in error.message and error.hint
     assert refusal(fnn, "adam") is None
+
+
+def test_a_bad_process_count_is_one_line(capsys):
+    assert main(["grow", str(ROOT / "specs" / "fnn_spiral.yaml"), "--epochs", "1", "--nproc", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--nproc must be a positive integer" in err[0]

@@ -109,21 +109,44 @@ def _print_growth(result) -> None:
         print(f"run directory: {result.out} (log.jsonl, summary.json, final.yaml/.pt, model.pt2, curves.png)")
 
 
-def cmd_grow(opts) -> None:
+def _launched(opts) -> int | None:
+    """With ``--nproc N`` > 1 in a process that is not a rank yet: run the same command in N
+    local ranks (runtime.distributed.launch) and return their exit status; else None."""
+    import os
+    if opts.nproc == 1 or "WORLD_SIZE" in os.environ:
+        return None
+    from .runtime.distributed import launch
+    return launch(opts.argv, opts.nproc)
+
+
+def _rank_zero() -> bool:
+    """True unless this process is a rank > 0 of a data-parallel run (which prints nothing)."""
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_grow(opts) -> int | None:
+    code = _launched(opts)
+    if code is not None:
+        return code
     from .sensli import grow
     result = grow(opts.spec, opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
                   insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
                   per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
                   momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer, damping=opts.damping,
                   loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out, seed=opts.seed,
-                  progress=not opts.quiet, export=not opts.no_export)
-    _print_growth(result)
+                  progress=not opts.quiet, export=not opts.no_export, device=opts.device, dtype=opts.dtype,
+                  dist_timeout=opts.dist_timeout)
+    if _rank_zero():
+        _print_growth(result)
+    return None
 
 
 def cmd_sensitivities(opts) -> None:
     from .compiler.io import load_network, weights_path
     from .ir import load_graph
     from .runtime.data import load_data
+    from .runtime.devices import place_network
     from .sensli import sensitivities
     if opts.random_weights:  # a fresh initialisation from --seed, even when weights lie beside the spec
         if opts.weights is not None:
@@ -135,6 +158,7 @@ def cmd_sensitivities(opts) -> None:
                                   "initialised network on purpose")
     else:
         network = load_network(opts.spec, opts.seed, opts.weights)
+    network = place_network(network, opts.device, opts.dtype)
     report = sensitivities(network, load_data(opts.data, opts.seed), norm=opts.norm, loss=opts.loss,
                            sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json)
     if opts.json:
@@ -168,9 +192,14 @@ def mgopt_arguments(opts) -> dict:
     return arguments
 
 
-def cmd_mgopt(opts) -> None:
+def cmd_mgopt(opts) -> int | None:
+    code = _launched(opts)
+    if code is not None:
+        return code
     from .mgopt import run
     result = run(**mgopt_arguments(opts))
+    if not _rank_zero():
+        return None
     summary, final = result.summary, result.summary["final"]
     print(f"{summary['variant']} on a {summary['hierarchy']} hierarchy, levels {', '.join(summary['levels'])}")
     print(f"{final['iterations']} fine iterations, {final['corrections']} coarse corrections taken "
@@ -178,6 +207,7 @@ def cmd_mgopt(opts) -> None:
     print(f"final: {_final_line(final, opts.loss)}")
     if result.out is not None:
         print(f"run directory: {result.out}")
+    return None
 
 
 def cmd_rmntr(opts) -> None:
@@ -286,6 +316,21 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
             action.help = f"{action.help or ''} (default: {action.default})".strip()
 
 
+def _add_device_options(parser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="the network's floating-point type; the data are cast to it (default float32)")
+
+
+def _add_parallel_options(parser) -> None:
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel ranks on this machine (gloo on the CPU, NCCL on CUDA); "
+                             "torchrun --nproc-per-node N -m graphgrow ... works too")
+    parser.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                        help="seconds a rank waits for the others before the run stops (default 300)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphgrow", description="Networks that change shape while they train.")
     parser.add_argument("--version", action="version", version=f"graphgrow {__version__}")
@@ -331,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--optimizer", default="sgd",
                       help="sgd, adam or frobenius (the layer-wise preconditioner, docs/preconditioning.md)")
     grow.add_argument("--damping", type=float, default=0.01, help="gamma of the frobenius optimizer (both sides)")
+    _add_device_options(grow)
+    _add_parallel_options(grow)
     grow.set_defaults(run=cmd_grow)
 
     sens = commands.add_parser("sensitivities", help="merits of every candidate layer of a network")
@@ -345,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--sample", type=float, default=None)
     sens.add_argument("--seed", type=int, default=0)
     sens.add_argument("--json", action="store_true")
+    _add_device_options(sens)
     sens.set_defaults(run=cmd_sensitivities)
 
     mgopt = commands.add_parser("mgopt", help="multilevel training (MG/Opt) on a hierarchy built by passes")
@@ -379,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     mgopt.add_argument("--eval-every", type=int, default=1, help="epochs between full evaluations")
     mgopt.add_argument("--evals-per-epoch", type=int, default=1, help="full evaluations per epoch")
     mgopt.add_argument("--no-log-steps", action="store_true", help="no step records in the log")
+    _add_device_options(mgopt)
+    _add_parallel_options(mgopt)
     mgopt.set_defaults(run=cmd_mgopt)
 
     _add_rmntr_parser(commands)
@@ -409,16 +459,18 @@ def cli_message(err: GraphgrowError, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = build_parser().parse_args(argv)
+    opts.argv = argv
     try:
-        opts.run(opts)
+        code = opts.run(opts)
     except GraphgrowError as err:
         print(cli_message(err, opts.command), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

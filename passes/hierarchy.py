@@ -10,7 +10,6 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .extend import widenable
-from .record import network_dtype
 from .units import map_units, trace_units
 
 INTERPOLATIONS = ("constant", "linear")
@@ -35,7 +34,7 @@ class StackMap:
         if src[0] not in params:
             return params
         stacked = torch.stack([params[name] for name in src])
-        mixed = torch.tensordot(matrix.to(stacked.dtype), stacked, dims=1)
+        mixed = torch.tensordot(matrix.to(stacked), stacked, dims=1)
         out = {k: v for k, v in params.items() if k not in set(src)}
         out.update({name: mixed[k] for k, name in enumerate(dst)})
         return out
@@ -65,7 +64,7 @@ class Transfer:
     def __init__(self, fine: Network, coarse_graph: LayerGraph, maps: list, kind: str):
         self.fine, self.maps, self.kind = fine, maps, kind
         state = self.restrict(dict(fine.module.state_dict()))
-        self.coarse = Network.build(coarse_graph, state, dtype=network_dtype(fine))
+        self.coarse = Network.build(coarse_graph, state, dtype=fine.dtype, device=fine.device)
         self.coarse.module.train(fine.module.training)
 
     def restrict(self, fine: dict) -> dict:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import warnings
 from pathlib import Path
 
@@ -91,10 +93,25 @@ def check_exportable(graph: LayerGraph, fmt: str) -> None:
                              hint="export a shallower network; save(network, path) writes YAML + weights at any depth")
 
 
+def on_cpu(module: fx.GraphModule, graph: LayerGraph) -> fx.GraphModule:
+    """``module`` itself when it lives on the CPU, else a copy there (artifacts are CPU artifacts:
+    they load anywhere; the caller's module stays on its device)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if tensor is None or tensor.device.type == "cpu":
+        return module
+    if tensor.device.type == "meta":
+        raise GraphgrowError(f"network '{graph.name}' lives on the meta device: it has shapes but no values "
+                             "to export", file=graph.source,
+                             hint="load weights on a real device first (Network.build(graph, state, device=...))")
+    return copy.deepcopy(module).cpu()
+
+
 def export(module: fx.GraphModule, graph: LayerGraph, path: str | Path, fmt: str = "export") -> Path:
-    """Write ``module`` to ``path`` in format ``export`` (.pt2) or ``torchscript`` (.pt)."""
+    """Write ``module`` to ``path`` in format ``export`` (.pt2) or ``torchscript`` (.pt). The
+    artifact runs on the CPU whatever the module's device (a copy is exported from there)."""
     path = check_target(path, fmt)
     check_exportable(graph, fmt)
+    module = on_cpu(module, graph)
     if fmt == "torchscript":
         to_torchscript(module).save(str(path))
     else:

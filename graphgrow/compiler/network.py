@@ -92,7 +92,7 @@ def check_fits_in_memory(graph: LayerGraph, dtype: torch.dtype | None = None) ->
 
 
 def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
-                  seed: int = 0, dtype: torch.dtype | None = None,
+                  seed: int = 0, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                   modules: dict[str, nn.Module] | None = None,
                   stateless_as_modules: bool = False) -> fx.GraphModule:
     """Compile ``graph`` to a GraphModule, with parameters from ``state`` or initialised
@@ -102,7 +102,8 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     unchanged layers); ``state`` then holds the entries of the other nodes only.
     ``stateless_as_modules``: activations, pooling and flatten become ``call_module`` too (same
     function and state dict), for tools that only understand modules, e.g. BackPACK's
-    ``extend(..., use_converter=True)``."""
+    ``extend(..., use_converter=True)``. ``dtype`` and ``device``: where the parameters live
+    (a fresh initialisation is drawn on the CPU, from the seed, and then moved)."""
     given = modules or {}
     check_fits_in_memory(graph, dtype)
     try:
@@ -117,8 +118,8 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     if state is None:
         initialize(graph, fresh, seed)
     else:
-        if dtype is not None:
-            root.to(dtype)  # before loading, so that float64 weights keep their precision
+        # before loading, so that float64 weights keep their precision and nothing passes the CPU
+        root.to(device=device, dtype=dtype)
         _load(graph, root, state)
     if given:
         ordered = root
@@ -151,8 +152,8 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     outputs = [values[name] for name in graph.outputs]
     fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     module = fx.GraphModule(root, fx_graph, class_name=graph.name)
-    if dtype is not None and state is None:  # a given state was loaded in dtype already
-        module.to(dtype)
+    if state is None:  # a given state was loaded in dtype and on device already
+        module.to(device=device, dtype=dtype)
     return module
 
 
@@ -164,8 +165,33 @@ class Network:
 
     @classmethod
     def build(cls, graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
-              seed: int = 0, dtype: torch.dtype | None = None) -> "Network":
-        return cls(graph, compile_graph(graph, state, seed=seed, dtype=dtype))
+              seed: int = 0, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> "Network":
+        return cls(graph, compile_graph(graph, state, seed=seed, dtype=dtype, device=device))
+
+    def _first_tensor(self) -> torch.Tensor | None:
+        for tensor in self.module.parameters():
+            return tensor
+        return next((t for t in self.module.buffers() if t.is_floating_point()), None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the parameters (the default dtype for a network without any)."""
+        tensor = self._first_tensor()
+        return torch.get_default_dtype() if tensor is None else tensor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (the CPU for a network without any)."""
+        tensor = self._first_tensor()
+        tensor = next(self.module.buffers(), None) if tensor is None else tensor
+        return torch.device("cpu") if tensor is None else tensor.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Network":
+        """Move the parameters and buffers to ``device`` and cast the floating-point ones to
+        ``dtype``, in place (as ``nn.Module.to``); returns the network."""
+        self.module.to(device=device, dtype=dtype)
+        return self
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

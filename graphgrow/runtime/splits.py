@@ -24,6 +24,27 @@ class Split:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def rows(self, index, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the rows ``index`` (a slice or index tensor) on ``device``
+        (a no-op where the split already lives there)."""
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.x.device)
+        return self.x[index].to(device, non_blocking=True), self.y[index].to(device, non_blocking=True)
+
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes
+
+
+def place(split: Split | None, device: torch.device | str) -> Split | None:
+    """``split`` on ``device`` when it fits there (on a CUDA device: in a quarter of its free
+    memory), else where it is; batches then move to the device one at a time."""
+    device = torch.device(device)
+    if split is None or split.x.device == device:
+        return split
+    if device.type == "cuda" and split.nbytes() > torch.cuda.mem_get_info(device)[0] // 4:
+        return split
+    return Split(split.x.to(device), split.y.to(device))
+
 
 def _finite(tensor: torch.Tensor, name: str) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -32,9 +53,10 @@ def _finite(tensor: torch.Tensor, name: str) -> None:
                              option="data", hint="clean or impute the data; training on it would silently go wrong")
 
 
-def as_splits(data) -> tuple[Split, Split | None]:
-    """Train and test splits from anything with x_train, y_train (and x_test, y_test). Empty
-    training data and NaN or infinite values are errors."""
+def as_splits(data, dtype: torch.dtype = torch.float32) -> tuple[Split, Split | None]:
+    """Train and test splits from anything with x_train, y_train (and x_test, y_test);
+    floating-point arrays are cast to ``dtype`` (the network's). Empty training data and NaN or
+    infinite values are errors."""
     def tensor(value, name):
         if value is None:
             return None
@@ -45,7 +67,7 @@ def as_splits(data) -> tuple[Split, Split | None]:
         if out.dim() == 0:
             raise GraphgrowError(f"data field {name} is a scalar, not an array of samples", option="data")
         _finite(out, name)
-        return out.float() if out.is_floating_point() else out
+        return out.to(dtype) if out.is_floating_point() else out
     missing = [n for n in ("x_train", "y_train") if getattr(data, n, None) is None]
     if missing:
         raise GraphgrowError(f"data has no {', '.join(missing)}", option="data",
@@ -139,18 +161,22 @@ def batches(size: int, batch: int | None, generator: torch.Generator | None) -> 
 
 
 @torch.no_grad()
-def evaluate(network: Network, split: Split, loss: str = "cross_entropy", batch: int = 256) -> dict:
+def evaluate(network: Network, split: Split, loss: str = "cross_entropy", batch: int = 256,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Mean loss and error rate (None for regression) over a split, in eval mode. Batches of a
     few hundred: on CPU, larger ones were slower per sample (activations fall out of cache; for the
-    VGG-like CNN on MNIST, batch 4096 was 1.5x slower than a whole training epoch)."""
+    VGG-like CNN on MNIST, batch 4096 was 1.5x slower than a whole training epoch).
+    ``reduce``: sums a tensor over the processes of a data-parallel run, each holding a part of
+    the split (the sums of losses, errors and samples are reduced, then divided)."""
     module = network.module
+    device = network.device
     was_training = module.training
     module.eval()
     compute = loss_fn(loss)
     total_loss, wrong, counted = 0.0, 0, True
     try:
         for start in range(0, len(split), batch):
-            x, y = split.x[start:start + batch], split.y[start:start + batch]
+            x, y = split.rows(slice(start, start + batch), device)
             output = module(x)
             total_loss += float(compute(output, y)) * x.shape[0]
             errors = error_count(output, y)
@@ -160,5 +186,8 @@ def evaluate(network: Network, split: Split, loss: str = "cross_entropy", batch:
                 wrong += errors
     finally:
         module.train(was_training)
-    n = max(len(split), 1)
-    return {"loss": total_loss / n, "error": wrong / n if counted else None}
+    sums = torch.tensor([total_loss, wrong, len(split)], dtype=torch.float64)
+    if reduce is not None:
+        sums = reduce(sums)
+    n = max(float(sums[2]), 1.0)
+    return {"loss": float(sums[0]) / n, "error": float(sums[1]) / n if counted else None}

@@ -28,7 +28,7 @@ def unit_scores(network: Network, coupling: UnitCoupling, criterion: str = "magn
         raise GraphgrowError("pruning by sensitivity needs the loss gradients",
                              hint="pass gradients={name: grad} (e.g. from one backward pass) or use magnitude")
     state = StateView(network.module)
-    score = torch.zeros(coupling.units, dtype=torch.float64)
+    score = torch.zeros(coupling.units, dtype=torch.float64, device=network.device)
     for axis in coupling.on("columns"):
         weight = unit_entries(state[axis.tensor].detach().double(), axis, coupling.units)
         if criterion == "magnitude":
@@ -36,7 +36,8 @@ def unit_scores(network: Network, coupling: UnitCoupling, criterion: str = "magn
         else:
             grad = unit_entries(gradients[axis.tensor].detach().double(), axis, coupling.units)
             score += (grad * weight).sum(1)
-    return score.sqrt() if criterion == "magnitude" else score.abs()
+    # planning data live on the CPU (a pass's maps are planned there)
+    return (score.sqrt() if criterion == "magnitude" else score.abs()).cpu()
 
 
 def _choose(scores: torch.Tensor, count: int, tolerance: float | None, fail) -> list[int]:

@@ -231,14 +231,14 @@ def map_units(tensor: torch.Tensor, axis: int, block: int, matrix: torch.Tensor)
     shape = tuple(tensor.shape)
     units = shape[axis] // block
     split = tensor.reshape(*shape[:axis], units, block, *shape[axis + 1:])
-    matrix = matrix.to(tensor.dtype)
+    # the map is planned on the CPU; it is inspected there and applied where the tensor lives
     if bool(((matrix != 0).sum(1) <= 1).all()):
         # selections and scaled copies (widen, keep): gather, so that copies are exact and cheap
         index = matrix.abs().argmax(1)
-        scale = matrix.gather(1, index[:, None]).reshape(-1, *[1] * (split.dim() - axis - 1))
-        mapped = split.index_select(axis, index) * scale
+        scale = matrix.gather(1, index[:, None]).reshape(-1, *[1] * (split.dim() - axis - 1)).to(tensor)
+        mapped = split.index_select(axis, index.to(tensor.device)) * scale
     else:
-        mapped = (split.movedim(axis, -1) @ matrix.T).movedim(-1, axis)
+        mapped = (split.movedim(axis, -1) @ matrix.to(tensor).T).movedim(-1, axis)
     return mapped.reshape(*shape[:axis], matrix.shape[0] * block, *shape[axis + 1:])
 
 
@@ -287,7 +287,7 @@ class UnitMap:
             for k, others in enumerate(self.before):
                 start = (others + k * new + old) * self.block
                 part = mapped.narrow(self.axis, start, (new - old) * self.block)
-                part.copy_(self.fill(tuple(part.shape)))
+                part.copy_(self.fill(tuple(part.shape)).to(part))  # drawn on the CPU from a seed: same values on any device
         return mapped
 
 

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 import passes
-from passes.record import network_dtype
 from passes.units import StateView, trace_units, unit_entries
 
 from ..compiler.network import Network
@@ -74,20 +73,30 @@ def _basis_activations(node, x: torch.Tensor) -> torch.Tensor:
 
 
 def cross_term(network: Network, layer: str, data, *, loss: str = "cross_entropy",
-               batch: int | None = 256) -> torch.Tensor:
+               batch: int | None = 256, data_parallel=None) -> torch.Tensor:
     """The matrix A (outgoing entries x fan-in) with A w = the loss gradient with respect to the
     outgoing weights of a new unit of ``layer`` with incoming weights w, zero bias and zero
     outgoing weights, for the activation linearised at 0 with slope 1 (sigma(z) ~ z). Then
     ||A w||^2 is criterion (4.20)'s numerator, and it is largest over ||w|| = 1 at the top right
     singular vector of A (GradMax). Rows: every consumer's weight entries of the unit (blocks
-    after a flatten, kernel taps of a convolution); the gradient of the mean loss over ``data``."""
+    after a flatten, kernel taps of a convolution); the gradient of the mean loss over ``data``.
+    ``data_parallel``: each process takes its part of the samples; A is summed over the
+    processes (before any SVD), so every process gets the single-process matrix."""
     graph = network.graph
     coupling = trace_units(graph, layer, StateView(network.module))
     if not gradmax_supported(graph, coupling):
         raise GraphgrowError(f"no data-driven neurons for '{layer}': its units pass through batchnorm, "
                              "an add, a residual stream or a concat", file=graph.source, node=layer,
                              hint="use random neurons for this layer")
-    split, _ = as_splits(data)
+    split, _ = as_splits(data, network.dtype)
+    total = len(split)
+    x_all, y_all = split.x, split.y
+    if data_parallel is not None:
+        part = data_parallel.part(total)
+        x_all, y_all = x_all[part], y_all[part]
+    weight = 1.0 / total
+    if len(x_all) == 0:  # a process without samples still joins the sum: one sample weighted 0 gives the shapes
+        x_all, y_all, weight = split.x[:1], split.y[:1], 0.0
     module, node = network.module, graph.node(layer)
     # pooling and flatten act on the basis as they do on the units; activations are linearised
     # (elementwise) and dropout is the identity in eval mode (a module): both are left out
@@ -101,14 +110,14 @@ def cross_term(network: Network, layer: str, data, *, loss: str = "cross_entropy
         lambda _m, _a, out, c=c: captured.__setitem__(c, out)) for c in coupling.consumers]
     was_training = module.training
     module.eval()
-    total = int(split.x.shape[0])
-    step = total if batch is None else batch
+    step = len(x_all) if batch is None else batch
     blocks = []
     try:
         sums = {c: None for c in coupling.consumers}
-        for start in range(0, total, step):
-            x, y = split.x[start:start + step].to(network_dtype(network)), split.y[start:start + step]
-            value = loss_fn(loss)(module(x), y) * (x.shape[0] / total)
+        for start in range(0, len(x_all), step):
+            x = x_all[start:start + step].to(network.device)
+            y = y_all[start:start + step].to(network.device)
+            value = loss_fn(loss)(module(x), y) * (x.shape[0] * weight)
             deltas = torch.autograd.grad(value, [captured[c] for c in coupling.consumers])
             basis = _basis_activations(node, captured["x"])
             for consumer, delta in zip(coupling.consumers, deltas):
@@ -126,7 +135,10 @@ def cross_term(network: Network, layer: str, data, *, loss: str = "cross_entropy
         for hook in hooks:
             hook.remove()
         module.train(was_training)
-    return torch.cat(blocks).double()
+    cross = torch.cat(blocks)
+    if data_parallel is not None:
+        cross = data_parallel.sum([cross])[0]
+    return cross.double()
 
 
 def gradmax_rows(network: Network, layer: str, data, count: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +146,8 @@ def gradmax_rows(network: Network, layer: str, data, count: int, **options) -> t
     +v_1, -v_1, +v_2, ... for the right singular vectors v_j of ``cross_term`` (unit norm, the
     expected norm of the random candidates; at most two per input dimension), and the singular
     values."""
-    A = cross_term(network, layer, data, **options)
+    # planned on the CPU like every pass: the same singular vectors on any device and every rank
+    A = cross_term(network, layer, data, **options).cpu()
     _, singular, vh = torch.linalg.svd(A, full_matrices=False)
     directions = vh[: (count + 1) // 2]
     rows = torch.stack([sign * v for v in directions for sign in (1.0, -1.0)])[:count]
@@ -143,20 +156,23 @@ def gradmax_rows(network: Network, layer: str, data, count: int, **options) -> t
 
 
 def neuron_sensitivities(network, data, *, per_layer: int = 8, init: str = "random", loss: str = "cross_entropy",
-                         batch: int | None = 256, seed: int = 0):
+                         batch: int | None = 256, seed: int = 0, data_parallel=None):
     """Widening candidates (4.19): ``per_layer`` new units per coupled group, zero bias and zero
     outgoing weights; incoming weights ``random`` (normal, std 1/sqrt(fan-in), seeded) or
     ``gradmax`` (``gradmax_rows``, where ``gradmax_supported``; random elsewhere). Merit of a
     unit: ||gradient of its outgoing weights||^2 (every consumer column of it); reference for
     (4.20): the mean of that quantity over the existing units. Returns (candidates, reference,
-    extended network, record of the widening)."""
+    extended network, record of the widening). ``data_parallel``: each process takes its part of
+    the samples; gradients (and the GradMax cross terms) are summed over the processes before
+    merits and singular vectors are taken."""
     if init not in NEURON_INITS:
-        raise GraphgrowError(f"unknown neuron initialisation {init!r}", hint=f"one of {', '.join(NEURON_INITS)}")
+        raise GraphgrowError(f"unknown neuron initialisation {init!r}", option="neurons",
+                             hint=f"one of {', '.join(NEURON_INITS)}")
     layers = neuron_positions(network.graph)
     if not layers:
         raise GraphgrowError(f"network '{network.graph.name}' has no layer that can be widened",
                              hint="widening needs a linear or conv2d layer whose units reach only linear or conv2d layers")
-    split, _ = as_splits(data)
+    split, _ = as_splits(data, network.dtype)
     extended, record, inits, widths = network, None, {}, {}
     # last layer first: a layer widened later adds zero columns for its new units to the new rows
     # of the layers after it, so every candidate's incoming weights see the current network only
@@ -168,7 +184,8 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, init: str = "rand
                              dtype=torch.float64) / math.sqrt(math.prod(shape))
         data_driven = torch.zeros(0, *shape, dtype=torch.float64)
         if init == "gradmax" and gradmax_supported(network.graph, coupling):
-            data_driven, _ = gradmax_rows(network, layer, data, per_layer, loss=loss, batch=batch)
+            data_driven, _ = gradmax_rows(network, layer, data, per_layer, loss=loss, batch=batch,
+                                          data_parallel=data_parallel)
         # random rows where there are fewer singular directions than candidates
         inits[layer] = ["gradmax"] * len(data_driven) + ["random"] * (per_layer - len(data_driven))
         incoming = torch.cat([data_driven, random[len(data_driven):]])
@@ -178,8 +195,13 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, init: str = "rand
     state = StateView(extended.module)
     couplings = {layer: trace_units(extended.graph, layer, state) for layer in layers}
     names = sorted({a.tensor for c in couplings.values() for a in c.on("columns")})
-    grads, _ = full_data_gradients(extended.module, split.x.to(network_dtype(network)), split.y, loss_fn(loss),
-                                   names, batch=batch)
+    x, y, total = split.x, split.y, len(split)
+    if data_parallel is not None:
+        part = data_parallel.part(total)
+        x, y = x[part], y[part]
+    grads, _ = full_data_gradients(extended.module, x, y, loss_fn(loss), names, batch=batch, total=total)
+    if data_parallel is not None:
+        grads = dict(zip(grads, data_parallel.sum(list(grads.values()))))
     candidates, existing = [], []
     for layer, coupling in couplings.items():
         n = widths[layer]
@@ -192,15 +214,18 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, init: str = "rand
 
 
 def widen_best(network, data, *, count: int | None = 1, tau: float | None = None, per_layer: int = 8,
-               init: str = "random", loss: str = "cross_entropy", batch: int | None = 256, seed: int = 0):
+               init: str = "random", loss: str = "cross_entropy", batch: int | None = 256, seed: int = 0,
+               data_parallel=None):
     """Add the best neuron candidates: those passing (4.20) ``merit >= tau * reference`` when
     ``tau`` is given (the data decide how many), at most ``count`` (None: no cap), one per
     singular direction for gradmax. Returns (network, chosen, reference, record); the record
-    (widening then pruning the candidates not chosen, both exact) carries optimizer state."""
+    (widening then pruning the candidates not chosen, both exact) carries optimizer state.
+    ``data_parallel``: see neuron_sensitivities."""
     if tau is not None and not tau >= 1:
-        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.20), got {tau}")
+        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.20), got {tau}", option="tau")
     candidates, reference, extended, record = neuron_sensitivities(
-        network, data, per_layer=per_layer, init=init, loss=loss, batch=batch, seed=seed)
+        network, data, per_layer=per_layer, init=init, loss=loss, batch=batch, seed=seed,
+        data_parallel=data_parallel)
     ranked = sorted(candidates, key=lambda c: c.merit, reverse=True)
     if tau is not None:
         ranked = [c for c in ranked if c.merit >= tau * reference]

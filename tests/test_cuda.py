@@ -51,9 +51,23 @@ def test_passes_on_cuda_stay_there_and_preserve_the_function(spec):
     results = [passes.extend_all(network, "layers")[0]]
     results += [passes.insert_identity(network, p)[0] for p in passes.legal_positions(network.graph)[:2]]
     results += [passes.widen(network, layer, 2)[0] for layer in passes.widenable(network.graph)[:2]]
+    # prune scores units where the network lives: the 2 new units (zero outgoing weights) go, exactly
+    results += [passes.prune(passes.widen(network, layer, 2)[0], layer, count=2)[0]
+                for layer in passes.widenable(network.graph)[:2]]
     for result in results:
         assert all(t.device.type == "cuda" for t in result.state().values())
         result.module.eval()
         out = result(x)
         for a, b in zip(out if isinstance(out, tuple) else (out,), reference if isinstance(reference, tuple) else (reference,)):
             assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_gradmax_widening_on_cuda_matches_cpu():
+    from graphgrow.runtime.data import spiral
+    from graphgrow.sensli.widening import widen_best
+    runs = {device: widen_best(load_network(str(ROOT / "specs" / "fnn_spiral_deep.yaml"), 0).to(device, torch.float64),
+                               spiral(0), count=2, init="gradmax") for device in ("cpu", "cuda")}
+    assert runs["cuda"][0].device.type == "cuda"
+    assert [(c.layer, c.index, c.init) for c in runs["cuda"][1]] == [(c.layer, c.index, c.init) for c in runs["cpu"][1]]
+    for name, value in runs["cpu"][0].state().items():
+        assert torch.allclose(runs["cuda"][0].state()[name].cpu(), value, rtol=1e-8, atol=1e-10), name

@@ -112,7 +112,7 @@ def run_experiment(name, setting, data):
     for method in ("sgd", "precond"):
         best = None
         for lr in setting[method]:
-            losses, clock, optimizer = train(setting, data, method, lr)
+            losses, clock, optimizer = train(setting, data, method, lr, setting["seed"])
             score = tail_loss(losses)
             per_iteration = clock[-1] / len(clock) if clock else float("nan")
             print(f"| {method} | {lr} | {score:.4f} | {per_iteration:.4f} |", flush=True)
@@ -154,6 +154,7 @@ def main():
                              "the model (Monte-Carlo Fisher, as BackPACK's KFAC in the thesis runs)")
     parser.add_argument("--sgd-lrs", type=float, nargs="+", help="override the SGD learning-rate grid")
     parser.add_argument("--precond-lrs", type=float, nargs="+", help="override the preconditioned grid")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -161,7 +162,7 @@ def main():
     data = mnist(args.mnist, split=(8000, 2000), seed=0)
     for name in EXPERIMENTS if "all" in args.experiment else args.experiment:
         setting = dict(EXPERIMENTS[name])
-        setting["labels"], setting["tag"] = args.labels, args.tag
+        setting["labels"], setting["tag"], setting["seed"] = args.labels, args.tag, args.seed
         for key, value in (("iterations", args.iterations), ("sgd", args.sgd_lrs), ("precond", args.precond_lrs)):
             if value is not None:
                 setting[key] = value

@@ -127,6 +127,7 @@ def test_update_matches_dense_formula(moment, labels, woodbury):
         torch.testing.assert_close(bias, expected_b, rtol=1e-8, atol=1e-10)
     low_rank = "in_basis" in optimizer.state[model[0].weight]
     assert low_rank == woodbury
+    assert set(optimizer.paths.values()) == {"push-through"}
 
 
 def random_spd(size, condition, seed):
@@ -185,18 +186,92 @@ def first_layer_direction(model, x, y, dtype, **options):
 
 
 @pytest.mark.parametrize("damping, tolerance", [(1e-2, 1e-4), (1e-3, 1e-3)])
-@pytest.mark.parametrize("woodbury", [False])
-def test_float32_direction_on_mnist_first_layer_matches_float64(mnist_batch, damping, tolerance, woodbury):
+@pytest.mark.parametrize("options", [
+    dict(woodbury=False),                                   # dense Cholesky factors
+    dict(),                                                 # push-through fast path
+    dict(labels="sampled", moment="covariance"),            # fast path, Woodbury on the output side
+    dict(fast_path=False),                                  # general path, Woodbury on both sides
+], ids=["dense", "push-through", "push-through-sampled-centred", "woodbury"])
+def test_float32_direction_on_mnist_first_layer_matches_float64(mnist_batch, damping, tolerance, options):
     """float32 against the float64 formula on the MNIST first layer (784 inputs, batch 100, so
     the damped input estimate has condition number about 36/γ). A block inverse through the Schur
-    complement was off by 6e-2 here at γ = 1e-3 and stopped the autoencoder's plateau escape."""
+    complement was off by 6e-2 here at γ = 1e-3 and stopped the autoencoder's plateau escape; the
+    Woodbury difference in float32 was off by 3e-3."""
     x, y = mnist_batch
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 10))
-    options = dict(damping_in=damping, damping_out=damping, woodbury=woodbury)
+    options = dict(damping_in=damping, damping_out=damping, loss=nn.CrossEntropyLoss(), **options)
+    torch.manual_seed(1)  # the same Monte-Carlo labels in both precisions
     expected = first_layer_direction(model, x, y, torch.float64, **options)
+    torch.manual_seed(1)
     direction = first_layer_direction(model, x, y, torch.float32, **options)
     assert float((direction - expected).norm() / expected.norm()) <= tolerance
+
+
+def fast_and_general_steps(modify, loss_term=None, set_to_none=True):
+    """One step of the same model with the fast path allowed and with fast_path=False, with
+    ``modify(model)`` applied to the gradients between backward and step (and ``loss_term(model)``
+    added to the loss); returns both updated models and the first optimizer's paths."""
+    torch.manual_seed(6)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    results = []
+    for fast_path in (True, False):
+        model = mlp()
+        optimizer = FrobeniusPreconditioner(model, lr=LR, fast_path=fast_path, damping_out=0.03, damping_in=0.02)
+        for parameter in model.parameters():  # as after an earlier step
+            parameter.grad = torch.ones_like(parameter)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if loss_term is not None:
+            loss = loss + loss_term(model)
+        loss.backward()
+        modify(model)
+        optimizer.step()
+        results.append((model, optimizer.paths))
+    return results
+
+
+@pytest.mark.parametrize("case", ["clip_grad_norm", "grad replaced", "penalty in the loss", "zero_grad to zeros"])
+def test_modified_gradient_falls_back_to_the_general_path_exactly(case):
+    """A .grad that is not autograd's Σ Rᵀ X of the recorded passes takes the general path, with
+    its result (the fast path would silently drop the modification)."""
+    modify, loss_term, set_to_none = (lambda model: None), None, True
+    if case == "clip_grad_norm":
+        modify = lambda model: torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # noqa: E731
+    elif case == "grad replaced":
+        def modify(model):
+            model[0].weight.grad = model[0].weight.grad + 1e-3 * model[0].weight.detach()
+    elif case == "penalty in the loss":
+        loss_term = lambda model: 1e-4 * model[2].weight.pow(2).sum()  # noqa: E731
+    else:
+        set_to_none = False
+    (fast, paths), (general, _) = fast_and_general_steps(modify, loss_term, set_to_none)
+    layer = {"clip_grad_norm": "0", "grad replaced": "0", "penalty in the loss": "2", "zero_grad to zeros": "0"}[case]
+    assert paths[layer].startswith("general"), paths
+    for name, parameter in fast.named_parameters():
+        expected = dict(general.named_parameters())[name]
+        if paths[name.split(".")[0]].startswith("general"):  # the same computation: bit for bit
+            assert torch.equal(parameter, expected), name
+        else:
+            torch.testing.assert_close(parameter, expected, rtol=1e-9, atol=1e-12)
+    if case == "grad replaced":
+        assert paths["2"] == "push-through"
+
+
+def test_fast_path_is_logged_once_per_change(caplog):
+    torch.manual_seed(6)
+    model = mlp()
+    optimizer = FrobeniusPreconditioner(model, lr=LR)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with caplog.at_level("INFO", logger="graphgrow.precond.frobenius"):
+        for clip in (False, False, True):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            optimizer.step()
+    messages = [record.getMessage() for record in caplog.records if "layer '0'" in record.getMessage()]
+    assert len(messages) == 2 and "push-through" in messages[0] and "clipping" in messages[1]
 
 
 @pytest.mark.parametrize("woodbury", [False, True])

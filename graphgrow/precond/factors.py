@@ -17,11 +17,17 @@ class _LayerRecord:
     inputs: list = field(default_factory=list)         # (samples, in_features) chunks
     output_grads: list = field(default_factory=list)   # ((samples, out_features) chunk, per-sample factor)
     outputs: list = field(default_factory=list)        # (live layer output, batch size), for Monte-Carlo backprop
+    # the output gradients of the loss's own backward when output_grads holds Monte-Carlo ones
+    gradient_outputs: list = field(default_factory=list)
+    grad_was_none: bool = False      # weight.grad was None when this step's first pass was recorded
+    accumulated: tuple | None = None  # (id, version) of weight.grad after autograd's last accumulation
+    probes: tuple | None = None       # fixed random vectors of the gradient consistency check
 
     def clear(self) -> None:
         self.inputs.clear()
         self.output_grads.clear()
         self.outputs.clear()
+        self.gradient_outputs.clear()
 
 
 @dataclass

@@ -1,0 +1,80 @@
+"""The exact fast path of (5.15) for batch estimates: the update from the gradient's own factors.
+
+A layer's mean-loss weight gradient is G = Σ_c R_cᵀ X_c over the recorded passes c (R_c: the
+output gradients autograd saw, X_c: the layer inputs, as rows). With the push-through identity
+X (s·XᵀX + γ I)⁻¹ = (s·XXᵀ + γ I)⁻¹ X the input side needs only the B x B inner matrix of the
+Woodbury state, and
+
+    P_out G P_in = (P_out Rᵀ (s·XXᵀ + γ I)⁻¹) X                       (second moment)
+    P_out G P_in = (P_out Rᵀ (s·X̃X̃ᵀ + γ I)⁻¹) X̃ + (P_out Rᵀ 1)(P_in μ)ᵀ   (covariance, X = X̃ + 1μᵀ)
+
+with one out x B x in product where the general path needs four (two per Woodbury side). P_out Rᵀ
+is out x B: the dense P_out, or its Woodbury form on that small matrix (pre-activation gradient
+samples S ≠ R: Monte-Carlo labels, centred), or for true labels and the second moment (S = R up
+to the per-pass factors F) the push-through form Sᵀ (s·SSᵀ + γ I)⁻¹ F⁻¹, which has no cancellation.
+
+All of it holds only if ``.grad`` is exactly Σ_c R_cᵀ X_c; ``gradient_matches_factors`` is the
+cheap consistency check that backs the optimizer's bookkeeping of the grad tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _cat(chunks: list) -> torch.Tensor:
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def gradient_matches_factors(grad: torch.Tensor, inputs: list, output_grads: list,
+                             probes: tuple) -> bool:
+    """Whether ``grad`` (out x in) equals Σ_c R_cᵀ X_c within rounding, on a rank-one probe aᵀ·b:
+    aᵀ G b against Σ_c (R_c a)ᵀ (X_c b), O(out·in) work. It catches a gradient term that does not
+    come through the layer's output (an L2 penalty inside the loss, a hook that rescales the
+    gradient) which the grad tensor's identity and version cannot show. The tolerance is a
+    rounding bound of both sides: 64·√(in + rows)·ε times the sums of absolute values, where a
+    modification below it is below the resolution of the gradient itself."""
+    left, right = probes
+    projected = (left @ grad) @ right
+    factored = sum((r @ left) @ (x @ right) for r, x in zip(output_grads, inputs))
+    size = sum((r.abs() @ left.abs()) @ (x.abs() @ right.abs()) for r, x in zip(output_grads, inputs))
+    rows = sum(x.shape[0] for x in inputs)
+    tolerance = 64 * math.sqrt(grad.shape[1] + rows) * torch.finfo(grad.dtype).eps
+    return bool((projected - factored).abs() <= tolerance * size)
+
+
+def factored_direction(state: dict, inputs: list, output_grads: list, output_factors: list | None,
+                       centred: bool, apply) -> torch.Tensor:
+    """P_out G P_in for G = Σ_c R_cᵀ X_c from the side representations in ``state`` (the same as
+    the general path's: ``{side}_operator`` dense, or ``{side}_basis``/``_inner_inverse``/``_damping``
+    with the unscaled samples S, estimate s·SᵀS, and inner matrix SSᵀ + γ/s·I). ``output_factors``:
+    the per-pass factors f_c when S is the gradient's own output factors (true labels, second
+    moment: S = R for one pass, S = cat(f_c R_c) for several), else None. ``apply(state, side, matrix, from_left)`` is the
+    general path's operator product, used on out x B matrices and vectors only."""
+    gradient_outputs = _cat(output_grads)
+    if "out_operator" in state:
+        left = state["out_operator"] @ gradient_outputs.T
+    elif output_factors is not None:
+        # push-through: P_out Sᵀ = Sᵀ (s·SSᵀ + γI)⁻¹ = Sᵀ·inner⁻¹/γ·(γ/s), and Rᵀ = Sᵀ F⁻¹
+        scale = state["out_damping"] / state["out_inner_damping"]
+        inverse = state["out_inner_inverse"] / scale
+        if len(output_factors) > 1:  # one pass: S = R; several: S = cat(f_c R_c), so divide by F
+            inverse = inverse / torch.cat([torch.full((len(r),), f, dtype=inverse.dtype, device=inverse.device)
+                                          for r, f in zip(output_grads, output_factors)])
+        left = state["out_basis"].T @ inverse
+    else:
+        left = apply(state, "out", gradient_outputs.T, from_left=True)
+    if "in_operator" in state:
+        layer_inputs = _cat(inputs)
+        # (left X) P_in or left (X P_in), whichever is cheaper
+        if left.shape[0] <= layer_inputs.shape[0]:
+            return (left @ layer_inputs) @ state["in_operator"]
+        return left @ (layer_inputs @ state["in_operator"])
+    # X̃ P_in = (s·X̃X̃ᵀ + γI)⁻¹ X̃ = inner⁻¹ X̃ / s, with 1/s = γ_inner/γ
+    basis, scale = state["in_basis"], state["in_inner_damping"] / state["in_damping"]
+    direction = (left @ state["in_inner_inverse"]).mul_(scale) @ basis
+    if centred:
+        mean = _cat(inputs).mean(0, keepdim=True)
+        direction.addmm_(left.sum(1, keepdim=True), apply(state, "in", mean, from_left=False))
+    return direction

@@ -359,12 +359,38 @@ def test_averaging_and_update_interval(estimate):
             if estimate == "batch":
                 operator = torch.linalg.inv(batch_moment + identity)
             elif estimate == "ema":
-                average = batch_moment if average is None else (1 - beta) * average + beta * batch_moment
+                # the average starts from the first estimate's mean eigenvalue times I
+                start = torch.trace(batch_moment) / 4 * torch.eye(4, dtype=torch.float64)
+                average = (1 - beta) * (start if average is None else average) + beta * batch_moment
                 operator = torch.linalg.inv(average + identity)
             else:
                 fresh = torch.linalg.inv(batch_moment + identity)
-                operator = fresh if operator is None else (1 - beta) * operator + beta * fresh
+                if operator is None:
+                    operator = torch.linalg.inv(torch.trace(batch_moment) / 4 * torch.eye(4, dtype=torch.float64)
+                                                + identity)
+                operator = (1 - beta) * operator + beta * fresh
         torch.testing.assert_close(stored, operator, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimate", ["ema", "ema_inverse"])
+def test_first_averaged_refresh_does_not_amplify_directions_outside_the_batch_by_one_over_gamma(estimate):
+    """Gaussian inputs, 784 features, batch 100: the first average must not be the rank-100 batch
+    estimate, whose damped inverse scales the 684 directions outside the batch's span by 1/γ
+    (averaged modes reuse it for update_interval steps of other batches)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(784, 20), nn.ReLU(), nn.Linear(20, 10))
+    beta, damping = 0.1, 0.01
+    optimizer = FrobeniusPreconditioner(model, lr=1e-3, estimate=estimate, beta=beta, update_interval=10,
+                                        damping_in=damping, damping_out=damping)
+    x, y = torch.randn(100, 784), torch.randint(0, 10, (100,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    operator = optimizer.state[model[0].weight]["in_operator"].double()
+    largest = torch.linalg.eigvalsh(operator).max()
+    mean_eigenvalue = float(x.pow(2).sum() / 100 / 784)  # about 1 for standard normal inputs
+    bound = (1 - beta) / (mean_eigenvalue + damping) + beta / damping if estimate == "ema_inverse" \
+        else 1 / ((1 - beta) * mean_eigenvalue + damping)
+    assert largest <= bound * (1 + 1e-3) and largest < 0.5 / damping
 
 
 def test_state_dict_round_trip_continues_identically():

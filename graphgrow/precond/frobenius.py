@@ -37,6 +37,14 @@ BACKENDS = ("hooks", "backpack")
 _MAX_DAMPING_RAISES = 12
 
 
+def _isotropic_start(covariance: torch.Tensor) -> torch.Tensor:
+    """τ·I with τ the mean eigenvalue of the first estimate (its trace over n): where the averages
+    start. Started from the first batch alone (rank B < n), the first refreshes amplified every
+    gradient component outside its span by 1/γ; from τ·I by at most 1/((1 − β)^k τ + γ) after k."""
+    size = covariance.shape[-1]
+    return torch.eye(size, dtype=covariance.dtype, device=covariance.device) * covariance.diagonal().mean()
+
+
 def _inner_inverse64(state: dict, side: str) -> torch.Tensor:
     """The Woodbury inner inverse (SSᵀ + γ/s·I)⁻¹ in float64, computed once per refresh (the
     float32 one if float64 Cholesky fails where float32 did not)."""
@@ -539,9 +547,15 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                 if self.estimate == "ema":
                     # lerp: one new matrix, (1 − β)·A + β·C; not in place, as a loaded state_dict may share tensors
                     previous = state.get(f"{side}_average")
-                    covariance = covariance if previous is None else torch.lerp(previous, covariance, group["beta"])
+                    if previous is None:
+                        previous = _isotropic_start(covariance)
+                    covariance = torch.lerp(previous, covariance, group["beta"])
                     state[f"{side}_average"] = covariance
                     fresh = False
+                elif self.estimate == "ema_inverse" and f"{side}_operator" not in state:
+                    start = _isotropic_start(covariance)
+                    start.diagonal().add_(damping)
+                    state[f"{side}_operator"] = torch.cholesky_inverse(torch.linalg.cholesky(start))
                 pending.append(_Pending(record, state, side, covariance, damping, fresh, beta=group["beta"]))
         by_size = {}
         for item in pending:

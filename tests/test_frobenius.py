@@ -393,15 +393,47 @@ def test_first_averaged_refresh_does_not_amplify_directions_outside_the_batch_by
     assert largest <= bound * (1 + 1e-3) and largest < 0.5 / damping
 
 
-def test_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_and_decoupled_weight_decay_act_on_the_preconditioned_direction(nesterov):
+    """v ← μv + d, θ ← (1 − lr·λ)θ − lr·v (Nesterov: − lr·(d + μv)), with d the direction of a
+    plain preconditioner at the same parameters and batch."""
     model = mlp()
-    optimizer = FrobeniusPreconditioner(model, lr=0.1, estimate="ema", update_interval=3)
-    batches = [(torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))) for _ in range(4)]
+    momentum, decay, lr = 0.9, 0.1, 0.05
+    optimizer = FrobeniusPreconditioner(model, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=decay)
+    velocity = {}
+    torch.manual_seed(8)
+    for _ in range(3):
+        x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+        plain = copy.deepcopy(model)
+        directions = step_directions(plain, FrobeniusPreconditioner(plain, lr=LR), x, y, nn.CrossEntropyLoss())
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        for name, (weight, bias, _, _) in directions.items():
+            for kind, direction in (("weight", weight), ("bias", bias)):
+                key = f"{name}.{kind}"
+                velocity[key] = direction if key not in velocity else momentum * velocity[key] + direction
+                step = direction + momentum * velocity[key] if nesterov else velocity[key]
+                expected = (1 - lr * decay) * before[key] - lr * step
+                torch.testing.assert_close(dict(model.named_parameters())[key].detach(), expected,
+                                           rtol=1e-9, atol=1e-12)
+    with pytest.raises(GraphgrowError, match="momentum > 0 for nesterov"):
+        FrobeniusPreconditioner(mlp(), nesterov=True)
+
+
+@pytest.mark.parametrize("options", [dict(estimate="ema"), dict(estimate="batch"), dict(estimate="ema", momentum=0.5), dict(estimate="batch", momentum=0.5)])
+def test_state_dict_round_trip_continues_identically(options):
+    """The statistics (averages, inverses, Woodbury samples) and momentum buffers are optimizer
+    state: a run resumed from state_dict() between refreshes continues bit for bit."""
+    model = mlp()
+    optimizer = FrobeniusPreconditioner(model, lr=0.1, update_interval=3, **options)
+    batches = [(torch.randn(3, 5, dtype=torch.float64), torch.randint(0, 3, (3,))) for _ in range(4)]
     for x, y in batches[:2]:
         step_directions(model, optimizer, x, y, nn.CrossEntropyLoss())
     clone = mlp(seed=1)  # a fresh module: a deepcopy would carry the first optimizer's hooks
     clone.load_state_dict(model.state_dict())
-    restored = FrobeniusPreconditioner(clone, lr=0.7, estimate="ema", update_interval=3)
+    restored = FrobeniusPreconditioner(clone, lr=0.7, update_interval=3, **options)
     restored.load_state_dict(optimizer.state_dict())
     assert restored.param_groups[0]["lr"] == 0.1
     for x, y in batches[2:]:

@@ -68,7 +68,8 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
     Args:
         model: the module whose Linear/Conv2d layers are preconditioned (found via ``modules()``).
         params: parameters or param-group dicts (default ``model.parameters()``); groups may set
-            ``lr``, ``damping_out`` (γ1), ``damping_in`` (γ2) and ``beta``.
+            ``lr``, ``damping_out`` (γ1), ``damping_in`` (γ2), ``beta``, ``momentum``, ``nesterov``
+            and ``weight_decay``.
         moment: ``"second"`` (uncentred, the K-FAC backbone) or ``"covariance"`` (centred, (5.8), (5.12)).
         labels: where the pre-activation gradient samples come from: ``"true"`` (the training labels,
             Remark 5.5), ``"sampled"`` (labels drawn from the model's predictive distribution,
@@ -88,6 +89,10 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
             inner-product matrices replacing the data-driven one on that side.
         backend: ``"hooks"`` or ``"backpack"`` (the model must be ``backpack.extend``-ed and backward
             run inside ``with backpack(*optimizer.backpack_extensions())``).
+        fast_path: form the batch estimate's update from the gradient's factors (pushthrough.py)
+            on refresh steps whose ``.grad`` is autograd's own; False: always the general path.
+        momentum, nesterov: heavy-ball momentum on the preconditioned direction, as torch.optim.SGD's.
+        weight_decay: decoupled weight decay, param ← (1 − lr·wd)·param before the step.
         track_diagnostics: record gradient norms (Euclidean and Frobenius-type) every step and the
             covariance spectra every ``spectrum_interval``-th refresh, in ``self.diagnostics`` (one
             dict per step: ``{layer: {"euclidean_norm", "frobenius_norm", "in_spectrum", "out_spectrum"}}``).
@@ -98,10 +103,14 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                  loss: nn.Module | None = None, mc_samples: int = 1, estimate: str = "batch",
                  update_interval: int = 1, woodbury="auto", inner_products: dict | None = None,
                  backend: str = "hooks", track_diagnostics: bool = False, spectrum_interval: int = 10,
-                 fast_path: bool = True):
+                 fast_path: bool = True, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
         self._check_options(moment, labels, loss, mc_samples, estimate, update_interval, woodbury, backend,
                             lr, damping_out, damping_in, beta)
-        defaults = dict(lr=lr, damping_out=damping_out, damping_in=damping_in, beta=beta)
+        if momentum < 0 or weight_decay < 0 or (nesterov and momentum <= 0):
+            raise GraphgrowError(f"need momentum >= 0 and weight_decay >= 0, and momentum > 0 for nesterov; got "
+                                 f"momentum={momentum}, weight_decay={weight_decay}, nesterov={nesterov}")
+        defaults = dict(lr=lr, damping_out=damping_out, damping_in=damping_in, beta=beta, momentum=momentum,
+                        nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(model.parameters() if params is None else params, defaults)
         self.model = model
         self.moment, self.labels, self.loss, self.mc_samples = moment, labels, loss, mc_samples
@@ -380,16 +389,32 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
             if entry is not None:
                 entry.setdefault(self._records[index].name, {}).update(
                     self._norms(module, weight_direction, bias_direction))
-            module.weight.add_(weight_direction, alpha=-group["lr"])
+            self._descend(module.weight, weight_direction, group)
             if bias_direction is not None:
-                module.bias.add_(bias_direction, alpha=-group["lr"])
+                self._descend(module.bias, bias_direction, group)
             state["step"] = step + 1
         for param, group in plain:
             if param.grad is not None:
-                param.add_(param.grad, alpha=-group["lr"])
+                self._descend(param, param.grad, group)
         if entry is not None:
             self.diagnostics.append(entry)
         return loss
+
+    def _descend(self, param: torch.Tensor, direction: torch.Tensor, group: dict) -> None:
+        """param ← (1 − lr·wd)·param − lr·d, with d the direction or, with momentum μ, the buffer
+        v ← μ·v + direction (torch.optim.SGD's heavy ball, dampening 0; Nesterov: direction + μ·v).
+        The weight decay is decoupled: it is not preconditioned."""
+        lr, momentum = group["lr"], group["momentum"]
+        if group["weight_decay"]:
+            param.mul_(1 - lr * group["weight_decay"])
+        if momentum:
+            state = self.state[param]
+            buffer = state.get("momentum_buffer")
+            # out of place: a state_dict loaded into another optimizer shares its tensors with this one
+            buffer = direction.clone() if buffer is None else direction.add(buffer, alpha=momentum)
+            state["momentum_buffer"] = buffer
+            direction = direction.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+        param.add_(direction, alpha=-lr)
 
     def _check_finite(self, updates: list) -> None:
         """Raise before any parameter changes if a preconditioned gradient is not finite. One

@@ -26,7 +26,7 @@ from graphgrow.errors import GraphgrowError
 
 from .factors import (_conv_supported, _flat_inputs, _flat_output_grads, _LayerRecord, _Pending,
                       _spd_inverses, _weight_matrix)
-from .pushthrough import factored_direction, gradient_matches_factors
+from .pushthrough import bias_gradient_matches, factored_direction, gradient_matches_factors
 
 _LOG = logging.getLogger(__name__)
 
@@ -470,15 +470,21 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
     def _precondition(self, state: dict, module: nn.Module, record: _LayerRecord | None = None):
         """P_out ∇W P_in and P_out ∇b from the current factors (5.15, Remark 5.3); the weight's
         from the gradient's factors of ``record`` if given (the fast path)."""
-        bias_direction = None
-        if module.bias is not None and module.bias.grad is not None:
-            bias_direction = self._apply(state, "out", module.bias.grad.unsqueeze(1), from_left=True).squeeze(1)
+        bias_grad = None if module.bias is None else module.bias.grad
         if record is not None:
+            outputs = self._gradient_outputs(record)
             factors = [factor for _, factor in record.output_grads] \
                 if self.labels == "true" and self.moment == "second" else None
-            direction = factored_direction(state, record.inputs, self._gradient_outputs(record), factors,
-                                           self.moment == "covariance", self._apply)
+            direction, bias_direction = factored_direction(state, record.inputs, outputs, factors,
+                                                           self.moment == "covariance", self._apply)
+            if bias_grad is None:
+                bias_direction = None
+            elif not bias_gradient_matches(bias_grad, outputs):
+                bias_direction = self._apply(state, "out", bias_grad.unsqueeze(1), from_left=True).squeeze(1)
             return direction.reshape(module.weight.shape), bias_direction
+        bias_direction = None
+        if bias_grad is not None:
+            bias_direction = self._apply(state, "out", bias_grad.unsqueeze(1), from_left=True).squeeze(1)
         grad = _weight_matrix(module.weight.grad)
         direction = self._apply(state, "out", grad, from_left=True)
         direction = self._apply(state, "in", direction, from_left=False)

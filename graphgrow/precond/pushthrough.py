@@ -44,14 +44,23 @@ def gradient_matches_factors(grad: torch.Tensor, inputs: list, output_grads: lis
     return bool((projected - factored).abs() <= tolerance * size)
 
 
+def bias_gradient_matches(grad: torch.Tensor, output_grads: list) -> bool:
+    """Whether the bias gradient is Σ_c R_cᵀ 1, within a rounding bound (O(rows·out) work)."""
+    total = sum(r.sum(0) for r in output_grads)
+    size = sum(r.abs().sum(0) for r in output_grads)
+    rows = sum(r.shape[0] for r in output_grads)
+    return bool(((grad - total).abs() <= 64 * math.sqrt(rows) * torch.finfo(grad.dtype).eps * size).all())
+
+
 def factored_direction(state: dict, inputs: list, output_grads: list, output_factors: list | None,
-                       centred: bool, apply) -> torch.Tensor:
+                       centred: bool, apply) -> tuple[torch.Tensor, torch.Tensor]:
     """P_out G P_in for G = Σ_c R_cᵀ X_c from the side representations in ``state`` (the same as
     the general path's: ``{side}_operator`` dense, or ``{side}_basis``/``_inner_inverse``/``_damping``
     with the unscaled samples S, estimate s·SᵀS, and inner matrix SSᵀ + γ/s·I). ``output_factors``:
     the per-pass factors f_c when S is the gradient's own output factors (true labels, second
     moment: S = R for one pass, S = cat(f_c R_c) for several), else None. ``apply(state, side, matrix, from_left)`` is the
-    general path's operator product, used on out x B matrices and vectors only."""
+    general path's operator product, used on out x B matrices and vectors only. Returns the
+    direction and P_out Rᵀ 1, the bias's direction when its gradient is Rᵀ 1."""
     gradient_outputs = _cat(output_grads)
     if "out_operator" in state:
         left = state["out_operator"] @ gradient_outputs.T
@@ -69,12 +78,12 @@ def factored_direction(state: dict, inputs: list, output_grads: list, output_fac
         layer_inputs = _cat(inputs)
         # (left X) P_in or left (X P_in), whichever is cheaper
         if left.shape[0] <= layer_inputs.shape[0]:
-            return (left @ layer_inputs) @ state["in_operator"]
-        return left @ (layer_inputs @ state["in_operator"])
+            return (left @ layer_inputs) @ state["in_operator"], left.sum(1)
+        return left @ (layer_inputs @ state["in_operator"]), left.sum(1)
     # X̃ P_in = (s·X̃X̃ᵀ + γI)⁻¹ X̃ = inner⁻¹ X̃ / s, with 1/s = γ_inner/γ
     basis, scale = state["in_basis"], state["in_inner_damping"] / state["in_damping"]
     direction = (left @ state["in_inner_inverse"]).mul_(scale) @ basis
     if centred:
         mean = _cat(inputs).mean(0, keepdim=True)
         direction.addmm_(left.sum(1, keepdim=True), apply(state, "in", mean, from_left=False))
-    return direction
+    return direction, left.sum(1)

@@ -301,6 +301,7 @@ def test_gradient_accumulated_over_unequal_batches_uses_all_samples(woodbury):
         torch.testing.assert_close((before[f"{name}.bias"] - layer.bias.detach()) / LR, expected_b,
                                    rtol=1e-8, atol=1e-10)
     assert ("in_basis" in optimizer.state[model[0].weight]) == woodbury
+    assert set(optimizer.paths.values()) == {"push-through"}  # with woodbury: S = cat(f_c R_c), F⁻¹ applied
 
 
 def test_preconditioned_gradient_is_riesz_representative():

@@ -62,28 +62,37 @@ def factored_direction(state: dict, inputs: list, output_grads: list, output_fac
     general path's operator product, used on out x B matrices and vectors only. Returns the
     direction and P_out Rᵀ 1, the bias's direction when its gradient is Rᵀ 1."""
     gradient_outputs = _cat(output_grads)
+    # P_out Rᵀ = outer·core: outer is out x B, core B x B or None (multiplied in later, where cheaper)
+    core = None
     if "out_operator" in state:
-        left = state["out_operator"] @ gradient_outputs.T
+        outer = state["out_operator"] @ gradient_outputs.T
     elif output_factors is not None:
-        # push-through: P_out Sᵀ = Sᵀ (s·SSᵀ + γI)⁻¹ = Sᵀ·inner⁻¹/γ·(γ/s), and Rᵀ = Sᵀ F⁻¹
-        scale = state["out_damping"] / state["out_inner_damping"]
-        inverse = state["out_inner_inverse"] / scale
+        # push-through: P_out Sᵀ = Sᵀ (s·SSᵀ + γI)⁻¹ = Sᵀ·inner⁻¹/s, and Rᵀ = Sᵀ F⁻¹
+        outer, core = state["out_basis"].T, state["out_inner_inverse"] * (state["out_inner_damping"] / state["out_damping"])
         if len(output_factors) > 1:  # one pass: S = R; several: S = cat(f_c R_c), so divide by F
-            inverse = inverse / torch.cat([torch.full((len(r),), f, dtype=inverse.dtype, device=inverse.device)
-                                          for r, f in zip(output_grads, output_factors)])
-        left = state["out_basis"].T @ inverse
+            core = core / torch.cat([torch.full((len(r),), f, dtype=core.dtype, device=core.device)
+                                     for r, f in zip(output_grads, output_factors)])
     else:
-        left = apply(state, "out", gradient_outputs.T, from_left=True)
+        outer = apply(state, "out", gradient_outputs.T, from_left=True)
+    ones = outer.new_ones(outer.shape[1] if core is None else core.shape[1], 1)
+    bias_direction = (outer @ (ones if core is None else core @ ones)).squeeze(1)  # P_out Rᵀ 1
     if "in_operator" in state:
+        left = outer if core is None else outer @ core
         layer_inputs = _cat(inputs)
         # (left X) P_in or left (X P_in), whichever is cheaper
         if left.shape[0] <= layer_inputs.shape[0]:
-            return (left @ layer_inputs) @ state["in_operator"], left.sum(1)
-        return left @ (layer_inputs @ state["in_operator"]), left.sum(1)
+            return (left @ layer_inputs) @ state["in_operator"], bias_direction
+        return left @ (layer_inputs @ state["in_operator"]), bias_direction
     # X̃ P_in = (s·X̃X̃ᵀ + γI)⁻¹ X̃ = inner⁻¹ X̃ / s, with 1/s = γ_inner/γ
-    basis, scale = state["in_basis"], state["in_inner_damping"] / state["in_damping"]
-    direction = (left @ state["in_inner_inverse"]).mul_(scale) @ basis
+    basis = state["in_basis"]
+    inner = state["in_inner_inverse"] * (state["in_inner_damping"] / state["in_damping"])
+    core = inner if core is None else core @ inner
+    # outer·core·X̃ in the cheaper order
+    if outer.shape[0] <= basis.shape[1]:
+        direction = (outer @ core) @ basis
+    else:
+        direction = outer @ (core @ basis)
     if centred:
         mean = _cat(inputs).mean(0, keepdim=True)
-        direction.addmm_(left.sum(1, keepdim=True), apply(state, "in", mean, from_left=False))
-    return direction, left.sum(1)
+        direction.addmm_(bias_direction.unsqueeze(1), apply(state, "in", mean, from_left=False))
+    return direction, bias_direction

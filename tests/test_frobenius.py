@@ -127,7 +127,9 @@ def test_update_matches_dense_formula(moment, labels, woodbury):
         torch.testing.assert_close(bias, expected_b, rtol=1e-8, atol=1e-10)
     low_rank = "in_basis" in optimizer.state[model[0].weight]
     assert low_rank == woodbury
-    assert set(optimizer.paths.values()) == {"push-through"}
+    # the fast path wherever a side is low rank; with two dense factors the general path is cheaper
+    assert all(path == "push-through" if woodbury else path.startswith("general (both factors are dense")
+               for path in optimizer.paths.values())
 
 
 def random_spd(size, condition, seed):
@@ -301,7 +303,8 @@ def test_gradient_accumulated_over_unequal_batches_uses_all_samples(woodbury):
         torch.testing.assert_close((before[f"{name}.bias"] - layer.bias.detach()) / LR, expected_b,
                                    rtol=1e-8, atol=1e-10)
     assert ("in_basis" in optimizer.state[model[0].weight]) == woodbury
-    assert set(optimizer.paths.values()) == {"push-through"}  # with woodbury: S = cat(f_c R_c), F⁻¹ applied
+    if woodbury:  # the push-through output side with S = cat(f_c R_c): F⁻¹ applied
+        assert set(optimizer.paths.values()) == {"push-through"}
 
 
 def test_preconditioned_gradient_is_riesz_representative():

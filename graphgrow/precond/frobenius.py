@@ -440,6 +440,8 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
             return "fast_path=False"
         if self.backend != "hooks" or self.estimate != "batch" or index in self._inner_products:
             return "the fast path needs batch estimates of the hooks backend on both sides"
+        if "out_operator" in state and "in_operator" in state:
+            return "both factors are dense (at least as many samples as features): P_out ∇W P_in is cheaper"
         grad = record.module.weight.grad
         if not record.grad_was_none:
             return ".grad was not None before the step's first recorded pass (zero_grad(set_to_none=False), " \

@@ -60,6 +60,27 @@ def _spd_inverses(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cholesky_inverse(torch.where(failed[:, None, None], identity, cholesky)), failed
 
 
+def _isotropic_start(covariance: torch.Tensor) -> torch.Tensor:
+    """τ·I with τ the mean eigenvalue of the first estimate (its trace over n): where the averages
+    start. Started from the first batch alone (rank B < n), the first refreshes amplified every
+    gradient component outside its span by 1/γ; from τ·I by at most 1/((1 − β)^k τ + γ) after k."""
+    size = covariance.shape[-1]
+    return torch.eye(size, dtype=covariance.dtype, device=covariance.device) * covariance.diagonal().mean()
+
+
+def _inner_inverse64(state: dict, side: str) -> torch.Tensor:
+    """The Woodbury inner inverse (SSᵀ + γ/s·I)⁻¹ in float64, computed once per refresh (the
+    float32 one if float64 Cholesky fails where float32 did not)."""
+    key = f"{side}_inner_inverse64"
+    if key not in state:
+        samples = state[f"{side}_basis"].double()
+        inner = samples @ samples.T
+        inner.diagonal().add_(state[f"{side}_inner_damping"])
+        inverses, failed = _spd_inverses(inner.unsqueeze(0))
+        state[key] = state[f"{side}_inner_inverse"].double() if failed.item() else inverses[0]
+    return state[key]
+
+
 def _conv_supported(module: nn.Conv2d) -> bool:
     return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
 

@@ -24,8 +24,8 @@ from torch import nn
 
 from graphgrow.errors import GraphgrowError
 
-from .factors import (_conv_supported, _flat_inputs, _flat_output_grads, _LayerRecord, _Pending,
-                      _spd_inverses, _weight_matrix)
+from .factors import (_conv_supported, _flat_inputs, _flat_output_grads, _inner_inverse64, _isotropic_start,
+                      _LayerRecord, _Pending, _spd_inverses, _weight_matrix)
 from .pushthrough import bias_gradient_matches, factored_direction, gradient_matches_factors
 
 _LOG = logging.getLogger(__name__)
@@ -35,27 +35,6 @@ LABEL_SOURCES = ("true", "sampled", "expected")
 ESTIMATES = ("batch", "ema", "ema_inverse")
 BACKENDS = ("hooks", "backpack")
 _MAX_DAMPING_RAISES = 12
-
-
-def _isotropic_start(covariance: torch.Tensor) -> torch.Tensor:
-    """τ·I with τ the mean eigenvalue of the first estimate (its trace over n): where the averages
-    start. Started from the first batch alone (rank B < n), the first refreshes amplified every
-    gradient component outside its span by 1/γ; from τ·I by at most 1/((1 − β)^k τ + γ) after k."""
-    size = covariance.shape[-1]
-    return torch.eye(size, dtype=covariance.dtype, device=covariance.device) * covariance.diagonal().mean()
-
-
-def _inner_inverse64(state: dict, side: str) -> torch.Tensor:
-    """The Woodbury inner inverse (SSᵀ + γ/s·I)⁻¹ in float64, computed once per refresh (the
-    float32 one if float64 Cholesky fails where float32 did not)."""
-    key = f"{side}_inner_inverse64"
-    if key not in state:
-        samples = state[f"{side}_basis"].double()
-        inner = samples @ samples.T
-        inner.diagonal().add_(state[f"{side}_inner_damping"])
-        inverses, failed = _spd_inverses(inner.unsqueeze(0))
-        state[key] = state[f"{side}_inner_inverse"].double() if failed.item() else inverses[0]
-    return state[key]
 
 
 class FrobeniusPreconditioner(torch.optim.Optimizer):

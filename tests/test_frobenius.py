@@ -363,16 +363,12 @@ def test_averaging_and_update_interval(estimate):
             if estimate == "batch":
                 operator = torch.linalg.inv(batch_moment + identity)
             elif estimate == "ema":
-                # the average starts from the first estimate's mean eigenvalue times I
-                start = torch.trace(batch_moment) / 4 * torch.eye(4, dtype=torch.float64)
-                average = (1 - beta) * (start if average is None else average) + beta * batch_moment
+                # 16 samples of 4 features: a full-rank first estimate starts the average
+                average = batch_moment if average is None else (1 - beta) * average + beta * batch_moment
                 operator = torch.linalg.inv(average + identity)
             else:
                 fresh = torch.linalg.inv(batch_moment + identity)
-                if operator is None:
-                    operator = torch.linalg.inv(torch.trace(batch_moment) / 4 * torch.eye(4, dtype=torch.float64)
-                                                + identity)
-                operator = (1 - beta) * operator + beta * fresh
+                operator = fresh if operator is None else (1 - beta) * operator + beta * fresh
         torch.testing.assert_close(stored, operator, rtol=1e-9, atol=1e-12)
 
 

@@ -62,8 +62,10 @@ def _spd_inverses(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _isotropic_start(covariance: torch.Tensor) -> torch.Tensor:
     """τ·I with τ the mean eigenvalue of the first estimate (its trace over n): where the averages
-    start. Started from the first batch alone (rank B < n), the first refreshes amplified every
-    gradient component outside its span by 1/γ; from τ·I by at most 1/((1 − β)^k τ + γ) after k."""
+    start when that estimate is rank deficient. Started from the first batch alone (rank B < n),
+    the first refreshes amplified every gradient component outside its span by 1/γ; from τ·I by at
+    most 1/((1 − β)^k τ + γ) after k. A full-rank first estimate starts the average itself (τ·I
+    would bias it towards isotropy for about 1/β refreshes)."""
     size = covariance.shape[-1]
     return torch.eye(size, dtype=covariance.dtype, device=covariance.device) * covariance.diagonal().mean()
 

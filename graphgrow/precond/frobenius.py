@@ -556,15 +556,19 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                 fresh = covariance is None
                 if fresh:
                     covariance = (samples.T @ samples).mul_(scale)
+                # a first estimate of fewer samples than features (or of unknown rank: BackPACK's) is
+                # rank deficient: the averages then start from τ·I; a full-rank one starts them itself
+                deficient = samples is None or samples.shape[0] < samples.shape[1]
                 if self.estimate == "ema":
                     # lerp: one new matrix, (1 − β)·A + β·C; not in place, as a loaded state_dict may share tensors
                     previous = state.get(f"{side}_average")
-                    if previous is None:
+                    if previous is None and deficient:
                         previous = _isotropic_start(covariance)
-                    covariance = torch.lerp(previous, covariance, group["beta"])
+                    if previous is not None:
+                        covariance = torch.lerp(previous, covariance, group["beta"])
                     state[f"{side}_average"] = covariance
                     fresh = False
-                elif self.estimate == "ema_inverse" and f"{side}_operator" not in state:
+                elif self.estimate == "ema_inverse" and f"{side}_operator" not in state and deficient:
                     start = _isotropic_start(covariance)
                     start.diagonal().add_(damping)
                     state[f"{side}_operator"] = torch.cholesky_inverse(torch.linalg.cholesky(start))

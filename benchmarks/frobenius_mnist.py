@@ -52,7 +52,9 @@ EXPERIMENTS = {
 
 
 def train(setting, data, method, lr, seed=0):
-    """Train one run; return (losses per iteration, wall seconds per iteration, optimizer)."""
+    """Train one run; return (losses per iteration, wall seconds per iteration, optimizer); the
+    process's CPU seconds per iteration are in ``optimizer.cpu_clock`` (on a shared machine the
+    wall clock counts other jobs' time too)."""
     model = feedforward(setting["widths"], setting["activation"], seed)
     loss_fn = nn.MSELoss() if setting["autoencoder"] else nn.CrossEntropyLoss()
     if method == "sgd":
@@ -63,9 +65,9 @@ def train(setting, data, method, lr, seed=0):
                                             track_diagnostics=True, spectrum_interval=10)
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = data.x_train, data.y_train
-    losses, clock = [], []
+    losses, clock, cpu = [], [], []
     order = torch.randperm(len(x_train), generator=generator)
-    position, start = 0, time.perf_counter()
+    position, start, cpu_start = 0, time.perf_counter(), time.process_time()
     for _ in range(setting["iterations"]):
         if position + setting["batch"] > len(x_train):
             order, position = torch.randperm(len(x_train), generator=generator), 0
@@ -83,10 +85,18 @@ def train(setting, data, method, lr, seed=0):
             break
         losses.append(float(loss))
         clock.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         if not math.isfinite(losses[-1]):
             losses += [math.inf] * (setting["iterations"] - len(losses))
             break
+    optimizer.cpu_clock = cpu
     return losses, clock, optimizer
+
+
+def loss_at_time(losses, clock, when, window):
+    """The moving-average loss at the last iteration finished by time ``when``."""
+    finished = [index for index, moment in enumerate(clock) if moment <= when]
+    return smooth(losses, window)[finished[-1]] if finished else float("nan")
 
 
 def tail_loss(losses):
@@ -112,7 +122,7 @@ def run_experiment(name, setting, data):
     for method in ("sgd", "precond"):
         best = None
         for lr in setting[method]:
-            losses, clock, optimizer = train(setting, data, method, lr)
+            losses, clock, optimizer = train(setting, data, method, lr, setting["seed"])
             score = tail_loss(losses)
             per_iteration = clock[-1] / len(clock) if clock else float("nan")
             print(f"| {method} | {lr} | {score:.4f} | {per_iteration:.4f} |", flush=True)
@@ -141,6 +151,15 @@ def run_experiment(name, setting, data):
     plot_spectra(diagnostics, os.path.join(REPORT_DIR, f"{name}{setting['tag']}_spectra.png"), f"{name}: covariance spectra")
     print(f"\nchampions: SGD lr={champions['sgd'][1]} loss {champions['sgd'][0]:.4f}; "
           f"preconditioned lr={champions['precond'][1]} loss {champions['precond'][0]:.4f}")
+    sgd, precond = champions["sgd"], champions["precond"]
+    print(f"paths of the preconditioned champion's last refresh: {precond[4].paths}")
+    for clock_name, sgd_clock, precond_clock in (("wall", sgd[3], precond[3]),
+                                                  ("CPU", sgd[4].cpu_clock, precond[4].cpu_clock)):
+        when = sgd_clock[-1]
+        print(f"at SGD's final {clock_name} time {when:.1f} s ({when / len(sgd_clock):.4f} s/iteration; "
+              f"preconditioned {precond_clock[-1] / len(precond_clock):.4f} s/iteration): moving-average loss "
+              f"SGD {loss_at_time(sgd[2], sgd_clock, when, window):.4f}, preconditioned "
+              f"{loss_at_time(precond[2], precond_clock, when, window):.4f}")
 
 
 def main():
@@ -154,6 +173,7 @@ def main():
                              "the model (Monte-Carlo Fisher, as BackPACK's KFAC in the thesis runs)")
     parser.add_argument("--sgd-lrs", type=float, nargs="+", help="override the SGD learning-rate grid")
     parser.add_argument("--precond-lrs", type=float, nargs="+", help="override the preconditioned grid")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -161,7 +181,7 @@ def main():
     data = mnist(args.mnist, split=(8000, 2000), seed=0)
     for name in EXPERIMENTS if "all" in args.experiment else args.experiment:
         setting = dict(EXPERIMENTS[name])
-        setting["labels"], setting["tag"] = args.labels, args.tag
+        setting["labels"], setting["tag"], setting["seed"] = args.labels, args.tag, args.seed
         for key, value in (("iterations", args.iterations), ("sgd", args.sgd_lrs), ("precond", args.precond_lrs)):
             if value is not None:
                 setting[key] = value

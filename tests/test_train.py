@@ -264,8 +264,10 @@ def test_frobenius_optimizer_in_the_runtime_takes_the_preconditioned_step():
     assert trainer.optimizer.state[head]["step"] == 1  # fresh statistics from the new network's batch
 
 
-def test_frobenius_optimizer_refuses_momentum_and_weight_decay():
-    with pytest.raises(GraphgrowError, match="preconditioned SGD"):
-        TrainConfig(optimizer="frobenius", momentum=0.9)
+def test_frobenius_optimizer_takes_momentum_and_weight_decay_from_the_config():
+    config = TrainConfig(optimizer="frobenius", momentum=0.9, nesterov=True, weight_decay=1e-3)
+    trainer = Trainer(small_network(), blobs(), config)
+    group = trainer.optimizer.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 1e-3)
     with pytest.raises(GraphgrowError, match="damping"):
         TrainConfig(optimizer="frobenius", damping=-1.0)

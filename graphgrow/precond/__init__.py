@@ -11,20 +11,15 @@ __all__ = ["FrobeniusPreconditioner", "OPTIMIZER"]
 
 def _build(module, parameters, config) -> FrobeniusPreconditioner:
     return FrobeniusPreconditioner(module, parameters, lr=config.lr, damping_in=config.damping,
-                                   damping_out=config.damping)
-
-
-def _misfit(config) -> tuple[str, str] | None:
-    if config.momentum or config.weight_decay or config.nesterov:
-        return ("the Frobenius-type preconditioner takes plain preconditioned SGD steps",
-                "drop momentum/weight decay, or use optimizer 'sgd'")
-    return None
+                                   damping_out=config.damping, momentum=config.momentum,
+                                   nesterov=config.nesterov, weight_decay=config.weight_decay)
 
 
 def _release(optimizer: FrobeniusPreconditioner) -> None:
     optimizer.remove_hooks()
 
 
-#: ``optimizer="frobenius"``: per-batch estimates with ``damping`` as both γ1 and γ2; its
-#: statistics belong to the layers, so a grown network gets a fresh preconditioner.
-OPTIMIZER = OptimizerKind(_build, misfit=_misfit, carries_state=False, release=_release)
+#: ``optimizer="frobenius"``: per-batch estimates with ``damping`` as both γ1 and γ2, the config's
+#: momentum/nesterov and its weight decay (decoupled); its statistics belong to the layers, so a
+#: grown network gets a fresh preconditioner.
+OPTIMIZER = OptimizerKind(_build, carries_state=False, release=_release)

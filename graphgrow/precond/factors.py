@@ -8,10 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# largest diagonal block that _spd_inverses hands to LAPACK; above it, the Schur complement recursion
-_LAPACK_BLOCK = 64
-
-
 @dataclass
 class _LayerRecord:
     """What the hooks captured for one preconditioned layer since the last step."""
@@ -21,11 +17,17 @@ class _LayerRecord:
     inputs: list = field(default_factory=list)         # (samples, in_features) chunks
     output_grads: list = field(default_factory=list)   # ((samples, out_features) chunk, per-sample factor)
     outputs: list = field(default_factory=list)        # (live layer output, batch size), for Monte-Carlo backprop
+    # the output gradients of the loss's own backward when output_grads holds Monte-Carlo ones
+    gradient_outputs: list = field(default_factory=list)
+    grad_was_none: bool = False      # weight.grad was None when this step's first pass was recorded
+    accumulated: tuple | None = None  # (id, version) of weight.grad after autograd's last accumulation
+    probes: tuple | None = None       # fixed random vectors of the gradient consistency check
 
     def clear(self) -> None:
         self.inputs.clear()
         self.output_grads.clear()
         self.outputs.clear()
+        self.gradient_outputs.clear()
 
 
 @dataclass
@@ -46,34 +48,39 @@ class _Pending:
 
 
 def _spd_inverses(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverses of a batch (b, n, n) of symmetric positive definite matrices, and a (b,) mask of
-    the matrices that are not positive definite (their inverses are garbage).
+    """Inverses of a batch (b, n, n) of symmetric positive definite matrices by Cholesky
+    factorisation, and a (b,) mask of the matrices that are not positive definite (their inverses
+    are garbage). Cholesky is backward stable: in float32 at condition numbers of 1e4-1e5 (a damped
+    MNIST input estimate at γ = 1e-3) its inverse is accurate to about 1e-4, where a block inversion
+    through the Schur complement with explicit block inverses was off by 4e-2."""
+    cholesky, info = torch.linalg.cholesky_ex(matrices)
+    failed = info != 0
+    # a partial factor would make cholesky_inverse raise; no synchronising check, the mask reports it
+    identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+    return torch.cholesky_inverse(torch.where(failed[:, None, None], identity, cholesky)), failed
 
-    By the 2 x 2 block formula with the Schur complement S = A22 − A21 A11⁻¹ A21ᵀ, recursively,
-    down to diagonal blocks of at most _LAPACK_BLOCK rows that LAPACK factorises: A is positive
-    definite exactly when A11 and S are. The work outside the small blocks is matrix products, which
-    run many times faster than LAPACK's factorisation and inversion routines at the sizes a step needs
-    (CPU torch: 100 x 100 about 1.3x, 784 x 784 about 1.6x faster than Cholesky + cholesky_inverse)."""
-    size = matrices.shape[-1]
-    if size <= _LAPACK_BLOCK:
-        cholesky, info = torch.linalg.cholesky_ex(matrices)
-        failed = info != 0
-        # a partial factor would make cholesky_inverse raise; no synchronising check, the mask reports it
-        identity = torch.eye(size, dtype=matrices.dtype, device=matrices.device)
-        return torch.cholesky_inverse(torch.where(failed[:, None, None], identity, cholesky)), failed
-    half = size // 2
-    top_inverse, top_failed = _spd_inverses(matrices[:, :half, :half])
-    lower_left = matrices[:, half:, :half]
-    coupling = torch.bmm(lower_left, top_inverse)  # A21 A11⁻¹
-    schur_inverse, schur_failed = _spd_inverses(
-        torch.baddbmm(matrices[:, half:, half:], coupling, lower_left.transpose(1, 2), alpha=-1))
-    lower_left_inverse = torch.bmm(schur_inverse, coupling).neg_()  # −S⁻¹ A21 A11⁻¹
-    inverses = torch.empty_like(matrices)
-    inverses[:, half:, half:] = schur_inverse
-    inverses[:, half:, :half] = lower_left_inverse
-    inverses[:, :half, half:] = lower_left_inverse.transpose(1, 2)
-    inverses[:, :half, :half] = torch.baddbmm(top_inverse, coupling.transpose(1, 2), lower_left_inverse, alpha=-1)
-    return inverses, top_failed | schur_failed
+
+def _isotropic_start(covariance: torch.Tensor) -> torch.Tensor:
+    """τ·I with τ the mean eigenvalue of the first estimate (its trace over n): where the averages
+    start when that estimate is rank deficient. Started from the first batch alone (rank B < n),
+    the first refreshes amplified every gradient component outside its span by 1/γ; from τ·I by at
+    most 1/((1 − β)^k τ + γ) after k. A full-rank first estimate starts the average itself (τ·I
+    would bias it towards isotropy for about 1/β refreshes)."""
+    size = covariance.shape[-1]
+    return torch.eye(size, dtype=covariance.dtype, device=covariance.device) * covariance.diagonal().mean()
+
+
+def _inner_inverse64(state: dict, side: str) -> torch.Tensor:
+    """The Woodbury inner inverse (SSᵀ + γ/s·I)⁻¹ in float64, computed once per refresh (the
+    float32 one if float64 Cholesky fails where float32 did not)."""
+    key = f"{side}_inner_inverse64"
+    if key not in state:
+        samples = state[f"{side}_basis"].double()
+        inner = samples @ samples.T
+        inner.diagonal().add_(state[f"{side}_inner_damping"])
+        inverses, failed = _spd_inverses(inner.unsqueeze(0))
+        state[key] = state[f"{side}_inner_inverse"].double() if failed.item() else inverses[0]
+    return state[key]
 
 
 def _conv_supported(module: nn.Conv2d) -> bool:

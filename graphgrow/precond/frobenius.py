@@ -15,6 +15,7 @@ Kronecker factors KFAC/KFLR (backend ``"backpack"``, second moments, graphs with
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -23,8 +24,11 @@ from torch import nn
 
 from graphgrow.errors import GraphgrowError
 
-from .factors import (_conv_supported, _flat_inputs, _flat_output_grads, _LayerRecord, _Pending,
-                      _spd_inverses, _weight_matrix)
+from .factors import (_conv_supported, _flat_inputs, _flat_output_grads, _inner_inverse64, _isotropic_start,
+                      _LayerRecord, _Pending, _spd_inverses, _weight_matrix)
+from .pushthrough import bias_gradient_matches, factored_direction, gradient_matches_factors
+
+_LOG = logging.getLogger(__name__)
 
 MOMENTS = ("second", "covariance")
 LABEL_SOURCES = ("true", "sampled", "expected")
@@ -43,7 +47,8 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
     Args:
         model: the module whose Linear/Conv2d layers are preconditioned (found via ``modules()``).
         params: parameters or param-group dicts (default ``model.parameters()``); groups may set
-            ``lr``, ``damping_out`` (γ1), ``damping_in`` (γ2) and ``beta``.
+            ``lr``, ``damping_out`` (γ1), ``damping_in`` (γ2), ``beta``, ``momentum``, ``nesterov``
+            and ``weight_decay``.
         moment: ``"second"`` (uncentred, the K-FAC backbone) or ``"covariance"`` (centred, (5.8), (5.12)).
         labels: where the pre-activation gradient samples come from: ``"true"`` (the training labels,
             Remark 5.5), ``"sampled"`` (labels drawn from the model's predictive distribution,
@@ -63,6 +68,10 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
             inner-product matrices replacing the data-driven one on that side.
         backend: ``"hooks"`` or ``"backpack"`` (the model must be ``backpack.extend``-ed and backward
             run inside ``with backpack(*optimizer.backpack_extensions())``).
+        fast_path: form the batch estimate's update from the gradient's factors (pushthrough.py)
+            on refresh steps whose ``.grad`` is autograd's own; False: always the general path.
+        momentum, nesterov: heavy-ball momentum on the preconditioned direction, as torch.optim.SGD's.
+        weight_decay: decoupled weight decay, param ← (1 − lr·wd)·param before the step.
         track_diagnostics: record gradient norms (Euclidean and Frobenius-type) every step and the
             covariance spectra every ``spectrum_interval``-th refresh, in ``self.diagnostics`` (one
             dict per step: ``{layer: {"euclidean_norm", "frobenius_norm", "in_spectrum", "out_spectrum"}}``).
@@ -72,15 +81,22 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                  damping_in: float = 0.01, beta: float = 0.1, moment: str = "second", labels: str = "true",
                  loss: nn.Module | None = None, mc_samples: int = 1, estimate: str = "batch",
                  update_interval: int = 1, woodbury="auto", inner_products: dict | None = None,
-                 backend: str = "hooks", track_diagnostics: bool = False, spectrum_interval: int = 10):
+                 backend: str = "hooks", track_diagnostics: bool = False, spectrum_interval: int = 10,
+                 fast_path: bool = True, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
         self._check_options(moment, labels, loss, mc_samples, estimate, update_interval, woodbury, backend,
                             lr, damping_out, damping_in, beta)
-        defaults = dict(lr=lr, damping_out=damping_out, damping_in=damping_in, beta=beta)
+        if momentum < 0 or weight_decay < 0 or (nesterov and momentum <= 0):
+            raise GraphgrowError(f"need momentum >= 0 and weight_decay >= 0, and momentum > 0 for nesterov; got "
+                                 f"momentum={momentum}, weight_decay={weight_decay}, nesterov={nesterov}")
+        defaults = dict(lr=lr, damping_out=damping_out, damping_in=damping_in, beta=beta, momentum=momentum,
+                        nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(model.parameters() if params is None else params, defaults)
         self.model = model
         self.moment, self.labels, self.loss, self.mc_samples = moment, labels, loss, mc_samples
         self.estimate, self.update_interval, self.woodbury, self.backend = estimate, update_interval, woodbury, backend
         self.track_diagnostics, self.spectrum_interval = track_diagnostics, spectrum_interval
+        self.fast_path = fast_path
+        self.paths: dict[str, str] = {}  # layer name: the path its last refresh step took
         self.diagnostics: list[dict] = []
         self._records = self._find_layers(model)
         self._inner_products = self._check_inner_products(inner_products or {})
@@ -216,6 +232,8 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
     def _install_hooks(self) -> None:
         for record in self._records:
             self._hook_handles.append(record.module.register_forward_hook(self._layer_hook(record)))
+            self._hook_handles.append(record.module.weight.register_post_accumulate_grad_hook(
+                self._accumulation_hook(record)))
         if self.labels == "sampled":
             # a plain closure, not a bound method: deepcopy of the model would copy a bound method's optimizer
             def on_model_output(model, inputs, output):
@@ -238,15 +256,28 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                     or not output.requires_grad or not self._refresh_due(record):
                 return
             layer_input = inputs[0].detach()
+            if not record.inputs:
+                record.grad_was_none = module.weight.grad is None
             record.inputs.append(_flat_inputs(module, layer_input))
             batch_size = layer_input.shape[0]
             if self.labels == "sampled":
                 record.outputs.append((output, batch_size))
-            else:
-                def store_grad(grad):
-                    if not self._sampling:
-                        record.output_grads.append(_flat_output_grads(module, grad.detach(), batch_size))
-                output.register_hook(store_grad)
+
+            def store_grad(grad):
+                if self._sampling:
+                    return
+                rows = _flat_output_grads(module, grad.detach(), batch_size)
+                if self.labels == "sampled":
+                    record.gradient_outputs.append(rows[0])
+                else:
+                    record.output_grads.append(rows)
+            output.register_hook(store_grad)
+        return hook
+
+    @staticmethod
+    def _accumulation_hook(record: _LayerRecord):
+        def hook(weight):
+            record.accumulated = (id(weight.grad), weight.grad._version)
         return hook
 
     def _on_model_output(self, model, inputs, output):
@@ -319,27 +350,50 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                 record.clear()
             else:
                 active.append((index, record, group, self.state[record.module.weight]))
-        self._refresh([layer for layer in active if layer[3].get("step", 0) % self.update_interval == 0], entry)
+        refreshed = [layer for layer in active if layer[3].get("step", 0) % self.update_interval == 0]
+        self._refresh(refreshed, entry)
+        refreshing = {id(layer[1]) for layer in refreshed}
         updates = []
         for index, record, group, state in active:
+            fast = False
+            if id(record) in refreshing:  # between refreshes the gradient is not that of the recorded samples
+                refusal = self._fast_path_refusal(index, record, state)
+                self._log_path(record, refusal)
+                fast = refusal is None
+            direction = self._precondition(state, record.module, record if fast else None)
             record.clear()
-            updates.append((index, record.module, group, state, state.get("step", 0))
-                           + self._precondition(state, record.module))
+            updates.append((index, record.module, group, state, state.get("step", 0)) + direction)
         self._check_finite(updates)
         for index, module, group, state, step, weight_direction, bias_direction in updates:
             if entry is not None:
                 entry.setdefault(self._records[index].name, {}).update(
                     self._norms(module, weight_direction, bias_direction))
-            module.weight.add_(weight_direction, alpha=-group["lr"])
+            self._descend(module.weight, weight_direction, group)
             if bias_direction is not None:
-                module.bias.add_(bias_direction, alpha=-group["lr"])
+                self._descend(module.bias, bias_direction, group)
             state["step"] = step + 1
         for param, group in plain:
             if param.grad is not None:
-                param.add_(param.grad, alpha=-group["lr"])
+                self._descend(param, param.grad, group)
         if entry is not None:
             self.diagnostics.append(entry)
         return loss
+
+    def _descend(self, param: torch.Tensor, direction: torch.Tensor, group: dict) -> None:
+        """param ← (1 − lr·wd)·param − lr·d, with d the direction or, with momentum μ, the buffer
+        v ← μ·v + direction (torch.optim.SGD's heavy ball, dampening 0; Nesterov: direction + μ·v).
+        The weight decay is decoupled: it is not preconditioned."""
+        lr, momentum = group["lr"], group["momentum"]
+        if group["weight_decay"]:
+            param.mul_(1 - lr * group["weight_decay"])
+        if momentum:
+            state = self.state[param]
+            buffer = state.get("momentum_buffer")
+            # out of place: a state_dict loaded into another optimizer shares its tensors with this one
+            buffer = direction.clone() if buffer is None else direction.add(buffer, alpha=momentum)
+            state["momentum_buffer"] = buffer
+            direction = direction.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+        param.add_(direction, alpha=-lr)
 
     def _check_finite(self, updates: list) -> None:
         """Raise before any parameter changes if a preconditioned gradient is not finite. One
@@ -357,14 +411,64 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                                      "overflowed)", node=self._records[update[0]].name,
                                      hint="training diverged; lower the learning rate")
 
-    def _precondition(self, state: dict, module: nn.Module):
-        """P_out ∇W P_in and P_out ∇b from the current factors (5.15, Remark 5.3)."""
+    def _fast_path_refusal(self, index: int, record: _LayerRecord, state: dict) -> str | None:
+        """Why this refresh step's weight direction cannot come from the gradient's factors
+        (pushthrough.py), or None when it can: the batch estimate of the hooks backend, and a
+        ``.grad`` that is exactly what autograd accumulated from the recorded passes."""
+        if not self.fast_path:
+            return "fast_path=False"
+        if self.backend != "hooks" or self.estimate != "batch" or index in self._inner_products:
+            return "the fast path needs batch estimates of the hooks backend on both sides"
+        if "out_operator" in state and "in_operator" in state:
+            return "both factors are dense (at least as many samples as features): P_out ∇W P_in is cheaper"
+        grad = record.module.weight.grad
+        if not record.grad_was_none:
+            return ".grad was not None before the step's first recorded pass (zero_grad(set_to_none=False), " \
+                   "or gradients accumulated across steps)"
+        if record.accumulated != (id(grad), grad._version):
+            return ".grad was changed after backward (clipping, weight decay added, ...)"
+        outputs = self._gradient_outputs(record)
+        if [len(x) for x in record.inputs] != [len(r) for r in outputs]:
+            return "the recorded forward passes and backward passes do not pair up"
+        if record.probes is None:
+            generator = torch.Generator(grad.device).manual_seed(0)  # private: the global RNG stays untouched
+            record.probes = tuple(torch.randn(size, generator=generator, dtype=grad.dtype, device=grad.device)
+                                  for size in _weight_matrix(grad).shape)
+        if not gradient_matches_factors(_weight_matrix(grad), record.inputs, outputs, record.probes):
+            return ".grad has a term that does not come through the layer's output (a penalty in the loss?)"
+        return None
+
+    def _gradient_outputs(self, record: _LayerRecord) -> list:
+        return record.gradient_outputs if self.labels == "sampled" else [grad for grad, _ in record.output_grads]
+
+    def _log_path(self, record: _LayerRecord, refusal: str | None) -> None:
+        """Log (INFO, logger graphgrow.precond.frobenius) when a layer's refresh steps change path."""
+        path = "push-through" if refusal is None else f"general ({refusal})"
+        if self.paths.get(record.name) != path:
+            _LOG.info("FrobeniusPreconditioner: layer '%s' takes the %s path", record.name, path)
+        self.paths[record.name] = path
+
+    def _precondition(self, state: dict, module: nn.Module, record: _LayerRecord | None = None):
+        """P_out ∇W P_in and P_out ∇b from the current factors (5.15, Remark 5.3); the weight's
+        from the gradient's factors of ``record`` if given (the fast path)."""
+        bias_grad = None if module.bias is None else module.bias.grad
+        if record is not None:
+            outputs = self._gradient_outputs(record)
+            factors = [factor for _, factor in record.output_grads] \
+                if self.labels == "true" and self.moment == "second" else None
+            direction, bias_direction = factored_direction(state, record.inputs, outputs, factors,
+                                                           self.moment == "covariance", self._apply)
+            if bias_grad is None:
+                bias_direction = None
+            elif not bias_gradient_matches(bias_grad, outputs):
+                bias_direction = self._apply(state, "out", bias_grad.unsqueeze(1), from_left=True).squeeze(1)
+            return direction.reshape(module.weight.shape), bias_direction
+        bias_direction = None
+        if bias_grad is not None:
+            bias_direction = self._apply(state, "out", bias_grad.unsqueeze(1), from_left=True).squeeze(1)
         grad = _weight_matrix(module.weight.grad)
         direction = self._apply(state, "out", grad, from_left=True)
         direction = self._apply(state, "in", direction, from_left=False)
-        bias_direction = None
-        if module.bias is not None and module.bias.grad is not None:
-            bias_direction = self._apply(state, "out", module.bias.grad.unsqueeze(1), from_left=True).squeeze(1)
         return direction.reshape(module.weight.shape), bias_direction
 
     @staticmethod
@@ -377,11 +481,20 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         # The small inner inverse is explicit because one matmul with it is cheaper than
         # cholesky_solve's two triangular solves at these sizes
         samples, inner_inverse, damping = state[f"{side}_basis"], state[f"{side}_inner_inverse"], state[f"{side}_damping"]
+        dtype = matrix.dtype
+        if dtype != torch.float64:
+            # the difference cancels: where M lies in the span of S it is about M/λ, the terms M/γ, so
+            # in float32 it lost up to 3e-3 (MNIST inputs, γ = 1e-3); in float64, and the inner
+            # inverse redone in float64 once per refresh
+            samples, matrix, inner_inverse = samples.double(), matrix.double(), _inner_inverse64(state, side)
         # addmm fuses the subtraction and the division into the last product (no temporaries of M's size)
         if from_left:
-            return torch.addmm(matrix, samples.T, inner_inverse @ (samples @ matrix), beta=1 / damping,
-                               alpha=-1 / damping)
-        return torch.addmm(matrix, (matrix @ samples.T) @ inner_inverse, samples, beta=1 / damping, alpha=-1 / damping)
+            result = torch.addmm(matrix, samples.T, inner_inverse @ (samples @ matrix), beta=1 / damping,
+                                 alpha=-1 / damping)
+        else:
+            result = torch.addmm(matrix, (matrix @ samples.T) @ inner_inverse, samples, beta=1 / damping,
+                                 alpha=-1 / damping)
+        return result.to(dtype)
 
     # ------------------------------------------------------------------------------- refresh
     def _samples(self, record: _LayerRecord, side: str) -> tuple:
@@ -443,12 +556,22 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                 fresh = covariance is None
                 if fresh:
                     covariance = (samples.T @ samples).mul_(scale)
+                # a first estimate of fewer samples than features (or of unknown rank: BackPACK's) is
+                # rank deficient: the averages then start from τ·I; a full-rank one starts them itself
+                deficient = samples is None or samples.shape[0] < samples.shape[1]
                 if self.estimate == "ema":
                     # lerp: one new matrix, (1 − β)·A + β·C; not in place, as a loaded state_dict may share tensors
                     previous = state.get(f"{side}_average")
-                    covariance = covariance if previous is None else torch.lerp(previous, covariance, group["beta"])
+                    if previous is None and deficient:
+                        previous = _isotropic_start(covariance)
+                    if previous is not None:
+                        covariance = torch.lerp(previous, covariance, group["beta"])
                     state[f"{side}_average"] = covariance
                     fresh = False
+                elif self.estimate == "ema_inverse" and f"{side}_operator" not in state and deficient:
+                    start = _isotropic_start(covariance)
+                    start.diagonal().add_(damping)
+                    state[f"{side}_operator"] = torch.cholesky_inverse(torch.linalg.cholesky(start))
                 pending.append(_Pending(record, state, side, covariance, damping, fresh, beta=group["beta"]))
         by_size = {}
         for item in pending:
@@ -507,10 +630,12 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         if item.samples is not None:
             state.pop(f"{side}_operator", None)
             state.pop(f"{side}_average", None)
+            state.pop(f"{side}_inner_inverse64", None)
             state[f"{side}_basis"], state[f"{side}_inner_inverse"] = item.samples, inverse
             state[f"{side}_damping"] = float(item.damping * item.scale)
+            state[f"{side}_inner_damping"] = float(item.damping)
             return
-        for key in ("basis", "inner_inverse", "damping"):
+        for key in ("basis", "inner_inverse", "damping", "inner_damping", "inner_inverse64"):
             state.pop(f"{side}_{key}", None)
         previous = state.get(f"{side}_operator")
         if self.estimate == "ema_inverse" and previous is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import GraphgrowError
+from .runtime.checkpoint import RunInterrupted
 
 # the repository's spec, found from the package (an editable install), so the demo runs from any directory
 DEMO_SPEC = Path(__file__).resolve().parent.parent / "specs" / "fnn_spiral.yaml"
@@ -93,13 +94,34 @@ def _print_growth(result) -> None:
 
 def cmd_grow(opts) -> None:
     from .sensli import grow
-    result = grow(opts.spec, opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
-                  insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
-                  per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
-                  momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer, damping=opts.damping,
-                  loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out, seed=opts.seed,
-                  progress=not opts.quiet)
+    options = dict(spec=opts.spec, data=opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
+                   insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
+                   per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
+                   momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer,
+                   damping=opts.damping, loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out,
+                   seed=opts.seed, checkpoint_every=opts.checkpoint_every)
+    result = grow(**_resume_options(opts, options), progress=not opts.quiet)
     _print_growth(result)
+
+
+def _resume_options(opts, options: dict) -> dict:
+    """``options`` for a fresh run; with --resume only those given on the command line (the
+    rest come from the run's checkpoint), plus ``resume``."""
+    if opts.resume is None:
+        return options
+    unset = object()  # argparse keeps a namespace's values where no option was given
+    given = vars(opts.command_parser.parse_known_args(opts.command_argv, argparse.Namespace(
+        **{dest: unset for dest in vars(opts)}))[0])
+    return {**{k: v for k, v in options.items() if given.get(k, unset) is not unset}, "resume": opts.resume}
+
+
+def _add_checkpoint_options(parser, command: str) -> None:
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="checkpoint every N optimizer steps (default: every epoch; with --out)")
+    parser.add_argument("--resume", default=None, metavar="RUNDIR",
+                        help=f"continue an interrupted run from its latest checkpoint, with its options "
+                             f"(graphgrow {command} --resume RUNDIR)")
+    parser.set_defaults(command_parser=parser)
 
 
 def cmd_sensitivities(opts) -> None:
@@ -187,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.set_defaults(run=cmd_compile)
 
     grow = commands.add_parser("grow", help="train while SensLI (or a comparison) inserts layers")
-    grow.add_argument("spec")
+    grow.add_argument("spec", nargs="?", help="the network (left out with --resume)")
     _add_training_options(grow, epochs=100, lr=0.1)
+    _add_checkpoint_options(grow, "grow")
     grow.add_argument("--strategy", default="sensli", help="sensli, random, min (LIother) or none")
     grow.add_argument("--insert-every", type=int, default=None, metavar="N", help="try an insertion every N epochs")
     grow.add_argument("--insert-at", type=int, nargs="+", default=None, metavar="EPOCH", help="try at these epochs")
@@ -248,12 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = build_parser().parse_args(argv)
+    opts.command_argv = argv[argv.index(opts.command) + 1:]
     try:
         opts.run(opts)
     except GraphgrowError as err:
         print(err.format(), file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

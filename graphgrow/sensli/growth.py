@@ -2,7 +2,9 @@
 one-call ``grow``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import torch
@@ -45,6 +47,16 @@ class GrowthHook:
         self.inserted = 0
         self.ledger = CostLedger()
         self.insertions: list[dict] = []
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: insertions so far, the FLOP ledger, the random strategy's generator."""
+        return {"inserted": self.inserted, "insertions": self.insertions, "generator": self.generator.get_state(),
+                "ledger": asdict(self.ledger)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inserted, self.insertions = state["inserted"], list(state["insertions"])
+        self.generator.set_state(state["generator"])
+        self.ledger = CostLedger(**state["ledger"])
 
     def due(self, epoch: int) -> bool:
         return (epoch in self.insert_at or (self.insert_every is not None and epoch % self.insert_every == 0))
@@ -138,56 +150,114 @@ class GrowResult:
     out: object = None
 
 
-def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | None = None,
+def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: int | None = None,
          insert_at: Iterable[int] | None = None, max_insertions: int = 1, tau: float | None = None,
          per_step: int = 1, norm: str = "fro", epochs: int = 100, lr: float = 0.1, batch: int | None = None,
          momentum: float = 0.0, weight_decay: float = 0.0, optimizer: str = "sgd", damping: float = 0.01,
          loss: str = "cross_entropy",
          sens_batch: int | None = 256, sample: int | float | None = None, out=None, seed: int = 0,
          progress: bool = False, eval_every: int = 1, log_steps: bool = True, export: bool = True,
-         widen: int = 0) -> GrowResult:
+         widen: int = 0, checkpoint_every: int | None = None, resume=None) -> GrowResult:
     """Train ``spec`` on ``data`` while SensLI (or a comparison strategy) inserts layers.
 
     ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
     npz:PATH. With ``out`` a run directory gets log.jsonl, summary.json, final.yaml + .pt,
-    model.pt2 and curves.png. ``widen=k`` adds the k best neurons per try (4.4, 4.20)
+    model.pt2, curves.png and checkpoints/ (every ``checkpoint_every`` optimizer steps, else at
+    the end of every epoch; always after a growth event and at SIGINT/SIGTERM, which then raise
+    graphgrow.runtime.checkpoint.RunInterrupted). ``resume=RUNDIR`` continues an interrupted run
+    from its latest checkpoint with the options it was started with (an option given here that
+    differs from its default and from the run's is an error; data given as an object must be
+    given again). ``widen=k`` adds the k best neurons per try (4.4, 4.20)
     instead of inserting layers (``max_insertions`` then counts widening steps). Returns the grown network, the records, the insertion events
     and the summary (final metrics, FLOPs per training sample as in thesis Tables 4.2/4.4)."""
+    options = {name: value for name, value in locals().items() if name not in _NOT_OPTIONS}
+    if resume is None:
+        if spec is None:
+            raise GraphgrowError("grow needs a spec", hint="pass a spec path, LayerGraph or Network (or resume=RUNDIR)")
+        network = load_network(spec, seed)
+        start = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
+                 "params": network.graph.num_params(), "flops": network.graph.flops()}
+        return _grow(network, load_data(data, seed), options, start, out, progress)
+    from ..runtime.checkpoint import load_checkpoint, resumed_options
+    if spec is not None or out not in (None, resume):
+        raise GraphgrowError("a resumed run keeps its spec and run directory", file=str(resume),
+                             hint="leave out the spec and --out when resuming")
+    checkpoint = load_checkpoint(resume)
+    if checkpoint.meta.get("engine") != "grow":
+        raise GraphgrowError(f"the run directory holds a '{checkpoint.meta.get('engine')}' run", file=str(resume),
+                             hint=f"resume it with graphgrow {checkpoint.meta.get('engine')} --resume")
+    defaults = {name: p.default for name, p in inspect.signature(grow).parameters.items()}
+    data_object = checkpoint.meta["options"]["data"] is None  # the run's data was an object, not a name
+    if data_object and isinstance(data, str):
+        raise GraphgrowError("the run's data was passed as an object; pass it again", file=str(resume))
+    saved = resumed_options(checkpoint.meta["options"], {k: v for k, v in options.items() if k != "data" or not data_object},
+                            defaults, resume)
+    if data_object:
+        saved["data"] = data
+    return _grow(None, load_data(saved["data"], saved["seed"]), saved, checkpoint.meta["start"], resume, progress,
+                 checkpoint)
+
+
+#: grow()'s parameters that are not options a checkpoint keeps
+_NOT_OPTIONS = ("spec", "out", "progress", "resume")
+
+
+def _grow(network, dataset, options: dict, start: dict, out, progress: bool, checkpoint=None) -> GrowResult:
+    """Run (or, with ``checkpoint``, continue) a growth run with ``options`` (grow's keywords)."""
+    from ..compiler.network import Network
+    from ..runtime.checkpoint import Checkpointer, check_not_finished, restore_trainer
     from ..runtime.plots import plot_run
-    dataset = load_data(data, seed)
-    network = load_network(spec, seed)
-    config = TrainConfig(epochs=epochs, lr=lr, batch=batch, momentum=momentum, weight_decay=weight_decay,
-                         optimizer=optimizer, damping=damping, loss=loss, seed=seed, progress=progress,
-                         eval_every=eval_every, log_steps=log_steps)
-    if insert_every is None and not insert_at and strategy != "none":
-        insert_every = max(epochs // (max_insertions + 1), 1)
-    hook = GrowthHook(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
-                      max_insertions=max_insertions, tau=tau, per_step=per_step, norm=norm,
-                      sens_batch=sens_batch, sample=sample, seed=seed, widen=widen)
-    start_params, start_flops = network.graph.num_params(), network.graph.flops()
-    with RunLog(out) as log:
-        trainer = Trainer(network, dataset, config, log=log, hooks=[hook])
+    from ..runtime.runlog import read_log
+    o = dict(options)
+    config = TrainConfig(epochs=o["epochs"], lr=o["lr"], batch=o["batch"], momentum=o["momentum"],
+                         weight_decay=o["weight_decay"], optimizer=o["optimizer"], damping=o["damping"],
+                         loss=o["loss"], seed=o["seed"], progress=progress, eval_every=o["eval_every"],
+                         log_steps=o["log_steps"])
+    insert_every = o["insert_every"]
+    if insert_every is None and not o["insert_at"] and o["strategy"] != "none":
+        insert_every = max(o["epochs"] // (o["max_insertions"] + 1), 1)
+    hook = GrowthHook(strategy=o["strategy"], insert_at=o["insert_at"], insert_every=insert_every,
+                      max_insertions=o["max_insertions"], tau=o["tau"], per_step=o["per_step"], norm=o["norm"],
+                      sens_batch=o["sens_batch"], sample=o["sample"], seed=o["seed"], widen=o["widen"])
+    hooks = [hook]
+    if out is not None:
+        saved_options = {**o, "data": o["data"] if isinstance(o["data"], str) else None,
+                         "insert_at": sorted(o["insert_at"]) if o["insert_at"] else o["insert_at"]}
+        checkpointer = Checkpointer(out, "grow", {"options": saved_options, "start": start}, every=o["checkpoint_every"])
+        hooks.append(checkpointer)
+    if checkpoint is not None:
+        check_not_finished(read_log(out), out)
+        network = Network.build(checkpoint.graph, checkpoint.state["trainer"]["weights"])
+    log = RunLog(out, resume=None if checkpoint is None else checkpoint.state["log_length"])
+    with log, (checkpointer.interrupt.installed() if out is not None else nullcontext()):
+        trainer = Trainer(network, dataset, config, log=log, hooks=hooks)
+        if checkpoint is not None:
+            for name, reason in checkpoint.skipped:
+                log.log("checkpoint_skipped", checkpoint=name, reason=reason)
+            restore_trainer(trainer, checkpoint)
+            log.log("resume", checkpoint=checkpoint.directory.name, epoch=trainer.epoch, iteration=trainer.iteration)
         result = trainer.fit()
         graph = result.network.graph
-        summary = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
-                   "strategy": f"widen {widen}" if widen else strategy,
-                   "seed": seed, "config": config.to_dict(), "tau": tau, "norm": norm,
+        widen, strategy = o["widen"], o["strategy"]
+        summary = {"spec": start["spec"], "strategy": f"widen {widen}" if widen else strategy,
+                   "seed": o["seed"], "config": config.to_dict(), "tau": o["tau"], "norm": o["norm"],
                    "final": result.final, "insertions": [{k: r.get(k) for k in (
                        "epoch", "iteration", "positions", "nodes", "merits", "ratios", "loss_before", "loss_after",
                        "params_before", "params_after")} for r in hook.insertions],
                    "rejected": [r["epoch"] for r in log.records
                                 if r["event"] in ("insertion", "widening") and not r["inserted"]],
-                   "params": {"start": start_params, "final": graph.num_params()},
-                   "flops_per_sample": {"forward_start": start_flops, "forward_final": graph.flops(),
-                                        "training_step_start": 3 * start_flops,
+                   "params": {"start": start["params"], "final": graph.num_params()},
+                   "flops_per_sample": {"forward_start": start["flops"], "forward_final": graph.flops(),
+                                        "training_step_start": 3 * start["flops"],
                                         "training_step_final": 3 * graph.flops(),
                                         "run": hook.ledger.to_dict()}}
         if out is not None:
             log.save_network(result.network)
-            if export:
+            if o["export"]:
                 log.export(result.network)
             plot_run(log.records, log.path("curves.png"),
                      title=f"{graph.name}: {strategy}, {len(hook.insertions)} insertion event(s)")
             log.write_json("summary.json", summary)
     return GrowResult(result.network, log.records, hook.insertions, summary, out)
+
 

@@ -145,12 +145,19 @@ def cmd_sensitivities(opts) -> None:
 
 def cmd_mgopt(opts) -> None:
     from .mgopt import run
-    result = run(opts.spec, opts.data, hierarchy=opts.hierarchy, levels=opts.levels, kappa=opts.kappa,
-                 K=opts.K, lam=opts.lam, alpha=opts.lr, alpha_bar=opts.alpha_bar, alpha_cgc=opts.alpha_cgc,
-                 variant=opts.variant, epochs=opts.epochs, batch=opts.batch, loss=opts.loss,
-                 pre_smooth=opts.pre_smooth, post_smooth=opts.post_smooth, backtracking=opts.backtracking,
-                 descent_check=not opts.no_descent_check, schedule=opts.schedule,
-                 interpolation=opts.interpolation, out=opts.out, seed=opts.seed, progress=not opts.quiet)
+    options = dict(spec=opts.spec, data=opts.data, hierarchy=opts.hierarchy, levels=opts.levels, kappa=opts.kappa,
+                   K=opts.K, lam=opts.lam, lr=opts.lr, alpha_bar=opts.alpha_bar, alpha_cgc=opts.alpha_cgc,
+                   variant=opts.variant, epochs=opts.epochs, batch=opts.batch, loss=opts.loss,
+                   pre_smooth=opts.pre_smooth, post_smooth=opts.post_smooth, backtracking=opts.backtracking,
+                   no_descent_check=opts.no_descent_check, schedule=opts.schedule,
+                   interpolation=opts.interpolation, out=opts.out, seed=opts.seed,
+                   checkpoint_every=opts.checkpoint_every)
+    options = _resume_options(opts, options)
+    if "lr" in options:
+        options["alpha"] = options.pop("lr")
+    if "no_descent_check" in options:
+        options["descent_check"] = not options.pop("no_descent_check")
+    result = run(**options, progress=not opts.quiet)
     summary, final = result.summary, result.summary["final"]
     print(f"{summary['variant']} on a {summary['hierarchy']} hierarchy, levels {', '.join(summary['levels'])}")
     print(f"{final['iterations']} fine iterations, {final['corrections']} coarse corrections taken "
@@ -241,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     sens.set_defaults(run=cmd_sensitivities)
 
     mgopt = commands.add_parser("mgopt", help="multilevel training (MG/Opt) on a hierarchy built by passes")
-    mgopt.add_argument("spec")
+    mgopt.add_argument("spec", nargs="?", help="the network (left out with --resume)")
     _add_training_options(mgopt, epochs=10, lr=0.1)
+    _add_checkpoint_options(mgopt, "mgopt")
     mgopt.add_argument("--hierarchy", default="depth", help="depth, width, batch or resolution")
     mgopt.add_argument("--levels", type=int, default=2)
     mgopt.add_argument("--kappa", type=float, default=0.5, help="take a coarse correction when |R g|^2 > kappa |g|^2")

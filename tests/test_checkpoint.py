@@ -60,13 +60,6 @@ def run_killed(args: list[str], rundir: Path, after_lines: int, sig: int = signa
     return process.returncode, out, err
 
 
-def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(command(*args), cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    return done
-
-
 def reference(args: list[str], rundir: Path) -> None:
     """The uninterrupted run, in this process (one thread, as the subprocesses)."""
     assert main([*args, "--out", str(rundir), "--quiet"]) == 0
@@ -112,6 +105,105 @@ def test_sigkill_before_and_after_growth_resumes_bitwise_with_momentum(tmp_path)
     status, _, _ = run_killed(["grow", "--resume", str(run)], run, pick.randrange(growth + 5, len(records) - 60))
     assert status == -signal.SIGKILL
     before = load_checkpoint(run)
-    run_cli(["grow", "--resume", str(run)])
+    assert main(["grow", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(run, tmp_path / "reference")
     assert before.meta["step"] > 0
+
+
+def test_sigterm_then_sigkill_around_widening_resumes_bitwise_with_adam(tmp_path):
+    args = [*GROW, "--batch", "64", "--optimizer", "adam", "--lr", "0.01", "--widen", "2"]
+    reference(args, tmp_path / "reference")
+    records = read_records(tmp_path / "reference")
+    growth = next(i for i, r in enumerate(records) if r["event"] == "widening")
+    assert records[growth]["inserted"]
+    pick = random.Random(34)
+    run = tmp_path / "run"
+    status, _, err = run_killed([*args, "--out", str(run)], run, pick.randrange(12, growth - 20), signal.SIGTERM)
+    assert status == 143, err
+    assert f"resume with: graphgrow grow --resume {run}" in err and "Traceback" not in err
+    assert read_records(run)[-1]["event"] == "interrupted"
+    status, _, _ = run_killed(["grow", "--resume", str(run)], run, pick.randrange(growth + 3, len(records) - 25))
+    assert status == -signal.SIGKILL
+    assert main(["grow", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(run, tmp_path / "reference")
+
+
+# -- in one process: a write cut short, a damaged checkpoint, wrong uses of --resume -----------
+
+class Killed(BaseException):
+    """Stands for the process dying (nothing in the run catches it)."""
+
+
+IN_PROCESS = dict(epochs=6, insert_at=[3], max_insertions=1, lr=0.2, batch=64, momentum=0.5, export=False,
+                  checkpoint_every=5)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    from graphgrow.sensli import grow
+    out = tmp_path_factory.mktemp("finished") / "run"
+    grow(SPIRAL, out=out, **IN_PROCESS)
+    return out
+
+
+def test_a_write_cut_short_and_a_damaged_checkpoint_fall_back_to_the_previous_one(tmp_path, finished, monkeypatch):
+    from graphgrow.runtime import checkpoint
+    from graphgrow.sensli import grow
+    real_save, calls = torch.save, []
+
+    def dying_save(state, path):  # the 7th checkpoint's state file gets half written, then the process dies
+        calls.append(path)
+        if len(calls) == 7:
+            data = __import__("io").BytesIO()
+            real_save(state, data)
+            Path(path).write_bytes(data.getvalue()[:len(data.getvalue()) // 2])
+            raise Killed
+        real_save(state, path)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with pytest.raises(Killed):
+        grow(SPIRAL, out=run, **IN_PROCESS)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    root = run / CHECKPOINTS
+    torn = [p.name for p in root.iterdir() if p.name.endswith(".partial")]
+    assert torn == [Path(calls[-1]).parent.name]  # never renamed
+    complete = sorted((p.name for p in root.glob("step-*")), reverse=True)
+    assert len(complete) == 2 and (root / LATEST).read_text().strip() == complete[0]
+    assert load_checkpoint(run).directory.name == complete[0]
+    # damage the latest checkpoint too: the one before it must be used, and the log say so
+    state = root / complete[0] / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10] + b"0123456789")
+    fallback = load_checkpoint(run)
+    assert fallback.directory.name == complete[1] and fallback.skipped[0][0] == complete[0]
+    grow(resume=run)
+    assert_same_run(run, finished)
+    skipped = [r for r in read_records(run) if r["event"] == "checkpoint_skipped"]
+    assert [r["checkpoint"] for r in skipped] == [complete[0]] and "checksum" in skipped[0]["reason"]
+    assert not any(p.name.endswith(".partial") for p in root.iterdir()) and len(list(root.glob("step-*"))) == 2
+
+
+def test_resume_refuses_conflicting_options_a_finished_run_and_a_directory_without_checkpoints(tmp_path, finished, capsys):
+    assert main(["grow", "--resume", str(finished), "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "option conflicts with the resumed run: lr=0.5 (run: 0.2)" in err and len(err.splitlines()) == 1
+    assert main(["grow", "--resume", str(finished), "--lr", "0.2", "--quiet"]) == 2  # the same value: allowed,
+    assert "run has finished" in capsys.readouterr().err                            # but this run is done
+    assert main(["grow", SPIRAL, "--resume", str(finished)]) == 2
+    assert "keeps its spec" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["grow", "--resume", str(tmp_path / "empty")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_sigkill_during_an_mgopt_depth_hierarchy_run_resumes_bitwise(tmp_path):
+    args = ["mgopt", str(ROOT / "specs" / "resnet_ode.yaml"), "--hierarchy", "depth", "--levels", "2",
+            "--epochs", "3", "--batch", "50", "--checkpoint-every", "4"]
+    reference(args, tmp_path / "reference")
+    records = read_records(tmp_path / "reference")
+    assert any(r.get("kind") == "cgc" for r in records)  # coarse corrections happen, so the coarse level matters
+    run = tmp_path / "run"
+    status, _, _ = run_killed([*args, "--out", str(run)], run, random.Random(56).randrange(8, len(records) - 12))
+    assert status == -signal.SIGKILL
+    assert main(["mgopt", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(run, tmp_path / "reference")

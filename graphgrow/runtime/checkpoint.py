@@ -20,6 +20,7 @@ it back through ``load_state_dict``; this module never imports an engine.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -135,7 +136,8 @@ def write_checkpoint(rundir: str | Path, step: int, graph: LayerGraph, state: di
     os.replace(temporary, target)
     _fsync_directory(root)
     write_text_atomically(root / LATEST, name + "\n")
-    for old in _checkpoint_dirs(root)[keep:]:
+    stale = _checkpoint_dirs(root)[keep:] + list(root.glob(f".{PREFIX}*.partial"))  # and writes cut short
+    for old in stale:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
@@ -278,10 +280,14 @@ def resume_command(engine: str, rundir: str | Path) -> str:
 
 
 class Checkpointer:
-    """Trainer hook (put it last) that checkpoints a run: every ``every`` optimizer steps, or at
+    """Writes a run's checkpoints and turns a SIGINT/SIGTERM into a checkpoint and
+    :class:`RunInterrupted` (install ``interrupt`` around the run). ``meta`` (the run's options)
+    goes into every checkpoint.json.
+
+    It is also a trainer hook (put it last): a checkpoint every ``every`` optimizer steps, or at
     the end of every epoch when ``every`` is None; always at the end of an epoch whose hooks
-    replaced the network (a growth event), and at a SIGINT/SIGTERM (then it raises
-    :class:`RunInterrupted`). ``meta`` (the run's options) goes into checkpoint.json."""
+    replaced the network (a growth event). Engines without the trainer call ``due``, ``write``
+    and ``stop_if_interrupted`` themselves."""
 
     def __init__(self, rundir: str | Path, engine: str, meta: dict, *, every: int | None = None, keep: int = KEEP):
         if every is not None and not (isinstance(every, int) and every >= 1):
@@ -291,11 +297,26 @@ class Checkpointer:
         self.interrupt = InterruptFlag()
         self._saved_network = None
 
+    def due(self, step: int) -> bool:
+        return self.every is not None and step % self.every == 0
+
+    def write(self, step: int, graph: LayerGraph, state: dict, **where: Any) -> Path:
+        return write_checkpoint(self.rundir, step, graph, state, {"engine": self.engine, **where, **self.meta}, self.keep)
+
+    def stop_if_interrupted(self, log, save: Callable[[], Path], **where: Any) -> None:
+        """After a signal: ``save()`` a checkpoint, log it and raise :class:`RunInterrupted`."""
+        if self.interrupt.signum is None:
+            return
+        written = save()
+        log.log("interrupted", signal=signal.Signals(self.interrupt.signum).name, checkpoint=written.name, **where)
+        raise RunInterrupted(self.interrupt.signum, written, resume_command(self.engine, self.rundir))
+
+    # -- as a trainer hook
     def on_train_start(self, trainer) -> None:
         self._saved_network = trainer.network
 
     def on_step_end(self, trainer, record) -> None:
-        if self.every is not None and trainer.iteration % self.every == 0:
+        if self.due(trainer.iteration):
             self.save(trainer)
         self._stop_if_interrupted(trainer)
 
@@ -309,16 +330,11 @@ class Checkpointer:
                  "hooks": {key: hook.state_dict() for key, hook in stateful_hooks(trainer.hooks)},
                  "log_length": len(trainer.log.records)}
         self._saved_network = trainer.network
-        return write_checkpoint(self.rundir, trainer.iteration, trainer.network.graph, state,
-                                {"engine": self.engine, "epoch": trainer.epoch, **self.meta}, self.keep)
+        return self.write(trainer.iteration, trainer.network.graph, state, epoch=trainer.epoch)
 
     def _stop_if_interrupted(self, trainer) -> None:
-        if self.interrupt.signum is None:
-            return
-        written = self.save(trainer)
-        trainer.log.log("interrupted", signal=signal.Signals(self.interrupt.signum).name,
-                        checkpoint=written.name, epoch=trainer.epoch, iteration=trainer.iteration)
-        raise RunInterrupted(self.interrupt.signum, written, resume_command(self.engine, self.rundir))
+        self.stop_if_interrupted(trainer.log, lambda: self.save(trainer), epoch=trainer.epoch,
+                                 iteration=trainer.iteration)
 
 
 def stateful_hooks(hooks) -> list[tuple[str, Any]]:
@@ -341,16 +357,33 @@ def restore_trainer(trainer, checkpoint: Checkpoint) -> None:
 
 # -- options of a resumed run -----------------------------------------------------------------
 
-def resumed_options(saved: dict, given: dict, defaults: dict, rundir: str | Path) -> dict:
-    """The run's options from its checkpoint. ``given``: the options of the resuming call; one
-    that differs from its default (so was chosen) and from the saved value is an error."""
-    conflicts = [name for name, value in given.items()
-                 if name in saved and value != defaults.get(name) and _plain(value) != saved[name]]
+def resume_run(engine: str, function: Callable, options: dict, spec, out, rundir) -> tuple[Checkpoint, dict]:
+    """The latest checkpoint of the ``engine`` run in ``rundir`` and the run's options, for
+    ``function(..., resume=rundir)`` called with ``options`` (its other keywords). An option
+    that differs from ``function``'s default (so was chosen) and from the run's value is an
+    error, as are a spec and an ``out`` other than ``rundir``. A run whose data was an object
+    (saved as None) takes ``options["data"]``, which must then be given."""
+    if spec is not None or out not in (None, rundir):
+        raise GraphgrowError("a resumed run keeps its spec and run directory", file=str(rundir),
+                             hint="leave out the spec and --out when resuming")
+    checkpoint = load_checkpoint(rundir)
+    if checkpoint.meta.get("engine") != engine:
+        raise GraphgrowError(f"the run directory holds a '{checkpoint.meta.get('engine')}' run", file=str(rundir),
+                             hint=f"resume it with graphgrow {checkpoint.meta.get('engine')} --resume")
+    saved = dict(checkpoint.meta["options"])
+    defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()}
+    data_object = saved.get("data", "") is None
+    if data_object:
+        if isinstance(options["data"], str):
+            raise GraphgrowError("the run's data was passed as an object; pass it again", file=str(rundir))
+        saved["data"] = options["data"]
+    conflicts = [name for name, value in options.items() if name in saved and not (name == "data" and data_object)
+                 and value != defaults.get(name) and _plain(value) != saved[name]]
     if conflicts:
-        shown = ", ".join(f"{n}={given[n]!r} (run: {saved[n]!r})" for n in conflicts)
+        shown = ", ".join(f"{n}={options[n]!r} (run: {saved[n]!r})" for n in conflicts)
         raise GraphgrowError(f"option conflicts with the resumed run: {shown}", file=str(rundir),
                              hint="a resumed run keeps the options it was started with; leave them out")
-    return dict(saved)
+    return checkpoint, saved
 
 
 def _plain(value: Any) -> Any:

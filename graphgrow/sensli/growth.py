@@ -2,7 +2,6 @@
 one-call ``grow``."""
 from __future__ import annotations
 
-import inspect
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Iterable
@@ -178,22 +177,8 @@ def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: in
         start = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
                  "params": network.graph.num_params(), "flops": network.graph.flops()}
         return _grow(network, load_data(data, seed), options, start, out, progress)
-    from ..runtime.checkpoint import load_checkpoint, resumed_options
-    if spec is not None or out not in (None, resume):
-        raise GraphgrowError("a resumed run keeps its spec and run directory", file=str(resume),
-                             hint="leave out the spec and --out when resuming")
-    checkpoint = load_checkpoint(resume)
-    if checkpoint.meta.get("engine") != "grow":
-        raise GraphgrowError(f"the run directory holds a '{checkpoint.meta.get('engine')}' run", file=str(resume),
-                             hint=f"resume it with graphgrow {checkpoint.meta.get('engine')} --resume")
-    defaults = {name: p.default for name, p in inspect.signature(grow).parameters.items()}
-    data_object = checkpoint.meta["options"]["data"] is None  # the run's data was an object, not a name
-    if data_object and isinstance(data, str):
-        raise GraphgrowError("the run's data was passed as an object; pass it again", file=str(resume))
-    saved = resumed_options(checkpoint.meta["options"], {k: v for k, v in options.items() if k != "data" or not data_object},
-                            defaults, resume)
-    if data_object:
-        saved["data"] = data
+    from ..runtime.checkpoint import resume_run
+    checkpoint, saved = resume_run("grow", grow, options, spec, out, resume)
     return _grow(None, load_data(saved["data"], saved["seed"]), saved, checkpoint.meta["start"], resume, progress,
                  checkpoint)
 

@@ -100,7 +100,7 @@ def cmd_grow(opts) -> None:
                    momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer,
                    damping=opts.damping, loss=opts.loss, sample=opts.sample, widen=opts.widen, out=opts.out,
                    seed=opts.seed, checkpoint_every=opts.checkpoint_every)
-    result = grow(**_resume_options(opts, options), progress=not opts.quiet)
+    result = grow(**_checked(_resume_options(opts, options)), progress=not opts.quiet)
     _print_growth(result)
 
 
@@ -113,6 +113,16 @@ def _resume_options(opts, options: dict) -> dict:
     given = vars(opts.command_parser.parse_known_args(opts.command_argv, argparse.Namespace(
         **{dest: unset for dest in vars(opts)}))[0])
     return {**{k: v for k, v in options.items() if given.get(k, unset) is not unset}, "resume": opts.resume}
+
+
+def _checked(options: dict) -> dict:
+    """``options``; when resuming, each one given must have the run's value (also a default's)."""
+    if "resume" in options:
+        from .runtime.checkpoint import check_options, load_checkpoint
+        rundir = options["resume"]
+        check_options(load_checkpoint(rundir).meta["options"],
+                      {k: v for k, v in options.items() if k not in ("spec", "out", "resume")}, rundir)
+    return options
 
 
 def _add_checkpoint_options(parser, command: str) -> None:
@@ -157,7 +167,7 @@ def cmd_mgopt(opts) -> None:
         options["alpha"] = options.pop("lr")
     if "no_descent_check" in options:
         options["descent_check"] = not options.pop("no_descent_check")
-    result = run(**options, progress=not opts.quiet)
+    result = run(**_checked(options), progress=not opts.quiet)
     summary, final = result.summary, result.summary["final"]
     print(f"{summary['variant']} on a {summary['hierarchy']} hierarchy, levels {', '.join(summary['levels'])}")
     print(f"{final['iterations']} fine iterations, {final['corrections']} coarse corrections taken "

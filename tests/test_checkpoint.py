@@ -187,6 +187,8 @@ def test_resume_refuses_conflicting_options_a_finished_run_and_a_directory_witho
     assert main(["grow", "--resume", str(finished), "--lr", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "option conflicts with the resumed run: lr=0.5 (run: 0.2)" in err and len(err.splitlines()) == 1
+    assert main(["grow", "--resume", str(finished), "--lr", "0.1"]) == 2  # the default, but not the run's
+    assert "lr=0.1 (run: 0.2)" in capsys.readouterr().err
     assert main(["grow", "--resume", str(finished), "--lr", "0.2", "--quiet"]) == 2  # the same value: allowed,
     assert "run has finished" in capsys.readouterr().err                            # but this run is done
     assert main(["grow", SPIRAL, "--resume", str(finished)]) == 2
@@ -207,3 +209,29 @@ def test_sigkill_during_an_mgopt_depth_hierarchy_run_resumes_bitwise(tmp_path):
     assert status == -signal.SIGKILL
     assert main(["mgopt", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(run, tmp_path / "reference")
+
+
+def test_the_preconditioners_statistics_resume_with_the_run(tmp_path, monkeypatch):
+    from graphgrow.runtime.train import Trainer
+    from graphgrow.sensli import grow
+    options = dict(epochs=4, insert_at=[2], max_insertions=1, lr=0.05, batch=90, optimizer="frobenius",
+                   export=False, checkpoint_every=3)
+    grow(SPIRAL, out=tmp_path / "reference", **options)
+    real_step, steps = Trainer.step, []
+
+    def dying_step(self, x, y):  # the process dies in step 14 (after growth; checkpoint at 12)
+        steps.append(self.iteration)
+        if len(steps) == 14:
+            raise Killed
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "step", dying_step)
+    with pytest.raises(Killed):
+        grow(SPIRAL, out=tmp_path / "run", **options)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    saved = load_checkpoint(tmp_path / "run")
+    assert saved.meta["step"] == 12
+    optimizer_state = saved.state["trainer"]["optimizer"]["state"]
+    assert any(key.endswith("_operator") or key.endswith("_inner_inverse") for s in optimizer_state.values() for key in s)
+    grow(resume=tmp_path / "run")
+    assert_same_run(tmp_path / "run", tmp_path / "reference")

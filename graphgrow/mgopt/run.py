@@ -13,8 +13,8 @@ from ..compiler.io import load_network
 from ..compiler.network import Network
 from ..errors import GraphgrowError
 from ..runtime.data import load_data
-from ..runtime.checkpoint import Checkpointer, check_not_finished, resume_run
-from ..runtime.runlog import RunLog, read_log
+from ..runtime.checkpoint import Checkpointer, resume_run
+from ..runtime.runlog import RunLog
 from ..runtime.splits import as_splits, check_data_fits
 from .network import build_network_hierarchy, iterations_per_epoch, load_params
 from .optimizer import MGOptConfig, optimize, prolong_from
@@ -99,8 +99,6 @@ def _run(network, dataset, o: dict, spec_name: str, out, progress: bool, checkpo
         saved = {**o, "data": o["data"] if isinstance(o["data"], str) else None}
         every = per_epoch if o["checkpoint_every"] is None else o["checkpoint_every"]
         checkpointer = Checkpointer(out, "mgopt", {"options": saved, "spec": spec_name}, every=every)
-    if checkpoint is not None:
-        check_not_finished(read_log(out), out)
     log = RunLog(out, resume=None if checkpoint is None else checkpoint.state["log_length"])
     with log, (checkpointer.interrupt.installed() if checkpointer else nullcontext()):
         if checkpoint is None:
@@ -165,13 +163,13 @@ def _run(network, dataset, o: dict, spec_name: str, out, progress: bool, checkpo
                 checkpointer.stop_if_interrupted(log, lambda: save(optimizer), iteration=optimizer.iteration)
 
         try:
-            theta, history, optimizer = optimize(levels_built, fine.parameters(), config, iterations, seed=seed,
+            theta, _, optimizer = optimize(levels_built, fine.parameters(), config, iterations, seed=seed,
                                                  work_budget=work_budget, callback=on_iteration,
                                                  resume=checkpoint.state["optimizer"] if checkpoint else None)
             diverged = None
         except _Diverged as stop:
             log.log("diverged", iteration=stop.iteration)
-            theta, history, optimizer, diverged = None, [], None, stop.iteration
+            theta, optimizer, diverged = None, None, stop.iteration
         finally:
             if bar is not None:
                 bar.close()

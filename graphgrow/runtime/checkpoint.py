@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -377,21 +376,20 @@ def resume_run(engine: str, function: Callable, options: dict, spec, out, rundir
         if isinstance(options["data"], str):
             raise GraphgrowError("the run's data was passed as an object; pass it again", file=str(rundir))
         saved["data"] = options["data"]
-    conflicts = [name for name, value in options.items() if name in saved and not (name == "data" and data_object)
-                 and value != defaults.get(name) and _plain(value) != saved[name]]
+    check_options(saved, {name: value for name, value in options.items()
+                          if value != defaults.get(name) and not (name == "data" and data_object)}, rundir)
+    return checkpoint, saved
+
+
+def check_options(saved: dict, chosen: dict, rundir: str | Path) -> None:
+    """A GraphgrowError naming every ``chosen`` option whose value is not the run's."""
+    conflicts = [name for name, value in chosen.items() if name in saved and _plain(value) != saved[name]]
     if conflicts:
-        shown = ", ".join(f"{n}={options[n]!r} (run: {saved[n]!r})" for n in conflicts)
+        shown = ", ".join(f"{n}={chosen[n]!r} (run: {saved[n]!r})" for n in conflicts)
         raise GraphgrowError(f"option conflicts with the resumed run: {shown}", file=str(rundir),
                              hint="a resumed run keeps the options it was started with; leave them out")
-    return checkpoint, saved
 
 
 def _plain(value: Any) -> Any:
     """The JSON form of an option value (tuples become lists), for comparison with a saved one."""
     return json.loads(json.dumps(value)) if isinstance(value, (tuple, list, dict)) else value
-
-
-def check_not_finished(records: list[dict], rundir: str | Path) -> None:
-    if any(r.get("event") == "end" for r in records):
-        raise GraphgrowError("the run has finished; there is nothing to resume", file=str(rundir),
-                             hint="its results are in summary.json and final.yaml")

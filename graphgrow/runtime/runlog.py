@@ -74,7 +74,10 @@ class RunLog:
             self._file = open(log_path, "w", encoding="utf-8", buffering=1)
 
     def _reopen(self, log_path: Path, length: int) -> None:
-        records = read_log(log_path)
+        records = read_log(log_path, torn_tail=True)
+        if any(r.get("event") == "end" for r in records):
+            raise GraphgrowError("the run has finished; there is nothing to resume", file=str(self.directory),
+                                 hint="its results are in summary.json and final.yaml")
         if len(records) < length:
             raise GraphgrowError(f"run log holds {len(records)} records, the checkpoint expects {length}",
                                  file=str(log_path), hint="the log does not belong to this checkpoint")
@@ -143,8 +146,9 @@ class RunLog:
         self.close()
 
 
-def read_log(path: str | Path) -> list[dict]:
-    """The records of a run directory's ``log.jsonl`` (or of the file itself)."""
+def read_log(path: str | Path, *, torn_tail: bool = False) -> list[dict]:
+    """The records of a run directory's ``log.jsonl`` (or of the file itself). ``torn_tail``:
+    leave out a last line cut short (a run killed while writing it)."""
     path = Path(path)
     if path.is_dir():
         path = path / LOG_NAME
@@ -157,6 +161,8 @@ def read_log(path: str | Path) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
+                    if torn_tail and not line.endswith("\n"):
+                        break
                     raise GraphgrowError(f"bad JSON in run log: {err.msg}", file=str(path), line=number) from None
     return records
 

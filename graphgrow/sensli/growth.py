@@ -9,6 +9,7 @@ from typing import Iterable
 import torch
 
 from ..compiler.io import load_network
+from ..compiler.network import Network
 from ..errors import GraphgrowError
 from ..runtime.data import load_data
 from ..runtime.flops import CostLedger
@@ -179,7 +180,8 @@ def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: in
         return _grow(network, load_data(data, seed), options, start, out, progress)
     from ..runtime.checkpoint import resume_run
     checkpoint, saved = resume_run("grow", grow, options, spec, out, resume)
-    return _grow(None, load_data(saved["data"], saved["seed"]), saved, checkpoint.meta["start"], resume, progress,
+    network = Network.build(checkpoint.graph, checkpoint.state["trainer"]["weights"])
+    return _grow(network, load_data(saved["data"], saved["seed"]), saved, checkpoint.meta["start"], resume, progress,
                  checkpoint)
 
 
@@ -189,10 +191,8 @@ _NOT_OPTIONS = ("spec", "out", "progress", "resume")
 
 def _grow(network, dataset, options: dict, start: dict, out, progress: bool, checkpoint=None) -> GrowResult:
     """Run (or, with ``checkpoint``, continue) a growth run with ``options`` (grow's keywords)."""
-    from ..compiler.network import Network
-    from ..runtime.checkpoint import Checkpointer, check_not_finished, restore_trainer
+    from ..runtime.checkpoint import Checkpointer, restore_trainer
     from ..runtime.plots import plot_run
-    from ..runtime.runlog import read_log
     o = dict(options)
     config = TrainConfig(epochs=o["epochs"], lr=o["lr"], batch=o["batch"], momentum=o["momentum"],
                          weight_decay=o["weight_decay"], optimizer=o["optimizer"], damping=o["damping"],
@@ -210,9 +210,6 @@ def _grow(network, dataset, options: dict, start: dict, out, progress: bool, che
                          "insert_at": sorted(o["insert_at"]) if o["insert_at"] else o["insert_at"]}
         checkpointer = Checkpointer(out, "grow", {"options": saved_options, "start": start}, every=o["checkpoint_every"])
         hooks.append(checkpointer)
-    if checkpoint is not None:
-        check_not_finished(read_log(out), out)
-        network = Network.build(checkpoint.graph, checkpoint.state["trainer"]["weights"])
     log = RunLog(out, resume=None if checkpoint is None else checkpoint.state["log_length"])
     with log, (checkpointer.interrupt.installed() if out is not None else nullcontext()):
         trainer = Trainer(network, dataset, config, log=log, hooks=hooks)

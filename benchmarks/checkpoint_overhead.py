@@ -10,7 +10,8 @@ checkpointing hook's ``save`` replaced by a no-op for its runs (the only differe
 untimed warm-up run, runs alternate (every epoch, none; none, every epoch; ...), one intra-op thread; reported: the median of the per-pair
 ratios of the training time (the ``end`` record's seconds: the training loop with its
 checkpoints, sensitivity pass and insertion) and of the whole ``grow`` call, plus the median size
-and time of one checkpoint. Resume time: ``grow(resume=RUNDIR)`` of a run interrupted after its
+and time of one checkpoint and the share of a run's training time spent in its checkpoint hook
+(measured inside the run, so free of the noise between runs on a shared machine). Resume time: ``grow(resume=RUNDIR)`` of a run interrupted after its
 second epoch, up to its first training step (reading and verifying the checkpoint, rebuilding the
 grown network, the optimizer and the generators, cutting the log), median over the repeats.
 MNIST: the 10,000-image test set (IDX files) pooled and split ``train``/500 by seed 0; SGD with
@@ -106,7 +107,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = mnist(args.data, split=(args.train, 500), seed=0)
     work = Path(tempfile.mkdtemp(prefix="checkpoint_overhead-"))
-    whole, training, writes, resumes = [], [], [], []
+    whole, training, writes, resumes, shares = [], [], [], [], []
     timed_grow(data, work / "warm-up", argparse.Namespace(**{**vars(args), "epochs": 2}), True)  # first-call costs
     for repeat in range(args.repeats):
         pair = {}
@@ -116,6 +117,7 @@ def main() -> None:
         whole.append(pair["every epoch"][0] / pair["none"][0])
         training.append(pair["every epoch"][1] / pair["none"][1])
         writes.extend(pair["every epoch"][2])
+        shares.append(sum(pair["every epoch"][2]) / pair["every epoch"][1])
         resumes.append(resume_seconds(data, interrupted_copy(work / f"every_epoch-{repeat}", work / f"cut-{repeat}"), args))
         print(f"repeat {repeat}: training {pair['every epoch'][1]:.2f} s vs {pair['none'][1]:.2f} s, "
               f"whole grow {pair['every epoch'][0]:.2f} s vs {pair['none'][0]:.2f} s, resume {resumes[-1]:.2f} s",
@@ -124,6 +126,7 @@ def main() -> None:
     print(f"checkpoint every epoch / none, training time: median ratio {statistics.median(training):.3f} "
           f"(pairs {', '.join(f'{r:.3f}' for r in training)}; goal <= 1.05)")
     print(f"checkpoint every epoch / none, whole grow call: median ratio {statistics.median(whole):.3f}")
+    print(f"time inside the checkpoint hook / training time of the same run: median {statistics.median(shares):.4f}")
     print(f"one checkpoint: {size / 1e6:.2f} MB, median {1000 * statistics.median(writes):.1f} ms to write "
           f"({len(writes)} writes)")
     print(f"resume to the first step: median {statistics.median(resumes):.2f} s "

@@ -146,25 +146,24 @@ def finished(tmp_path_factory) -> Path:
 def test_a_write_cut_short_and_a_damaged_checkpoint_fall_back_to_the_previous_one(tmp_path, finished, monkeypatch):
     from graphgrow.runtime import checkpoint
     from graphgrow.sensli import grow
-    real_save, calls = torch.save, []
+    real_write, state_writes = checkpoint.write_synced, []
 
-    def dying_save(state, path):  # the 7th checkpoint's state file gets half written, then the process dies
-        calls.append(path)
-        if len(calls) == 7:
-            data = __import__("io").BytesIO()
-            real_save(state, data)
-            Path(path).write_bytes(data.getvalue()[:len(data.getvalue()) // 2])
-            raise Killed
-        real_save(state, path)
+    def dying_write(path, data):  # the 7th checkpoint's state file gets half written, then the process dies
+        if path.name == checkpoint.STATE_NAME:
+            state_writes.append(path)
+            if len(state_writes) == 7:
+                path.write_bytes(data[:len(data) // 2])
+                raise Killed
+        real_write(path, data)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint, "write_synced", dying_write)
     with pytest.raises(Killed):
         grow(SPIRAL, out=run, **IN_PROCESS)
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(checkpoint, "write_synced", real_write)
     root = run / CHECKPOINTS
     torn = [p.name for p in root.iterdir() if p.name.endswith(".partial")]
-    assert torn == [Path(calls[-1]).parent.name]  # never renamed
+    assert torn == [state_writes[-1].parent.name]  # never renamed
     complete = sorted((p.name for p in root.glob("step-*")), reverse=True)
     assert len(complete) == 2 and (root / LATEST).read_text().strip() == complete[0]
     assert load_checkpoint(run).directory.name == complete[0]
@@ -232,3 +231,27 @@ def test_the_preconditioners_statistics_resume_with_the_run(tmp_path, monkeypatc
     assert any(key.endswith("_operator") or key.endswith("_inner_inverse") for s in optimizer_state.values() for key in s)
     grow(resume=tmp_path / "run")
     assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
+def test_ctrl_c_writes_a_checkpoint_and_raises_with_the_resume_command(tmp_path, finished, monkeypatch):
+    from graphgrow.runtime.checkpoint import RunInterrupted
+    from graphgrow.runtime.train import Trainer
+    from graphgrow.sensli import grow
+    real_step = Trainer.step
+
+    def step_then_ctrl_c(self, x, y):  # Ctrl-C arrives during step 28, between checkpoints
+        result = real_step(self, x, y)
+        if self.iteration == 28:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Trainer, "step", step_then_ctrl_c)
+    run = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as stop:
+        grow(SPIRAL, out=run, **IN_PROCESS)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    assert stop.value.exit_status == 130 and stop.value.command == f"graphgrow grow --resume {run}"
+    assert load_checkpoint(run).meta["step"] == 28 and read_records(run)[-1]["event"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
+    grow(resume=run)
+    assert_same_run(run, finished)

@@ -158,9 +158,9 @@ def _run(network, dataset, o: dict, spec_name: str, out, progress: bool, checkpo
                     epoch = seen["fine"] / per_epoch
                     evaluate_and_log(params, info.iteration + 1, int(epoch) if epoch.is_integer() else epoch, info.work)
             if checkpointer is not None:
+                checkpointer.stop_if_interrupted(log, lambda: save(optimizer), iteration=optimizer.iteration)
                 if checkpointer.due(optimizer.iteration):
                     save(optimizer)
-                checkpointer.stop_if_interrupted(log, lambda: save(optimizer), iteration=optimizer.iteration)
 
         try:
             theta, _, optimizer = optimize(levels_built, fine.parameters(), config, iterations, seed=seed,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import os
 import platform
@@ -56,6 +57,14 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(handle)
         finally:
             os.close(handle)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and flush it to disk."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def sync_file(path: Path) -> None:
@@ -122,13 +131,14 @@ def write_checkpoint(rundir: str | Path, step: int, graph: LayerGraph, state: di
     temporary = root / f".{name}.partial"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    (temporary / SPEC_NAME).write_text(dump(graph), encoding="utf-8")
-    torch.save(state, temporary / STATE_NAME)
+    state_bytes = io.BytesIO()
+    torch.save(state, state_bytes)
+    contents = {SPEC_NAME: dump(graph).encode("utf-8"), STATE_NAME: state_bytes.getvalue()}
     meta = {"format": FORMAT, "step": step, **meta, "versions": versions(),
-            "checksums": {n: _sha256(temporary / n) for n in (SPEC_NAME, STATE_NAME)}}
-    (temporary / META_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    for written in (SPEC_NAME, STATE_NAME, META_NAME):
-        sync_file(temporary / written)
+            "checksums": {file: hashlib.sha256(data).hexdigest() for file, data in contents.items()}}
+    contents[META_NAME] = (json.dumps(meta, indent=1) + "\n").encode("utf-8")
+    for file, data in contents.items():
+        write_synced(temporary / file, data)
     target = root / name
     if target.exists():
         shutil.rmtree(target)
@@ -303,7 +313,8 @@ class Checkpointer:
         return write_checkpoint(self.rundir, step, graph, state, {"engine": self.engine, **where, **self.meta}, self.keep)
 
     def stop_if_interrupted(self, log, save: Callable[[], Path], **where: Any) -> None:
-        """After a signal: ``save()`` a checkpoint, log it and raise :class:`RunInterrupted`."""
+        """After a signal: ``save()`` a checkpoint, log it and raise :class:`RunInterrupted`
+        (call it before a regular checkpoint of the same point, which it then replaces)."""
         if self.interrupt.signum is None:
             return
         written = save()
@@ -315,14 +326,14 @@ class Checkpointer:
         self._saved_network = trainer.network
 
     def on_step_end(self, trainer, record) -> None:
+        self._stop_if_interrupted(trainer)
         if self.due(trainer.iteration):
             self.save(trainer)
-        self._stop_if_interrupted(trainer)
 
     def on_epoch_end(self, trainer) -> None:
+        self._stop_if_interrupted(trainer)
         if self.every is None or trainer.network is not self._saved_network:
             self.save(trainer)
-        self._stop_if_interrupted(trainer)
 
     def save(self, trainer) -> Path:
         state = {"trainer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),

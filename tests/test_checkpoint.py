@@ -255,3 +255,25 @@ def test_ctrl_c_writes_a_checkpoint_and_raises_with_the_resume_command(tmp_path,
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
     grow(resume=run)
     assert_same_run(run, finished)
+
+
+def test_a_full_disk_stops_the_run_with_an_error_and_keeps_the_previous_checkpoint(tmp_path, finished, monkeypatch):
+    import errno
+    from graphgrow.errors import GraphgrowError
+    from graphgrow.runtime import checkpoint
+    from graphgrow.sensli import grow
+    real_write, writes = checkpoint.write_synced, []
+
+    def disk_full(path, data):
+        writes.append(path)
+        if len(writes) > 9:  # the fourth checkpoint (three files each)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "write_synced", disk_full)
+    with pytest.raises(GraphgrowError, match="cannot write checkpoint step-000020: No space left on device"):
+        grow(SPIRAL, out=tmp_path / "run", **IN_PROCESS)
+    monkeypatch.setattr(checkpoint, "write_synced", real_write)
+    assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINTS).iterdir()) == [LATEST, "step-000010", "step-000015"]
+    grow(resume=tmp_path / "run")
+    assert_same_run(tmp_path / "run", finished)

@@ -126,9 +126,20 @@ def write_checkpoint(rundir: str | Path, step: int, graph: LayerGraph, state: di
     directory. A checkpoint of the same step (an epoch's end after a step checkpoint) is
     replaced."""
     root = Path(rundir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{step:06d}"
     temporary = root / f".{name}.partial"
+    try:
+        return _write(root, name, temporary, step, graph, state, meta, keep)
+    except OSError as err:  # a full disk, a directory made read-only: the previous checkpoint stays
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise GraphgrowError(f"cannot write checkpoint {name}: {err.strerror or err}", file=str(root),
+                             hint="the previous checkpoint is intact: make room and resume the run "
+                                  "with --resume") from None
+
+
+def _write(root: Path, name: str, temporary: Path, step: int, graph: LayerGraph, state: dict, meta: dict,
+           keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     state_bytes = io.BytesIO()

@@ -87,6 +87,8 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     assert (resumed / "final.yaml").read_bytes() == (uninterrupted / "final.yaml").read_bytes()
     kept = [without_times(r) for r in read_records(resumed) if r["event"] not in RESUME_EVENTS]
     assert kept == [without_times(r) for r in read_records(uninterrupted)]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (resumed, uninterrupted)]
+    assert without_times(summaries[0]) == without_times(summaries[1])  # FLOP ledger, insertions, metrics
     assert any(r["event"] == "resume" for r in read_records(resumed))
 
 

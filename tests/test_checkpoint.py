@@ -181,7 +181,7 @@ def test_a_write_cut_short_and_a_damaged_checkpoint_fall_back_to_the_previous_on
     assert not any(p.name.endswith(".partial") for p in root.iterdir()) and len(list(root.glob("step-*"))) == 2
 
 
-def test_resume_refuses_conflicting_options_a_finished_run_and_a_directory_without_checkpoints(tmp_path, finished, capsys):
+def test_resume_refuses_conflicting_options_a_finished_run_and_a_directory_without_checkpoints_and_bad_intervals(tmp_path, finished, capsys):
     assert main(["grow", "--resume", str(finished), "--lr", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "option conflicts with the resumed run: lr=0.5 (run: 0.2)" in err and len(err.splitlines()) == 1
@@ -194,6 +194,9 @@ def test_resume_refuses_conflicting_options_a_finished_run_and_a_directory_witho
     (tmp_path / "empty").mkdir()
     assert main(["grow", "--resume", str(tmp_path / "empty")]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["grow", SPIRAL, "--checkpoint-every", "0", "--out", str(tmp_path / "new")]) == 2
+    assert "checkpoint_every must be a positive number of steps, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_sigkill_during_an_mgopt_depth_hierarchy_run_resumes_bitwise(tmp_path):

@@ -22,8 +22,7 @@ import passes
 
 from ..compiler.network import Network
 from ..errors import GraphgrowError
-from .optimizers import make_optimizer, optimizer_kind
-from .checkpoint import load_optimizer_state, optimizer_state_by_name
+from .optimizers import load_optimizer_state, make_optimizer, optimizer_kind, optimizer_state_by_name
 from .runlog import RunLog
 from .splits import LOSSES, as_splits, batches_of, check_data_fits, epoch_order, error_count, evaluate, loss_fn
 

@@ -174,6 +174,8 @@ def test_a_write_cut_short_and_a_damaged_checkpoint_fall_back_to_the_previous_on
     state.write_bytes(state.read_bytes()[:-10] + b"0123456789")
     fallback = load_checkpoint(run)
     assert fallback.directory.name == complete[1] and fallback.skipped[0][0] == complete[0]
+    with open(run / "log.jsonl", "a") as log:  # and the log's last record cut short
+        log.write('{"event": "st')
     grow(resume=run)
     assert_same_run(run, finished)
     skipped = [r for r in read_records(run) if r["event"] == "checkpoint_skipped"]
@@ -282,3 +284,26 @@ def test_a_full_disk_stops_the_run_with_an_error_and_keeps_the_previous_checkpoi
     assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINTS).iterdir()) == [LATEST, "step-000010", "step-000015"]
     grow(resume=tmp_path / "run")
     assert_same_run(tmp_path / "run", finished)
+
+
+def test_nested_iteration_resumes_bitwise_from_inside_its_coarse_phase(tmp_path, monkeypatch):
+    from graphgrow.mgopt import run
+    from graphgrow.mgopt.optimizer import MultilevelOptimizer
+    options = dict(hierarchy="depth", levels=3, variant="nested", epochs=2, batch=150, nested_epochs=2,
+                   export=False, checkpoint_every=2)
+    spec = str(ROOT / "specs" / "resnet_ode.yaml")
+    run(spec, out=tmp_path / "reference", **options)
+    real_finish = MultilevelOptimizer._finish
+
+    def dying_finish(self, theta, info):  # dies in iteration 10 of 18: level 2 (6) done, level 1 at 2 of 6
+        if self.iteration == 9:
+            raise Killed
+        return real_finish(self, theta, info)
+
+    monkeypatch.setattr(MultilevelOptimizer, "_finish", dying_finish)
+    with pytest.raises(Killed):
+        run(spec, out=tmp_path / "run", **options)
+    monkeypatch.setattr(MultilevelOptimizer, "_finish", real_finish)
+    assert load_checkpoint(tmp_path / "run").meta["phase"] == [1, 2]  # level 1, two of its iterations done
+    run(resume=tmp_path / "run")
+    assert_same_run(tmp_path / "run", tmp_path / "reference")

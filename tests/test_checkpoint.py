@@ -196,6 +196,8 @@ def test_resume_refuses_conflicting_options_a_finished_run_and_a_directory_witho
     (tmp_path / "empty").mkdir()
     assert main(["grow", "--resume", str(tmp_path / "empty")]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["mgopt"]) == 2
+    assert "mgopt needs a spec (hint: give a spec, or --resume RUNDIR" in capsys.readouterr().err
     assert main(["grow", SPIRAL, "--checkpoint-every", "0", "--out", str(tmp_path / "new")]) == 2
     assert "checkpoint_every must be a positive number of steps, got 0" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()

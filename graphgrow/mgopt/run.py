@@ -55,7 +55,8 @@ def run(spec=None, data="spiral", *, hierarchy: str = "depth", levels: int = 2, 
     options = {name: value for name, value in locals().items() if name not in ("spec", "out", "progress", "resume")}
     if resume is None:
         if spec is None:
-            raise GraphgrowError("mgopt needs a spec", hint="pass a spec path, LayerGraph or Network (or resume=RUNDIR)")
+            raise GraphgrowError("mgopt needs a spec",
+                                 hint="give a spec, or --resume RUNDIR (resume=RUNDIR) to continue an interrupted run")
         network = load_network(spec, seed)
         return _run(network, load_data(data, seed), options,
                     str(getattr(network.graph, "source", None) or network.graph.name), out, progress)

@@ -173,7 +173,8 @@ def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: in
     options = {name: value for name, value in locals().items() if name not in _NOT_OPTIONS}
     if resume is None:
         if spec is None:
-            raise GraphgrowError("grow needs a spec", hint="pass a spec path, LayerGraph or Network (or resume=RUNDIR)")
+            raise GraphgrowError("grow needs a spec",
+                                 hint="give a spec, or --resume RUNDIR (resume=RUNDIR) to continue an interrupted run")
         network = load_network(spec, seed)
         start = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
                  "params": network.graph.num_params(), "flops": network.graph.flops()}

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from graphgrow.cli import main
+from graphgrow.mgopt.optimizer import MultilevelOptimizer
 from graphgrow.runtime.checkpoint import CHECKPOINTS, LATEST, load_checkpoint
+from graphgrow.runtime.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 SPIRAL = str(ROOT / "specs" / "fnn_spiral.yaml")
@@ -216,24 +218,29 @@ def test_sigkill_during_an_mgopt_depth_hierarchy_run_resumes_bitwise(tmp_path):
     assert_same_run(run, tmp_path / "reference")
 
 
+def killed_in(monkeypatch, owner, method: str, index: int, function, *args, **options) -> None:
+    """function(*args, **options) with the process dying in ``owner.method`` (of the trainer or
+    the MG/Opt optimizer, which count ``iteration``) when called at iteration ``index``."""
+    real = getattr(owner, method)
+
+    def dying(self, *arguments):
+        if self.iteration == index:
+            raise Killed
+        return real(self, *arguments)
+
+    monkeypatch.setattr(owner, method, dying)
+    with pytest.raises(Killed):
+        function(*args, **options)
+    monkeypatch.setattr(owner, method, real)
+
+
 def test_the_preconditioners_statistics_resume_with_the_run(tmp_path, monkeypatch):
-    from graphgrow.runtime.train import Trainer
     from graphgrow.sensli import grow
     options = dict(epochs=4, insert_at=[2], max_insertions=1, lr=0.05, batch=90, optimizer="frobenius",
                    export=False, checkpoint_every=3)
     grow(SPIRAL, out=tmp_path / "reference", **options)
-    real_step, steps = Trainer.step, []
-
-    def dying_step(self, x, y):  # the process dies in step 14 (after growth; checkpoint at 12)
-        steps.append(self.iteration)
-        if len(steps) == 14:
-            raise Killed
-        return real_step(self, x, y)
-
-    monkeypatch.setattr(Trainer, "step", dying_step)
-    with pytest.raises(Killed):
-        grow(SPIRAL, out=tmp_path / "run", **options)
-    monkeypatch.setattr(Trainer, "step", real_step)
+    # the process dies in step 14 (after growth; checkpoint at 12)
+    killed_in(monkeypatch, Trainer, "step", 13, grow, SPIRAL, out=tmp_path / "run", **options)
     saved = load_checkpoint(tmp_path / "run")
     assert saved.meta["step"] == 12
     optimizer_state = saved.state["trainer"]["optimizer"]["state"]
@@ -244,7 +251,6 @@ def test_the_preconditioners_statistics_resume_with_the_run(tmp_path, monkeypatc
 
 def test_ctrl_c_writes_a_checkpoint_and_raises_with_the_resume_command(tmp_path, finished, monkeypatch):
     from graphgrow.runtime.checkpoint import RunInterrupted
-    from graphgrow.runtime.train import Trainer
     from graphgrow.sensli import grow
     real_step = Trainer.step
 
@@ -290,22 +296,52 @@ def test_a_full_disk_stops_the_run_with_an_error_and_keeps_the_previous_checkpoi
 
 def test_nested_iteration_resumes_bitwise_from_inside_its_coarse_phase(tmp_path, monkeypatch):
     from graphgrow.mgopt import run
-    from graphgrow.mgopt.optimizer import MultilevelOptimizer
     options = dict(hierarchy="depth", levels=3, variant="nested", epochs=2, batch=150, nested_epochs=2,
                    export=False, checkpoint_every=2)
     spec = str(ROOT / "specs" / "resnet_ode.yaml")
     run(spec, out=tmp_path / "reference", **options)
-    real_finish = MultilevelOptimizer._finish
-
-    def dying_finish(self, theta, info):  # dies in iteration 10 of 18: level 2 (6) done, level 1 at 2 of 6
-        if self.iteration == 9:
-            raise Killed
-        return real_finish(self, theta, info)
-
-    monkeypatch.setattr(MultilevelOptimizer, "_finish", dying_finish)
-    with pytest.raises(Killed):
-        run(spec, out=tmp_path / "run", **options)
-    monkeypatch.setattr(MultilevelOptimizer, "_finish", real_finish)
+    # dies in iteration 10 of 18: level 2 (6) done, level 1 at 2 of 6
+    killed_in(monkeypatch, MultilevelOptimizer, "_finish", 9, run, spec, out=tmp_path / "run", **options)
     assert load_checkpoint(tmp_path / "run").meta["phase"] == [1, 2]  # level 1, two of its iterations done
     run(resume=tmp_path / "run")
     assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
+def test_float64_nested_iteration_with_momentum_resumes_bitwise_in_float64(tmp_path, monkeypatch):
+    """The flat iterate and the momentum buffer of a coarse level are part of the checkpoint,
+    and the resumed network is rebuilt in the run's dtype."""
+    from graphgrow.mgopt import run
+    options = dict(hierarchy="depth", levels=2, variant="nested", epochs=1, batch=150, nested_epochs=2,
+                   momentum=0.5, restriction="injection", dtype="float64", export=False, checkpoint_every=2)
+    spec = str(ROOT / "specs" / "resnet_ode.yaml")
+    run(spec, out=tmp_path / "reference", **options)
+    killed_in(monkeypatch, MultilevelOptimizer, "_finish", 3, run, spec, out=tmp_path / "run", **options)  # coarse phase
+    saved = load_checkpoint(tmp_path / "run")
+    assert saved.meta["phase"] == [1, 2] and saved.meta["placement"] == {"device": "cpu", "dtype": "float64"}
+    assert saved.state["optimizer"]["velocity"] is not None
+    run(resume=tmp_path / "run")
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+    assert all(t.dtype == torch.float64 for t in torch.load(tmp_path / "run" / "final.pt", weights_only=True).values()
+               if t.is_floating_point())
+
+
+def test_a_float64_growth_run_resumes_bitwise_in_float64(tmp_path, monkeypatch):
+    from graphgrow.sensli import grow
+    options = dict(IN_PROCESS, epochs=4, insert_at=[2], dtype="float64")
+    grow(SPIRAL, out=tmp_path / "reference", **options)
+    killed_in(monkeypatch, Trainer, "step", 16, grow, SPIRAL, out=tmp_path / "run", **options)  # past step 15's checkpoint
+    assert load_checkpoint(tmp_path / "run").meta["placement"]["dtype"] == "float64"
+    grow(resume=tmp_path / "run")
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+    assert torch.load(tmp_path / "run" / "final.pt", weights_only=True)["fc1.weight"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("command", ["grow", "mgopt"])
+def test_checkpoints_and_resume_are_refused_with_several_processes(tmp_path, capsys, command):
+    assert main([command, SPIRAL, "--nproc", "2", "--checkpoint-every", "5", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--checkpoint-every: error: checkpoints and --resume are not supported with --nproc > 1" in err
+    assert len(err.splitlines()) == 1 and "hint: run with --nproc 1" in err
+    assert main([command, "--nproc", "2", "--resume", str(tmp_path / "run")]) == 2
+    assert "--resume: error: checkpoints and --resume" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

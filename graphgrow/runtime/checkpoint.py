@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..compiler.io import dump
+from ..compiler.network import Network
 from ..errors import GraphgrowError
 from ..ir import LayerGraph, graph_from_text
 
@@ -342,6 +343,42 @@ def restore_trainer(trainer, checkpoint: Checkpoint) -> None:
             raise GraphgrowError(f"the checkpoint holds no state for hook {key}", file=str(checkpoint.directory))
         hook.load_state_dict(saved[key])
     torch.set_rng_state(state["torch_rng"])
+
+
+# -- the network, the options and the data parallelism of a resumed run ------------------------
+
+def placement(network) -> dict:
+    """Where and in which floating-point type a run's network lives, for its checkpoints."""
+    return {"device": str(network.device), "dtype": str(network.dtype).removeprefix("torch.")}
+
+
+def restored_network(checkpoint: Checkpoint, weights: dict) -> Network:
+    """The checkpoint's architecture with ``weights`` (read onto the CPU), built on the device
+    and in the dtype the run used (float64 weights keep their precision)."""
+    where = checkpoint.meta["placement"]
+    return Network.build(checkpoint.graph, weights, device=where["device"], dtype=getattr(torch, where["dtype"]))
+
+
+def saved_options(options: dict) -> dict:
+    """A run's options as checkpoint.json keeps them: data given as an object becomes None
+    (it must be given again), a device or dtype object its name."""
+    saved = dict(options)
+    if not isinstance(saved.get("data"), str):
+        saved["data"] = None
+    for name in ("device", "dtype"):
+        if isinstance(saved.get(name), (torch.device, torch.dtype)):
+            saved[name] = str(saved[name]).removeprefix("torch.")
+    return saved
+
+
+def refuse_data_parallel(checkpointing: bool, resumed: bool) -> None:
+    """Checkpoints are not written by data-parallel runs (no rank coordinates a checkpoint at a
+    signal yet); asking for one there is an error."""
+    if checkpointing or resumed:
+        raise GraphgrowError("checkpoints and --resume are not supported with --nproc > 1 (data-parallel runs)",
+                             option="resume" if resumed else "checkpoint_every",
+                             hint="run with --nproc 1 to checkpoint or resume; a data-parallel run with --out "
+                                  "writes no checkpoints")
 
 
 # -- options of a resumed run -----------------------------------------------------------------

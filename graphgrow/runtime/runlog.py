@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..compiler.io import ensure_directory
 from ..errors import GraphgrowError
 from .checkpoint import replace_atomically, sync_file, write_text_atomically
 
@@ -45,6 +46,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class RunDirectoryTaken(GraphgrowError):
+    """The run directory already holds a run (another run may have created it a moment ago)."""
+
+
+def _create_log(directory: Path, overwrite: bool):
+    """Create the run directory (and its parents) and open its log. Without ``overwrite`` the
+    log is created exclusively: the check for an existing run and the creation are one step,
+    so two runs started at once never share a directory."""
+    ensure_directory(directory, option="out", what="run directory")
+    try:
+        # line-buffered: every record reaches the file as it is written
+        return open(directory / LOG_NAME, "w" if overwrite else "x", encoding="utf-8", buffering=1)
+    except FileExistsError:
+        raise RunDirectoryTaken("run directory already holds a run", file=str(directory), option="out",
+                                hint="choose a new --out directory or remove the old one") from None
+    except OSError as err:
+        raise GraphgrowError(f"cannot create the run log: {err.strerror or err}", file=str(directory),
+                             option="out") from None
+
+
 class RunLog:
     """Records events (dicts with an ``event`` key and a ``time`` in seconds since the start).
 
@@ -60,18 +81,10 @@ class RunLog:
         self.start = time.perf_counter()
         self._file = None
         if self.directory is not None:
-            if self.directory.exists() and not self.directory.is_dir():
-                raise GraphgrowError("run directory path is a file", file=str(self.directory),
-                                     hint="pass a directory for --out")
-            log_path = self.directory / LOG_NAME
             if resume is not None:
-                self._reopen(log_path, resume)
-                return
-            if log_path.exists() and not overwrite:
-                raise GraphgrowError("run directory already holds a run", file=str(self.directory),
-                                     hint="choose a new --out directory or remove the old one")
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._file = open(log_path, "w", encoding="utf-8", buffering=1)
+                self._reopen(self.directory / LOG_NAME, resume)
+            else:
+                self._file = _create_log(self.directory, overwrite)
 
     def _reopen(self, log_path: Path, length: int) -> None:
         records = read_log(log_path, torn_tail=True)

@@ -12,14 +12,51 @@ from ..compiler.io import load_network
 from ..compiler.network import Network
 from ..errors import GraphgrowError
 from ..runtime.data import load_data
+from ..runtime.devices import place_network
+from ..runtime.distributed import DEFAULT_TIMEOUT, DataParallelTrainer, joined
 from ..runtime.flops import CostLedger
 from ..runtime.runlog import RunLog
-from ..runtime.splits import Split, evaluate
+from ..runtime.splits import Split, as_splits, check_data_fits
 from ..runtime.train import TrainConfig, Trainer
 from .sensitivity import STRATEGIES, insert_candidates, select, sensitivities
 from .widening import widen_best
 
 # -- when: the growth hook (Algorithm 6) ----------------------------------------------------------
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_schedule(*, strategy: str, insert_at, insert_every, max_insertions, tau, per_step, widen,
+                   epochs: int | None = None) -> None:
+    """Every growth option a user can get wrong, each error naming its option; with ``epochs``,
+    also that the insertion epochs fall inside the run (tries happen at the end of epochs
+    1 .. epochs-1)."""
+    if strategy not in STRATEGIES:
+        raise GraphgrowError(f"unknown strategy '{strategy}'", option="strategy", hint=f"use one of {', '.join(STRATEGIES)}")
+    if insert_at and insert_every is not None:
+        raise GraphgrowError("insert_at and insert_every cannot be combined", option="insert_at",
+                             hint="insert_at lists the epochs; insert_every tries every N epochs")
+    if insert_every is not None and not (_count(insert_every) and insert_every >= 1):
+        raise GraphgrowError(f"must be a positive integer, got {insert_every!r}", option="insert_every")
+    for epoch in insert_at or ():
+        if not (_count(epoch) and epoch >= 1):
+            raise GraphgrowError(f"insertion epochs must be positive integers, got {epoch!r}", option="insert_at",
+                                 hint="an insertion is tried at the end of the epoch named")
+        if epochs is not None and epoch >= epochs:
+            raise GraphgrowError(f"insertion epoch {epoch} is not before the last epoch ({epochs})", option="insert_at",
+                                 hint=f"insertions are tried at the end of epochs 1..{epochs - 1}; raise epochs or lower it")
+    if not (_count(max_insertions) and max_insertions >= 0):
+        raise GraphgrowError(f"must be a non-negative integer, got {max_insertions!r}",
+                             option="max_insertions")
+    if not (_count(per_step) and per_step >= 1):
+        raise GraphgrowError(f"must be a positive integer, got {per_step!r}", option="per_step")
+    if not (_count(widen) and widen >= 0):
+        raise GraphgrowError(f"must be a non-negative integer (neurons added per try), got {widen!r}",
+                             option="widen")
+    if tau is not None and not tau >= 1:
+        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}", option="tau")
+
 
 class GrowthHook:
     """Trainer hook running Algorithm 6: at the scheduled epochs (``insert_at`` or every
@@ -31,12 +68,8 @@ class GrowthHook:
                  insert_every: int | None = None, max_insertions: int = 1, tau: float | None = None,
                  per_step: int = 1, norm: str = "fro", sens_batch: int | None = 256,
                  sample: int | float | None = None, seed: int = 0, widen: int = 0):
-        if strategy not in STRATEGIES:
-            raise GraphgrowError(f"unknown strategy '{strategy}'", hint=f"use one of {', '.join(STRATEGIES)}")
-        if insert_every is not None and insert_every < 1:
-            raise GraphgrowError(f"insert_every must be at least 1, got {insert_every}")
-        if tau is not None and not tau >= 1:
-            raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}")
+        check_schedule(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
+                       max_insertions=max_insertions, tau=tau, per_step=per_step, widen=widen)
         self.strategy, self.tau, self.per_step, self.norm = strategy, tau, per_step, norm
         self.insert_at = set(insert_at or ())
         self.insert_every = insert_every
@@ -72,7 +105,7 @@ class GrowthHook:
             return
         report = sensitivities(trainer.network, trainer_data(trainer), norm=self.norm, loss=trainer.config.loss,
                                batch=self.sens_batch, sample=self.sample, seed=self.seed + trainer.epoch,
-                               progress=trainer.config.progress)
+                               progress=trainer.config.progress, data_parallel=trainer.data_parallel)
         self.ledger.add_sensitivity(report.flops_per_sample, report.samples / len(trainer.train_split))
         room = min(self.per_step, self.max_insertions - self.inserted)
         chosen = select(report, self.strategy, tau=self.tau if self.strategy == "sensli" else None,
@@ -95,7 +128,7 @@ class GrowthHook:
         grown, kept = insert_candidates(trainer.network, [c.position for c in chosen])
         split = trainer.train_split
         rows = split if report.rows is None else Split(split.x[report.rows], split.y[report.rows])
-        after = evaluate(grown, rows, trainer.config.loss)["loss"]
+        after = trainer.measure(grown, rows)["loss"]
         trainer.replace_network(grown, record=kept, reason="insertion", positions=event["positions"])
         self.inserted += len(chosen)
         record = trainer.log.log("insertion", inserted=True, loss_before=before, loss_after=after,
@@ -109,17 +142,17 @@ class GrowthHook:
 
 
     def _widen(self, trainer) -> None:
-        before = evaluate(trainer.network, trainer.train_split, trainer.config.loss)["loss"]
+        before = trainer.evaluate("train")["loss"]
         params_before = trainer.network.graph.num_params()
         wider, chosen, reference = widen_best(trainer.network, trainer_data(trainer), count=self.widen, tau=self.tau,
                                               loss=trainer.config.loss, batch=self.sens_batch,
-                                              seed=self.seed + trainer.epoch)
+                                              seed=self.seed + trainer.epoch, data_parallel=trainer.data_parallel)
         event = {"epoch": trainer.epoch, "iteration": trainer.iteration, "reference": reference,
                  "neurons": [c.to_json() for c in chosen], "tau": self.tau}
         if not chosen:
             trainer.log.log("widening", inserted=False, **event)
             return
-        after = evaluate(wider, trainer.train_split, trainer.config.loss)["loss"]
+        after = trainer.measure(wider, trainer.train_split)["loss"]
         trainer.replace_network(wider, reason="widening")
         self.inserted += 1
         record = trainer.log.log("widening", inserted=True, loss_before=before, loss_after=after,
@@ -157,7 +190,9 @@ def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: in
          loss: str = "cross_entropy",
          sens_batch: int | None = 256, sample: int | float | None = None, out=None, seed: int = 0,
          progress: bool = False, eval_every: int = 1, log_steps: bool = True, export: bool = True,
-         widen: int = 0, checkpoint_every: int | None = None, resume=None) -> GrowResult:
+         widen: int = 0, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, dist_timeout: float = DEFAULT_TIMEOUT,
+         checkpoint_every: int | None = None, resume=None) -> GrowResult:
     """Train ``spec`` on ``data`` while SensLI (or a comparison strategy) inserts layers.
 
     ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
@@ -167,21 +202,31 @@ def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: in
     graphgrow.runtime.checkpoint.RunInterrupted). ``resume=RUNDIR`` continues an interrupted run
     from its latest checkpoint with the options it was started with (an option given here that
     differs from its default and from the run's is an error; data given as an object must be
-    given again). ``widen=k`` adds the k best neurons per try (4.4, 4.20)
-    instead of inserting layers (``max_insertions`` then counts widening steps). Returns the grown network, the records, the insertion events
-    and the summary (final metrics, FLOPs per training sample as in thesis Tables 4.2/4.4)."""
+    given again), on the device and in the dtype the run used. ``widen=k`` adds the k best
+    neurons per try (4.4, 4.20) instead of inserting layers (``max_insertions`` then counts
+    widening steps). ``device`` (auto, cpu, cuda, cuda:N, mps) and ``dtype`` (float32,
+    float64): where and in which type the network trains (None: as it is); the data are cast to
+    the network's dtype. Returns the grown network, the records, the insertion events and the
+    summary (final metrics, FLOPs per training sample as in thesis Tables 4.2/4.4). Started as
+    one of several ranks (``graphgrow grow --nproc N`` or torchrun; runtime.distributed) it
+    trains data-parallel, with collectives that give up after ``dist_timeout`` seconds; rank 0
+    writes the run directory (without checkpoints: ``checkpoint_every`` and ``resume`` are
+    errors there)."""
     options = {name: value for name, value in locals().items() if name not in _NOT_OPTIONS}
     if resume is None:
         if spec is None:
             raise GraphgrowError("grow needs a spec",
                                  hint="give a spec, or --resume RUNDIR (resume=RUNDIR) to continue an interrupted run")
-        network = load_network(spec, seed)
+        check_schedule(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
+                       max_insertions=max_insertions, tau=tau, per_step=per_step, widen=widen, epochs=epochs)
+        dataset = load_data(data, seed)
+        network = place_network(load_network(spec, seed), device, dtype)
         start = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
                  "params": network.graph.num_params(), "flops": network.graph.flops()}
-        return _grow(network, load_data(data, seed), options, start, out, progress)
-    from ..runtime.checkpoint import resume_run
+        return _grow(network, dataset, options, start, out, progress)
+    from ..runtime.checkpoint import restored_network, resume_run
     checkpoint, saved = resume_run("grow", grow, options, spec, out, resume)
-    network = Network.build(checkpoint.graph, checkpoint.state["trainer"]["weights"])
+    network = restored_network(checkpoint, checkpoint.state["trainer"]["weights"])
     return _grow(network, load_data(saved["data"], saved["seed"]), saved, checkpoint.meta["start"], resume, progress,
                  checkpoint)
 
@@ -192,55 +237,67 @@ _NOT_OPTIONS = ("spec", "out", "progress", "resume")
 
 def _grow(network, dataset, options: dict, start: dict, out, progress: bool, checkpoint=None) -> GrowResult:
     """Run (or, with ``checkpoint``, continue) a growth run with ``options`` (grow's keywords)."""
-    from ..runtime.checkpoint import Checkpointer, restore_trainer
+    from ..runtime.checkpoint import Checkpointer, placement, refuse_data_parallel, restore_trainer, saved_options
     from ..runtime.plots import plot_run
     o = dict(options)
     config = TrainConfig(epochs=o["epochs"], lr=o["lr"], batch=o["batch"], momentum=o["momentum"],
                          weight_decay=o["weight_decay"], optimizer=o["optimizer"], damping=o["damping"],
                          loss=o["loss"], seed=o["seed"], progress=progress, eval_every=o["eval_every"],
                          log_steps=o["log_steps"])
+    # everything a user can get wrong is checked before the run directory is created
+    train_split, test_split = as_splits(dataset, network.dtype)
+    check_data_fits(network, train_split, o["loss"], test_split)
     insert_every = o["insert_every"]
     if insert_every is None and not o["insert_at"] and o["strategy"] != "none":
+        # no schedule given: max_insertions tries spread evenly over the run (README, --insert-every)
         insert_every = max(o["epochs"] // (o["max_insertions"] + 1), 1)
     hook = GrowthHook(strategy=o["strategy"], insert_at=o["insert_at"], insert_every=insert_every,
                       max_insertions=o["max_insertions"], tau=o["tau"], per_step=o["per_step"], norm=o["norm"],
                       sens_batch=o["sens_batch"], sample=o["sample"], seed=o["seed"], widen=o["widen"])
-    hooks = [hook]
-    if out is not None:
-        saved_options = {**o, "data": o["data"] if isinstance(o["data"], str) else None,
-                         "insert_at": sorted(o["insert_at"]) if o["insert_at"] else o["insert_at"]}
-        checkpointer = Checkpointer(out, "grow", {"options": saved_options, "start": start}, every=o["checkpoint_every"])
-        hooks.append(checkpointer)
-    log = RunLog(out, resume=None if checkpoint is None else checkpoint.state["log_length"])
-    with log, (checkpointer.interrupt.installed() if out is not None else nullcontext()):
-        trainer = Trainer(network, dataset, config, log=log, hooks=hooks)
-        if checkpoint is not None:
-            for name, reason in checkpoint.skipped:
-                log.log("checkpoint_skipped", checkpoint=name, reason=reason)
-            restore_trainer(trainer, checkpoint)
-            log.log("resume", checkpoint=checkpoint.directory.name, epoch=trainer.epoch, iteration=trainer.iteration)
-        result = trainer.fit()
-        graph = result.network.graph
-        widen, strategy = o["widen"], o["strategy"]
-        summary = {"spec": start["spec"], "strategy": f"widen {widen}" if widen else strategy,
-                   "seed": o["seed"], "config": config.to_dict(), "tau": o["tau"], "norm": o["norm"],
-                   "final": result.final, "insertions": [{k: r.get(k) for k in (
-                       "epoch", "iteration", "positions", "nodes", "merits", "ratios", "loss_before", "loss_after",
-                       "params_before", "params_after")} for r in hook.insertions],
-                   "rejected": [r["epoch"] for r in log.records
-                                if r["event"] in ("insertion", "widening") and not r["inserted"]],
-                   "params": {"start": start["params"], "final": graph.num_params()},
-                   "flops_per_sample": {"forward_start": start["flops"], "forward_final": graph.flops(),
-                                        "training_step_start": 3 * start["flops"],
-                                        "training_step_final": 3 * graph.flops(),
-                                        "run": hook.ledger.to_dict()}}
-        if out is not None:
-            log.save_network(result.network)
-            if o["export"]:
-                log.export(result.network)
-            plot_run(log.records, log.path("curves.png"),
-                     title=f"{graph.name}: {strategy}, {len(hook.insertions)} insertion event(s)")
-            log.write_json("summary.json", summary)
+    with joined(network.device, o["dist_timeout"]) as parallel:
+        if parallel is not None:  # rank 0 alone shows progress and writes the run directory
+            refuse_data_parallel(o["checkpoint_every"] is not None, checkpoint is not None)
+            network.to(parallel.device)
+            config.progress = config.progress and parallel.rank == 0
+            out = out if parallel.rank == 0 else None
+        hooks, checkpointer = [hook], None
+        if out is not None and parallel is None:
+            meta = {"options": {**saved_options(o), "insert_at": sorted(o["insert_at"]) if o["insert_at"] else o["insert_at"]},
+                    "start": start, "placement": placement(network)}
+            checkpointer = Checkpointer(out, "grow", meta, every=o["checkpoint_every"])
+            hooks.append(checkpointer)
+        log = RunLog(out, resume=None if checkpoint is None else checkpoint.state["log_length"])
+        with log, (checkpointer.interrupt.installed() if checkpointer is not None else nullcontext()):
+            if parallel is None:
+                trainer = Trainer(network, dataset, config, log=log, hooks=hooks)
+            else:
+                trainer = DataParallelTrainer(network, dataset, config, log=log, hooks=hooks, data_parallel=parallel)
+            if checkpoint is not None:
+                for name, reason in checkpoint.skipped:
+                    log.log("checkpoint_skipped", checkpoint=name, reason=reason)
+                restore_trainer(trainer, checkpoint)
+                log.log("resume", checkpoint=checkpoint.directory.name, epoch=trainer.epoch,
+                        iteration=trainer.iteration)
+            result = trainer.fit()
+            graph = result.network.graph
+            widen, strategy = o["widen"], o["strategy"]
+            summary = {"spec": start["spec"], "strategy": f"widen {widen}" if widen else strategy,
+                       "seed": o["seed"], "config": config.to_dict(), "tau": o["tau"], "norm": o["norm"],
+                       "final": result.final, "insertions": [{k: r.get(k) for k in (
+                           "epoch", "iteration", "positions", "nodes", "merits", "ratios", "loss_before", "loss_after",
+                           "params_before", "params_after")} for r in hook.insertions],
+                       "rejected": [r["epoch"] for r in log.records
+                                    if r["event"] in ("insertion", "widening") and not r["inserted"]],
+                       "params": {"start": start["params"], "final": graph.num_params()},
+                       "flops_per_sample": {"forward_start": start["flops"], "forward_final": graph.flops(),
+                                            "training_step_start": 3 * start["flops"],
+                                            "training_step_final": 3 * graph.flops(),
+                                            "run": hook.ledger.to_dict()}}
+            if out is not None:
+                log.save_network(result.network)
+                if o["export"]:
+                    log.export(result.network)
+                plot_run(log.records, log.path("curves.png"),
+                         title=f"{graph.name}: {strategy}, {len(hook.insertions)} insertion event(s)")
+                log.write_json("summary.json", summary)
     return GrowResult(result.network, log.records, hook.insertions, summary, out)
-
-

@@ -215,6 +215,8 @@ def cmd_sensitivities(opts) -> None:
 MGOPT_RENAMED = {"alpha": "lr"}
 MGOPT_NEGATED = {"progress": "quiet", "descent_check": "no_descent_check", "log_steps": "no_log_steps",
                  "export": "no_export"}
+#: options of the command line alone: how many processes run the command (_launched), not what one does
+LAUNCH_OPTIONS = {"nproc"}
 
 
 def mgopt_arguments(opts) -> dict:
@@ -359,8 +361,9 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 def _add_device_options(parser) -> None:
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                        help="the network's floating-point type; the data are cast to it (default float32)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float64"),
+                        help="the network's floating-point type; the data are cast to it "
+                             "(default: as the network is built, float32 from a spec)")
 
 
 def _add_parallel_options(parser) -> None:

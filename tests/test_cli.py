@@ -117,12 +117,12 @@ def _mgopt_parser():
 
 def test_mgopt_cli_and_run_have_the_same_options_and_defaults():
     """Every parameter of graphgrow.mgopt.run is an option of `graphgrow mgopt` with the same
-    default, and every option is a parameter of run()."""
-    from graphgrow.cli import MGOPT_NEGATED, MGOPT_RENAMED, build_parser
+    default, and every option but the launcher's (--nproc) is a parameter of run()."""
+    from graphgrow.cli import LAUNCH_OPTIONS, MGOPT_NEGATED, MGOPT_RENAMED, build_parser
     from graphgrow.mgopt import run
     parameters = inspect.signature(run).parameters
     opts = build_parser().parse_args(["mgopt", "net.yaml"])
-    dests = {a.dest for a in _mgopt_parser()._actions if a.dest != "help"}
+    dests = {a.dest for a in _mgopt_parser()._actions if a.dest != "help"} - LAUNCH_OPTIONS
     to_parameter = {MGOPT_RENAMED.get(p, MGOPT_NEGATED.get(p, p)): p for p in parameters}
     assert dests == set(to_parameter), "options without a run() parameter or the other way round"
     for dest, name in to_parameter.items():
@@ -131,6 +131,9 @@ def test_mgopt_cli_and_run_have_the_same_options_and_defaults():
             continue  # positional, no default
         if name == "progress":  # display only: the command shows a bar (--quiet), a library call does not
             assert opts.quiet is False and default is False
+            continue
+        if name == "device":  # the command picks a GPU where present; a library call leaves the network where it is
+            assert opts.device == "auto" and default is None
             continue
         if name in MGOPT_NEGATED:
             assert getattr(opts, dest) is (not default), name

@@ -39,6 +39,7 @@ import torch
 from ..compiler.io import dump
 from ..compiler.network import Network
 from ..errors import GraphgrowError
+from .devices import resolve_device
 from ..ir import LayerGraph, graph_from_text
 
 CHECKPOINTS = "checkpoints"
@@ -356,7 +357,8 @@ def restored_network(checkpoint: Checkpoint, weights: dict) -> Network:
     """The checkpoint's architecture with ``weights`` (read onto the CPU), built on the device
     and in the dtype the run used (float64 weights keep their precision)."""
     where = checkpoint.meta["placement"]
-    return Network.build(checkpoint.graph, weights, device=where["device"], dtype=getattr(torch, where["dtype"]))
+    return Network.build(checkpoint.graph, weights, device=resolve_device(where["device"]),
+                         dtype=getattr(torch, where["dtype"]))
 
 
 def saved_options(options: dict) -> dict:

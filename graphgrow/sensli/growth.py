@@ -9,7 +9,6 @@ from typing import Iterable
 import torch
 
 from ..compiler.io import load_network
-from ..compiler.network import Network
 from ..errors import GraphgrowError
 from ..runtime.data import load_data
 from ..runtime.devices import place_network

@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .errors import GraphgrowError
+from .runtime.checkpoint import RunInterrupted
 
 # shipped with the package (graphgrow/specs links to the repository's specs/), so the demo runs
 # from any directory after an editable or a plain install
@@ -113,6 +114,9 @@ def _launched(opts) -> int | None:
     """With ``--nproc N`` > 1 in a process that is not a rank yet: run the same command in N
     local ranks (runtime.distributed.launch) and return their exit status; else None."""
     import os
+    if opts.nproc != 1:
+        from .runtime.checkpoint import refuse_data_parallel
+        refuse_data_parallel(opts.checkpoint_every is not None, opts.resume is not None)
     if opts.nproc == 1 or "WORLD_SIZE" in os.environ:
         return None
     from .runtime.distributed import launch
@@ -130,16 +134,50 @@ def cmd_grow(opts) -> int | None:
     if code is not None:
         return code
     from .sensli import grow
-    result = grow(opts.spec, opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
-                  insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
-                  per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
-                  momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer, damping=opts.damping,
-                  loss=opts.loss, sample=opts.sample, widen=opts.widen, neurons=opts.neurons, out=opts.out, seed=opts.seed,
-                  progress=not opts.quiet, export=not opts.no_export, device=opts.device, dtype=opts.dtype,
-                  dist_timeout=opts.dist_timeout)
+    options = dict(spec=opts.spec, data=opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
+                   insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
+                   per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
+                   momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer,
+                   damping=opts.damping, loss=opts.loss, sample=opts.sample, widen=opts.widen,
+                   neurons=opts.neurons, out=opts.out,
+                   seed=opts.seed, export=not opts.no_export, device=opts.device, dtype=opts.dtype,
+                   dist_timeout=opts.dist_timeout, checkpoint_every=opts.checkpoint_every)
+    result = grow(**_checked(_resume_options(opts, options, {"export": "no_export"})), progress=not opts.quiet)
     if _rank_zero():
         _print_growth(result)
     return None
+
+
+def _resume_options(opts, options: dict, dests: dict[str, str]) -> dict:
+    """``options`` for a fresh run; with --resume only those given on the command line (the
+    rest come from the run's checkpoint), plus ``resume``. ``dests``: the option (argparse
+    dest) of each keyword named otherwise."""
+    if opts.resume is None:
+        return options
+    unset = object()  # argparse keeps a namespace's values where no option was given
+    given = vars(opts.command_parser.parse_known_args(opts.command_argv, argparse.Namespace(
+        **{dest: unset for dest in vars(opts)}))[0])
+    return {**{k: v for k, v in options.items() if given.get(dests.get(k, k), unset) is not unset},
+            "resume": opts.resume}
+
+
+def _checked(options: dict) -> dict:
+    """``options``; when resuming, each one given must have the run's value (also a default's)."""
+    if options.get("resume") is not None:
+        from .runtime.checkpoint import check_options, load_checkpoint
+        rundir = options["resume"]
+        check_options(load_checkpoint(rundir).meta["options"],
+                      {k: v for k, v in options.items() if k not in ("spec", "out", "resume")}, rundir)
+    return options
+
+
+def _add_checkpoint_options(parser, command: str) -> None:
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="checkpoint every N optimizer steps (default: every epoch; with --out)")
+    parser.add_argument("--resume", default=None, metavar="RUNDIR",
+                        help=f"continue an interrupted run from its latest checkpoint, with its options "
+                             f"(graphgrow {command} --resume RUNDIR)")
+    parser.set_defaults(command_parser=parser)
 
 
 def cmd_sensitivities(opts) -> None:
@@ -199,7 +237,10 @@ def cmd_mgopt(opts) -> int | None:
     if code is not None:
         return code
     from .mgopt import run
-    result = run(**mgopt_arguments(opts))
+    arguments = mgopt_arguments(opts)
+    progress = arguments.pop("progress")
+    dests = {name: MGOPT_NEGATED.get(name, MGOPT_RENAMED.get(name, name)) for name in arguments}
+    result = run(**_checked(_resume_options(opts, arguments, dests)), progress=progress)
     if not _rank_zero():
         return None
     summary, final = result.summary, result.summary["final"]
@@ -360,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.set_defaults(run=cmd_compile)
 
     grow = commands.add_parser("grow", help="train while SensLI (or a comparison) inserts layers")
-    grow.add_argument("spec")
+    grow.add_argument("spec", nargs="?", help="the network (left out with --resume)")
     _add_training_options(grow, epochs=100, lr=0.1)
+    _add_checkpoint_options(grow, "grow")
     grow.add_argument("--strategy", default="sensli", help="sensli, random, min (LIother) or none")
     grow.add_argument("--insert-every", type=int, default=None, metavar="N",
                       help="try an insertion every N epochs (default, when neither this nor --insert-at is given: "
@@ -401,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     sens.set_defaults(run=cmd_sensitivities)
 
     mgopt = commands.add_parser("mgopt", help="multilevel training (MG/Opt) on a hierarchy built by passes")
-    mgopt.add_argument("spec")
+    mgopt.add_argument("spec", nargs="?", help="the network (left out with --resume)")
     _add_training_options(mgopt, epochs=10, lr=0.1, batch=100)
+    _add_checkpoint_options(mgopt, "mgopt")
     mgopt.add_argument("--hierarchy", default="depth", help="depth, width, batch or resolution")
     mgopt.add_argument("--levels", type=int, default=2)
     mgopt.add_argument("--kappa", type=float, default=0.5, help="take a coarse correction when |R g|^2 > kappa |g|^2")
@@ -467,11 +510,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = build_parser().parse_args(argv)
     opts.argv = argv
+    opts.command_argv = argv[argv.index(opts.command) + 1:]
     try:
         code = opts.run(opts)
     except GraphgrowError as err:
         print(cli_message(err, opts.command), file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -71,3 +71,21 @@ def test_gradmax_widening_on_cuda_matches_cpu():
     assert [(c.layer, c.index, c.init) for c in runs["cuda"][1]] == [(c.layer, c.index, c.init) for c in runs["cpu"][1]]
     for name, value in runs["cpu"][0].state().items():
         assert torch.allclose(runs["cuda"][0].state()[name].cpu(), value, rtol=1e-8, atol=1e-10), name
+
+
+def test_an_mgopt_run_on_cuda_resumes_on_cuda_in_its_dtype(tmp_path, monkeypatch):
+    """The checkpoint is read onto the CPU; the resumed network, the iterate and the momentum
+    buffer go back to the GPU in float64 and the run ends where the uninterrupted one ends."""
+    from graphgrow.mgopt.optimizer import MultilevelOptimizer
+    from graphgrow.runtime.checkpoint import load_checkpoint
+    from test_checkpoint import killed_in
+    spec = str(ROOT / "specs" / "resnet_ode.yaml")
+    options = dict(epochs=2, batch=150, K=2, kappa=0.1, momentum=0.5, device="cuda", dtype="float64",
+                   export=False, checkpoint_every=2)
+    whole = mgopt_run(spec, "spiral", out=tmp_path / "reference", **options)
+    killed_in(monkeypatch, MultilevelOptimizer, "_finish", 5, mgopt_run, spec, "spiral", out=tmp_path / "run", **options)
+    assert load_checkpoint(tmp_path / "run").meta["placement"]["device"].startswith("cuda")
+    resumed = mgopt_run(resume=tmp_path / "run")
+    assert resumed.network.device.type == "cuda" and resumed.network.dtype == torch.float64
+    for name, value in whole.network.state().items():
+        assert torch.allclose(resumed.network.state()[name], value, rtol=1e-10, atol=1e-12), name

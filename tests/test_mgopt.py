@@ -289,6 +289,28 @@ def test_bad_settings_raise_graphgrow_error(settings, word):
         MGOptConfig(**settings)
 
 
+@pytest.mark.parametrize("variant, momentum", [("mgopt", 0.0), ("nested", 0.0), ("mgopt", 0.5), ("nested", 0.5)])
+def test_a_run_resumed_from_any_iteration_ends_bitwise_where_the_whole_run_ends(variant, momentum, tmp_path):
+    import io
+    hierarchy, theta = galerkin_hierarchy(levels=3, sig=0.2)
+    config = MGOptConfig(alpha=0.05, K=3, kappa=0.1, variant=variant, nested_iterations=[3, 2], momentum=momentum)
+    states = []
+
+    def keep(params, info, optimizer):  # through bytes, as a checkpoint stores it
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        states.append(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+
+    whole, history, optimizer = optimize(hierarchy, theta, config, 8, seed=7, callback=keep)
+    assert len(states) == optimizer.iteration == len(history) == (13 if variant == "nested" else 8)
+    for state in states[:-1]:  # from inside the coarse phases of nested iteration, too
+        end, rest, resumed = optimize(hierarchy, {KEY: torch.zeros_like(theta[KEY])}, config, 8, seed=7, resume=state)
+        assert torch.equal(end[KEY], whole[KEY])
+        assert [i.kind for i in rest] == [i.kind for i in history[state["iteration"]:]]
+        assert (resumed.work, resumed.corrections, resumed.rejections, resumed.transfers) == (
+            optimizer.work, optimizer.corrections, optimizer.rejections, optimizer.transfers)
+
+
 def test_min_gap_zero_is_a_v_cycle_every_iteration_sgd_step_then_correction():
     """min_gap = 0: theta' = theta - alpha g(theta), then the correction at theta' from
     g(theta'); written out with the matrices."""

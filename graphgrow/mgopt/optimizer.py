@@ -175,8 +175,26 @@ class MultilevelOptimizer:
         self.rejections = 0
         self.transfers = 0  # applications of R_p, R_g or P
         self.transfer_work = 0.0  # their cost, also included in ``work``
-        self.velocity: ParamDict | None = None  # the fine level's momentum buffer
+        self.velocity: ParamDict | None = None  # the momentum buffer of the level ``optimize`` trains
         self.batch = None  # the current fine mini-batch xi_k (reused by every level with same_batch)
+        self.phase = (0, 0)   # (level, iterations done on it) of ``optimize``: nested runs start coarse
+        self.iterate: ParamDict | None = None  # the parameters after the last iteration, on that level
+
+    _COUNTERS = ("iteration", "since_correction", "work", "corrections", "rejections", "transfers", "transfer_work")
+
+    def state_dict(self) -> dict:
+        """Counters, the mini-batch generator, the phase, the iterate and the momentum buffer:
+        what a resumed run needs (``batch`` is drawn anew at every fine step)."""
+        return {**{name: getattr(self, name) for name in self._COUNTERS},
+                "generator": self.generator.get_state(), "phase": list(self.phase),
+                "iterate": pd_clone(self.iterate) if self.iterate is not None else None,
+                "velocity": pd_clone(self.velocity) if self.velocity is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._COUNTERS:
+            setattr(self, name, state[name])
+        self.generator.set_state(state["generator"])
+        self.phase, self.iterate, self.velocity = tuple(state["phase"]), state["iterate"], state["velocity"]
 
     # the expensive calls, counted
     def _grad(self, level: int, objective, params: ParamDict, batch) -> tuple[float, ParamDict]:
@@ -339,46 +357,59 @@ def nested_schedule(config: MGOptConfig, levels: int) -> list[int]:
 
 
 def optimize(hierarchy: Hierarchy, theta: ParamDict, config: MGOptConfig, iterations: int, *,
-             seed: int = 0, work_budget: float | None = None, callback: Callable[[ParamDict, StepInfo, "MultilevelOptimizer"], Any] | None = None
-             ) -> tuple[ParamDict, list[StepInfo], MultilevelOptimizer]:
+             seed: int = 0, work_budget: float | None = None, callback: Callable[[ParamDict, StepInfo, "MultilevelOptimizer"], Any] | None = None,
+             resume: dict | None = None) -> tuple[ParamDict, list[StepInfo], MultilevelOptimizer]:
     """Run ``iterations`` fine iterations of the configured variant from ``theta``.
 
     For ``nested`` the coarse levels are trained first (``nested_iterations`` SGD steps each,
     coarsest first, starting from the restriction of ``theta``), the result is prolonged level
     by level, then ``iterations`` plain SGD steps run on the finest level. ``callback`` sees
     every fine iteration (and, for nested, every coarse one, prolonged to the fine level).
-    ``work_budget``: stop as soon as that many work units are spent (at most ``iterations``)."""
+    ``work_budget``: stop as soon as that many work units are spent (at most ``iterations``).
+    ``resume``: a ``MultilevelOptimizer.state_dict()`` taken in a callback of an earlier call
+    with the same arguments; the run continues from there (``theta`` is then ignored) and the
+    history holds the iterations after it."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = MultilevelOptimizer(hierarchy, config, generator)
     history: list[StepInfo] = []
+    nested = config.variant == "nested" and len(hierarchy) > 1
+    level, done = (len(hierarchy) - 1 if nested else 0), 0
     theta = pd_clone(theta)
-    if config.variant == "nested" and len(hierarchy) > 1:
+    if resume is not None:
+        optimizer.load_state_dict(resume)
+        (level, done), theta = optimizer.phase, pd_clone(optimizer.iterate)
+    elif nested:
+        for finer in range(level):
+            theta = optimizer.transfer(finer, "restrict", theta)
+    if level > 0:
         schedule = nested_schedule(config, len(hierarchy))
-        coarsest = len(hierarchy) - 1
-        params, velocity = theta, None
-        for level in range(coarsest):
-            params = optimizer.transfer(level, "restrict", params)
-        for level in range(coarsest, 0, -1):
+        params = theta
+        for level in range(level, 0, -1):
             problem = hierarchy.levels[level]
             objective = Shifted(problem)
-            for _ in range(schedule[level - 1]):
+            for _ in range(schedule[level - 1] - done):
                 if work_budget is not None and optimizer.work >= work_budget:
                     break
                 loss, grad = optimizer._grad(level, objective, params, problem.draw_batch(generator))
                 info = StepInfo(optimizer.iteration, f"level{level}", loss, pd_sq_norm(grad))
-                params, velocity = optimizer.descend(params, grad, config.coarse_rate, velocity)
+                params, optimizer.velocity = optimizer.descend(params, grad, config.coarse_rate, optimizer.velocity)
                 params, info = optimizer._finish(params, info)
+                done += 1
+                optimizer.phase, optimizer.iterate = (level, done), params
                 history.append(info)
                 if callback is not None:  # evaluation only: this prolongation is not training work
                     callback(prolong_from(hierarchy, params, level), info, optimizer)
             params = optimizer.transfer(level - 1, "prolong", params)
-            if velocity is not None:  # the momentum buffer is a step direction: prolong it as well
-                velocity = optimizer.transfer(level - 1, "prolong", velocity)
-        theta, optimizer.velocity = params, velocity
-    for _ in range(iterations):
+            if optimizer.velocity is not None:  # the momentum buffer is a step direction: prolong it as well
+                optimizer.velocity = optimizer.transfer(level - 1, "prolong", optimizer.velocity)
+            done = 0
+        theta = params
+    for _ in range(iterations - done):
         if work_budget is not None and optimizer.work >= work_budget:
             break
         theta, info = optimizer.step(theta)
+        done += 1
+        optimizer.phase, optimizer.iterate = (0, done), theta
         history.append(info)
         if callback is not None:
             callback(theta, info, optimizer)

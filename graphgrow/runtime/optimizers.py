@@ -3,7 +3,8 @@
 ``sgd`` and ``adam`` are built in. Engines that bring an optimizer (the Frobenius-type
 preconditioner) register it under the entry-point group ``graphgrow.optimizers`` in their
 package metadata, so the runtime finds them by name without importing the engine layer; a user
-can add one the same way, or in-process with :func:`register_optimizer`.
+can add one the same way, or in-process with :func:`register_optimizer`. An optimizer's state can
+be saved keyed by parameter name (checkpoints) and loaded into one over a rebuilt module.
 """
 from __future__ import annotations
 
@@ -79,3 +80,33 @@ def make_optimizer(module: torch.nn.Module, parameters, config) -> torch.optim.O
     """The optimizer of ``config`` over ``parameters`` of ``module`` (a preconditioner records
     its statistics with hooks on the module's layers)."""
     return optimizer_kind(config.optimizer).build(module, parameters, config)
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> dict:
+    """The optimizer's state_dict with parameters named as in ``module`` instead of numbered,
+    so it loads into an optimizer over a rebuilt module whatever the parameter order."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    saved = optimizer.state_dict()
+    index_to_name = {}
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        index_to_name.update({index: names[id(p)] for index, p in zip(saved_group["params"], group["params"])})
+    return {"state": {index_to_name[i]: s for i, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in saved["param_groups"]]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Module, saved: dict) -> None:
+    """Inverse of :func:`optimizer_state_by_name` for an optimizer over ``module``'s parameters."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    current = optimizer.state_dict()
+    name_to_index = {}
+    for group, current_group in zip(optimizer.param_groups, current["param_groups"]):
+        name_to_index.update({names[id(p)]: index for index, p in zip(current_group["params"], group["params"])})
+    if len(saved["param_groups"]) != len(current["param_groups"]) or set(name_to_index) != {
+            n for g in saved["param_groups"] for n in g["params"]}:
+        raise GraphgrowError("the checkpoint's optimizer state does not fit the network's parameters",
+                             hint="the checkpoint belongs to another run")
+    groups = []
+    for saved_group, current_group in zip(saved["param_groups"], current["param_groups"]):
+        groups.append({**saved_group, "params": current_group["params"]})
+    optimizer.load_state_dict({"state": {name_to_index[n]: s for n, s in saved["state"].items()},
+                               "param_groups": groups})

@@ -150,14 +150,23 @@ def error_count(output: torch.Tensor, target: torch.Tensor) -> int | None:
     return int((output.argmax(dim=1) != target).sum())
 
 
+def epoch_order(size: int, batch: int | None, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The sample order of one epoch: a seeded permutation, or None for full batch."""
+    if batch is None or batch >= size:
+        return None
+    return torch.randperm(size, generator=generator)
+
+
+def batches_of(order: torch.Tensor | None, batch: int | None) -> list[torch.Tensor | slice]:
+    """The index batches of an epoch with sample ``order`` (one slice for full batch)."""
+    if order is None:
+        return [slice(None)]
+    return [order[start:start + batch] for start in range(0, len(order), batch)]
+
+
 def batches(size: int, batch: int | None, generator: torch.Generator | None) -> Iterator[torch.Tensor | slice]:
     """Index batches of one epoch: one slice (full batch), else a seeded permutation in chunks."""
-    if batch is None or batch >= size:
-        yield slice(None)
-        return
-    order = torch.randperm(size, generator=generator)
-    for start in range(0, size, batch):
-        yield order[start:start + batch]
+    yield from batches_of(epoch_order(size, batch, generator), batch)
 
 
 @torch.no_grad()

@@ -2,9 +2,11 @@
 
 ``train(network, data, TrainConfig(...))`` is the one-call form; ``Trainer`` is the object the
 growth (SensLI) and multilevel engines plug into through hooks. A hook is any object with some
-of the methods ``on_train_start(trainer)``, ``on_epoch_start(trainer)``, ``on_step_end(trainer,
-record)``, ``on_epoch_end(trainer)``, ``on_train_end(trainer)``; a hook may replace the network
-with ``trainer.replace_network`` (which carries the optimizer state over).
+of the methods ``on_train_start(trainer)`` (also when a run resumes), ``on_epoch_start(trainer)``,
+``on_step_end(trainer, record)`` (``record`` is None when steps are not logged),
+``on_epoch_end(trainer)``, ``on_train_end(trainer)``; a hook may replace the network with
+``trainer.replace_network`` (which carries the optimizer state over). A hook with state that a
+resumed run needs has ``state_dict()`` and ``load_state_dict(state)`` (graphgrow.runtime.checkpoint).
 
 Randomness (mini-batch order) comes from ``TrainConfig.seed`` only: same seed, same run.
 """
@@ -20,9 +22,9 @@ import passes
 
 from ..compiler.network import Network
 from ..errors import GraphgrowError
-from .optimizers import make_optimizer, optimizer_kind
+from .optimizers import load_optimizer_state, make_optimizer, optimizer_kind, optimizer_state_by_name
 from .runlog import RunLog
-from .splits import LOSSES, as_splits, batches, check_data_fits, error_count, evaluate, loss_fn, place
+from .splits import LOSSES, as_splits, batches_of, check_data_fits, epoch_order, error_count, evaluate, loss_fn, place
 
 SCHEDULES = ("constant", "step", "exponential", "cosine")
 
@@ -141,7 +143,11 @@ class Trainer:
         self.epoch = 0          # epochs completed
         self.iteration = 0      # optimizer steps taken
         self.stop_requested = False
+        self.resumed = False
         self._progress = None
+        self._order: torch.Tensor | None = None  # this epoch's sample order (None: full batch)
+        self._position: int | None = None       # batches done in this epoch (None: between epochs)
+        self._totals = {}                        # this epoch's loss and error sums so far
 
     # -- pieces engines reuse -------------------------------------------------------------
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -216,6 +222,26 @@ class Trainer:
     def request_stop(self) -> None:
         self.stop_requested = True
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run needs (graphgrow.runtime.checkpoint): counters, the position inside
+        the epoch with its sample order, the data-order generator and the optimizer state keyed by
+        parameter name. The network itself is saved by the checkpoint."""
+        return {"epoch": self.epoch, "iteration": self.iteration, "stop_requested": self.stop_requested,
+                "generator": self.generator.get_state(), "order": self._order, "position": self._position,
+                "totals": dict(self._totals), "weights": self.network.state(),
+                "optimizer": optimizer_state_by_name(self.optimizer, self.network.module)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s result (the trainer is built on the saved network)."""
+        self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.stop_requested = state["stop_requested"]
+        self.generator.set_state(state["generator"])
+        self._order, self._position, self._totals = state["order"], state["position"], dict(state["totals"])
+        self.network.module.load_state_dict(state["weights"])
+        load_optimizer_state(self.optimizer, self.network.module, state["optimizer"])
+        self.resumed = True
+
     # -- the loop -------------------------------------------------------------------------
     def _call(self, method: str, *args) -> None:
         for hook in self.hooks:
@@ -235,46 +261,55 @@ class Trainer:
                             test_error=test and test["error"], params=self.network.graph.num_params())
 
     def fit(self) -> TrainResult:
-        """Train until ``epochs`` (or ``iterations``) are done or a hook asks to stop."""
+        """Train until ``epochs`` (or ``iterations``) are done or a hook asks to stop; a trainer
+        restored by ``load_state_dict`` continues where its checkpoint was taken."""
         cfg = self.config
         self.network.module.train()
-        self.log.log("start", config=cfg.to_dict(), network=self.network.graph.name,
-                     params=self.network.graph.num_params(), flops=self.network.graph.flops(),
-                     train_size=len(self.train_split), test_size=len(self.test_split) if self.test_split else 0)
+        if not self.resumed:
+            self.log.log("start", config=cfg.to_dict(), network=self.network.graph.name,
+                         params=self.network.graph.num_params(), flops=self.network.graph.flops(),
+                         train_size=len(self.train_split), test_size=len(self.test_split) if self.test_split else 0)
         self._call("on_train_start")
-        if self.epoch == 0:
+        if self.epoch == 0 and not self.resumed:
             self.log_eval(self.evaluate("train")["loss"])
-        self._progress = _progress_bar(cfg)
-        last_eval = self.log.records[-1]
+        self._progress = _progress_bar(cfg, self.epoch)
+        last_eval = next((r for r in reversed(self.log.records) if r["event"] == "eval"), {})
         try:
             while not self._done():
-                self._call("on_epoch_start")
-                if self._done():
-                    break
-                self.set_lr(lr_at(cfg, self.epoch))
-                epoch_loss, epoch_wrong, seen, classified = 0.0, 0, 0, True
-                for index in batches(len(self.train_split), cfg.batch, self.generator):
+                if self._position is None:  # a new epoch
+                    self._call("on_epoch_start")
+                    if self._done():
+                        break
+                    self.set_lr(lr_at(cfg, self.epoch))
+                    self._order = epoch_order(len(self.train_split), cfg.batch, self.generator)
+                    self._position = 0
+                    self._totals = {"loss": 0.0, "wrong": 0, "seen": 0, "classified": True}
+                totals = self._totals
+                for index in batches_of(self._order, cfg.batch)[self._position:]:
+                    if self.stop_requested or (cfg.iterations is not None and self.iteration >= cfg.iterations):
+                        break
                     value, wrong, size = self.train_batch(index)
-                    classified = classified and wrong is not None
-                    epoch_wrong += wrong or 0
-                    epoch_loss += value * size
-                    seen += size
+                    self._position += 1
+                    totals["classified"] = totals["classified"] and wrong is not None
+                    totals["wrong"] += wrong or 0
+                    totals["loss"] += value * size
+                    totals["seen"] += size
+                    record = None
                     if cfg.log_steps:
                         record = self.log.log("step", epoch=self.epoch, iteration=self.iteration, loss=value,
                                               lr=self.optimizer.param_groups[0]["lr"])
-                        self._call("on_step_end", record)
                     if not math.isfinite(value):
                         self.log.log("diverged", epoch=self.epoch, iteration=self.iteration)
                         self.stop_requested = True
-                    if self.stop_requested or (cfg.iterations is not None and self.iteration >= cfg.iterations):
-                        break
+                    self._call("on_step_end", record)
                 self.epoch += 1
+                self._order, self._position = None, None
+                seen = max(totals["seen"], 1)
                 if self.epoch % cfg.eval_every == 0 or self._done():
-                    last_eval = self.log_eval(epoch_loss / max(seen, 1),
-                                              epoch_wrong / max(seen, 1) if classified else None)
+                    last_eval = self.log_eval(totals["loss"] / seen, totals["wrong"] / seen if totals["classified"] else None)
                 if self._progress is not None:
                     self._progress.update(1)
-                    self._progress.set_postfix(loss=f"{epoch_loss / max(seen, 1):.4g}",
+                    self._progress.set_postfix(loss=f"{totals['loss'] / seen:.4g}",
                                                test_error=_fmt(last_eval.get("test_error")),
                                                params=self.network.graph.num_params(), refresh=False)
                 self._call("on_epoch_end")
@@ -301,11 +336,11 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _progress_bar(config: TrainConfig):
+def _progress_bar(config: TrainConfig, done: int = 0):
     if not config.progress:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=config.epochs, desc="train", unit="epoch", leave=False, dynamic_ncols=True)
+    return tqdm(total=config.epochs, initial=done, desc="train", unit="epoch", leave=False, dynamic_ncols=True)
 
 
 def train(network: Network, data, config: TrainConfig | None = None, *, log: RunLog | None = None,

@@ -2,7 +2,8 @@
 one-call ``grow``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import torch
@@ -83,6 +84,16 @@ class GrowthHook:
         self.ledger = CostLedger()
         self.insertions: list[dict] = []
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs: insertions so far, the FLOP ledger, the random strategy's generator."""
+        return {"inserted": self.inserted, "insertions": self.insertions, "generator": self.generator.get_state(),
+                "ledger": asdict(self.ledger)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inserted, self.insertions = state["inserted"], list(state["insertions"])
+        self.generator.set_state(state["generator"])
+        self.ledger = CostLedger(**state["ledger"])
+
     def due(self, epoch: int) -> bool:
         return (epoch in self.insert_at or (self.insert_every is not None and epoch % self.insert_every == 0))
 
@@ -137,9 +148,9 @@ class GrowthHook:
         before = trainer.evaluate("train")["loss"]
         params_before = trainer.network.graph.num_params()
         wider, chosen, reference, widened = widen_best(trainer.network, trainer_data(trainer), count=self.widen,
-                                                       tau=self.tau, init=self.neurons,
-                                              loss=trainer.config.loss, batch=self.sens_batch,
-                                              seed=self.seed + trainer.epoch, data_parallel=trainer.data_parallel)
+                                                       tau=self.tau, init=self.neurons, loss=trainer.config.loss,
+                                                       batch=self.sens_batch, seed=self.seed + trainer.epoch,
+                                                       data_parallel=trainer.data_parallel)
         event = {"epoch": trainer.epoch, "iteration": trainer.iteration, "reference": reference,
                  "neurons": [c.to_json() for c in chosen], "tau": self.tau}
         if not chosen:
@@ -176,7 +187,7 @@ class GrowResult:
     out: object = None
 
 
-def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | None = None,
+def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: int | None = None,
          insert_at: Iterable[int] | None = None, max_insertions: int = 1, tau: float | None = None,
          per_step: int = 1, norm: str = "fro", epochs: int = 100, lr: float = 0.1, batch: int | None = None,
          momentum: float = 0.0, weight_decay: float = 0.0, optimizer: str = "sgd", damping: float = 0.01,
@@ -184,69 +195,116 @@ def grow(spec, data="spiral", *, strategy: str = "sensli", insert_every: int | N
          sens_batch: int | None = 256, sample: int | float | None = None, out=None, seed: int = 0,
          progress: bool = False, eval_every: int = 1, log_steps: bool = True, export: bool = True,
          widen: int = 0, neurons: str = "random", device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, dist_timeout: float = DEFAULT_TIMEOUT) -> GrowResult:
+         dtype: str | torch.dtype | None = None, dist_timeout: float = DEFAULT_TIMEOUT,
+         checkpoint_every: int | None = None, resume=None) -> GrowResult:
     """Train ``spec`` on ``data`` while SensLI (or a comparison strategy) inserts layers.
 
     ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
     npz:PATH. With ``out`` a run directory gets log.jsonl, summary.json, final.yaml + .pt,
-    model.pt2 and curves.png. ``widen=k`` adds the k best neurons per try (4.4, 4.20)
-    instead of inserting layers (``max_insertions`` then counts widening steps); ``neurons``: their
-    incoming weights, ``random`` or ``gradmax`` (data-driven, sensli.widening). ``device``
-    (auto, cpu, cuda, cuda:N, mps) and ``dtype`` (float32, float64): where and in which type the
-    network trains (None: as it is); the data are cast to the network's dtype. Returns the grown
-    network, the records, the insertion events and the summary (final metrics, FLOPs per
-    training sample as in thesis Tables 4.2/4.4). Started as one of several ranks (``graphgrow
-    grow --nproc N`` or torchrun; runtime.distributed) it trains data-parallel, with collectives
-    that give up after ``dist_timeout`` seconds; rank 0 writes the run directory."""
+    model.pt2, curves.png and checkpoints/ (every ``checkpoint_every`` optimizer steps, else at
+    the end of every epoch; always after a growth event and at SIGINT/SIGTERM, which then raise
+    graphgrow.runtime.checkpoint.RunInterrupted). ``resume=RUNDIR`` continues an interrupted run
+    from its latest checkpoint with the options it was started with (an option given here that
+    differs from its default and from the run's is an error; data given as an object must be
+    given again), on the device and in the dtype the run used. ``widen=k`` adds the k best
+    neurons per try (4.4, 4.20) instead of inserting layers (``max_insertions`` then counts
+    widening steps); ``neurons``: their incoming weights, ``random`` or ``gradmax`` (data-driven,
+    sensli.widening). ``device`` (auto, cpu, cuda, cuda:N, mps) and ``dtype`` (float32,
+    float64): where and in which type the network trains (None: as it is); the data are cast to
+    the network's dtype. Returns the grown network, the records, the insertion events and the
+    summary (final metrics, FLOPs per training sample as in thesis Tables 4.2/4.4). Started as
+    one of several ranks (``graphgrow grow --nproc N`` or torchrun; runtime.distributed) it
+    trains data-parallel, with collectives that give up after ``dist_timeout`` seconds; rank 0
+    writes the run directory (without checkpoints: ``checkpoint_every`` and ``resume`` are
+    errors there)."""
+    options = {name: value for name, value in locals().items() if name not in _NOT_OPTIONS}
+    if resume is None:
+        if spec is None:
+            raise GraphgrowError("grow needs a spec",
+                                 hint="give a spec, or --resume RUNDIR (resume=RUNDIR) to continue an interrupted run")
+        check_schedule(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
+                       max_insertions=max_insertions, tau=tau, per_step=per_step, widen=widen,
+                       neurons=neurons, epochs=epochs)
+        dataset = load_data(data, seed)
+        network = place_network(load_network(spec, seed), device, dtype)
+        start = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
+                 "params": network.graph.num_params(), "flops": network.graph.flops()}
+        return _grow(network, dataset, options, start, out, progress)
+    from ..runtime.checkpoint import restored_network, resume_run
+    checkpoint, saved = resume_run("grow", grow, options, spec, out, resume)
+    network = restored_network(checkpoint, checkpoint.state["trainer"]["weights"])
+    return _grow(network, load_data(saved["data"], saved["seed"]), saved, checkpoint.meta["start"], resume, progress,
+                 checkpoint)
+
+
+#: grow()'s parameters that are not options a checkpoint keeps
+_NOT_OPTIONS = ("spec", "out", "progress", "resume")
+
+
+def _grow(network, dataset, options: dict, start: dict, out, progress: bool, checkpoint=None) -> GrowResult:
+    """Run (or, with ``checkpoint``, continue) a growth run with ``options`` (grow's keywords)."""
+    from ..runtime.checkpoint import Checkpointer, placement, refuse_data_parallel, restore_trainer, saved_options
     from ..runtime.plots import plot_run
-    config = TrainConfig(epochs=epochs, lr=lr, batch=batch, momentum=momentum, weight_decay=weight_decay,
-                         optimizer=optimizer, damping=damping, loss=loss, seed=seed, progress=progress,
-                         eval_every=eval_every, log_steps=log_steps)
-    check_schedule(strategy=strategy, insert_at=insert_at, insert_every=insert_every, max_insertions=max_insertions,
-                   tau=tau, per_step=per_step, widen=widen, neurons=neurons, epochs=epochs)
-    dataset = load_data(data, seed)
-    network = place_network(load_network(spec, seed), device, dtype)
+    o = dict(options)
+    config = TrainConfig(epochs=o["epochs"], lr=o["lr"], batch=o["batch"], momentum=o["momentum"],
+                         weight_decay=o["weight_decay"], optimizer=o["optimizer"], damping=o["damping"],
+                         loss=o["loss"], seed=o["seed"], progress=progress, eval_every=o["eval_every"],
+                         log_steps=o["log_steps"])
     # everything a user can get wrong is checked before the run directory is created
     train_split, test_split = as_splits(dataset, network.dtype)
-    check_data_fits(network, train_split, loss, test_split)
-    if insert_every is None and not insert_at and strategy != "none":
+    check_data_fits(network, train_split, o["loss"], test_split)
+    insert_every = o["insert_every"]
+    if insert_every is None and not o["insert_at"] and o["strategy"] != "none":
         # no schedule given: max_insertions tries spread evenly over the run (README, --insert-every)
-        insert_every = max(epochs // (max_insertions + 1), 1)
-    hook = GrowthHook(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
-                      max_insertions=max_insertions, tau=tau, per_step=per_step, norm=norm,
-                      sens_batch=sens_batch, sample=sample, seed=seed, widen=widen, neurons=neurons)
-    start_params, start_flops = network.graph.num_params(), network.graph.flops()
-    with joined(network.device, dist_timeout) as parallel:
+        insert_every = max(o["epochs"] // (o["max_insertions"] + 1), 1)
+    hook = GrowthHook(strategy=o["strategy"], insert_at=o["insert_at"], insert_every=insert_every,
+                      max_insertions=o["max_insertions"], tau=o["tau"], per_step=o["per_step"], norm=o["norm"],
+                      sens_batch=o["sens_batch"], sample=o["sample"], seed=o["seed"], widen=o["widen"],
+                      neurons=o["neurons"])
+    with joined(network.device, o["dist_timeout"]) as parallel:
         if parallel is not None:  # rank 0 alone shows progress and writes the run directory
+            refuse_data_parallel(o["checkpoint_every"] is not None, checkpoint is not None)
             network.to(parallel.device)
             config.progress = config.progress and parallel.rank == 0
             out = out if parallel.rank == 0 else None
-        with RunLog(out) as log:
+        hooks, checkpointer = [hook], None
+        if out is not None and parallel is None:
+            meta = {"options": {**saved_options(o), "insert_at": sorted(o["insert_at"]) if o["insert_at"] else o["insert_at"]},
+                    "start": start, "placement": placement(network)}
+            checkpointer = Checkpointer(out, "grow", meta, every=o["checkpoint_every"])
+            hooks.append(checkpointer)
+        log = RunLog(out, resume=None if checkpoint is None else checkpoint.state["log_length"])
+        with log, (checkpointer.interrupt.installed() if checkpointer is not None else nullcontext()):
             if parallel is None:
-                trainer = Trainer(network, dataset, config, log=log, hooks=[hook])
+                trainer = Trainer(network, dataset, config, log=log, hooks=hooks)
             else:
-                trainer = DataParallelTrainer(network, dataset, config, log=log, hooks=[hook], data_parallel=parallel)
+                trainer = DataParallelTrainer(network, dataset, config, log=log, hooks=hooks, data_parallel=parallel)
+            if checkpoint is not None:
+                for name, reason in checkpoint.skipped:
+                    log.log("checkpoint_skipped", checkpoint=name, reason=reason)
+                restore_trainer(trainer, checkpoint)
+                log.log("resume", checkpoint=checkpoint.directory.name, epoch=trainer.epoch,
+                        iteration=trainer.iteration)
             result = trainer.fit()
             graph = result.network.graph
-            summary = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
-                       "strategy": f"widen {widen}" if widen else strategy,
-                       "seed": seed, "config": config.to_dict(), "tau": tau, "norm": norm,
+            widen, strategy = o["widen"], o["strategy"]
+            summary = {"spec": start["spec"], "strategy": f"widen {widen}" if widen else strategy,
+                       "seed": o["seed"], "config": config.to_dict(), "tau": o["tau"], "norm": o["norm"],
                        "final": result.final, "insertions": [{k: r.get(k) for k in (
                            "epoch", "iteration", "positions", "nodes", "merits", "ratios", "loss_before", "loss_after",
                            "params_before", "params_after")} for r in hook.insertions],
                        "rejected": [r["epoch"] for r in log.records
                                     if r["event"] in ("insertion", "widening") and not r["inserted"]],
-                       "params": {"start": start_params, "final": graph.num_params()},
-                       "flops_per_sample": {"forward_start": start_flops, "forward_final": graph.flops(),
-                                            "training_step_start": 3 * start_flops,
+                       "params": {"start": start["params"], "final": graph.num_params()},
+                       "flops_per_sample": {"forward_start": start["flops"], "forward_final": graph.flops(),
+                                            "training_step_start": 3 * start["flops"],
                                             "training_step_final": 3 * graph.flops(),
                                             "run": hook.ledger.to_dict()}}
             if out is not None:
                 log.save_network(result.network)
-                if export:
+                if o["export"]:
                     log.export(result.network)
                 plot_run(log.records, log.path("curves.png"),
                          title=f"{graph.name}: {strategy}, {len(hook.insertions)} insertion event(s)")
                 log.write_json("summary.json", summary)
     return GrowResult(result.network, log.records, hook.insertions, summary, out)
-

@@ -45,6 +45,11 @@ for _activation in (
                    aliases=(F.sigmoid,)),
         Activation("gelu", F.gelu, nn.GELU, cost=8),
         Activation("softplus", F.softplus, nn.Softplus, cost=4),
+        Activation("relu6", F.relu6, nn.ReLU6, cost=2, doc="min(max(0, x), 6), elementwise.", idempotent=True),
+        Activation("silu", F.silu, nn.SiLU, cost=5, doc="x * sigmoid(x) (swish), elementwise."),
+        Activation("hardswish", F.hardswish, nn.Hardswish, cost=4, doc="x * relu6(x + 3) / 6, elementwise."),
+        Activation("hardsigmoid", F.hardsigmoid, nn.Hardsigmoid, cost=3, doc="relu6(x + 3) / 6, elementwise.",
+                   idempotent=False),
         Activation("identity", torch.clone, nn.Identity, cost=0,
                    doc="returns its input (a copy, so graphs stay single-assignment).", idempotent=True),
 ):

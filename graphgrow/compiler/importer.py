@@ -159,7 +159,10 @@ class _Importer:
                 continue  # shape arithmetic and constants: their values go into the calls that use them
             inputs = [n for n in fx_node.all_input_nodes if _is_tensorish(self.seen.get(n))]
             if any(n in self.failed for n in inputs):
-                self.failed.add(fx_node)  # reported where it started
+                # its inputs are missing, so only whether any op claims the call can be checked
+                self.failed.add(fx_node)
+                if not self.special(fx_node) and not _claimants(fx_node, self.submodule(fx_node)):
+                    self.problems.append(self.located(fx_node, GraphgrowError("is not supported")))
                 continue
             try:
                 self.visit(fx_node)
@@ -181,7 +184,7 @@ class _Importer:
         hint = err.hint or (f"register an op that declares it in {kind} (graphgrow.register_op); supported ops: "
                             + ", ".join(sorted(registered_ops())))
         return GraphgrowError(f"cannot import {what}: {err.message}", file=file, line=line,
-                              node=path or fx_node.name, hint=hint)
+                              node=path or type(self.module).__name__, hint=hint)
 
     def boundary(self, fx_node: fx.Node) -> None:
         if fx_node.op == "placeholder":
@@ -225,6 +228,17 @@ class _Importer:
             self.params[key] = name
         return self.params[key]
 
+    def submodule(self, fx_node: fx.Node) -> nn.Module | None:
+        return self.module.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
+
+    def special(self, fx_node: fx.Node) -> bool:
+        """Calls the importer handles itself: pieces of tuples, no-op methods, chunk/split, and
+        a free parameter's expand to the batch."""
+        return (fx_node.target is operator.getitem and fx_node.args[0] in self.pieces | self.tuples
+                or fx_node.op == "call_method" and fx_node.target in _ALIASES
+                or fx_node.op != "call_module" and fx_node.target in _SPLITS
+                or fx_node.op == "call_method" and fx_node.target == "expand" and fx_node.args[0].op == "get_attr")
+
     def visit(self, fx_node: fx.Node) -> None:
         args = _evaluated(fx_node.args, self.seen)
         kwargs = dict(_evaluated(fx_node.kwargs, self.seen))
@@ -246,7 +260,7 @@ class _Importer:
             out = self.shape(fx_node)
             self.add(fx_node, op, {}, [self.value(fx_node.args[0], len(out)), INPUT])
             return
-        module = self.module.get_submodule(target) if fx_node.op == "call_module" else None
+        module = self.submodule(fx_node)
         tensors, others = _tensor_args(args)
         value = self.seen[fx_node]
         out_shape = self.shape(fx_node) if isinstance(value, _Shape) else None

@@ -136,8 +136,8 @@ class ResidualOp(OpDef):
         """The op and arguments of W1 (and, without bias, of W2) on inputs of ``in_shape``."""
         width = self._width([in_shape])
         if args["branch"] == "conv2d":
-            return get_op("conv2d"), {"out": width, "kernel": args["kernel"], "stride": 1, "padding": "same",
-                                      "bias": args["bias"]}
+            conv = get_op("conv2d")
+            return conv, conv.check_args({"out": width, "kernel": args["kernel"], "bias": args["bias"]})
         return get_op("linear"), {"out": width, "bias": args["bias"]}
 
     def weight_geometry(self, args, in_shapes, role):

@@ -61,6 +61,7 @@ def expand_to_batch(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class ExpandBatchOp(OpDef):
     name = "expand_batch"
+    maps_zero_to_zero = True
     doc = "Its first input (a batch of one, e.g. a parameter) repeated to the batch size of its second."
     min_inputs = max_inputs = 2
 
@@ -109,6 +110,10 @@ class AttentionOp(OpDef):
         x = inputs[0]
         both = graph.create_node("call_module", name, (x, x, x), {"need_weights": False}, name=f"{name}_and_weights")
         return graph.create_node("call_function", operator.getitem, (both, 0), {}, name=name)
+
+    def zero_output_roles(self, args, in_shapes):
+        # the output projection only: the values stay non-zero, so its gradient does too
+        return ("out_proj.weight", "out_proj.bias") if args["bias"] else ("out_proj.weight",)
 
     imports_modules = (nn.MultiheadAttention,)
 

@@ -255,6 +255,19 @@ class OpDef:
     #: why units cannot flow into this op, for the error of a refused widening
     widen_refusal: str | None = None
 
+    #: op(0) == 0 with its parameters as they are (on every input that is zero): a block whose
+    #: branch ends in such ops is zero when the layer before them is (passes.blocks)
+    maps_zero_to_zero: bool = False
+    #: every output entry is a selection, maximum or mean of input entries, so values in an
+    #: interval stay in it (pooling, shape ops): after relu the values stay relu's fixed points
+    keeps_range: bool = False
+
+    def zero_output_roles(self, args: dict, in_shapes: list[Shape]) -> tuple[str, ...] | None:
+        """The parameter roles which, set to zero, make the op's output zero for every input
+        while the other roles keep a non-zero gradient (a block's "last layer zero"), or None
+        when no parameters do. By default all roles of an op with parameters."""
+        return tuple(self.param_shapes(args, in_shapes)) or None
+
     def widen_roles(self, args: dict) -> dict[str, tuple[int | None, int | None]]:
         """Per parameter role of a widenable op: (axis of its output units, axis of its input
         units), None where the role has no such axis."""

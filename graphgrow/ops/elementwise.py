@@ -26,6 +26,7 @@ class Activation(ElementwiseOp):
     def __init__(self, name, fn, module, cost=1, doc="", aliases=(), idempotent=False):
         self.name, self._fn, self._module, self.cost = name, fn, module, cost
         self.idempotent = idempotent
+        self.maps_zero_to_zero = bool(fn(torch.zeros(1)) == 0)
         self.doc = doc or f"{name} activation, elementwise."
         self.imports_modules = (module,)
         self.imports_functions = (fn, *aliases)
@@ -58,6 +59,7 @@ for _activation in (
 
 class LeakyReluOp(ElementwiseOp):
     name = "leaky_relu"
+    maps_zero_to_zero = True
     doc = "max(0, x) + slope * min(0, x)."
     args = (Arg("slope", number, 0.01),)
 
@@ -80,6 +82,7 @@ class LeakyReluOp(ElementwiseOp):
 
 class ScaleOp(ElementwiseOp):
     name = "scale"
+    maps_zero_to_zero = True
     doc = "x * factor."
     args = (Arg("factor", number),)
 

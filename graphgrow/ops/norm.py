@@ -88,6 +88,7 @@ class DropoutOp(OpDef):
     doc = "Zeroes entries with probability p in train mode (scaled by 1/(1-p)); identity in eval."
     args = (Arg("p", probability, 0.5),)
     passes_units_through = True
+    maps_zero_to_zero = True
 
     def flops(self, args, in_shapes, out_shape):
         return numel(out_shape)
@@ -126,6 +127,7 @@ class StochasticDepthOp(OpDef):
            "identity in eval; on a residual branch it drops the block for that sample.")
     args = (Arg("p", probability, 0.1),)
     passes_units_through = True
+    maps_zero_to_zero = True
 
     def flops(self, args, in_shapes, out_shape):
         return numel(out_shape)

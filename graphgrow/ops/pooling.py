@@ -29,6 +29,7 @@ class PoolOp(OpDef):
             Arg("ceil_mode", boolean, False, doc="round the output size up, as torch's ceil_mode"))
     torch_fn = None
     passes_units_through = True
+    maps_zero_to_zero = keeps_range = True
 
     def stride(self, args):
         return args["stride"] or args["kernel"]
@@ -106,6 +107,7 @@ class AdaptiveAvgPool2dOp(OpDef):
     doc = "Mean pooling to a fixed out x out spatial size."
     args = (Arg("out", positive_int, 1),)
     passes_units_through = True
+    maps_zero_to_zero = keeps_range = True
 
     def output_shape(self, args, in_shapes):
         expect_image(in_shapes[0], self.name)

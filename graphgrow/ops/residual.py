@@ -107,6 +107,9 @@ class ResidualOp(OpDef):
         if args["form"] == "two_weight":
             kaiming_uniform_init(module.outer.weight, None, generator)
 
+    def zero_output_roles(self, args, in_shapes):
+        return None  # x + h F(x) is x, not zero, whatever F's parameters
+
     widen_refusal = ("x + h F(x) ties every tensor of the residual stream to one width; widening "
                      "would have to widen the whole stream, which is not supported")
 

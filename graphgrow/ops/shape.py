@@ -36,6 +36,7 @@ def _torch_dims(args: tuple, kwargs: dict, name: str) -> list[int]:
 
 
 class ShapeOp(OpDef):
+    maps_zero_to_zero = keeps_range = True
     widen_refusal = "it moves entries between dimensions, so units do not stay on one axis"
 
 

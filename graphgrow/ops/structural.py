@@ -27,6 +27,7 @@ class FlattenOp(OpDef):
     args = (Arg("start", integer, 1), Arg("end", integer, -1))
     # channel c becomes the block of features c*H*W ... (c+1)*H*W - 1 (with the default dims)
     passes_units_through = True
+    maps_zero_to_zero = keeps_range = True
 
     def _axes(self, args, shape):
         first, last = (sample_axis(args[k], len(shape), "flatten") for k in ("start", "end"))
@@ -101,6 +102,7 @@ class MultiplyOp(OpDef):
     doc = ("Elementwise product of two inputs whose shapes broadcast (squeeze-excitation gates, "
            "layer scale with a parameter node).")
     min_inputs = max_inputs = 2
+    maps_zero_to_zero = True  # zero where either input is
     imports_functions = (operator.mul, torch.mul)
 
     def args_from_call(self, args, kwargs):

@@ -92,6 +92,23 @@ def attention_reference(x, p, heads):
     return merged @ p["out_proj.weight"].T + p["out_proj.bias"]
 
 
+def causal_attention_reference(q, k, v):
+    """softmax(q k^T / sqrt(d)) v with the keys after each query masked out."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1)
+    weights = torch.exp(scores.masked_fill(future, -math.inf))
+    return weights / weights.sum(-1, keepdim=True) @ v
+
+
+def counted_attention_flops(in_shapes):
+    """torch's count of the two products of attention on one sample, written as matmuls (its
+    counter does not see inside the CPU kernel of F.scaled_dot_product_attention)."""
+    q, k, v = (torch.zeros(1, *s) for s in in_shapes)
+    with FlopCounterMode(display=False) as counter:
+        (q @ k.transpose(-1, -2)) @ v
+    return counter.get_total_flops()
+
+
 relu6 = lambda t: torch.where(t < 0, 0.0, torch.where(t > 6, 6.0, t))
 
 
@@ -206,6 +223,10 @@ CASES = [
     ("attention", ["{name: t, op: attention, heads: 2}"], (3, 4),
      lambda xs, p: attention_reference(xs[0], p, 2),
      lambda i, o: 4 * numel(o) + numel(o) + 5 * 2 * 3 * 3),
+    ("scaled_dot_product_attention_causal",
+     ["{name: q, op: scale, factor: 0.5}", "{name: t, op: scaled_dot_product_attention, inputs: [q, input, input], "
+      "causal: true}"], (2, 4, 3), lambda xs, p: causal_attention_reference(xs[0], xs[1], xs[2]),
+     lambda i, o: counted_attention_flops(i) + 6 * 2 * 4 * 4),
 ]
 CASE_IDS = [case[0] for case in CASES]
 
@@ -379,3 +400,51 @@ def test_shape_rule_errors(layer, shape, message):
         graph_from_text(text, "s.yaml")
     err = info.value
     assert message in err.message and err.node == "t" and err.file == "s.yaml" and err.line is not None
+
+
+NEW_OPS_NETWORK = """graphgrow: 1
+name: new_ops
+input: {shape: [2, 8, 8]}
+layers:
+  - {name: c, op: conv2d, out: 4, groups: 2}
+  - {name: mp, op: maxpool2d, kernel: 3, stride: 2, padding: 1}
+  - {name: mc, op: maxpool2d, kernel: 3, stride: 2, ceil_mode: true, inputs: c}
+  - {name: ap, op: avgpool2d, kernel: 3, stride: 2, padding: 1, inputs: c}
+  - {name: s, op: add, inputs: [mp, mc, ap]}
+  - {name: a1, op: silu}
+  - {name: a2, op: hardswish}
+  - {name: a3, op: relu6}
+  - {name: g, op: mean, dims: [2, 3], keepdim: true}
+  - {name: gate, op: hardsigmoid}
+  - {name: m, op: multiply, inputs: [a3, gate]}
+  - {name: sd, op: stochastic_depth, p: 0.2}
+  - {name: p, op: permute, dims: [0, 2, 3, 1]}
+  - {name: r, op: reshape, shape: [16, -1]}
+  - {name: ln, op: layernorm, dims: 1}
+  - {name: q, op: narrow, dim: 2, start: 0, length: 2}
+  - {name: k, op: narrow, dim: -1, start: 2, length: 2, inputs: ln}
+  - {name: att, op: scaled_dot_product_attention, inputs: [q, k, k]}
+  - {name: tokens, op: transpose, dim0: 1, dim1: 2}
+  - {name: wide, op: flatten, start: 2, inputs: [tokens]}
+  - {name: one, op: concat, inputs: [wide]}
+  - {name: cls, op: parameter, shape: [1, 16]}
+  - {name: clss, op: expand_batch, inputs: [cls, input]}
+  - {name: joined, op: concat, inputs: [clss, one]}
+  - {name: mha, op: attention, heads: 2}
+  - {name: first, op: select, dim: 1, index: 0}
+  - {name: t, op: linear, out: 3}
+"""
+
+
+def test_the_new_ops_export_in_both_formats(tmp_path):
+    """Every op added for the model families, in one network: torch.export and TorchScript
+    artifacts compute what the compiled module computes (eval mode)."""
+    from graphgrow.compiler.export import export, load_exported
+    graph = graph_from_text(NEW_OPS_NETWORK)
+    module = compile_graph(graph, seed=2, dtype=torch.float64).eval()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = module(x)
+        for fmt, suffix in (("export", "pt2"), ("torchscript", "pt")):
+            loaded = load_exported(export(module, graph, tmp_path / f"new_ops.{suffix}", fmt))
+            torch.testing.assert_close(loaded(x), expected, rtol=1e-12, atol=1e-12)

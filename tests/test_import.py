@@ -240,3 +240,27 @@ def test_a_replaced_shipped_op_from_an_entry_point_is_used_by_the_cli(tmp_path):
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["nodes"][0]["output_shape"] == [2, 5, 5]
+
+
+class HandWrittenAttention(nn.Module):
+    """Self-attention written with F.scaled_dot_product_attention (the functional form)."""
+
+    def __init__(self, width=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        split = lambda t: t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def test_functional_attention_imports():
+    torch.manual_seed(0)
+    model = HandWrittenAttention()
+    network = import_module(model, (5, 8))
+    assert "scaled_dot_product_attention" in [n.op for n in network.graph.nodes]
+    _assert_same(model, network, (5, 8))

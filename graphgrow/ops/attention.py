@@ -1,5 +1,6 @@
 """Transformer ops: named free parameters (class token, position embedding, layer scale),
-expand_batch, and multi-head self-attention (nn.MultiheadAttention).
+expand_batch, multi-head self-attention (nn.MultiheadAttention) and its functional form
+(F.scaled_dot_product_attention).
 
 A ``parameter`` node has no input; its value is a batch of one, (1, *shape), so ``add`` and
 ``multiply`` broadcast it over the batch; ``expand_batch`` repeats it (without a copy) to the
@@ -11,9 +12,10 @@ import operator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import GraphgrowError
-from .base import Arg, OpDef, boolean, numel, positive_int, probability, register_op, require
+from .base import Arg, OpDef, boolean, number, numel, positive_int, probability, register_op, require
 from .shape import int_list
 
 
@@ -131,5 +133,44 @@ class AttentionOp(OpDef):
         return inputs[:1]
 
 
-for _op in (ParameterOp, ExpandBatchOp, AttentionOp):
+def _optional_number(value):
+    return None if value is None else number(value)
+
+
+class ScaledDotProductAttentionOp(OpDef):
+    name = "scaled_dot_product_attention"
+    doc = ("softmax(q k^T * scale) v on inputs q (..., N, d), k (..., M, d), v (..., M, dv), as "
+           "F.scaled_dot_product_attention: the functional form of attention (heads as a leading "
+           "dimension); scale defaults to 1/sqrt(d).")
+    args = (Arg("causal", boolean, False, doc="mask the keys after each query"),
+            Arg("scale", _optional_number, None))
+    min_inputs = max_inputs = 3
+    imports_functions = (F.scaled_dot_product_attention,)
+
+    def output_shape(self, args, in_shapes):
+        q, k, v = in_shapes
+        if (len(q) < 2 or not len(q) == len(k) == len(v) or q[:-2] != k[:-2] or k[:-2] != v[:-2]
+                or q[-1] != k[-1] or k[-2] != v[-2]):
+            raise GraphgrowError(f"attention needs q (..., N, d), k (..., M, d), v (..., M, dv), got "
+                                 f"{', '.join(str(list(s)) for s in in_shapes)}")
+        return q[:-1] + (v[-1],)
+
+    def flops(self, args, in_shapes, out_shape):
+        """The two products with the N x M weights as multiply-adds, the scaling and a softmax of
+        5 per weight."""
+        q, k, v = in_shapes
+        weights = numel(q[:-1]) * k[-2]
+        return 2 * weights * q[-1] + 2 * weights * v[-1] + weights + 5 * weights
+
+    def args_from_call(self, args, kwargs):
+        given = {**dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), args)), **kwargs}
+        require(given.get("attn_mask") is None and not given.get("dropout_p") and not given.get("enable_gqa"),
+                "attention with a mask, dropout or grouped queries")
+        return {"causal": bool(given.get("is_causal", False)), "scale": given.get("scale")}
+
+    def function(self, args):
+        return F.scaled_dot_product_attention, {"is_causal": args["causal"], "scale": args["scale"]}
+
+
+for _op in (ParameterOp, ExpandBatchOp, AttentionOp, ScaledDotProductAttentionOp):
     register_op(_op)

@@ -268,6 +268,10 @@ class OpDef:
         when no parameters do. By default all roles of an op with parameters."""
         return tuple(self.param_shapes(args, in_shapes)) or None
 
+    def widens(self, args: dict) -> bool:
+        """Whether ``width_arg`` can grow (and the op take more input units) for these arguments."""
+        return self.width_arg is not None
+
     def widen_roles(self, args: dict) -> dict[str, tuple[int | None, int | None]]:
         """Per parameter role of a widenable op: (axis of its output units, axis of its input
         units), None where the role has no such axis."""

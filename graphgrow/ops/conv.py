@@ -91,6 +91,9 @@ class Conv2dOp(OpDef):
 
     width_arg = "out"
 
+    def widens(self, args):
+        return args["groups"] == 1  # a grouped convolution ties its units to groups of the input
+
     def widen_roles(self, args):
         return {"weight": (0, 1), "bias": (0, None)}
 

@@ -110,7 +110,7 @@ def _holds_fixed_points(graph: LayerGraph, name: str, activation: str) -> bool:
     return node.opdef.keeps_range and all(_holds_fixed_points(graph, i, activation) for i in node.inputs)
 
 
-def _last_layer(graph: LayerGraph, name: str, inside: set[str]) -> tuple[str, tuple[str, ...]] | None:
+def last_layer(graph: LayerGraph, name: str, inside: set[str]) -> tuple[str, tuple[str, ...]] | None:
     """(node, roles) whose roles set to zero make the block node ``name`` zero: the last layer
     with parameters, reached back through ops that map zero to zero."""
     node = graph.node(name)
@@ -119,7 +119,7 @@ def _last_layer(graph: LayerGraph, name: str, inside: set[str]) -> tuple[str, tu
         return name, roles
     if not node.opdef.maps_zero_to_zero:
         return None
-    return next(filter(None, (_last_layer(graph, i, inside) for i in node.inputs if i in inside)), None)
+    return next(filter(None, (last_layer(graph, i, inside) for i in node.inputs if i in inside)), None)
 
 
 def _block_named(graph: LayerGraph, name: str) -> Block:
@@ -173,7 +173,7 @@ def insert_block(network: Network, block: str, after: str | None = None, seed: i
     if graph.node(copies[-1].name).out_shape != tuple(shape):
         raise fail(f"the copy gives shape {list(graph.node(copies[-1].name).out_shape)}, not {list(shape)}")
     branch_end = template.branch[-1]
-    last = _last_layer(graph, renamed[branch_end], {c.name for c in copies})
+    last = last_layer(graph, renamed[branch_end], {c.name for c in copies})
     if last is None:
         raise fail("its branch does not end in a layer whose parameters can make it zero")
     values, record = _copied_values(network, graph, template, copies, prefix, seed), Record("insert-block")

@@ -109,3 +109,41 @@ def test_insert_block_runs_as_a_pipeline_step():
     network = Network.build(load_graph(SPECS_DIR / "resnet_small.yaml"), seed=0, dtype=torch.float64)
     grown, records = Pipeline.parse("insert-block{block=s2_2}").run(network)
     assert len(grown.graph) == len(network.graph) + 7
+
+
+@pytest.mark.parametrize("restriction", ["half-transpose", "injection"])
+def test_depth_hierarchy_on_an_imported_resnet(restriction):
+    from passes import build_hierarchy
+    from passes.hierarchy import block_stages
+    torch.manual_seed(0)
+    network = import_module(FAMILIES["resnet_basic"][0]().double(), (3, 32, 32))
+    stages = [[b.output for b in stage] for stage in block_stages(network.graph) if len(stage) > 1]
+    assert stages == [["layer1_0_relu_1", "layer1_1_relu_1"]]
+    fine, coarse = build_hierarchy(network, "depth", levels=2, restriction=restriction)
+    transfer = coarse.transfer
+    assert len(coarse.network.graph) == len(network.graph) - 7
+    fine_state = network.state()
+    coarse_state = transfer.coarse.state()
+    # the kept block's branch is doubled through its last layer (bn2): 2 R of the fine pair
+    pair = [fine_state[f"layer1_{k}_bn2.weight"] for k in (0, 1)]
+    doubled = pair[0] + pair[1] if restriction == "half-transpose" else 2 * pair[0]
+    torch.testing.assert_close(coarse_state["layer1_0_bn2.weight"], doubled, rtol=0, atol=1e-15)
+    torch.testing.assert_close(coarse_state["layer1_0_conv1.weight"], fine_state["layer1_0_conv1.weight"] if
+                               restriction == "injection" else (fine_state["layer1_0_conv1.weight"]
+                                                                + fine_state["layer1_1_conv1.weight"]) / 2)
+    # R P = I: prolonging the coarse parameters and restricting them back changes nothing
+    again = transfer.restrict(transfer.prolong(dict(coarse_state)))
+    assert set(again) == set(coarse_state)
+    assert all(torch.equal(again[k], coarse_state[k]) for k in coarse_state)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    rebuilt = Network.build(coarse.network.graph, again, dtype=torch.float64)
+    coarse.network.module.eval(), rebuilt.module.eval()
+    assert torch.equal(rebuilt.module(x), coarse.network.module(x))
+
+
+def test_the_shipped_resnet_coarsens_its_first_stage():
+    from passes import build_hierarchy
+    network = Network.build(load_graph(SPECS_DIR / "resnet_small.yaml"), seed=0, dtype=torch.float64)
+    levels = build_hierarchy(network, "depth", levels=2)
+    coarse = [b.output for b in find_blocks(levels[1].network.graph)]
+    assert coarse == ["s1_1", "s2_1", "s2_2", "s3_1", "s3_2"]

@@ -264,3 +264,32 @@ def test_functional_attention_imports():
     network = import_module(model, (5, 8))
     assert "scaled_dot_product_attention" in [n.op for n in network.graph.nodes]
     _assert_same(model, network, (5, 8))
+
+
+def test_functional_calls_with_the_module_s_own_parameters_adopt_them():
+    class OwnWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
+            self.gain, self.shift = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            x = F.linear(x, self.weight, self.bias)
+            return F.layer_norm(x, (4,), self.gain, self.shift, 1e-3)
+
+    model = OwnWeights()
+    network = import_module(model, (3,))
+    linear, norm = network.graph.nodes
+    assert (linear.op, linear.args) == ("linear", {"out": 4, "bias": True})
+    assert (norm.op, norm.args) == ("layernorm", {"eps": 1e-3, "dims": 1})
+    assert torch.equal(network.state()[f"{norm.name}.weight"], model.gain.detach())
+    _assert_same(model, network, (3,))
+
+
+def test_a_functional_layer_norm_without_weights_is_refused():
+    class Bare(nn.Module):
+        def forward(self, x):
+            return F.layer_norm(x, (3,))
+
+    with pytest.raises(GraphgrowError, match="without weight and bias"):
+        import_module(Bare(), (3,))

@@ -64,3 +64,15 @@ def test_yaml_round_trip_and_exports(imported, tmp_path):
         loaded = load_exported(path)
         with torch.no_grad():
             assert relative_error(loaded(x), expected) <= 1e-12, (name, fmt)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "vit"])
+def test_float32_import_keeps_the_dtype_and_the_function(name):
+    make, shape = FAMILIES[name]
+    torch.manual_seed(0)
+    model = make()
+    network = import_module(model, shape)
+    x = torch.randn(BATCH, *shape, generator=torch.Generator().manual_seed(1))
+    got, expected = _run(network.module, x, "eval"), _run(model, x, "eval")
+    assert got.dtype == torch.float32 and all(p.dtype == torch.float32 for p in network.module.parameters())
+    assert relative_error(got, expected) <= 1e-6

@@ -381,9 +381,18 @@ class Permute(nn.Module):
         return torch.permute(x, self.dims)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an image: channels last, F.layer_norm with the module's
+    own weights, channels first again."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
 def layer_norm_2d(channels):
-    """LayerNorm over the channels of an image (channels last, then back)."""
-    return nn.Sequential(Permute([0, 2, 3, 1]), nn.LayerNorm(channels, eps=1e-6), Permute([0, 3, 1, 2]))
+    return LayerNorm2d(channels, eps=1e-6)
 
 
 class CNBlock(nn.Module):

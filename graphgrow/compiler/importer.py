@@ -270,14 +270,17 @@ class _Importer:
         refusals = []
         for op in candidates:
             try:
-                inputs = op.inputs_from_call(tensors, kwargs)
+                plain = {k: v for k, v in kwargs.items() if not isinstance(v, fx.Node)}
+                adopted = self.adopted(op, tensors, kwargs) if module is None and op.adopted_roles else {}
+                inputs = op.inputs_from_call(tensors[:1] if adopted else tensors, kwargs)
                 rank = len(out_shape) if out_shape is not None else None
                 in_shapes = [self.shape(t) if t in self.renamed or t.op != "get_attr" else None for t in inputs]
                 if module is not None:
                     op_args = op.args_from_module(module)
+                elif adopted:
+                    op_args = op.args_from_parameters(adopted, others, plain)
                 else:
-                    op_args = op.args_from_traced(others, {k: v for k, v in kwargs.items()
-                                                           if not isinstance(v, fx.Node)}, in_shapes, out_shape)
+                    op_args = op.args_from_traced(others, plain, in_shapes, out_shape)
                 op_args = op.check_args(op_args)
                 names = [self.value(t, rank) for t in inputs]
                 shapes = [self.graph.shape_of(n) if n in self.graph or n == INPUT else None for n in names]
@@ -290,10 +293,17 @@ class _Importer:
             self.add(fx_node, op, op_args, names)
             if module is not None:
                 self.state.update({f"{self.renamed[fx_node]}.{k}": v for k, v in module.state_dict().items()})
+            self.state.update({f"{self.renamed[fx_node]}.{role}": t.detach().clone() for role, t in adopted.items()})
             if out_shape is None:
                 self.tuples[fx_node] = (self.renamed.pop(fx_node), op.tuple_output)
             return
         raise GraphgrowError("; ".join(refusals) if len(refusals) > 1 else refusals[0].split(": ", 1)[1])
+
+    def adopted(self, op: OpDef, tensors: list[fx.Node], kwargs: dict) -> dict[str, torch.Tensor]:
+        """The module tensors a functional call passes as the op's parameters, by role."""
+        given = [*tensors[1:], *(kwargs[r] for r in op.adopted_roles if isinstance(kwargs.get(r), fx.Node))]
+        require(all(t.op == "get_attr" for t in given), "parameters computed by the traced code")
+        return {role: operator.attrgetter(t.target)(self.traced) for role, t in zip(op.adopted_roles, given)}
 
     def shape_in_tuple(self, fx_node: fx.Node, op: OpDef) -> Shape:
         require(op.tuple_output is not None, f"'{op.name}' gives one tensor, the module a tuple")

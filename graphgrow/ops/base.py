@@ -228,6 +228,15 @@ class OpDef:
         ops derive theirs from the shapes); by default ``args_from_call``."""
         return self.args_from_call(args, kwargs)
 
+    #: the roles of the tensor arguments after the input of a functional call that passes the
+    #: op's parameters (F.linear(x, self.weight, self.bias)): the importer adopts them
+    adopted_roles: tuple[str, ...] = ()
+
+    def args_from_parameters(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Op arguments of a functional call given its parameters by role (``adopted_roles``)
+        and its other arguments."""
+        raise GraphgrowError(f"op '{self.name}' does not adopt parameters")
+
     def inputs_from_call(self, inputs: list, kwargs: dict) -> list:
         """The op's inputs among the tensor arguments of a traced call (``kwargs``: its keyword
         arguments); a GraphgrowError for a call the op cannot express."""

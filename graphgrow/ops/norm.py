@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import GraphgrowError
 from .base import Arg, OpDef, int_or, number, numel, probability, register_op, require
@@ -74,10 +75,20 @@ class LayerNormOp(OpDef):
         return 5 * numel(out_shape)
 
     imports_modules = (nn.LayerNorm,)
+    imports_functions = (F.layer_norm,)
+    adopted_roles = ("weight", "bias")
 
     def args_from_module(self, module):
         require(module.elementwise_affine and module.bias is not None, "layernorm without affine parameters")
         return {"eps": module.eps, "dims": len(module.normalized_shape)}
+
+    def args_from_call(self, args, kwargs):
+        require(False, "F.layer_norm without weight and bias tensors of the module")
+
+    def args_from_parameters(self, params, args, kwargs):
+        require(set(params) == {"weight", "bias"}, "layer norm without weight and bias")
+        eps = kwargs.get("eps", args[-1] if len(args) > 1 else 1e-5)
+        return {"eps": eps, "dims": params["weight"].dim()}
 
     def build_module(self, args, in_shapes):
         return nn.LayerNorm(list(self._normalized(args, in_shapes[0])), eps=args["eps"])

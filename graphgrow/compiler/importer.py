@@ -8,124 +8,22 @@ passes which work on residual streams (insertion, depth hierarchies) apply to im
 from __future__ import annotations
 
 import operator
-import sys
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import fx, nn
 
 from .network import Network
+from .tracing import (PROBE_BATCH, TracedShape, Tracer, claimants, evaluated, is_tensor_value, module_path,
+                      observe, tensor_args)
 from ..errors import GraphgrowError
 from ..ir import INPUT, LayerGraph, Node
 from ..ops.base import OpDef, Shape, get_op, registered_ops, require
 from ..ops.structural import sample_axis
 
-_TORCH_DIR = str(Path(torch.__file__).parent)
 #: tensor methods that return their input's values unchanged (for graphgrow's value semantics)
 _ALIASES = ("contiguous",)
 #: calls that return their input's pieces as a tuple: (dim argument position, default dim)
 _SPLITS = {"chunk": 2, "split": 2, torch.chunk: 2, torch.split: 2}
-
-
-class _Tracer(fx.Tracer):
-    """Keeps modules that an op imports whole (graphgrow's Residual, a user's registered
-    module types) like torch.nn's modules, and records where each call was written (fx's own
-    ``record_stack_traces`` would import torch's compiler stack, seconds per process)."""
-
-    def create_node(self, *args, **kwargs):
-        node = super().create_node(*args, **kwargs)
-        frame = sys._getframe(1)
-        while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR)
-                                     or frame.f_code.co_filename == __file__):
-            frame = frame.f_back
-        node.meta["user_frame"] = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else (None, None)
-        return node
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        claimed = any(type(module) in op.imports_modules for op in registered_ops().values())
-        return claimed or super().is_leaf_module(module, qualified_name)
-
-
-def _claimants(fx_node: fx.Node, module: nn.Module | None) -> list[OpDef]:
-    """The ops that claim a traced call, the latest registered first (a user's op wins)."""
-    ops = list(registered_ops().values())[::-1]
-    if module is not None:
-        return [op for op in ops if type(module) in op.imports_modules]
-    if fx_node.op == "call_method":
-        return [op for op in ops if fx_node.target in op.imports_methods]
-    return [op for op in ops if any(fx_node.target is fn for fn in op.imports_functions)]
-
-
-def _module_path(fx_node: fx.Node) -> str:
-    """The dotted path of the module whose forward made this call ('' for the top module)."""
-    if fx_node.op == "call_module":
-        return str(fx_node.target)
-    stack = fx_node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else ""
-
-
-def _observe(traced: fx.GraphModule, module: nn.Module, input_shape) -> dict[fx.Node, Any]:
-    """What every traced node computes on a probe batch (eval mode, no gradients): shapes for
-    tensors (and tuples of them), the values of other things (shape arithmetic)."""
-    dtype = next((p.dtype for p in module.parameters()), torch.float32)
-    probe = torch.randn((_PROBE_BATCH, *input_shape), generator=torch.Generator().manual_seed(0), dtype=dtype)
-    seen: dict[fx.Node, Any] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            value = super().run_node(n)
-            seen[n] = _shapes(value)
-            return value
-
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            Recorder(traced).run(probe)
-    except Exception as err:  # whatever the user's code raises on the probe batch
-        raise GraphgrowError(f"the module fails on a probe batch of shape {list(probe.shape)}: "
-                             f"{type(err).__name__}: {err}", hint="is input_shape the per-sample shape?") from None
-    finally:
-        module.train(was_training)
-    return seen
-
-
-class _Shape(tuple):
-    """The shape of a tensor a traced node computed (batch dimension first)."""
-
-
-def _shapes(value):
-    if isinstance(value, torch.Tensor):
-        return _Shape(value.shape)
-    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-        return tuple(_shapes(v) for v in value)
-    return value
-
-
-_PROBE_BATCH = 2
-
-
-def _evaluated(arg, seen):
-    """A call argument with traced non-tensor values (x.size(0), h * w) replaced by their values."""
-    return fx.node.map_arg(arg, lambda n: n if _is_tensorish(seen.get(n)) else seen.get(n))
-
-
-def _tensor_args(args) -> tuple[list[fx.Node], tuple]:
-    """Tensor inputs (fx nodes, also inside a list as for torch.cat) and the other arguments."""
-    tensors, others = [], []
-    for arg in args:
-        if isinstance(arg, fx.Node):
-            tensors.append(arg)
-        elif isinstance(arg, (list, tuple)) and arg and all(isinstance(a, fx.Node) for a in arg):
-            tensors.extend(arg)
-        else:
-            others.append(arg)
-    return tensors, tuple(others)
-
-
-def _is_tensorish(value) -> bool:
-    return isinstance(value, _Shape) or (isinstance(value, tuple) and any(isinstance(v, _Shape) for v in value))
 
 
 class _Importer:
@@ -145,7 +43,7 @@ class _Importer:
     def shape(self, fx_node) -> Shape:
         """The per-sample shape of a traced tensor; the batch dimension must stay first."""
         shape = self.seen[fx_node]
-        if not shape or shape[0] != _PROBE_BATCH:
+        if not shape or shape[0] != PROBE_BATCH:
             raise GraphgrowError(f"computes a tensor of shape {list(shape)} whose first dimension is not "
                                  "the batch", hint="graphgrow keeps the batch dimension first; permute it back")
         return tuple(shape[1:])
@@ -155,13 +53,13 @@ class _Importer:
             if fx_node.op in ("placeholder", "output"):
                 self.boundary(fx_node)
                 continue
-            if not _is_tensorish(self.seen.get(fx_node)) or fx_node.op == "get_attr":
+            if not is_tensor_value(self.seen.get(fx_node)) or fx_node.op == "get_attr":
                 continue  # shape arithmetic and constants: their values go into the calls that use them
-            inputs = [n for n in fx_node.all_input_nodes if _is_tensorish(self.seen.get(n))]
+            inputs = [n for n in fx_node.all_input_nodes if is_tensor_value(self.seen.get(n))]
             if any(n in self.failed for n in inputs):
                 # its inputs are missing, so only whether any op claims the call can be checked
                 self.failed.add(fx_node)
-                if not self.special(fx_node) and not _claimants(fx_node, self.submodule(fx_node)):
+                if not self.special(fx_node) and not claimants(fx_node, self.submodule(fx_node)):
                     self.problems.append(self.located(fx_node, GraphgrowError("is not supported")))
                 continue
             try:
@@ -172,7 +70,7 @@ class _Importer:
 
     def located(self, fx_node: fx.Node, err: GraphgrowError) -> GraphgrowError:
         file, line = fx_node.meta.get("user_frame", (None, None))
-        path = _module_path(fx_node)
+        path = module_path(fx_node)
         if fx_node.op == "call_module":
             what = f"module '{path}' ({type(self.module.get_submodule(path)).__name__})"
             kind = "imports_modules"
@@ -195,7 +93,7 @@ class _Importer:
             return
         results = fx_node.args[0]
         results = list(results) if isinstance(results, (tuple, list)) else [results]
-        if not all(isinstance(r, fx.Node) and _is_tensorish(self.seen.get(r)) for r in results):
+        if not all(isinstance(r, fx.Node) and is_tensor_value(self.seen.get(r)) for r in results):
             raise GraphgrowError("the module returns something other than tensors", file=self.graph.source)
         if not any(r in self.failed for r in results):
             self.graph.outputs = [self.value(r) for r in results]
@@ -240,8 +138,8 @@ class _Importer:
                 or fx_node.op == "call_method" and fx_node.target == "expand" and fx_node.args[0].op == "get_attr")
 
     def visit(self, fx_node: fx.Node) -> None:
-        args = _evaluated(fx_node.args, self.seen)
-        kwargs = dict(_evaluated(fx_node.kwargs, self.seen))
+        args = evaluated(fx_node.args, self.seen)
+        kwargs = dict(evaluated(fx_node.kwargs, self.seen))
         target = fx_node.target
         if target is operator.getitem and fx_node.args[0] in self.pieces | self.tuples:
             self.renamed[fx_node] = self.tuple_item(fx_node, args[1])
@@ -261,10 +159,10 @@ class _Importer:
             self.add(fx_node, op, {}, [self.value(fx_node.args[0], len(out)), INPUT])
             return
         module = self.submodule(fx_node)
-        tensors, others = _tensor_args(args)
+        tensors, others = tensor_args(args)
         value = self.seen[fx_node]
-        out_shape = self.shape(fx_node) if isinstance(value, _Shape) else None
-        candidates = _claimants(fx_node, module)
+        out_shape = self.shape(fx_node) if isinstance(value, TracedShape) else None
+        candidates = claimants(fx_node, module)
         if not candidates:
             raise GraphgrowError("is not supported")
         refusals = []
@@ -308,7 +206,7 @@ class _Importer:
     def shape_in_tuple(self, fx_node: fx.Node, op: OpDef) -> Shape:
         require(op.tuple_output is not None, f"'{op.name}' gives one tensor, the module a tuple")
         shape = self.seen[fx_node][op.tuple_output]
-        require(shape[0] == _PROBE_BATCH, "a result whose first dimension is not the batch")
+        require(shape[0] == PROBE_BATCH, "a result whose first dimension is not the batch")
         return tuple(shape[1:])
 
     def tuple_item(self, fx_node: fx.Node, index) -> str:
@@ -330,7 +228,7 @@ class _Importer:
         name = _node_name(self.graph, fx_node.name, op)
         self.graph.add(Node(name, op.name, args, inputs))
         value = self.seen[fx_node]
-        self.graph.node(name).out_shape = self.shape(fx_node) if isinstance(value, _Shape) else \
+        self.graph.node(name).out_shape = self.shape(fx_node) if isinstance(value, TracedShape) else \
             self.shape_in_tuple(fx_node, op)
         self.renamed[fx_node] = name
 
@@ -347,14 +245,14 @@ def import_module(module: nn.Module, input_shape, *, name: str = "imported",
     """
     where = type(module).__name__
     try:
-        traced = fx.GraphModule(module, _Tracer().trace(module))
+        traced = fx.GraphModule(module, Tracer().trace(module))
     except Exception as err:  # fx raises many types for untraceable code
         raise GraphgrowError(f"cannot trace module {where}: {err}", file=f"<module {where}>",
                              hint="only modules built from supported ops (Sequential, residual "
                                   "x + f(x), linear, conv2d, activations, ...) can be imported") from None
     traced.graph.eliminate_dead_code()
     graph = LayerGraph(name, tuple(input_shape), source=f"<module {where}>")
-    importer = _Importer(module, traced, graph, _observe(traced, module, input_shape))
+    importer = _Importer(module, traced, graph, observe(traced, module, input_shape))
     importer.run()
     if importer.problems:
         first = importer.problems[0]

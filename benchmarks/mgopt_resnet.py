@@ -121,10 +121,16 @@ def main() -> None:
         print(f"| {row['contender']} | {row['final_train_loss']:.4f} | {row['final_test_error']:.4f} | {row['train_time']:.1f} | "
               f"{row['work']:.0f} | {ratio} {row['ratios']} | {row['reached']}/{args.seeds} |")
     (REPORT / "resnet_results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    plot_medians(runs, f"ResNet {args.blocks} blocks x width {args.width}, MNIST 8k, depth hierarchy", "resnet")
+
+
+def plot_medians(runs: dict[str, list[list[dict]]], title: str, prefix: str) -> None:
+    """Training loss (median and IQR over seeds) against wall time and against work units:
+    REPORT/<prefix>_loss_vs_time.png and _work.png."""
     for x_key, label in (("train_time", "training wall time [s]"), ("work", "work units (fine gradient evaluations)")):
         figure, axis = plt.subplots(figsize=(7.5, 4.5))
         for index, (name, seed_runs) in enumerate(runs.items()):
-            end = max(r[-1][x_key] for r in seed_runs)
+            end = max(r[-1][x_key] for r in seed_runs)  # past the shortest seed: a median of fewer seeds
             grid = np.linspace(0, end, 100)
             stacked = np.stack([np.interp(grid, [e[x_key] for e in r], [e["train_loss"] for e in r], right=np.nan)
                                 for r in seed_runs])
@@ -134,13 +140,12 @@ def main() -> None:
         axis.set_yscale("log")
         axis.set_xlabel(label)
         axis.set_ylabel("training loss (median, IQR over seeds)")
-        axis.set_title(f"ResNet {args.blocks} blocks x width {args.width}, MNIST 8k, depth hierarchy")
+        axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
         figure.tight_layout()
-        figure.savefig(REPORT / f"resnet_loss_vs_{'time' if x_key == 'train_time' else 'work'}.png", dpi=110)
+        figure.savefig(REPORT / f"{prefix}_loss_vs_{'time' if x_key == 'train_time' else 'work'}.png", dpi=110)
         plt.close(figure)
-
 
 if __name__ == "__main__":
     main()

@@ -8,13 +8,17 @@ from typing import Iterable
 class GraphgrowError(Exception):
     """A user-caused error: bad spec, unknown op, impossible pass, wrong data path.
 
-    Carries where it happened (file, line, column, node) and a hint. ``str(err)`` is the
-    one-line form the CLI prints: ``path:line:col: error: message [node 'x'] (hint: ...)``.
+    Carries where it happened (file, line, column, node), or the ``option`` (argument of the
+    Python API, e.g. ``insert_at``; the CLI shows it as ``--insert-at``) that was wrong, and a
+    hint. ``str(err)`` is the one-line form the CLI prints:
+    ``path:line:col: error: message [node 'x'] (hint: ...)`` or ``option: error: ...``.
     """
 
     def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 column: int | None = None, node: str | None = None, hint: str | None = None):
+                 column: int | None = None, node: str | None = None, hint: str | None = None,
+                 option: str | None = None):
         self.message = message
+        self.option = option
         self.file = file
         self.line = line
         self.column = column
@@ -23,7 +27,7 @@ class GraphgrowError(Exception):
         super().__init__(self.format())
 
     def format(self) -> str:
-        where = self.file or "<spec>"
+        where = self.file or self.option or "<spec>"
         if self.line is not None:
             where += f":{self.line}"
             if self.column is not None:

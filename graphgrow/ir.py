@@ -16,7 +16,7 @@ from . import ops as _builtin_ops  # noqa: F401  (registers the built-in ops)
 from .errors import GraphgrowError, did_you_mean
 from .init import normalize_init
 from .ops.base import OpDef, Shape, get_op
-from .spec import NODE_KEYS, LayerEntry, Loc, SpecDocument, read_spec, read_spec_file
+from .spec import IDENTIFIER_HINT, NODE_KEYS, LayerEntry, Loc, SpecDocument, is_identifier, read_spec, read_spec_file
 
 INPUT = "input"
 # Node names become attributes of the compiled GraphModule, so they must not shadow its class
@@ -56,9 +56,8 @@ class Node:
 
 
 def check_name(name: Any, loc: Loc) -> str:
-    if not isinstance(name, str) or not name.isidentifier():
-        raise loc.error(f"invalid node name {name!r}",
-                        hint="names are identifiers: letters, digits and _, not starting with a digit")
+    if not is_identifier(name):
+        raise loc.error(f"invalid node name {name!r}", hint=IDENTIFIER_HINT)
     if name in _RESERVED:
         raise loc.error(f"node name '{name}' is reserved", node=name, hint=f"rename it, e.g. '{name}_1'")
     return name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import gc
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ FORMAT_VERSION = 1
 MAX_REPEAT = 100_000
 # nested repeats multiply; this bounds the whole expansion (each layer and each repeat step counts)
 MAX_EXPANSION = 2 * MAX_REPEAT
+# YAML aliases share one value among many places and repeat blocks copy their layers, so a
+# small file can stand for a huge one (an "alias bomb"); this bounds the values (scalars,
+# lists, mappings) the spec stands for, counted with every alias and repeat expanded
+MAX_VALUES = 2_000_000
 # YAML forbids '{' and '}' in plain scalars inside flow mappings, yet `{out: ${width}}` is the
 # natural way to write a layer. Before parsing, the braces of each template are swapped for two
 # private-use characters (same length, so reported columns stay right) that TEMPLATE matches.
@@ -67,6 +72,17 @@ class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
             raise _loc(self, node.start_mark).error(
                 f"cannot read this value as {node.tag.rsplit(':', 1)[-1]}: {str(err)[:80]}",
                 hint="remove the explicit tag (!!...)") from None
+
+
+def is_identifier(text: Any) -> bool:
+    """The one rule for names in a spec (nodes, the network, variables, repeat indices): ASCII
+    identifiers. Python normalises non-ASCII identifiers (NFKC: fullwidth 'ＡＢ' is 'AB'), so two
+    names that differ in a spec could become one attribute of the compiled module, and
+    TorchScript rejects non-ASCII names."""
+    return isinstance(text, str) and text.isascii() and text.isidentifier()
+
+
+IDENTIFIER_HINT = "names are ASCII identifiers: letters a-z, A-Z, digits and _, not starting with a digit"
 
 
 def _loc(loader, mark) -> Loc:
@@ -135,7 +151,9 @@ def parse_yaml(text: str, file: str | None = None) -> Any:
         # the reader checks the characters already in the constructor (ReaderError)
         loader = _SpecLoader(_SOURCE_TEMPLATE.sub(lambda m: f"${_OPEN}{m.group(1)}{_CLOSE}", text))
         loader.spec_file = file
-        return loader.get_single_data()
+        document = loader.get_single_data()
+        check_expanded_size(document, Loc(file, 1, 1))
+        return document
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         loc = Loc(file, mark.line + 1, mark.column + 1) if mark else Loc(file)
@@ -155,14 +173,45 @@ def parse_yaml(text: str, file: str | None = None) -> Any:
             loader.dispose()
 
 
+def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
+    """Values ``value`` stands for with aliases expanded; ``sizes`` memoises shared values, so
+    this takes time linear in the YAML text, not in the expansion."""
+    key = id(value)
+    if key not in sizes:
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        sizes[key] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[key]
+
+
+def check_expanded_size(value: Any, loc: Loc, budget: int = MAX_VALUES, sizes: dict | None = None) -> int:
+    """The expanded size of ``value``; an error at the innermost value that alone exceeds
+    ``budget`` when the whole does."""
+    sizes = {} if sizes is None else sizes
+    size = _expanded_size(value, sizes)
+    if size <= budget:
+        return size
+    while True:  # descend to the value that is too large, to point at it
+        items = (list(zip(value.values(), (value.value_locs.get(k, loc) for k in value))) if isinstance(value, LocMap)
+                 else list(zip(value, value.item_locs)) if isinstance(value, LocList) else [])
+        larger = next(((child, child_loc) for child, child_loc in items if sizes[id(child)] > budget), None)
+        if larger is None:
+            break
+        value, loc = larger
+    raise loc.error(f"this value expands to {sizes[id(value)]:,} values, more than the {budget:,} a spec may hold",
+                    hint="YAML aliases (*name) and repeat blocks multiply what they copy; write the value out")
+
+
 # -- ${} expressions --------------------------------------------------------------------------
+# `/` is true division (always a float: `${1/256}` for a step size h), `//` floor division
+# (an integer for integer operands: `${width // 2}` for a layer width)
 _BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
-           ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
-_EXPRESSION_HINT = "expressions may use numbers, variables, + - * // and parentheses"
+           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b}
+_EXPRESSION_HINT = "expressions may use numbers, variables, + - * / // and parentheses"
 
 
 def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
-    """Evaluate a ${} expression with integers, floats, variables, + - * // and parentheses."""
+    """Evaluate a ${} expression with integers, floats, variables, + - * / // and parentheses
+    (``/`` gives a float, ``//`` an integer when both operands are integers)."""
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -171,7 +220,7 @@ def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
     def number(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise loc.error(f"arithmetic on {value!r}, which is not a number, in '${{{expression}}}'",
-                            hint="only numeric variables can take part in + - * //")
+                            hint="only numeric variables can take part in + - * / //")
         return value
 
     def walk(node):
@@ -187,19 +236,20 @@ def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
             return env[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
             left, right = number(walk(node.left)), number(walk(node.right))
-            if isinstance(node.op, ast.FloorDiv) and right == 0:
+            if isinstance(node.op, (ast.Div, ast.FloorDiv)) and right == 0:
                 raise loc.error(f"division by zero in '${{{expression}}}'")
             if isinstance(node.op, ast.Mult) and max(abs(left), abs(right)) > 1e12:
                 raise loc.error(f"number too large in '${{{expression}}}'")
             try:
-                return _BINARY[type(node.op)](left, right)
+                result = _BINARY[type(node.op)](left, right)
             except OverflowError:  # a huge integer literal meeting a float
                 raise loc.error(f"number too large in '${{{expression}}}'") from None
+            if isinstance(result, float) and not math.isfinite(result):  # 1e300 / 1e-300
+                raise loc.error(f"number too large in '${{{expression}}}'")
+            return result
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             value = number(walk(node.operand))
             return -value if isinstance(node.op, ast.USub) else value
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
-            raise loc.error(f"'/' is not allowed in '${{{expression}}}'", hint="use // for integer division")
         raise loc.error(f"bad expression '${{{expression}}}'", hint=_EXPRESSION_HINT)
 
     try:
@@ -279,11 +329,16 @@ def _shape(value, loc: Loc) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _spend(budget: list[int], loc: Loc) -> None:
+def _spend(budget: list[int], loc: Loc, values: int = 1) -> None:
+    """``budget`` holds the layers and repeat steps left and the values left (MAX_VALUES)."""
     budget[0] -= 1
+    budget[1] -= values
     if budget[0] < 0:
         raise loc.error(f"the spec expands to more than {MAX_EXPANSION} layers and repeat steps",
                         hint="nested repeat counts multiply; lower them")
+    if budget[1] < 0:
+        raise loc.error(f"the spec expands to more than {MAX_VALUES:,} values",
+                        hint="repeat blocks copy their layers; lower the repeat counts or the layers' arguments")
 
 
 def _expand_block(item: LocMap, env: dict, out: list[LayerEntry], depth: int, budget: list[int],
@@ -300,9 +355,9 @@ def _expand_block(item: LocMap, env: dict, out: list[LayerEntry], depth: int, bu
     definition = blocks[block_name]
     instance = substitute(item, env, item.loc)
     name = instance.get("name")
-    if not isinstance(name, str) or not name.isidentifier():
+    if not is_identifier(name):
         raise item.value_locs.get("name", item.loc).error(f"a block instance needs a name, got {name!r}",
-                                                          hint="its output node takes that name")
+                                                          hint=f"its output node takes that name; {IDENTIFIER_HINT}")
     source = instance.get("inputs", out[-1].fields.get("name") if out else "input")
     if not isinstance(source, str):
         raise item.value_locs.get("inputs", item.loc).error(
@@ -332,7 +387,7 @@ def _expand_block(item: LocMap, env: dict, out: list[LayerEntry], depth: int, bu
 
 def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
             budget: list[int] | None = None, blocks: dict | None = None) -> None:
-    budget = [MAX_EXPANSION] if budget is None else budget  # shared by the nested calls
+    budget = [MAX_EXPANSION, MAX_VALUES] if budget is None else budget  # shared by the nested calls
     blocks = blocks or {}
     if not isinstance(items, LocList):
         raise loc.error("layers must be a list")
@@ -348,22 +403,24 @@ def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
             count = substitute(item["repeat"], env, item.value_locs["repeat"])
             count_loc = item.value_locs["repeat"]
             if isinstance(count, bool) or not isinstance(count, int):
-                raise count_loc.error(f"repeat count must be an integer, got {count!r}")
+                raise count_loc.error(f"repeat count must be an integer, got {count!r}",
+                                      hint="'/' in ${} gives a float; use // for integer division"
+                                      if isinstance(count, float) else None)
             if count < 0:
                 raise count_loc.error(f"repeat count must not be negative, got {count}")
             if count > MAX_REPEAT:
                 raise count_loc.error(f"repeat count {count} exceeds {MAX_REPEAT}")
             index = item.get("index", "i")
-            if not isinstance(index, str) or not index.isidentifier():
+            if not is_identifier(index):
                 raise item.value_locs.get("index", item.loc).error(
-                    f"repeat index must be an identifier, got {index!r}")
+                    f"repeat index must be an identifier, got {index!r}", hint=IDENTIFIER_HINT)
             if "layers" not in item:
                 raise item.loc.error("repeat block needs 'layers'")
             for k in range(count):
                 _spend(budget, count_loc)
                 _expand(item["layers"], {**env, index: k}, item.value_locs["layers"], out, depth + 1, budget, blocks)
         else:
-            _spend(budget, item_loc)
+            _spend(budget, item_loc, _expanded_size(item, {}))
             try:
                 fields = substitute(item, env, item_loc)
             except GraphgrowError as err:  # name the layer when its name is written literally
@@ -388,16 +445,16 @@ def read_spec(text: str, file: str | None = None) -> SpecDocument:
         if key not in doc:
             raise doc.loc.error(f"missing '{key}'")
     name = doc["name"]
-    if not isinstance(name, str) or not name.isidentifier():
-        raise doc.value_locs["name"].error(f"spec name must be an identifier, got {name!r}")
+    if not is_identifier(name):
+        raise doc.value_locs["name"].error(f"spec name must be an identifier, got {name!r}", hint=IDENTIFIER_HINT)
 
     env: dict[str, Any] = {}
     if "vars" in doc:
         variables = _expect_map(doc["vars"], doc.value_locs["vars"], "vars")
         for key, value in variables.items():
             value_loc = variables.value_locs[key]
-            if not key.isidentifier():
-                raise value_loc.error(f"variable name must be an identifier, got {key!r}")
+            if not is_identifier(key):
+                raise value_loc.error(f"variable name must be an identifier, got {key!r}", hint=IDENTIFIER_HINT)
             value = substitute(value, env, value_loc)
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise value_loc.error(f"variable '{key}' must be a number or string, got {value!r}")
@@ -413,12 +470,16 @@ def read_spec(text: str, file: str | None = None) -> SpecDocument:
     blocks = _expect_map(doc.get("blocks", LocMap()), doc.value_locs.get("blocks", doc.loc), "blocks")
     for block_name, definition in blocks.items():
         where = blocks.value_locs[block_name]
-        if not block_name.isidentifier():
-            raise where.error(f"block name must be an identifier, got {block_name!r}")
+        if not is_identifier(block_name):
+            raise where.error(f"block name must be an identifier, got {block_name!r}", hint=IDENTIFIER_HINT)
         _check_keys(_expect_map(definition, where, f"block '{block_name}'"), ("vars", "layers"), f"block '{block_name}'")
         if "layers" not in definition:
             raise where.error(f"block '{block_name}' needs 'layers'")
-        _expect_map(definition.get("vars", LocMap()), where, f"the vars of block '{block_name}'")
+        block_vars = _expect_map(definition.get("vars", LocMap()), where, f"the vars of block '{block_name}'")
+        for key in block_vars:
+            if not is_identifier(key):
+                raise block_vars.value_locs[key].error(f"variable name must be an identifier, got {key!r}",
+                                                       hint=IDENTIFIER_HINT)
     layers: list[LayerEntry] = []
     _expand(doc["layers"], env, doc.value_locs["layers"], layers, blocks=blocks)
     if not layers:

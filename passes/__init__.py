@@ -6,7 +6,7 @@ input network is left unchanged."""
 from .blocks import Block, block_boundaries, find_blocks, insert_block
 from .extend import candidate_gradient, extend_all, keep_candidates, legal_positions, widenable
 from .hierarchy import (Level, Transfer, build_hierarchy, coarsen_depth, coarsen_width, depth_prolongation,
-                        residual_stages, unit_matrices)
+                        residual_stages, strongest_pairs, unit_matrices)
 from .insert import insert_identity, plan_identity
 from .manager import PASSES, Pipeline, Step, register_pass, verify_pass
 from .optim import record_by_name, transfer_optimizer
@@ -17,5 +17,5 @@ from .widen import widen
 __all__ = ["Block", "block_boundaries", "find_blocks", "insert_block", "CandidateInfo", "Level", "Origin", "PASSES", "Pipeline", "Record", "Step", "Transfer",
            "build_hierarchy", "candidate_gradient", "coarsen_depth", "coarsen_width", "depth_prolongation",
            "extend_all", "insert_identity", "keep_candidates", "legal_positions", "plan_identity",
-           "record_by_name", "register_pass", "residual_stages", "trace_units", "transfer_optimizer", "unit_matrices",
+           "record_by_name", "register_pass", "residual_stages", "strongest_pairs", "trace_units", "transfer_optimizer", "unit_matrices",
            "verify_pass", "widen", "widenable"]

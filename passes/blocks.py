@@ -203,6 +203,7 @@ def _copied_values(network: Network, graph: LayerGraph, template: Block, copies:
     for name, module in fresh.items():
         for key, tensor in module.state_dict().items():
             source = old.get(f"{name[len(prefix) + 1:]}.{key}")
+            # fresh tensors are built on the CPU; rebuild places them on the network's device and dtype
             values[f"{name}.{key}"] = (source.detach().clone() if source is not None and source.shape == tensor.shape
-                                       else tensor.to(next(iter(old.values())).dtype))
+                                       else tensor)
     return values

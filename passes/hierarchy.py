@@ -11,7 +11,6 @@ from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .blocks import Block, find_blocks, last_layer
 from .extend import widenable
-from .record import network_dtype
 from .units import map_units, trace_units
 
 INTERPOLATIONS = ("constant", "linear")
@@ -36,7 +35,7 @@ class StackMap:
         if src[0] not in params:
             return params
         stacked = torch.stack([params[name] for name in src])
-        mixed = torch.tensordot(matrix.to(stacked.dtype), stacked, dims=1)
+        mixed = torch.tensordot(matrix.to(stacked), stacked, dims=1)
         out = {k: v for k, v in params.items() if k not in set(src)}
         out.update({name: mixed[k] for k, name in enumerate(dst)})
         return out
@@ -66,7 +65,7 @@ class Transfer:
     def __init__(self, fine: Network, coarse_graph: LayerGraph, maps: list, kind: str):
         self.fine, self.maps, self.kind = fine, maps, kind
         state = self.restrict(dict(fine.module.state_dict()))
-        self.coarse = Network.build(coarse_graph, state, dtype=network_dtype(fine))
+        self.coarse = Network.build(coarse_graph, state, dtype=fine.dtype, device=fine.device)
         self.coarse.module.train(fine.module.training)
 
     def restrict(self, fine: dict) -> dict:
@@ -270,6 +269,24 @@ def _check_groups(graph: LayerGraph, layer: str, units: int, groups) -> list[lis
         raise GraphgrowError(f"groups of '{layer}' must partition its units 0..{units - 1}, got {groups}",
                              file=graph.source, node=layer)
     return [list(group) for group in groups]
+
+
+def strongest_pairs(strength: torch.Tensor) -> list[list[int]]:
+    """Units paired greedily by a symmetric strength matrix (data-driven width coarsening):
+    repeatedly the two unpaired units with the largest strength; with an odd count the last
+    unit stays alone. Pass the result as ``groups`` to :func:`coarsen_width`."""
+    units = strength.shape[0]
+    scores = strength.detach().double().clone()
+    scores.fill_diagonal_(-float("inf"))
+    groups, free = [], set(range(units))
+    for flat in torch.argsort(scores.reshape(-1), descending=True).tolist():
+        i, j = divmod(flat, units)
+        if i < j and i in free and j in free:
+            groups.append([i, j])
+            free -= {i, j}
+        if len(free) < 2:
+            break
+    return sorted(groups + [[u] for u in sorted(free)])
 
 
 def coarsen_width(network: Network, layers: list[str] | None = None, groups: list[list[int]] | None = None,

@@ -47,7 +47,7 @@ class IdentityPlan:
         trailing activation's derivative; for a residual block ``g`` itself). The first node's
         op has the rule (OpDef.parameter_gradients)."""
         head = self.nodes[0]
-        params = {role: t.to(x.dtype) for role, t in self._roles(head).items()}
+        params = {role: t.to(x) for role, t in self._roles(head).items()}
         return head.opdef.parameter_gradients(head.args, params, x, grad, (self.merit_role,))[self.merit_role]
 
     def forward_flops(self, shape) -> int:

@@ -85,15 +85,6 @@ class Record:
                           *self.notes, *changed])
 
 
-def network_dtype(network: Network) -> torch.dtype:
-    for tensor in network.module.parameters():
-        return tensor.dtype
-    for tensor in network.module.buffers():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.get_default_dtype()
-
-
 def clone_module(module: nn.Module) -> nn.Module:
     """An independent copy of a module with fresh parameter and buffer storage (several times
     cheaper than deepcopy, which dominates rebuilding deep networks)."""
@@ -135,7 +126,7 @@ def rebuild(old: Network, graph: LayerGraph, record: Record,
 def _rebuild(old: Network, graph: LayerGraph, record: Record,
              values: dict[str, torch.Tensor]) -> Network:
     graph.infer_shapes()
-    dtype = network_dtype(old)
+    dtype, device = old.dtype, old.device
     changed = {name.split(".", 1)[0] for name in values}
     reused, state = {}, {}
     for node in graph.nodes:
@@ -153,11 +144,11 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
             if node not in reused:
                 state[name] = tensor.detach().clone()
     for name, tensor in values.items():
-        state[name] = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+        # new values take the device and dtype of the network they join (a pass may plan them on the CPU)
+        state[name] = tensor.detach().to(device, dtype if tensor.is_floating_point() else None)
     # origins only for entries that exist (a pass may describe entries of removed nodes)
     kept = set(state) | {name for name in record.origins if name.split(".", 1)[0] in reused}
     record.origins = {name: origin for name, origin in record.origins.items() if name in kept}
-    module = compile_graph(graph, state, dtype=None if dtype == torch.get_default_dtype() else dtype,
-                           modules=reused)
+    module = compile_graph(graph, state, dtype=dtype, device=device, modules=reused)
     module.train(old.module.training)
     return Network(graph, module)

@@ -137,14 +137,14 @@ def map_units(tensor: torch.Tensor, axis: int, block: int, matrix: torch.Tensor)
     shape = tuple(tensor.shape)
     units = shape[axis] // block
     split = tensor.reshape(*shape[:axis], units, block, *shape[axis + 1:])
-    matrix = matrix.to(tensor.dtype)
+    # the map is planned on the CPU; it is inspected there and applied where the tensor lives
     if bool(((matrix != 0).sum(1) <= 1).all()):
         # selections and scaled copies (widen, keep): gather, so that copies are exact and cheap
         index = matrix.abs().argmax(1)
-        scale = matrix.gather(1, index[:, None]).reshape(-1, *[1] * (split.dim() - axis - 1))
-        mapped = split.index_select(axis, index) * scale
+        scale = matrix.gather(1, index[:, None]).reshape(-1, *[1] * (split.dim() - axis - 1)).to(tensor)
+        mapped = split.index_select(axis, index.to(tensor.device)) * scale
     else:
-        mapped = (split.movedim(axis, -1) @ matrix.T).movedim(-1, axis)
+        mapped = (split.movedim(axis, -1) @ matrix.to(tensor).T).movedim(-1, axis)
     return mapped.reshape(*shape[:axis], matrix.shape[0] * block, *shape[axis + 1:])
 
 
@@ -162,7 +162,7 @@ class UnitMap:
 
     def value(self, tensor: torch.Tensor) -> torch.Tensor:
         mapped = map_units(tensor, self.axis, self.block, self.matrix)
-        return mapped + self.fresh(mapped).to(mapped.dtype) if self.fresh else mapped
+        return mapped + self.fresh(mapped) if self.fresh else mapped
 
     def state(self, tensor: torch.Tensor) -> torch.Tensor:
         return map_units(tensor, self.axis, self.block, self.matrix)
@@ -182,7 +182,7 @@ def fresh_units(start: int, block: int, axis: int, fill: Callable[[tuple], torch
     def values(mapped: torch.Tensor) -> torch.Tensor:
         extra = torch.zeros_like(mapped)
         part = extra.narrow(axis, start * block, mapped.shape[axis] - start * block)
-        part.copy_(fill(tuple(part.shape)))
+        part.copy_(fill(tuple(part.shape)).to(part))  # drawn on the CPU from a seed: same values on any device
         return extra
     return values
 

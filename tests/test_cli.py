@@ -1,4 +1,6 @@
 """The command line: commands work, user mistakes print one located line and exit 2."""
+import argparse
+import inspect
 import json
 import math
 import subprocess
@@ -105,3 +107,70 @@ def test_mgopt_command(capsys):
     assert main(["mgopt", str(ROOT / "specs" / "resnet_ode.yaml"), "--epochs", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "mgopt on a depth hierarchy" in printed and "coarse corrections" in printed
+
+
+def _mgopt_parser():
+    from graphgrow.cli import build_parser
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["mgopt"]
+
+
+def test_mgopt_cli_and_run_have_the_same_options_and_defaults():
+    """Every parameter of graphgrow.mgopt.run is an option of `graphgrow mgopt` with the same
+    default, and every option but the launcher's (--nproc) is a parameter of run()."""
+    from graphgrow.cli import LAUNCH_OPTIONS, MGOPT_NEGATED, MGOPT_RENAMED, build_parser
+    from graphgrow.mgopt import run
+    parameters = inspect.signature(run).parameters
+    opts = build_parser().parse_args(["mgopt", "net.yaml"])
+    dests = {a.dest for a in _mgopt_parser()._actions if a.dest != "help"} - LAUNCH_OPTIONS
+    to_parameter = {MGOPT_RENAMED.get(p, MGOPT_NEGATED.get(p, p)): p for p in parameters}
+    assert dests == set(to_parameter), "options without a run() parameter or the other way round"
+    for dest, name in to_parameter.items():
+        default = parameters[name].default
+        if name == "spec":
+            continue  # positional, no default
+        if name == "progress":  # display only: the command shows a bar (--quiet), a library call does not
+            assert opts.quiet is False and default is False
+            continue
+        if name == "device":  # the command picks a GPU where present; a library call leaves the network where it is
+            assert opts.device == "auto" and default is None
+            continue
+        if name in MGOPT_NEGATED:
+            assert getattr(opts, dest) is (not default), name
+        else:
+            assert getattr(opts, dest) == default, f"--{dest}: {getattr(opts, dest)!r} vs run(): {default!r}"
+    assert opts.batch == 100 and opts.K == 10  # the defaults the issue found to differ
+
+
+def test_mgopt_cli_passes_every_option_to_run(tmp_path, capsys):
+    """The anchor's set-up from the command line: injection, a V-cycle every iteration, the same
+    batch on all levels, momentum, a work budget; --no-export skips model.pt2; the final line
+    gives the accuracy."""
+    out = tmp_path / "run"
+    assert main(["mgopt", str(ROOT / "specs" / "resnet_ode.yaml"), "--levels", "3", "--restriction", "injection",
+                 "--min-gap", "0", "--kappa", "0", "--same-batch", "--momentum", "0.5", "--K", "2",
+                 "--work-budget", "30", "--evals-per-epoch", "2", "--no-log-steps", "--epochs", "3",
+                 "--out", str(out), "--no-export", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed.splitlines()[-2]  # the final line, before the run directory
+    summary = json.loads((out / "summary.json").read_text())
+    config = summary["config"]
+    assert (config["min_gap"], config["same_batch"], config["momentum"], config["K"]) == (0, True, 0.5, 2)
+    assert summary["final"]["work"] >= 30 and summary["final"]["corrections"] == summary["final"]["iterations"]
+    assert not (out / "model.pt2").exists() and (out / "final.pt").exists()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["event"] == "step"]
+    assert main(["mgopt", str(ROOT / "specs" / "resnet_ode.yaml"), "--levels", "3", "--variant", "nested",
+                 "--nested-epochs", "1", "2", "3", "--epochs", "1", "--quiet"]) == 2
+    assert "nested_epochs has 3 counts for 2 coarse levels" in capsys.readouterr().err
+
+
+def test_grow_no_export_and_accuracy(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["grow", FNN, "--epochs", "4", "--insert-at", "2", "--out", str(out), "--no-export", "--quiet"]) == 0
+    final = [line for line in capsys.readouterr().out.splitlines() if line.startswith("final:")][0]
+    assert "accuracy" in final and "train loss" in final
+    assert not (out / "model.pt2").exists() and (out / "final.yaml").exists()
+    assert main(["grow", FNN, "--epochs", "2", "--loss", "mse", "--strategy", "none", "--quiet"]) == 0
+    final = [line for line in capsys.readouterr().out.splitlines() if line.startswith("final:")][0]
+    assert "accuracy" not in final and "train loss" in final

@@ -348,8 +348,10 @@ def test_misspelt_initializer_as_role_key_gets_a_hint(make_spec):
     ("w +", "bad expression '${w +}'"),
     ("__import__('os').system('true')", "bad expression"),
     ("w ** 2", "bad expression '${w ** 2}'"),
-    ("w / 2", "'/' is not allowed in '${w / 2}'"),
+    ("w / 2", "argument 'out' of op 'linear': expected a positive integer, got 2.0"),
     ("w // 0", "division by zero in '${w // 0}'"),
+    ("w / 0", "division by zero in '${w / 0}'"),
+    ("1e300 / 1e-300", "number too large"),
     ("widht", "unknown variable 'widht' in '${widht}'"),
     ("label * 2", "arithmetic on 'abc', which is not a number"),
     ("-label", "arithmetic on 'abc', which is not a number"),
@@ -393,6 +395,32 @@ def test_expressions_evaluate_arithmetic(make_spec):
     assert [graph.node(n).args.get("out") for n in "abc"] == [9, 4, 7]
     assert graph.node("d").args["factor"] == 0.5
     assert graph.node("a").out_shape == (9,)
+
+
+def test_true_division_gives_floats_floor_division_integers(make_spec):
+    # the published deep ResNet benchmark writes h = 1/256; `/` must not silently become `//`
+    text = make_spec(["{name: lift, op: linear, out: 4}",
+                      "repeat: ${blocks}\n    layers: [{name: 'res${i}', op: residual, form: one_weight, h: ${1/blocks}}]",
+                      "{name: a, op: linear, out: ${blocks // 3}}",
+                      "{name: b, op: scale, factor: ${(w + 1) / 2}}",
+                      "{name: c, op: scale, factor: ${7.5 // 2}}",
+                      "{name: d, op: scale, factor: ${h}}"],
+                     extra="vars: {blocks: 8, w: 4, h: '${1 / blocks}'}\n")
+    graph = graph_from_text(text)
+    assert [graph.node(f"res{i}").args["h"] for i in range(8)] == [0.125] * 8
+    assert graph.node("a").args["out"] == 2 and graph.node("a").out_shape == (2,)
+    assert graph.node("b").args["factor"] == 2.5
+    assert graph.node("c").args["factor"] == 3.0
+    assert graph.node("d").args["factor"] == 0.125
+
+
+def test_float_where_an_integer_is_needed_hints_at_floor_division(make_spec):
+    text = make_spec(["{name: fc, op: linear, out: \"${w / 2}\"}"], extra="vars: {w: 4}\n")
+    err = spec_error(text)
+    assert err.message == "argument 'out' of op 'linear': expected a positive integer, got 2.0 (float)"
+    assert "//" in err.hint and err.node == "fc"
+    err = spec_error(make_spec(["repeat: ${w / 2}", "  layers: [{op: relu}]"], extra="vars: {w: 4}\n"))
+    assert err.message == "repeat count must be an integer, got 2.0" and "//" in err.hint
 
 
 def test_vars_may_use_earlier_vars(make_spec):

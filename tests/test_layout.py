@@ -16,10 +16,10 @@ LAYERS = [
     (2, ["graphgrow.compiler", "graphgrow"]),  # the package's own __init__ is the core + compiler API
     (3, ["passes"]),
     (4, ["graphgrow.runtime"]),
-    (5, ["graphgrow.sensli", "graphgrow.mgopt", "graphgrow.precond", "graphgrow.frobenius"]),
+    (5, ["graphgrow.sensli", "graphgrow.mgopt", "graphgrow.precond", "graphgrow.frobenius", "graphgrow.rmntr"]),
     (6, ["graphgrow.cli", "graphgrow.__main__"]),
 ]
-ENGINES = ["graphgrow.sensli", "graphgrow.mgopt", "graphgrow.precond"]
+ENGINES = ["graphgrow.sensli", "graphgrow.mgopt", "graphgrow.precond", "graphgrow.rmntr"]
 
 
 def module_name(path: Path) -> str:

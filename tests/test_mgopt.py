@@ -282,8 +282,110 @@ def test_identity_transfer_with_identical_levels_gives_zero_linear_term():
 
 
 @pytest.mark.parametrize("settings, word", [({"variant": "vcycle"}, "variant"), ({"kappa": 1.5}, "kappa"),
-                                             ({"K": 0}, "K"), ({"min_gap": 0}, "min_gap"),
+                                             ({"K": 0}, "K"), ({"min_gap": -1}, "min_gap"), ({"momentum": 1.0}, "momentum"),
                                              ({"alpha": -1.0}, "alpha")])
 def test_bad_settings_raise_graphgrow_error(settings, word):
     with pytest.raises(GraphgrowError, match=word):
         MGOptConfig(**settings)
+
+
+def test_min_gap_zero_is_a_v_cycle_every_iteration_sgd_step_then_correction():
+    """min_gap = 0: theta' = theta - alpha g(theta), then the correction at theta' from
+    g(theta'); written out with the matrices."""
+    hierarchy, theta, P, R = tanh_two_level(seed=9)
+    fine, coarse = hierarchy.levels
+    alpha, alpha_bar, K = 0.2, 0.3, 2
+    config = MGOptConfig(alpha=alpha, alpha_bar=alpha_bar, K=K, kappa=0.0, min_gap=0, descent_check=False)
+    end, history, optimizer = optimize(hierarchy, theta, config, 3, seed=0)
+    assert [i.kind for i in history] == ["cgc"] * 3
+    expected = theta[KEY]
+    for _ in range(3):
+        expected = expected - alpha * fine.value_and_grad({KEY: expected})[1][KEY]
+        g = fine.value_and_grad({KEY: expected})[1][KEY]
+        start = R @ expected
+        v = R @ g - coarse.value_and_grad({KEY: start})[1][KEY]
+        t = start
+        for _ in range(K):
+            t = t - alpha_bar * (coarse.value_and_grad({KEY: t})[1][KEY] + v)
+        expected = expected + P @ (t - start)
+    torch.testing.assert_close(end[KEY], expected, rtol=1e-12, atol=1e-14)
+    # per iteration: 2 fine gradients, the coarse gradient of v, K coarse steps (cost 0.5 each)
+    assert optimizer.work == 3 * (2 + 0.5 + K * 0.5)
+    assert optimizer.transfers == 3 * 4  # R_g for the kappa rule, R_p, R_g for v, P
+
+
+class Recording:
+    """Wraps a problem; logs the batch of every gradient evaluation as (level, batch)."""
+
+    def __init__(self, problem, level, log):
+        self.problem, self.level, self.log, self.cost = problem, level, log, problem.cost
+
+    def draw_batch(self, generator):
+        return self.problem.draw_batch(generator)
+
+    def value(self, params, batch):
+        return self.problem.value(params, batch)
+
+    def value_and_grad(self, params, batch):
+        self.log.append((self.level, batch))
+        return self.problem.value_and_grad(params, batch)
+
+
+@pytest.mark.parametrize("same_batch", [True, False])
+def test_same_batch_reuses_the_fine_mini_batch_on_every_level(same_batch):
+    hierarchy, theta = galerkin_hierarchy(levels=3, sig=0.2)
+    log: list = []
+    recorded = Hierarchy([Recording(p, l, log) for l, p in enumerate(hierarchy.levels)], hierarchy.transfers)
+    config = MGOptConfig(alpha=0.05, K=2, kappa=0.0, min_gap=0, same_batch=same_batch, descent_check=False)
+    optimize(recorded, theta, config, 4, seed=0)
+    fine_batches = [b for level, b in log if level == 0]
+    # each iteration: the fine gradient, the V-cycle's second fine gradient, then coarse work
+    per_iteration = len(log) // 4
+    for k in range(4):
+        chunk = log[k * per_iteration:(k + 1) * per_iteration]
+        distinct = {id(b) for _, b in chunk}
+        assert (len(distinct) == 1) == same_batch
+        assert chunk[0][0] == 0 and {level for level, _ in chunk} == {0, 1, 2}
+    assert len({id(b) for b in fine_batches}) == (4 if same_batch else 8)
+
+
+def test_momentum_on_one_level_matches_torch_sgd():
+    hierarchy, theta, _, _ = tanh_two_level(seed=10)
+    single = Hierarchy(hierarchy.levels[:1], [])
+    end, _, optimizer = optimize(single, theta, MGOptConfig(alpha=0.3, momentum=0.9), 6, seed=0)
+    w = theta[KEY].clone().requires_grad_(True)
+    sgd = torch.optim.SGD([w], lr=0.3, momentum=0.9)
+    for _ in range(6):
+        sgd.zero_grad()
+        single.levels[0]._loss(w).backward()
+        sgd.step()
+    torch.testing.assert_close(end[KEY], w.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(optimizer.velocity[KEY], sgd.state[w]["momentum_buffer"], rtol=1e-12, atol=1e-14)
+
+
+def test_momentum_in_nested_iteration_prolongs_the_buffer():
+    hierarchy, theta, P, R = tanh_two_level(seed=11)
+    config = MGOptConfig(alpha=0.2, variant="nested", nested_iterations=3, momentum=0.5)
+    end, _, optimizer = optimize(hierarchy, theta, config, 0, seed=0)
+    t, m = R @ theta[KEY], None
+    for _ in range(3):
+        g = hierarchy.levels[1].value_and_grad({KEY: t})[1][KEY]
+        m = g if m is None else g + 0.5 * m
+        t = t - 0.2 * m
+    torch.testing.assert_close(end[KEY], P @ t, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(optimizer.velocity[KEY], P @ m, rtol=1e-12, atol=1e-14)
+
+
+def test_v_cycle_without_smoothing_equals_two_levels_with_composed_transfers():
+    """pre_smooth = post_smooth = 0: grad h_1(R theta) = R g is known (no gradient evaluated),
+    so the 3-level V-cycle is the 2-level correction from level 0 to level 2 with R2 R1, P1 P2."""
+    hierarchy, theta = galerkin_hierarchy(levels=3, seed=12)
+    (fine, middle, coarsest), (t1, t2) = hierarchy.levels, hierarchy.transfers
+    direct = Hierarchy([fine, coarsest], [MatrixTransfer(t2.R_p @ t1.R_p, t1.P @ t2.P)])
+    config = MGOptConfig(alpha=0.05, K=4, kappa=0.0, pre_smooth=0, post_smooth=0, descent_check=False)
+    three, history, optimizer = optimize(hierarchy, theta, config, 5, seed=0)
+    two, _, direct_optimizer = optimize(direct, theta, config, 5, seed=0)
+    assert [i.kind for i in history] == ["cgc", "sgd", "cgc", "sgd", "cgc"]
+    torch.testing.assert_close(three[KEY], two[KEY], rtol=1e-12, atol=1e-13)
+    # the only extra work: the level-1 coarse gradient in v_1 (cost 0.5) per correction
+    assert optimizer.work == pytest.approx(direct_optimizer.work + 3 * middle.cost)

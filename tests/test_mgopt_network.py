@@ -13,6 +13,7 @@ from graphgrow.runtime.data import Dataset
 from graphgrow.errors import GraphgrowError
 from graphgrow.ir import graph_from_text, load_graph
 from graphgrow.mgopt import IdentityTransfer, MGOptConfig, correction_linear_term, optimize, pd_sq_norm, run
+from graphgrow.mgopt.flat import FLAT
 from graphgrow.mgopt.network import NetworkProblem, build_network_hierarchy
 from graphgrow.runtime.splits import Split
 
@@ -30,14 +31,6 @@ layers:
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: a second intra-op thread only adds synchronisation, which on a loaded
-    2-core machine makes each backward pass many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 FIXED_HEAD_CNN = SMALL_CNN.replace("{name: pool, op: adaptive_avgpool2d, out: 2}", "{name: pool, op: maxpool2d, kernel: 2}")
@@ -59,8 +52,10 @@ def test_network_problem_gradient_matches_module_autograd():
     reference = F.cross_entropy(network.module(split.x[batch]), split.y[batch])
     reference.backward()
     assert value == pytest.approx(float(reference.detach()), rel=1e-14)
+    named = problem.named(grads)  # one flat gradient; views per parameter
+    assert grads[FLAT].shape == (sum(p.numel() for p in network.module.parameters()),)
     for name, parameter in network.module.named_parameters():
-        torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(named[name], parameter.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_batch_hierarchy_halves_batches_with_identity_transfers():
@@ -165,6 +160,7 @@ def test_depth_hierarchy_first_order_coherence_on_a_resnet():
     config = MGOptConfig(alpha_bar=0.5, K=1, lam=0.0, kappa=0.0, descent_check=False)
     new, history, _ = optimize(two, theta, config, 1, seed=0)
     assert history[0].kind == "cgc"
+    theta, new, grad = fine.named(theta), fine.named(new), fine.named(grad)
     for name, value in theta.items():
         node, role = name.split(".", 1)
         if node.startswith("res"):
@@ -217,11 +213,43 @@ def test_width_hierarchy_correction_is_first_order_coherent_and_trains():
     linear, _ = correction_linear_term(transfer, coarse, grad, start, slice(None))
     _, h_grad = coarse.value_and_grad(start, slice(None))
     restricted = transfer.restrict_gradient(grad)
-    for name in restricted:  # grad h(R_p theta) = grad f_H + v = R_g grad f
-        torch.testing.assert_close(h_grad[name] + linear[name], restricted[name], rtol=1e-12, atol=1e-14)
+    # grad h(R_p theta) = grad f_H + v = R_g grad f
+    torch.testing.assert_close(h_grad[FLAT] + linear[FLAT], restricted[FLAT], rtol=1e-12, atol=1e-14)
     # fc1's rows: R_g averages unit pairs (rows 2j, 2j+1), written out by hand
-    torch.testing.assert_close(restricted["fc1.weight"], 0.5 * (grad["fc1.weight"][0::2] + grad["fc1.weight"][1::2]))
+    fine_grad = fine.named(grad)["fc1.weight"]
+    torch.testing.assert_close(coarse.named(restricted)["fc1.weight"], 0.5 * (fine_grad[0::2] + fine_grad[1::2]))
     config = MGOptConfig(alpha=0.5, K=3, kappa=0.0, lam=0.1, backtracking=4)
     end, history, optimizer = optimize(hierarchy, theta, config, 20, seed=0)
     assert optimizer.corrections >= 5
     assert fine.value(end, slice(None)) < fine.value(theta, slice(None))
+
+
+def test_injection_restriction_takes_every_second_block():
+    network = resnet(8)
+    data = spiral_like()
+    split = Split(data.x_train.double(), data.y_train)
+    hierarchy = build_network_hierarchy(network, split, "depth", 2, batch=None, restriction="injection")
+    transfer = hierarchy.transfers[0]
+    fine = hierarchy.levels[0]
+    theta = fine.named(fine.parameters())
+    coarse = hierarchy.levels[1].named(transfer.restrict(fine.parameters()))
+    assert sorted(coarse) == sorted(dict(hierarchy.levels[1].network.module.named_parameters()))
+    # the coarse level keeps the names of the blocks it keeps: res0, res2, ... (coarse block j = fine 2j)
+    assert {name.split(".")[0] for name in coarse if name.startswith("res")} == {"res0", "res2", "res4", "res6"}
+    for name, value in coarse.items():
+        assert torch.equal(value, theta[name].detach()), name
+    # h doubles on the coarse level and R P = I: prolonging the restriction of a coarse point returns it
+    start = transfer.restrict(fine.parameters())
+    assert torch.equal(transfer.restrict(transfer.prolong(start))[FLAT], start[FLAT])
+
+
+def test_run_nested_epochs_per_level_and_transfer_options_checked():
+    spec = load_graph("specs/resnet_ode.yaml")
+    result = run(spec, spiral_like(), hierarchy="depth", levels=3, variant="nested", nested_epochs=[2, 1],
+                 alpha=0.1, epochs=1, batch=16, seed=0)
+    kinds = [r["kind"] for r in result.records if r["event"] == "step"]
+    assert kinds == ["level2"] * 6 + ["level1"] * 3 + ["sgd"] * 3  # coarsest first: 2 epochs, then 1
+    with pytest.raises(GraphgrowError, match="interpolation and restriction choose the depth transfers"):
+        run(spec, spiral_like(), hierarchy="batch", restriction="injection", epochs=1, batch=16)
+    with pytest.raises(GraphgrowError, match="same_batch contradicts the batch hierarchy"):
+        run(spec, spiral_like(), hierarchy="batch", same_batch=True, epochs=1, batch=16)

@@ -1,6 +1,7 @@
 """Save and load networks as YAML + weights; dump a LayerGraph back to spec text."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -43,6 +44,25 @@ def dump(graph: LayerGraph) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ensure_directory(directory: str | Path, *, option: str, what: str) -> Path:
+    """Create ``directory`` and its parents, or one GraphgrowError naming ``option`` that says
+    why not (a parent is a file, no permission, read-only file system)."""
+    directory = Path(directory)
+    blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise GraphgrowError(f"cannot create the {what}: {blocker} is a file", file=str(directory), option=option,
+                             hint=f"choose an --{option} under a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GraphgrowError(f"cannot create the {what}: {err.strerror or err}", file=str(directory), option=option,
+                             hint=f"choose an --{option} in a writable place") from None
+    if not os.access(directory, os.W_OK):
+        raise GraphgrowError(f"the {what} is not writable", file=str(directory), option=option,
+                             hint=f"choose an --{option} in a writable place")
+    return directory
+
+
 def weights_path(spec_path: str | Path) -> Path:
     return Path(spec_path).with_suffix(WEIGHTS_SUFFIX)
 
@@ -71,6 +91,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                              file=str(path), hint="weights are written by graphgrow save") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GraphgrowError("weights file does not hold a dict of tensors", file=str(path))
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise GraphgrowError(f"weight '{key}' holds NaN or infinite values", file=str(path),
+                                 node=str(key).split(".")[0], hint="the run that wrote them diverged; use earlier weights")
     return state
 
 

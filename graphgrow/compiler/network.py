@@ -6,6 +6,7 @@ Parameters are named ``<node>.<role>``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,26 @@ def _load(graph: LayerGraph, root: nn.Module, state: dict[str, torch.Tensor]) ->
         root.get_submodule(node).load_state_dict(entries)
 
 
+def _too_large(graph: LayerGraph, dtype, why: str) -> GraphgrowError:
+    size = graph.num_params() * torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    return GraphgrowError(f"network '{graph.name}' is too large: {graph.num_params():,} parameters "
+                          f"({size / 2**30:,.1f} GiB); {why}", file=graph.source,
+                          hint="lower the layer widths or the input size")
+
+
+def check_fits_in_memory(graph: LayerGraph, dtype: torch.dtype | None = None) -> None:
+    """Refuse, before allocating anything, a network whose parameters alone exceed this
+    machine's physical memory (the allocation would fail or, with overcommit, swap and be killed)."""
+    if not hasattr(os, "sysconf") or "SC_PHYS_PAGES" not in os.sysconf_names:
+        return
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    element = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    if graph.num_params() * element > memory:
+        raise _too_large(graph, dtype, f"this machine has {memory / 2**30:,.1f} GiB of memory")
+
+
 def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
-                  seed: int = 0, dtype: torch.dtype | None = None,
+                  seed: int = 0, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                   modules: dict[str, nn.Module] | None = None,
                   stateless_as_modules: bool = False) -> fx.GraphModule:
     """Compile ``graph`` to a GraphModule, with parameters from ``state`` or initialised
@@ -83,17 +102,24 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     unchanged layers); ``state`` then holds the entries of the other nodes only.
     ``stateless_as_modules``: activations, pooling and flatten become ``call_module`` too (same
     function and state dict), for tools that only understand modules, e.g. BackPACK's
-    ``extend(..., use_converter=True)``."""
+    ``extend(..., use_converter=True)``. ``dtype`` and ``device``: where the parameters live
+    (a fresh initialisation is drawn on the CPU, from the seed, and then moved)."""
     given = modules or {}
-    fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
+    check_fits_in_memory(graph, dtype)
+    try:
+        fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
+    except (MemoryError, RuntimeError) as err:  # torch reports a failed allocation as a RuntimeError
+        if isinstance(err, RuntimeError) and "allocate" not in str(err):
+            raise
+        raise _too_large(graph, dtype, "memory ran out while allocating them") from None
     root = nn.Module()
     for name, module in fresh.items():
         root.add_module(name, module)
     if state is None:
         initialize(graph, fresh, seed)
     else:
-        if dtype is not None:
-            root.to(dtype)  # before loading, so that float64 weights keep their precision
+        # before loading, so that float64 weights keep their precision and nothing passes the CPU
+        root.to(device=device, dtype=dtype)
         _load(graph, root, state)
     if given:
         ordered = root
@@ -126,8 +152,8 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     outputs = [values[name] for name in graph.outputs]
     fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     module = fx.GraphModule(root, fx_graph, class_name=graph.name)
-    if dtype is not None and state is None:  # a given state was loaded in dtype already
-        module.to(dtype)
+    if state is None:  # a given state was loaded in dtype and on device already
+        module.to(device=device, dtype=dtype)
     return module
 
 
@@ -139,8 +165,33 @@ class Network:
 
     @classmethod
     def build(cls, graph: LayerGraph, state: dict[str, torch.Tensor] | None = None, *,
-              seed: int = 0, dtype: torch.dtype | None = None) -> "Network":
-        return cls(graph, compile_graph(graph, state, seed=seed, dtype=dtype))
+              seed: int = 0, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> "Network":
+        return cls(graph, compile_graph(graph, state, seed=seed, dtype=dtype, device=device))
+
+    def _first_tensor(self) -> torch.Tensor | None:
+        for tensor in self.module.parameters():
+            return tensor
+        return next((t for t in self.module.buffers() if t.is_floating_point()), None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the parameters (the default dtype for a network without any)."""
+        tensor = self._first_tensor()
+        return torch.get_default_dtype() if tensor is None else tensor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (the CPU for a network without any)."""
+        tensor = self._first_tensor()
+        tensor = next(self.module.buffers(), None) if tensor is None else tensor
+        return torch.device("cpu") if tensor is None else tensor.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Network":
+        """Move the parameters and buffers to ``device`` and cast the floating-point ones to
+        ``dtype``, in place (as ``nn.Module.to``); returns the network."""
+        self.module.to(device=device, dtype=dtype)
+        return self
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -8,8 +8,10 @@
   ``2**l``; needs a network whose parameter shapes do not depend on the input size (e.g. a CNN
   with adaptive pooling before its head); identity transfers.
 
-A :class:`NetworkProblem` evaluates a network's mini-batch loss at any parameter dict through
-``torch.func.functional_call``, so levels never share or mutate module parameters.
+A :class:`NetworkProblem` evaluates a network's mini-batch loss at any parameter vector through
+``torch.func.functional_call``, so levels never share or mutate module parameters. Parameters
+are dicts with the single key ``FLAT`` (one vector per level, see ``flat.py``), and the depth
+and width transfers are compiled to operations on those vectors.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import passes
 from ..compiler.network import Network
 from ..errors import GraphgrowError
 from ..runtime.splits import Split, loss_fn
+from .flat import FLAT, FlatLayout, FlatTransfer
 from .hierarchy import Hierarchy, IdentityTransfer, ParamDict
 
 HIERARCHIES = ("depth", "width", "batch", "resolution")
@@ -32,23 +35,37 @@ HIERARCHIES = ("depth", "width", "batch", "resolution")
 
 class NetworkProblem:
     """The mean mini-batch loss of ``network`` on ``split`` as a function of its trainable
-    parameters. Batches are index tensors into the split, so a batch drawn by one level can
-    be evaluated on another (the resolution hierarchy max-pools the inputs by ``pool``)."""
+    parameters (``{FLAT: vector}`` in the order of ``layout``). Batches are index tensors into
+    the split, so a batch drawn by one level can be evaluated on another (the resolution
+    hierarchy max-pools the inputs by ``pool``)."""
 
     def __init__(self, network: Network, split: Split, *, batch: int | None, loss: str = "cross_entropy",
-                 pool: int = 1, cost: float = 1.0):
+                 pool: int = 1, cost: float = 1.0, data_parallel=None):
         self.network = network
+        # runtime.distributed.DataParallel: each rank evaluates its part of every batch and the
+        # sums (loss, gradients) are all-reduced, so every rank sees the single-process values
+        self.data_parallel = data_parallel
         self.split = split
         self.batch = batch
         self.loss = loss_fn(loss)
         self.pool = pool
         self.cost = cost
-        self.names = [n for n, p in network.module.named_parameters() if p.requires_grad]
+        self.layout = FlatLayout(network.module)
 
     def parameters(self) -> ParamDict:
-        """The network's current trainable parameters (detached copies)."""
-        params = dict(self.network.module.named_parameters())
-        return {n: params[n].detach().clone() for n in self.names}
+        """The network's current trainable parameters (a copy, as one vector)."""
+        return {FLAT: self.layout.flatten(dict(self.network.module.named_parameters()))}
+
+    def named(self, params: ParamDict) -> dict[str, torch.Tensor]:
+        """``{parameter name: tensor}`` views of ``params``."""
+        return self.layout.views(params[FLAT])
+
+    def load(self, params: ParamDict) -> None:
+        """Write ``params`` into the network's module."""
+        with torch.no_grad():
+            modules = dict(self.network.module.named_parameters())
+            for name, value in self.named(params).items():
+                modules[name].copy_(value)
 
     def draw_batch(self, generator: torch.Generator) -> torch.Tensor | slice:
         size = len(self.split)
@@ -57,38 +74,58 @@ class NetworkProblem:
         return torch.randperm(size, generator=generator)[:self.batch]
 
     def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.split.x[batch], self.split.y[batch]
+        x, y = self.split.rows(batch, self.network.device)
         if self.pool > 1:
             x = F.max_pool2d(x, self.pool)
         return x, y
 
-    def _loss(self, params: ParamDict, batch) -> torch.Tensor:
+    def _loss(self, flat: torch.Tensor, batch) -> torch.Tensor:
+        """The batch's mean loss; with data_parallel this rank's share of it (its part's loss
+        weighted by the part's size), zero for an empty part."""
+        if self.data_parallel is not None:
+            index = torch.arange(len(self.split)) if isinstance(batch, slice) else batch
+            batch = index[self.data_parallel.part(len(index))]
+            if len(batch) == 0:
+                return flat.sum() * 0.0
+            share = len(batch) / len(index)
         x, y = self.inputs(batch)
-        return self.loss(functional_call(self.network.module, params, (x,)), y)
+        loss = self.loss(functional_call(self.network.module, self.layout.views(flat), (x,)), y)
+        return loss if self.data_parallel is None else loss * share
 
     def value_and_grad(self, params: ParamDict, batch) -> tuple[float, ParamDict]:
-        leaves = {n: params[n].detach().requires_grad_(True) for n in self.names}
-        loss = self._loss(leaves, batch)
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-        return float(loss.detach()), dict(zip(self.names, grads))
+        leaf = params[FLAT].detach().requires_grad_(True)
+        loss = self._loss(leaf, batch)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        loss = loss.detach()
+        if self.data_parallel is not None:  # autograd.grad is not hooked by DDP: reduce here
+            loss, grad = self.data_parallel.sum([loss, grad])
+        return float(loss), {FLAT: grad}
 
     @torch.no_grad()
     def value(self, params: ParamDict, batch) -> float:
-        return float(self._loss(params, batch))
+        loss = self._loss(params[FLAT], batch)
+        return float(loss if self.data_parallel is None else self.data_parallel.sum([loss])[0])
 
     @torch.no_grad()
     def evaluate(self, params: ParamDict, split: Split, chunk: int = 4096) -> dict:
         """Mean loss and error rate over a whole split (no pooling beyond this level's)."""
         total, wrong = 0.0, 0
+        named = self.named(params)
+        size = len(split)
+        if self.data_parallel is not None:
+            part = self.data_parallel.part(size)
+            split = Split(split.x[part], split.y[part])
         for start in range(0, len(split), chunk):
-            x, y = split.x[start:start + chunk], split.y[start:start + chunk]
+            x, y = split.rows(slice(start, start + chunk), self.network.device)
             if self.pool > 1:
                 x = F.max_pool2d(x, self.pool)
-            output = functional_call(self.network.module, params, (x,))
+            output = functional_call(self.network.module, named, (x,))
             total += float(self.loss(output, y)) * x.shape[0]
             if output.dim() == 2 and not y.is_floating_point():
                 wrong += int((output.argmax(dim=1) != y).sum())
-        n = max(len(split), 1)
+        if self.data_parallel is not None:
+            total, wrong = self.data_parallel.sum([torch.tensor([total, wrong], dtype=torch.float64)])[0].tolist()
+        n = max(size, 1)
         return {"loss": total / n, "error": wrong / n}
 
 
@@ -102,7 +139,7 @@ def resolution_network(network: Network, factor: int) -> Network:
     graph = network.graph
     shape = tuple(graph.input_shape)
     if len(shape) != 3 or shape[1] % factor or shape[2] % factor:
-        raise GraphgrowError(f"resolution hierarchy: input shape {list(shape)} cannot be max-pooled by {factor}",
+        raise GraphgrowError(f"resolution hierarchy: input shape {list(shape)} cannot be max-pooled by {factor}", option="levels",
                              file=graph.source, hint="it needs image inputs (C, H, W) with H and W divisible "
                                                       "by 2**(levels-1); use fewer levels")
     coarse = copy.deepcopy(graph)
@@ -120,27 +157,33 @@ def resolution_network(network: Network, factor: int) -> Network:
             raise GraphgrowError("resolution hierarchy: parameter shapes change with the input size",
                                  file=graph.source, node=node.name,
                                  hint="use adaptive_avgpool2d before flatten so the head sees a fixed size")
-    return Network.build(coarse, network.state())
+    return Network.build(coarse, network.state(), dtype=network.dtype, device=network.device)
 
 
 def build_network_hierarchy(network: Network, split: Split, kind: str, levels: int, *, batch: int | None,
-                            loss: str = "cross_entropy", **options) -> Hierarchy:
+                            loss: str = "cross_entropy", data_parallel=None, **options) -> Hierarchy:
     """A :class:`Hierarchy` of ``levels`` levels of kind depth, width, batch or resolution;
     ``options`` go to ``passes.build_hierarchy`` (depth: interpolation, restriction; width:
-    layers, groups, scaling)."""
+    layers, groups, scaling). ``data_parallel``: every level's problem reduces over the ranks."""
     if kind not in HIERARCHIES:
-        raise GraphgrowError(f"unknown hierarchy '{kind}'", hint=f"use one of {', '.join(HIERARCHIES)}")
+        raise GraphgrowError(f"unknown hierarchy '{kind}'", option="hierarchy", hint=f"use one of {', '.join(HIERARCHIES)}")
     if not (isinstance(levels, int) and levels >= 1):
-        raise GraphgrowError(f"levels must be a positive integer, got {levels!r}")
+        raise GraphgrowError(f"levels must be a positive integer, got {levels!r}", option="levels")
     fine_batch = len(split) if batch is None else min(batch, len(split))
     if levels == 1:  # plain SGD on the network: nothing to build
-        return Hierarchy([NetworkProblem(network, split, batch=batch, loss=loss)], [], [f"{kind}0"])
+        return Hierarchy([NetworkProblem(network, split, batch=batch, loss=loss, data_parallel=data_parallel)], [], [f"{kind}0"])
     if kind in ("depth", "width"):
         built = passes.build_hierarchy(network, kind=kind, levels=levels, **options)
         networks = [level.network for level in built]
-        transfers = [level.transfer for level in built[1:]]
         costs = _relative_costs([n.graph.flops() for n in networks], [fine_batch] * levels)
-        problems = [NetworkProblem(n, split, batch=batch, loss=loss, cost=c) for n, c in zip(networks, costs)]
+        problems = [NetworkProblem(n, split, batch=batch, loss=loss, cost=c, data_parallel=data_parallel)
+                    for n, c in zip(networks, costs)]
+        # one fine gradient evaluation: forward and backward, about 3 forward passes
+        reference = 3.0 * networks[0].graph.flops() * fine_batch
+        example = next(networks[0].module.parameters())
+        transfers = [FlatTransfer(level.transfer, fine.layout, coarse.layout, reference_operations=reference,
+                                  device=example.device, dtype=example.dtype)
+                     for level, fine, coarse in zip(built[1:], problems, problems[1:])]
         names = [f"{kind}{l}:{n.graph.num_params()}p" for l, n in enumerate(networks)]
         return Hierarchy(problems, transfers, names)
     if options:
@@ -148,26 +191,19 @@ def build_network_hierarchy(network: Network, split: Split, kind: str, levels: i
     if kind == "batch":
         sizes = [max(fine_batch // 2 ** l, 1) for l in range(levels)]
         if levels > 1 and sizes[-1] == sizes[-2]:
-            raise GraphgrowError(f"batch hierarchy: batch {fine_batch} cannot be halved {levels - 1} times",
+            raise GraphgrowError(f"batch hierarchy: batch {fine_batch} cannot be halved {levels - 1} times", option="batch",
                                  hint="use a larger --batch or fewer --levels")
         costs = _relative_costs([1] * levels, sizes)
-        problems = [NetworkProblem(network, split, batch=s, loss=loss, cost=c) for s, c in zip(sizes, costs)]
+        problems = [NetworkProblem(network, split, batch=s, loss=loss, cost=c, data_parallel=data_parallel)
+                    for s, c in zip(sizes, costs)]
         names = [f"batch{s}" for s in sizes]
     else:
         networks = [network] + [resolution_network(network, 2 ** l) for l in range(1, levels)]
         costs = _relative_costs([n.graph.flops() for n in networks], [fine_batch] * levels)
-        problems = [NetworkProblem(n, split, batch=batch, loss=loss, pool=2 ** l, cost=c)
+        problems = [NetworkProblem(n, split, batch=batch, loss=loss, pool=2 ** l, cost=c, data_parallel=data_parallel)
                     for l, (n, c) in enumerate(zip(networks, costs))]
         names = [f"{'x'.join(map(str, n.graph.input_shape[1:]))}" for n in networks]
     return Hierarchy(problems, [IdentityTransfer() for _ in range(levels - 1)], names)
-
-
-def load_params(network: Network, params: ParamDict) -> None:
-    """Write a parameter dict into the network's module."""
-    with torch.no_grad():
-        named = dict(network.module.named_parameters())
-        for name, value in params.items():
-            named[name].copy_(value)
 
 
 def iterations_per_epoch(size: int, batch: int | None) -> int:

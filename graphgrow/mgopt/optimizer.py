@@ -16,16 +16,29 @@ of gradients R_g and prolongation P, all linear maps on parameter dicts).
 * More than two levels: the cgc problem of level l is itself solved by a V-cycle: pre-smoothing
   SGD steps on h_l, a correction from level l+1 (built from h_l's gradient, so the
   linear terms nest as in FAS), post-smoothing steps. The coarsest level takes K SGD steps.
+  Without pre-smoothing the gradient of h_l at its start is known (R_g of the finer gradient,
+  first-order coherence), so no gradient is evaluated for it: ``pre_smooth = post_smooth = 0``
+  goes straight to the coarsest level, paying only the coarse gradients of the linear terms.
 * Safeguards (Section 2.4.3, Theorem 2.39): a correction is accepted only if <g, e> < 0 (a
   descent direction for the mini-batch objective) and, optionally, alpha_cgc is halved until
   the Armijo condition holds on the same mini-batch; a rejected correction becomes an SGD step.
+* ``min_gap = 0`` ("a V-cycle every iteration"): every fine iteration takes its SGD step (the
+  fine pre-smoothing) and then, if the kappa rule holds, a correction built from the gradient
+  at the smoothed point. Without that fine step the blocks a restriction drops would never see
+  their own gradient.
+* ``same_batch``: every level of a correction (smoothing steps, coarse SGD steps) uses the fine
+  mini-batch xi_k instead of drawing its own.
+* ``momentum`` mu: heavy-ball SGD (m <- mu m + g, step -alpha m, as ``torch.optim.SGD``) on every
+  level. The fine buffer lives across iterations (a correction leaves it alone); each coarse
+  solve starts its own from zero; nested iteration prolongs it with P from level to level.
 * Variants: ``no-correction`` (coarse training from R_p theta without the linear term, the
   variant reported to give speedups for ResNets) and ``nested`` (train the coarsest level,
   prolong, continue on the next finer one: nested iteration).
 
 Work is counted in *work units*: one unit is one gradient evaluation on the finest level
 (forward + backward); a level's ``cost`` is the size of its gradient evaluation relative to
-that; an objective value alone counts a third (forward only).
+that; an objective value alone counts a third (forward only); a transfer with a ``cost``
+attribute adds that many units each time R_p, R_g or P is applied.
 """
 from __future__ import annotations
 
@@ -55,7 +68,9 @@ class MGOptConfig:
     steps on the coarsest level per correction; lam: regularisation of h; pre_smooth /
     post_smooth: SGD steps on intermediate levels of a V-cycle before / after their own
     correction; min_gap: fine SGD steps required between corrections (1 = Algorithm 5's "no
-    correction at k-1"); descent_check: reject corrections with <g, e> >= 0; backtracking:
+    correction at k-1"; 0 = a V-cycle every iteration: fine SGD step, then the correction);
+    same_batch: every level of a correction reuses the fine mini-batch; momentum: heavy-ball
+    momentum on every level; descent_check: reject corrections with <g, e> >= 0; backtracking:
     maximal halvings of alpha_cgc under the Armijo condition (0: no Armijo check); schedule: constant, or
     diminishing (alpha_k = alpha / (1 + k / decay), the same for alpha_cgc; Robbins-Monro);
     nested_iterations: SGD iterations on each coarse level before prolonging (variant nested).
@@ -70,6 +85,8 @@ class MGOptConfig:
     pre_smooth: int = 1
     post_smooth: int = 1
     min_gap: int = 1
+    same_batch: bool = False
+    momentum: float = 0.0
     descent_check: bool = True
     backtracking: int = 0
     armijo: float = 1e-4
@@ -81,31 +98,33 @@ class MGOptConfig:
         self.check()
 
     def check(self) -> None:
-        def bad(message, hint=None):
-            raise GraphgrowError(f"mgopt setting: {message}", hint=hint)
+        def bad(option, message, hint=None):
+            raise GraphgrowError(f"mgopt setting: {message}", option=option, hint=hint)
         if self.variant not in VARIANTS:
-            bad(f"unknown variant '{self.variant}'", f"use one of {', '.join(VARIANTS)}")
+            bad("variant", f"unknown variant '{self.variant}'", f"use one of {', '.join(VARIANTS)}")
         if self.schedule not in SCHEDULES:
-            bad(f"unknown step-size schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
+            bad("schedule", f"unknown step-size schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         for name in ("alpha", "alpha_cgc", "decay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                bad(f"{name} must be a positive number, got {value!r}")
+                bad(name, f"{name} must be a positive number, got {value!r}")
         if self.alpha_bar is not None and not self.alpha_bar > 0:
-            bad(f"alpha_bar must be positive, got {self.alpha_bar!r}")
+            bad("alpha_bar", f"alpha_bar must be positive, got {self.alpha_bar!r}")
         if not 0 <= self.kappa < 1:
-            bad(f"kappa must lie in [0, 1), got {self.kappa!r}",
+            bad("kappa", f"kappa must lie in [0, 1), got {self.kappa!r}",
                 "the rule ||R_g g||^2 > kappa ||g||^2 compares a restricted gradient with the full one")
         if not (isinstance(self.K, int) and self.K >= 1):
-            bad(f"K must be a positive integer, got {self.K!r}")
+            bad("K", f"K must be a positive integer, got {self.K!r}")
         if self.lam < 0:
-            bad(f"lam must not be negative, got {self.lam!r}")
+            bad("lam", f"lam must not be negative, got {self.lam!r}")
         for name in ("pre_smooth", "post_smooth", "backtracking"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                bad(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if not (isinstance(self.min_gap, int) and self.min_gap >= 1):
-            bad(f"min_gap must be at least 1, got {self.min_gap!r}",
-                "Algorithm 5 forbids corrections in consecutive iterations")
+                bad(name, f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.min_gap, int) and self.min_gap >= 0):
+            bad("min_gap", f"min_gap must be a non-negative integer, got {self.min_gap!r}",
+                "1 is Algorithm 5 (no corrections in consecutive iterations), 0 a V-cycle every iteration")
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            bad("momentum", f"momentum must lie in [0, 1), got {self.momentum!r}")
 
     @property
     def coarse_rate(self) -> float:
@@ -154,6 +173,10 @@ class MultilevelOptimizer:
         self.work = 0.0
         self.corrections = 0
         self.rejections = 0
+        self.transfers = 0  # applications of R_p, R_g or P
+        self.transfer_work = 0.0  # their cost, also included in ``work``
+        self.velocity: ParamDict | None = None  # the fine level's momentum buffer
+        self.batch = None  # the current fine mini-batch xi_k (reused by every level with same_batch)
 
     # the expensive calls, counted
     def _grad(self, level: int, objective, params: ParamDict, batch) -> tuple[float, ParamDict]:
@@ -164,11 +187,25 @@ class MultilevelOptimizer:
         self.work += FORWARD_SHARE * self.hierarchy.levels[level].cost
         return objective.value(params, batch)
 
+    def draw(self, level: int):
+        """The mini-batch of one step on ``level``: xi_k with ``same_batch``, else a fresh draw."""
+        if self.config.same_batch and self.batch is not None:
+            return self.batch
+        return self.hierarchy.levels[level].draw_batch(self.generator)
+
+    def descend(self, params: ParamDict, grad: ParamDict, rate: float,
+                velocity: ParamDict | None) -> tuple[ParamDict, ParamDict | None]:
+        """One (heavy-ball) SGD step; returns the new parameters and momentum buffer."""
+        if not self.config.momentum:
+            return pd_add(params, grad, -rate), None
+        velocity = grad if velocity is None else pd_add(grad, velocity, self.config.momentum)
+        return pd_add(params, velocity, -rate), velocity
+
     def _sgd(self, level: int, objective, params: ParamDict, steps: int, rate: float) -> ParamDict:
-        problem = self.hierarchy.levels[level]
+        velocity = None  # each coarse solve has its own momentum
         for _ in range(steps):
-            _, grad = self._grad(level, objective, params, problem.draw_batch(self.generator))
-            params = pd_add(params, grad, -rate)
+            _, grad = self._grad(level, objective, params, self.draw(level))
+            params, velocity = self.descend(params, grad, rate, velocity)
         return params
 
     def wants_correction(self, grad: ParamDict, restricted: ParamDict) -> bool:
@@ -179,26 +216,53 @@ class MultilevelOptimizer:
     def step(self, theta: ParamDict) -> tuple[ParamDict, StepInfo]:
         cfg = self.config
         fine = self.hierarchy.levels[0]
-        batch = fine.draw_batch(self.generator)
+        self.batch = None
+        batch = self.batch = self.draw(0)
         objective = Shifted(fine)
         loss, grad = self._grad(0, objective, theta, batch)
         info = StepInfo(self.iteration, "sgd", loss, pd_sq_norm(grad))
+        wanted = False
         if len(self.hierarchy) > 1 and cfg.variant != "nested":
-            restricted = self.hierarchy.transfers[0].restrict_gradient(grad)
+            restricted = self.transfer(0, "restrict_gradient", grad)
             info.restricted_sq_norm = pd_sq_norm(restricted)
-            if self.wants_correction(grad, restricted):
-                corrected, reason, slope, step = self.correct(0, objective, theta, grad, loss, batch)
-                info.slope, info.step = slope, step
-                if corrected is not None:
-                    self.corrections += 1
-                    self.since_correction = 0
-                    info.kind = "cgc"
-                    return self._finish(corrected, info)
-                self.rejections += 1
-                info.kind, info.reason = "rejected", reason
-        theta = pd_add(theta, grad, -cfg.rate(cfg.alpha, self.iteration))
+            wanted = self.wants_correction(grad, restricted)
+        if wanted and cfg.min_gap == 0:  # V-cycle: the SGD step smooths, then the correction
+            theta = self._fine_sgd(theta, grad)
+            batch = self.draw(0)
+            loss, grad = self._grad(0, objective, theta, batch)
+        if wanted:
+            corrected, reason, slope, step = self.correct(0, objective, theta, grad, loss, batch)
+            info.slope, info.step = slope, step
+            if corrected is not None:
+                self.corrections += 1
+                self.since_correction = 0
+                info.kind = "cgc"
+                return self._finish(corrected, info)
+            self.rejections += 1
+            info.kind, info.reason = "rejected", reason
+            if cfg.min_gap == 0:  # the smoothing step is already taken
+                return self._finish(theta, info)
+        theta = self._fine_sgd(theta, grad)
         self.since_correction += 1
         return self._finish(theta, info)
+
+    def _fine_sgd(self, theta: ParamDict, grad: ParamDict) -> ParamDict:
+        rate = self.config.rate(self.config.alpha, self.iteration)
+        theta, self.velocity = self.descend(theta, grad, rate, self.velocity)
+        return theta
+
+    def transfer(self, level: int, direction: str, params: ParamDict) -> ParamDict:
+        """R_p (restrict), R_g (restrict_gradient) or P (prolong) between ``level`` and
+        ``level + 1``, its cost (the transfer's ``cost`` in work units, if it has one) counted."""
+        transfer = self.hierarchy.transfers[level]
+        self._count_transfer(transfer)
+        return getattr(transfer, direction)(params)
+
+    def _count_transfer(self, transfer) -> None:
+        cost = getattr(transfer, "cost", 0.0)
+        self.work += cost
+        self.transfer_work += cost
+        self.transfers += 1
 
     def _finish(self, theta: ParamDict, info: StepInfo) -> tuple[ParamDict, StepInfo]:
         self.iteration += 1
@@ -213,15 +277,19 @@ class MultilevelOptimizer:
         cfg = self.config
         transfer = self.hierarchy.transfers[level]
         coarse = self.hierarchy.levels[level + 1]
-        start = transfer.restrict(theta)
+        start = self.transfer(level, "restrict", theta)
+        known = None
         if cfg.variant == "mgopt":
-            linear, _ = correction_linear_term(transfer, coarse, grad, start, batch)
-            self.work += coarse.cost
+            linear, coarse_grad = correction_linear_term(transfer, coarse, grad, start, batch)
+            self.work += coarse.cost  # the coarse gradient in v; R_g is counted next
+            self._count_transfer(transfer)
+            # first-order coherence: grad h(R_p theta) = G_H + v = R_g g on this batch
+            known = (batch, pd_add(coarse_grad, linear))
         else:
             linear = None
         coarse_objective = Shifted(coarse, linear, cfg.lam, start)
-        end = self.solve(level + 1, coarse_objective, start)
-        direction = transfer.prolong(pd_sub(end, start))
+        end = self.solve(level + 1, coarse_objective, start, known)
+        direction = self.transfer(level, "prolong", pd_sub(end, start))
         slope = pd_dot(grad, direction)
         if cfg.descent_check and not slope < 0:
             return None, "ascent", slope, None
@@ -235,28 +303,26 @@ class MultilevelOptimizer:
             step *= 0.5
         return None, "backtracking", slope, step
 
-    def solve(self, level: int, objective: Shifted, start: ParamDict) -> ParamDict:
+    def solve(self, level: int, objective: Shifted, start: ParamDict, known=None) -> ParamDict:
         """Approximate minimisation of ``objective`` on ``level``: K SGD steps on the coarsest
-        level, otherwise a V-cycle (pre-smoothing, correction from below, post-smoothing)."""
+        level, otherwise a V-cycle (pre-smoothing, correction from below, post-smoothing).
+        ``known``: (batch, gradient of ``objective`` at ``start`` on it); without pre-smoothing
+        the next correction is built from it instead of a new gradient evaluation."""
         cfg = self.config
         rate = cfg.coarse_rate
         if level == len(self.hierarchy) - 1:
             return self._sgd(level, objective, start, cfg.K, rate)
         params = self._sgd(level, objective, start, cfg.pre_smooth, rate)
-        problem = self.hierarchy.levels[level]
-        batch = problem.draw_batch(self.generator)
-        value, grad = self._grad(level, objective, params, batch)
+        if cfg.pre_smooth == 0 and known is not None:
+            batch, grad = known
+            value = self._value(level, objective, params, batch) if cfg.backtracking else math.nan
+        else:
+            batch = self.draw(level)
+            value, grad = self._grad(level, objective, params, batch)
         corrected, _, _, _ = self.correct(level, objective, params, grad, value, batch)
         if corrected is not None:
             params = corrected
         return self._sgd(level, objective, params, cfg.post_smooth, rate)
-
-
-def restrict_to(hierarchy: Hierarchy, theta: ParamDict, level: int) -> ParamDict:
-    """R_p applied ``level`` times."""
-    for transfer in hierarchy.transfers[:level]:
-        theta = transfer.restrict(theta)
-    return theta
 
 
 def prolong_from(hierarchy: Hierarchy, theta: ParamDict, level: int, to: int = 0) -> ParamDict:
@@ -289,23 +355,26 @@ def optimize(hierarchy: Hierarchy, theta: ParamDict, config: MGOptConfig, iterat
     if config.variant == "nested" and len(hierarchy) > 1:
         schedule = nested_schedule(config, len(hierarchy))
         coarsest = len(hierarchy) - 1
-        params = restrict_to(hierarchy, theta, coarsest)
+        params, velocity = theta, None
+        for level in range(coarsest):
+            params = optimizer.transfer(level, "restrict", params)
         for level in range(coarsest, 0, -1):
             problem = hierarchy.levels[level]
             objective = Shifted(problem)
             for _ in range(schedule[level - 1]):
                 if work_budget is not None and optimizer.work >= work_budget:
                     break
-                batch = problem.draw_batch(generator)
-                loss, grad = optimizer._grad(level, objective, params, batch)
+                loss, grad = optimizer._grad(level, objective, params, problem.draw_batch(generator))
                 info = StepInfo(optimizer.iteration, f"level{level}", loss, pd_sq_norm(grad))
-                params = pd_add(params, grad, -config.coarse_rate)
+                params, velocity = optimizer.descend(params, grad, config.coarse_rate, velocity)
                 params, info = optimizer._finish(params, info)
                 history.append(info)
-                if callback is not None:
+                if callback is not None:  # evaluation only: this prolongation is not training work
                     callback(prolong_from(hierarchy, params, level), info, optimizer)
-            params = hierarchy.transfers[level - 1].prolong(params)
-        theta = params
+            params = optimizer.transfer(level - 1, "prolong", params)
+            if velocity is not None:  # the momentum buffer is a step direction: prolong it as well
+                velocity = optimizer.transfer(level - 1, "prolong", velocity)
+        theta, optimizer.velocity = params, velocity
     for _ in range(iterations):
         if work_budget is not None and optimizer.work >= work_budget:
             break

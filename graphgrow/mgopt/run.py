@@ -4,14 +4,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
+
+import torch
 
 from ..compiler.io import load_network
 from ..errors import GraphgrowError
 from ..runtime.data import load_data
+from ..runtime.devices import place_network
+from ..runtime.distributed import DEFAULT_TIMEOUT, joined
 from ..runtime.runlog import RunLog
-from ..runtime.splits import as_splits, check_data_fits
-from .network import build_network_hierarchy, iterations_per_epoch, load_params
+from ..runtime.splits import as_splits, check_data_fits, place
+from .network import build_network_hierarchy, iterations_per_epoch
 from .optimizer import MGOptConfig, optimize
 
 
@@ -26,124 +30,166 @@ class MGOptResult:
 def run(spec, data="spiral", *, hierarchy: str = "depth", levels: int = 2, kappa: float = 0.5, K: int = 10,
         lam: float = 0.0, alpha: float = 0.1, alpha_bar: float | None = None, alpha_cgc: float = 1.0,
         variant: str = "mgopt", epochs: int = 10, batch: int | None = 100, loss: str = "cross_entropy",
-        pre_smooth: int = 1, post_smooth: int = 1, min_gap: int = 1, descent_check: bool = True,
-        backtracking: int = 0, schedule: str = "constant", decay: float = 100.0, nested_epochs: int = 1,
-        interpolation: str = "constant", out=None, seed: int = 0, progress: bool = False, eval_every: int = 1,
+        pre_smooth: int = 1, post_smooth: int = 1, min_gap: int = 1, same_batch: bool = False,
+        momentum: float = 0.0, descent_check: bool = True, backtracking: int = 0, schedule: str = "constant",
+        decay: float = 100.0, nested_epochs: int | Sequence[int] = 1, interpolation: str = "constant",
+        restriction: str = "half-transpose", out=None, seed: int = 0, progress: bool = False, eval_every: int = 1,
         evals_per_epoch: int = 1, work_budget: float | None = None, log_steps: bool = True,
-        export: bool = True) -> MGOptResult:
+        export: bool = True, device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None, dist_timeout: float = DEFAULT_TIMEOUT) -> MGOptResult:
     """Train ``spec`` on ``data`` with multilevel optimisation on a hierarchy built from it.
 
     ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
     npz:PATH. ``hierarchy``: depth | width | batch | resolution with ``levels`` levels (1 level:
     plain SGD). ``variant``: mgopt (Algorithm 5, V-cycle for levels > 2), no-correction, or
-    nested (``nested_epochs`` epochs of SGD on each coarse level, coarsest first, then
-    ``epochs`` on the finest). ``interpolation`` (constant | linear) is the depth prolongation.
+    nested (``nested_epochs`` epochs of SGD on each coarse level, or a list with one count per
+    coarse level, coarsest first; then ``epochs`` on the finest). ``min_gap``: fine SGD steps
+    between corrections (0: a V-cycle every iteration); ``same_batch``: every level of a
+    correction uses the fine mini-batch; ``momentum``: heavy-ball momentum on every level.
+    ``interpolation`` (constant | linear) is the depth prolongation, ``restriction``
+    (half-transpose: R = P^T / 2 | injection: coarse block j = fine block 2j) its restriction.
     One epoch is ceil(train size / batch) fine iterations with mini-batches drawn by ``seed``.
     With ``out`` the run directory gets log.jsonl (step and eval records with wall time and
     work units), summary.json, final.yaml + .pt, model.pt2 and curves.png. The full training and
     test sets are evaluated every ``eval_every`` epochs, or ``evals_per_epoch`` times per epoch.
     ``work_budget`` (work units, one = a fine gradient evaluation) ends training when spent,
-    whichever of it and ``epochs`` comes first (to compare contenders at equal work)."""
+    whichever of it and ``epochs`` comes first (to compare contenders at equal work).
+    ``device`` (auto, cpu, cuda, cuda:N, mps) and ``dtype`` (float32, float64): where and in which
+    type every level trains (None: as the network is); the data are cast to the network's dtype.
+    Started as one of several ranks (``graphgrow mgopt --nproc N`` or torchrun) every level's
+    losses and gradients are summed over the ranks' parts of each batch (runtime.distributed;
+    collectives give up after ``dist_timeout`` seconds); rank 0 writes the run directory."""
     from ..runtime.plots import plot_run
 
     config = MGOptConfig(alpha=alpha, alpha_bar=alpha_bar, alpha_cgc=alpha_cgc, kappa=kappa, K=K, lam=lam,
                          variant=variant, pre_smooth=pre_smooth, post_smooth=post_smooth, min_gap=min_gap,
-                         descent_check=descent_check, backtracking=backtracking, schedule=schedule, decay=decay)
+                         same_batch=same_batch, momentum=momentum, descent_check=descent_check,
+                         backtracking=backtracking, schedule=schedule, decay=decay)
+    if same_batch and hierarchy == "batch":
+        raise GraphgrowError("same_batch contradicts the batch hierarchy (its levels differ only in batch size)",
+                             hint="use another hierarchy, or leave same_batch off", option="same_batch")
     if not (isinstance(epochs, int) and epochs >= 0):
-        raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}")
+        raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}", option="epochs")
     dataset = load_data(data, seed)
-    network = load_network(spec, seed)
-    train_split, test_split = as_splits(dataset)
-    check_data_fits(network, train_split)
-    options = {"interpolation": interpolation} if hierarchy == "depth" else {}
-    levels_built = build_network_hierarchy(network, train_split, hierarchy, levels, batch=batch, loss=loss, **options)
-    per_epoch = iterations_per_epoch(len(train_split), batch)
-    if not (isinstance(evals_per_epoch, int) and evals_per_epoch >= 1 and isinstance(eval_every, int) and eval_every >= 1):
-        raise GraphgrowError("eval_every and evals_per_epoch must be positive integers")
-    eval_interval = max(per_epoch // evals_per_epoch, 1) if evals_per_epoch > 1 else per_epoch * eval_every
-    config.nested_iterations = nested_epochs * per_epoch
-    iterations = epochs * per_epoch
-    fine = levels_built.levels[0]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        total = iterations + (config.nested_iterations * (len(levels_built) - 1) if variant == "nested" else 0)
-        bar = tqdm(total=total, desc=f"mgopt {variant}", unit="it", leave=False, dynamic_ncols=True)
+    network = place_network(load_network(spec, seed), device, dtype)
+    with joined(network.device, dist_timeout) as parallel:
+        if parallel is not None:  # rank 0 alone shows progress and writes the run directory
+            network.to(parallel.device)
+            progress = progress and parallel.rank == 0
+            out = out if parallel.rank == 0 else None
+        train_split, test_split = (place(split, network.device) for split in as_splits(dataset, network.dtype))
+        check_data_fits(network, train_split, loss, test_split)
+        options = {"interpolation": interpolation, "restriction": restriction} if hierarchy == "depth" else {}
+        if hierarchy != "depth" and (interpolation, restriction) != ("constant", "half-transpose"):
+            raise GraphgrowError(f"interpolation and restriction choose the depth transfers; hierarchy '{hierarchy}' "
+                                 "has its own", hint="leave them at their defaults or use hierarchy depth",
+                                 option="restriction")
+        levels_built = build_network_hierarchy(network, train_split, hierarchy, levels, batch=batch, loss=loss,
+                                               data_parallel=parallel, **options)
+        per_epoch = iterations_per_epoch(len(train_split), batch)
+        if not (isinstance(evals_per_epoch, int) and evals_per_epoch >= 1 and isinstance(eval_every, int) and eval_every >= 1):
+            raise GraphgrowError("eval_every and evals_per_epoch must be positive integers")
+        eval_interval = max(per_epoch // evals_per_epoch, 1) if evals_per_epoch > 1 else per_epoch * eval_every
+        config.nested_iterations = nested_iterations(nested_epochs, len(levels_built), per_epoch)
+        iterations = epochs * per_epoch
+        fine = levels_built.levels[0]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            total = iterations + (config.nested_iterations * (len(levels_built) - 1) if variant == "nested" else 0)
+            bar = tqdm(total=total, desc=f"mgopt {variant}", unit="it", leave=False, dynamic_ncols=True)
 
-    with RunLog(out) as log:
-        log.log("start", config=config.to_dict(), hierarchy=hierarchy, levels=levels_built.names,
-                network=network.graph.name, params=network.graph.num_params(), flops=network.graph.flops(),
-                costs=[p.cost for p in levels_built.levels], epochs=epochs, batch=batch, seed=seed,
-                train_size=len(train_split), test_size=len(test_split) if test_split else 0)
-        origin = time.perf_counter()
-        excluded = 0.0  # evaluation time is not training time
+        with RunLog(out) as log:
+            log.log("start", config=config.to_dict(), hierarchy=hierarchy, levels=levels_built.names,
+                    network=network.graph.name, params=network.graph.num_params(), flops=network.graph.flops(),
+                    costs=[p.cost for p in levels_built.levels], epochs=epochs, batch=batch, seed=seed,
+                    train_size=len(train_split), test_size=len(test_split) if test_split else 0)
+            origin = time.perf_counter()
+            excluded = 0.0  # evaluation time is not training time
 
-        def evaluate_and_log(params, iteration, epoch, work, phase="fine"):
-            nonlocal excluded
-            began = time.perf_counter()
-            train = fine.evaluate(params, train_split)
-            test = fine.evaluate(params, test_split) if test_split is not None else None
-            record = log.log("eval", epoch=epoch, iteration=iteration, work=work, phase=phase,
-                             train_time=began - origin - excluded, train_loss=train["loss"],
-                             train_error=train["error"], test_loss=test and test["loss"],
-                             test_error=test and test["error"])
-            excluded += time.perf_counter() - began
-            return record
+            def evaluate_and_log(params, iteration, epoch, work, phase="fine"):
+                nonlocal excluded
+                began = time.perf_counter()
+                train = fine.evaluate(params, train_split)
+                test = fine.evaluate(params, test_split) if test_split is not None else None
+                record = log.log("eval", epoch=epoch, iteration=iteration, work=work, phase=phase,
+                                 train_time=began - origin - excluded, train_loss=train["loss"],
+                                 train_error=train["error"], test_loss=test and test["loss"],
+                                 test_error=test and test["error"])
+                excluded += time.perf_counter() - began
+                return record
 
-        evaluate_and_log(fine.parameters(), 0, 0, 0.0)
-        seen = {"fine": 0}
+            evaluate_and_log(fine.parameters(), 0, 0, 0.0)
+            seen = {"fine": 0}
 
-        def on_iteration(params, info, optimizer):
-            if log_steps:
-                log.log("step", iteration=info.iteration, kind=info.kind, loss=info.loss, work=info.work,
-                        grad_sq_norm=info.grad_sq_norm, restricted_sq_norm=info.restricted_sq_norm,
-                        slope=info.slope, step=info.step, reason=info.reason)
-            if bar is not None:
-                bar.update(1)
-            if not math.isfinite(info.loss):
-                raise _Diverged(info.iteration)
-            if info.kind.startswith("level"):
-                done = info.iteration + 1
-                if done % eval_interval == 0:
-                    evaluate_and_log(params, done, 0, info.work, phase=info.kind)
-                return
-            seen["fine"] += 1
-            last = seen["fine"] == iterations or (work_budget is not None and optimizer.work >= work_budget)
-            if seen["fine"] % eval_interval == 0 or last:
-                epoch = seen["fine"] / per_epoch
-                evaluate_and_log(params, info.iteration + 1, int(epoch) if epoch.is_integer() else epoch, info.work)
+            def on_iteration(params, info, optimizer):
+                if log_steps:
+                    log.log("step", iteration=info.iteration, kind=info.kind, loss=info.loss, work=info.work,
+                            grad_sq_norm=info.grad_sq_norm, restricted_sq_norm=info.restricted_sq_norm,
+                            slope=info.slope, step=info.step, reason=info.reason)
+                if bar is not None:
+                    bar.update(1)
+                if not math.isfinite(info.loss):
+                    raise _Diverged(info.iteration)
+                if info.kind.startswith("level"):
+                    done = info.iteration + 1
+                    if done % eval_interval == 0:
+                        evaluate_and_log(params, done, 0, info.work, phase=info.kind)
+                    return
+                seen["fine"] += 1
+                last = seen["fine"] == iterations or (work_budget is not None and optimizer.work >= work_budget)
+                if seen["fine"] % eval_interval == 0 or last:
+                    epoch = seen["fine"] / per_epoch
+                    evaluate_and_log(params, info.iteration + 1, int(epoch) if epoch.is_integer() else epoch, info.work)
 
-        try:
-            theta, history, optimizer = optimize(levels_built, fine.parameters(), config, iterations, seed=seed,
-                                                 work_budget=work_budget, callback=on_iteration)
-            diverged = None
-        except _Diverged as stop:
-            log.log("diverged", iteration=stop.iteration)
-            theta, history, optimizer, diverged = None, [], None, stop.iteration
-        finally:
-            if bar is not None:
-                bar.close()
-        if theta is not None:
-            load_params(network, theta)
-        final = {"train": fine.evaluate(fine.parameters(), train_split),
-                 "test": fine.evaluate(fine.parameters(), test_split) if test_split is not None else None,
-                 "train_time": time.perf_counter() - origin - excluded,
-                 "work": optimizer.work if optimizer else None,
-                 "iterations": len(history), "corrections": optimizer.corrections if optimizer else 0,
-                 "rejected": optimizer.rejections if optimizer else 0, "diverged": diverged}
-        log.log("end", **final)
-        summary = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
-                   "hierarchy": hierarchy, "levels": levels_built.names,
-                   "costs": [p.cost for p in levels_built.levels], "variant": variant, "seed": seed,
-                   "epochs": epochs, "batch": batch, "config": config.to_dict(), "final": final}
-        if out is not None:
-            log.save_network(network)
-            if export:
-                log.export(network)
-            plot_run(log.records, log.path("curves.png"),
-                     title=f"{network.graph.name}: MG/Opt {variant}, {hierarchy} x{len(levels_built)}")
-            log.write_json("summary.json", summary)
-    return MGOptResult(network, log.records, summary, out)
+            try:
+                theta, history, optimizer = optimize(levels_built, fine.parameters(), config, iterations, seed=seed,
+                                                     work_budget=work_budget, callback=on_iteration)
+                diverged = None
+            except _Diverged as stop:
+                log.log("diverged", iteration=stop.iteration)
+                theta, history, optimizer, diverged = None, [], None, stop.iteration
+            finally:
+                if bar is not None:
+                    bar.close()
+            if theta is not None:
+                fine.load(theta)
+            final = {"train": fine.evaluate(fine.parameters(), train_split),
+                     "test": fine.evaluate(fine.parameters(), test_split) if test_split is not None else None,
+                     "train_time": time.perf_counter() - origin - excluded,
+                     "work": optimizer.work if optimizer else None,
+                     "transfers": optimizer.transfers if optimizer else 0,
+                     "transfer_work": optimizer.transfer_work if optimizer else None,
+                     "iterations": len(history), "corrections": optimizer.corrections if optimizer else 0,
+                     "rejected": optimizer.rejections if optimizer else 0, "diverged": diverged}
+            log.log("end", **final)
+            summary = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
+                       "hierarchy": hierarchy, "levels": levels_built.names,
+                       "costs": [p.cost for p in levels_built.levels], "variant": variant, "seed": seed,
+                       "epochs": epochs, "batch": batch, "config": config.to_dict(), "final": final}
+            if out is not None:
+                log.save_network(network)
+                if export:
+                    log.export(network)
+                plot_run(log.records, log.path("curves.png"),
+                         title=f"{network.graph.name}: MG/Opt {variant}, {hierarchy} x{len(levels_built)}")
+                log.write_json("summary.json", summary)
+        return MGOptResult(network, log.records, summary, out)
+
+
+def nested_iterations(epochs: int | Sequence[int], levels: int, per_epoch: int) -> int | list[int]:
+    """SGD iterations per coarse level (level 1 first) from epochs given as one count for every
+    coarse level or as a list, coarsest level first (the order they run in)."""
+    counts = [epochs] if isinstance(epochs, int) else list(epochs)
+    if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+        raise GraphgrowError(f"nested_epochs must be non-negative integers, got {epochs!r}", option="nested_epochs")
+    if len(counts) == 1:
+        return counts[0] * per_epoch
+    if len(counts) != levels - 1:
+        raise GraphgrowError(f"nested_epochs has {len(counts)} counts for {levels - 1} coarse levels",
+                             hint="give one count for all coarse levels or one per coarse level, coarsest first",
+                             option="nested_epochs")
+    return [c * per_epoch for c in reversed(counts)]
 
 
 class _Diverged(Exception):

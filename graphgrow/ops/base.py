@@ -45,7 +45,10 @@ class Arg:
 
 
 def _type_error(expected: str, value: Any) -> GraphgrowError:
-    return GraphgrowError(f"expected {expected}, got {value!r} ({type(value).__name__})")
+    hint = None
+    if "integer" in expected and isinstance(value, float):  # most likely `${a / b}` where `//` was meant
+        hint = "write an integer; in ${} expressions '/' gives a float, '//' an integer (${w // 2})"
+    return GraphgrowError(f"expected {expected}, got {value!r} ({type(value).__name__})", hint=hint)
 
 
 def positive_int(value: Any) -> int:

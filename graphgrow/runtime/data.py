@@ -9,6 +9,8 @@ import gzip
 import math
 import os
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,8 +178,8 @@ def npz(path: str) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise GraphgrowError(f"cannot read .npz file: {err}", file=path,
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # missing, corrupt, truncated
+        raise GraphgrowError(f"cannot read .npz file: {err.__class__.__name__}: {str(err)[:160]}", file=path,
                              hint="save with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)") from err
     missing = [key for key in _NPZ_KEYS if key not in arrays]
     if missing:
@@ -206,7 +208,8 @@ def npz(path: str) -> Dataset:
 
 def load_data(source, seed: int = 0):
     """A data set from ``spiral``, ``mnist:PATH`` or ``npz:PATH`` (or a data set object,
-    returned as is). MNIST without train-* files uses the 10k test set split 8,000/2,000."""
+    returned as is). MNIST without train-* files (only the 10k t10k-* test set) is split
+    8,000 train / 2,000 test, shuffled by ``seed``."""
     if not isinstance(source, str):
         return source
     kind, _, path = source.partition(":")
@@ -217,4 +220,4 @@ def load_data(source, seed: int = 0):
         return mnist(path) if has_train else mnist(path, split=(8000, 2000), seed=seed)
     if kind == "npz" and path:
         return npz(path)
-    raise GraphgrowError(f"unknown data source '{source}'", hint="use spiral, mnist:PATH or npz:PATH")
+    raise GraphgrowError(f"unknown data source '{source}'", option="data", hint="use spiral, mnist:PATH or npz:PATH")

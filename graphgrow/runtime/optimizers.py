@@ -68,7 +68,7 @@ def optimizer_kind(name: str) -> OptimizerKind:
     if name not in _KINDS:
         entry = _entry_points().get(name)
         if entry is None:
-            raise GraphgrowError(f"training setting: unknown optimizer '{name}'",
+            raise GraphgrowError(f"training setting: unknown optimizer '{name}'", option="optimizer",
                                  hint=f"use one of {', '.join(optimizer_names())} (installed packages add "
                                       f"more through the '{ENTRY_POINT_GROUP}' entry point)")
         _KINDS[name] = entry.load()

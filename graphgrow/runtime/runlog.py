@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..compiler.io import ensure_directory
 from ..errors import GraphgrowError
 
 LOG_NAME = "log.jsonl"
@@ -38,6 +39,25 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class RunDirectoryTaken(GraphgrowError):
+    """The run directory already holds a run (another run may have created it a moment ago)."""
+
+
+def _create_log(directory: Path, overwrite: bool):
+    """Create the run directory (and its parents) and open its log. Without ``overwrite`` the
+    log is created exclusively: the check for an existing run and the creation are one step,
+    so two runs started at once never share a directory."""
+    ensure_directory(directory, option="out", what="run directory")
+    try:
+        return open(directory / LOG_NAME, "w" if overwrite else "x", encoding="utf-8")
+    except FileExistsError:
+        raise RunDirectoryTaken("run directory already holds a run", file=str(directory), option="out",
+                                hint="choose a new --out directory or remove the old one") from None
+    except OSError as err:
+        raise GraphgrowError(f"cannot create the run log: {err.strerror or err}", file=str(directory),
+                             option="out") from None
+
+
 class RunLog:
     """Records events (dicts with an ``event`` key and a ``time`` in seconds since the start).
 
@@ -51,15 +71,7 @@ class RunLog:
         self.start = time.perf_counter()
         self._file = None
         if self.directory is not None:
-            if self.directory.exists() and not self.directory.is_dir():
-                raise GraphgrowError("run directory path is a file", file=str(self.directory),
-                                     hint="pass a directory for --out")
-            log_path = self.directory / LOG_NAME
-            if log_path.exists() and not overwrite:
-                raise GraphgrowError("run directory already holds a run", file=str(self.directory),
-                                     hint="choose a new --out directory or remove the old one")
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._file = open(log_path, "w", encoding="utf-8")
+            self._file = _create_log(self.directory, overwrite)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

@@ -22,7 +22,7 @@ from ..compiler.network import Network
 from ..errors import GraphgrowError
 from .optimizers import make_optimizer, optimizer_kind
 from .runlog import RunLog
-from .splits import LOSSES, as_splits, batches, check_data_fits, error_count, evaluate, loss_fn
+from .splits import LOSSES, as_splits, batches, check_data_fits, error_count, evaluate, loss_fn, place
 
 SCHEDULES = ("constant", "step", "exponential", "cosine")
 
@@ -58,29 +58,31 @@ class TrainConfig:
         self.check()
 
     def check(self) -> None:
-        def bad(message, hint=None):
-            raise GraphgrowError(f"training setting: {message}", hint=hint)
+        def bad(option, message, hint=None):
+            raise GraphgrowError(f"training setting: {message}", option=option, hint=hint)
         if self.loss not in LOSSES:
-            bad(f"unknown loss '{self.loss}'", f"use one of {', '.join(LOSSES)}")
+            bad("loss", f"unknown loss '{self.loss}'", f"use one of {', '.join(LOSSES)}")
         misfit = optimizer_kind(self.optimizer).misfit(self)
         if misfit:
-            bad(*misfit)
+            bad("optimizer", *misfit)
         if self.schedule not in SCHEDULES:
-            bad(f"unknown LR schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
+            bad("schedule", f"unknown LR schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         if not (isinstance(self.epochs, int) and self.epochs >= 0):
-            bad(f"epochs must be a non-negative integer, got {self.epochs!r}")
+            bad("epochs", f"epochs must be a non-negative integer, got {self.epochs!r}")
         if self.iterations is not None and not (isinstance(self.iterations, int) and self.iterations >= 0):
-            bad(f"iterations must be a non-negative integer, got {self.iterations!r}")
+            bad("iterations", f"iterations must be a non-negative integer, got {self.iterations!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad(f"lr must be positive, got {self.lr!r}")
+            bad("lr", f"lr must be positive, got {self.lr!r}")
         if self.batch is not None and not (isinstance(self.batch, int) and self.batch >= 1):
-            bad(f"batch must be a positive integer or None (full batch), got {self.batch!r}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            bad("momentum and weight decay must not be negative")
+            bad("batch", f"batch must be a positive integer or None (full batch), got {self.batch!r}")
+        if not (self.momentum >= 0 and math.isfinite(self.momentum)):
+            bad("momentum", f"momentum must be a non-negative number, got {self.momentum!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad("weight_decay", f"weight decay must be a non-negative number, got {self.weight_decay!r}")
         if not (self.damping >= 0 and math.isfinite(self.damping)):
-            bad(f"damping must be a non-negative number, got {self.damping!r}")
+            bad("damping", f"damping must be a non-negative number, got {self.damping!r}")
         if self.eval_every < 1:
-            bad(f"eval_every must be at least 1, got {self.eval_every}")
+            bad("eval_every", f"eval_every must be at least 1, got {self.eval_every}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,12 +123,16 @@ class TrainResult:
 class Trainer:
     """Trains ``network`` on ``data``; engines plug in through ``hooks`` (see module doc)."""
 
+    #: this process's part in a data-parallel run (runtime.distributed.DataParallel); None: alone
+    data_parallel = None
+
     def __init__(self, network: Network, data, config: TrainConfig | None = None, *,
                  log: RunLog | None = None, hooks: Sequence[Any] = ()):
         self.config = config or TrainConfig()
         self.network = network
-        self.train_split, self.test_split = as_splits(data)
-        check_data_fits(network, self.train_split)
+        # data in the network's dtype, on its device when they fit there (else batch by batch)
+        self.train_split, self.test_split = (place(split, network.device) for split in as_splits(data, network.dtype))
+        check_data_fits(network, self.train_split, self.config.loss, self.test_split)
         self.log = log if log is not None else RunLog()
         self.hooks = list(hooks)
         self.loss = loss_fn(self.config.loss)
@@ -161,7 +167,19 @@ class Trainer:
 
     def evaluate(self, split: str = "test") -> dict | None:
         chosen = self.test_split if split == "test" else self.train_split
-        return None if chosen is None else evaluate(self.network, chosen, self.config.loss)
+        return None if chosen is None else self.measure(self.network, chosen)
+
+    def measure(self, network: Network, split) -> dict:
+        """Mean loss and error of ``network`` on ``split`` (a data-parallel trainer sums the parts
+        of all processes)."""
+        return evaluate(network, split, self.config.loss)
+
+    def train_batch(self, index) -> tuple[float, int | None, int]:
+        """One optimizer step on the training rows ``index``: the batch's mean loss, its
+        misclassified samples (None for regression targets) and its size."""
+        x, y = self.train_split.rows(index, self.network.device)
+        value, output = self.step(x, y)
+        return value, error_count(output, y), int(x.shape[0])
 
     def replace_network(self, network: Network, carry: Callable[[str, torch.Tensor], torch.Tensor | None] | dict | None = None,
                         *, record=None, **event: Any) -> None:
@@ -225,7 +243,7 @@ class Trainer:
                      train_size=len(self.train_split), test_size=len(self.test_split) if self.test_split else 0)
         self._call("on_train_start")
         if self.epoch == 0:
-            self.log_eval(evaluate(self.network, self.train_split, cfg.loss)["loss"])
+            self.log_eval(self.evaluate("train")["loss"])
         self._progress = _progress_bar(cfg)
         last_eval = self.log.records[-1]
         try:
@@ -236,13 +254,11 @@ class Trainer:
                 self.set_lr(lr_at(cfg, self.epoch))
                 epoch_loss, epoch_wrong, seen, classified = 0.0, 0, 0, True
                 for index in batches(len(self.train_split), cfg.batch, self.generator):
-                    x, y = self.train_split.x[index], self.train_split.y[index]
-                    value, output = self.step(x, y)
-                    wrong = error_count(output, y)
+                    value, wrong, size = self.train_batch(index)
                     classified = classified and wrong is not None
                     epoch_wrong += wrong or 0
-                    epoch_loss += value * x.shape[0]
-                    seen += x.shape[0]
+                    epoch_loss += value * size
+                    seen += size
                     if cfg.log_steps:
                         record = self.log.log("step", epoch=self.epoch, iteration=self.iteration, loss=value,
                                               lr=self.optimizer.param_groups[0]["lr"])
@@ -267,7 +283,7 @@ class Trainer:
                 self._progress.close()
                 self._progress = None
         self._call("on_train_end")
-        final = {"train": evaluate(self.network, self.train_split, cfg.loss), "test": self.evaluate("test"),
+        final = {"train": self.evaluate("train"), "test": self.evaluate("test"),
                  "epochs": self.epoch, "iterations": self.iteration, "seconds": self.log.elapsed(),
                  "params": self.network.graph.num_params(), "flops": self.network.graph.flops()}
         self.log.log("end", **final)

@@ -82,9 +82,9 @@ def gradient_norm(grad: torch.Tensor, geometry: Geometry | None, norm: str = "fr
         return squared / {"fro": 1, "fro_width": grad.shape[0] ** 2, "fro_entries": grad.numel()}[norm]
     grad = grad.detach().to(torch.float64)
     if norm not in MERIT_NORMS:
-        raise GraphgrowError(f"unknown merit norm '{norm}'", hint=f"use one of {', '.join(MERIT_NORMS)}")
+        raise GraphgrowError(f"unknown merit norm '{norm}'", option="norm", hint=f"use one of {', '.join(MERIT_NORMS)}")
     if geometry is None:
-        raise GraphgrowError(f"norm '{norm}' needs a weight matrix or kernel", hint="use 'fro'")
+        raise GraphgrowError(f"norm '{norm}' needs a weight matrix or kernel", option="norm", hint="use 'fro'")
     kernel = geometry.as_kernel(grad)
     if norm == "op":
         return conv_operator_norm(kernel, geometry.input_shape, geometry.stride, geometry.padding) ** 2

@@ -12,7 +12,6 @@ from torch import fx
 
 import passes
 from passes.extend import plan_candidates
-from passes.record import network_dtype
 
 from ..errors import GraphgrowError
 from ..ops.base import Geometry
@@ -90,11 +89,12 @@ class _TappingInterpreter(fx.Interpreter):
 def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         names: Iterable[str], *, batch: int | None = None,
-                        taps: dict[str, Tap] | None = None, progress: bool = False
-                        ) -> tuple[dict[str, torch.Tensor], float]:
+                        taps: dict[str, Tap] | None = None, progress: bool = False,
+                        total: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """Gradient of the mean loss over all of (x, y) with respect to the named parameters,
     accumulated over batches weighted by batch size (so unequal batches give the exact
-    full-data gradient), and that mean loss. No parameter, buffer or ``.grad`` changes: the
+    full-data gradient), and that mean loss. ``total``: the number of samples the
+    mean is over, when (x, y) are this process's part of a data-parallel pass (default: all of x). No parameter, buffer or ``.grad`` changes: the
     module runs in eval mode (no batch-norm statistics updates, no dropout) and gradients come
     from ``torch.autograd.grad``.
 
@@ -114,20 +114,21 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     # weight gradients of every other parameter (biases, normalisation, non-merit weights)
     flags = {name: p.requires_grad for name, p in params.items()}
     wanted = set(names)
-    total = int(x.shape[0])
-    step = total if batch is None else batch
+    total = int(x.shape[0]) if total is None else total
+    step = max(int(x.shape[0]), 1) if batch is None else batch
     sums = [torch.zeros_like(p) for p in targets]
-    mean_loss = 0.0
+    device = next(iter(params.values())).device if params else x.device
+    mean_loss = torch.zeros((), dtype=torch.float64, device=device)
     module.eval()
     try:
         for name, p in params.items():
             p.requires_grad_(name in wanted)
-        starts = range(0, total, step)
+        starts = range(0, int(x.shape[0]), step)
         if progress and len(starts) > 1:
             from tqdm.auto import tqdm
             starts = tqdm(starts, desc="sensitivities", unit="batch", leave=False, dynamic_ncols=True)
         for start in starts:
-            xb, yb = x[start:start + step], y[start:start + step]
+            xb, yb = x[start:start + step].to(device), y[start:start + step].to(device)
             output, leaves = (module(xb), []) if runner is None else runner.run_tapped(xb)
             value = loss(output, yb) * (xb.shape[0] / total)
             mean_loss = mean_loss + value.detach()  # a tensor: no device sync per batch
@@ -151,7 +152,7 @@ def sample_rows(size: int, sample: int | float | None, seed: int) -> torch.Tenso
         return None
     count = round(sample * size) if isinstance(sample, float) else int(sample)
     if not 1 <= count <= size:
-        raise GraphgrowError(f"sensitivity sample {sample} does not fit {size} training samples",
+        raise GraphgrowError(f"sensitivity sample {sample} does not fit {size} training samples", option="sample",
                              hint="a count between 1 and the training size, or a fraction in (0, 1]")
     if count == size:
         return None
@@ -227,20 +228,23 @@ def existing_weights(graph) -> dict[str, Geometry]:
 
 def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entropy", batch: int | None = 256,
                   sample: int | float | None = None, seed: int = 0, all_norms: bool = False,
-                  progress: bool = False) -> Sensitivities:
+                  progress: bool = False, data_parallel=None) -> Sensitivities:
     """Candidates of ``network`` with their merits, from one forward and backward pass of
     ``network`` itself over the training data (or a seeded sample); no parameter of ``network``
     changes and nothing is compiled. Each candidate is the identity layer extend_all would
     insert; its merit-weight gradient is computed from the activation at its position and the
     loss gradient there (passes IdentityPlan.merit_gradient), exactly the gradient in the
     fully-extended network. ``norm`` is one of MERIT_NORMS; ``all_norms`` also reports every
-    other norm. ``progress``: a transient progress bar over the batches of the pass."""
+    other norm. ``progress``: a transient progress bar over the batches of the pass.
+    ``data_parallel`` (runtime.distributed.DataParallel): each process takes its part of the
+    samples and the sums (gradients, merit gradients, loss) of all parts are added up before any
+    norm is taken, so every process gets the single-process report."""
     import time
     if norm not in MERIT_NORMS:
-        raise GraphgrowError(f"unknown merit norm '{norm}'", hint=f"use one of {', '.join(MERIT_NORMS)}")
+        raise GraphgrowError(f"unknown merit norm '{norm}'", option="norm", hint=f"use one of {', '.join(MERIT_NORMS)}")
     start = time.perf_counter()
-    train_split, _ = as_splits(data)
-    check_data_fits(network, train_split)
+    train_split, _ = as_splits(data, network.dtype)
+    check_data_fits(network, train_split, loss)
     graph = network.graph
     plans = plan_candidates(graph)
     if not plans:
@@ -249,7 +253,10 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
                              hint="SensLI inserts after ReLU activations and around residual blocks")
     rows = sample_rows(len(train_split), sample, seed)
     x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows], train_split.y[rows])
-    x = x.to(network_dtype(network))  # the data splits are float32; a float64 network computes in float64
+    samples = int(x.shape[0])
+    if data_parallel is not None:
+        part = data_parallel.part(samples)
+        x, y = x[part], y[part]
     weights = existing_weights(graph)
     merit_grads: dict[str, torch.Tensor] = {}
 
@@ -263,7 +270,18 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
     # the backward pass gives the gradient at the candidate layer's output, as in the extended network
     taps = {plan.after: Tap(accumulate(cid, plan), plan.trailing) for cid, plan in plans.items()}
     grads, mean_loss = full_data_gradients(network.module, x, y, loss_fn(loss), list(weights), batch=batch, taps=taps,
-                                           progress=progress)
+                                           progress=progress, total=samples)
+    if data_parallel is not None:
+        for cid, plan in plans.items():  # a process with no samples has no merit gradients
+            if cid not in merit_grads:
+                merit = plan.values[plan.merit_param]
+                merit_grads[cid] = torch.zeros(merit.shape, dtype=network.dtype, device=network.device)
+        names, cids = list(grads), list(merit_grads)
+        summed = data_parallel.sum([grads[n] for n in names] + [merit_grads[c] for c in cids]
+                                   + [torch.tensor(mean_loss, dtype=torch.float64)])
+        grads = dict(zip(names, summed[:len(names)]))
+        merit_grads = dict(zip(cids, summed[len(names):-1]))
+        mean_loss = float(summed[-1])
     existing = {name: gradient_norm(grads[name], weights[name], norm) for name in weights}
     norms_wanted = MERIT_NORMS if all_norms else (norm,)
     candidates, gradient_flops = [], []
@@ -276,7 +294,7 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
                                     plan.forward_flops(shape), values))
         gradient_flops.append(plan.merit_gradient_flops(shape))
     forward = graph.flops()
-    return Sensitivities(candidates, existing, norm, int(x.shape[0]), sensitivity_flops(forward, gradient_flops),
+    return Sensitivities(candidates, existing, norm, samples, sensitivity_flops(forward, gradient_flops),
                          forward + sum(c.flops for c in candidates), time.perf_counter() - start, mean_loss, rows)
 
 
@@ -299,9 +317,9 @@ def select(report: Sensitivities, strategy: str = "sensli", *, tau: float | None
     candidate is kept only if merit >= tau x the mean merit of the existing weights (4.18);
     up to ``count`` candidates that pass are returned (several layers at once)."""
     if strategy not in STRATEGIES:
-        raise GraphgrowError(f"unknown strategy '{strategy}'", hint=f"use one of {', '.join(STRATEGIES)}")
+        raise GraphgrowError(f"unknown strategy '{strategy}'", option="strategy", hint=f"use one of {', '.join(STRATEGIES)}")
     if tau is not None and not tau >= 1:
-        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}")
+        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}", option="tau")
     if strategy == "none":
         return []
     pool = list(report.candidates)

@@ -41,14 +41,15 @@ def widen_layers(network, new_rows: dict[str, torch.Tensor]):
     for name, rows in new_rows.items():
         graph.node(name).args["out"] += rows.shape[0]
     graph.infer_shapes()
-    module = compile_graph(graph, seed=0)
+    module = compile_graph(graph, seed=0, dtype=network.dtype, device=network.device)
     state = {k: torch.zeros_like(v) for k, v in module.state_dict().items()}
     for key, old in network.state().items():
         state[key][tuple(slice(0, s) for s in old.shape)] = old
     for name, rows in new_rows.items():
         width = network.graph.node(name).out_shape[0]
+        weight = state[f"{name}.weight"]
         # columns past the old fan-in belong to neurons added upstream; their weights stay zero
-        state[f"{name}.weight"][width:, :rows.shape[1]] = rows
+        weight[width:, :rows.shape[1]] = rows.to(weight)
     module.load_state_dict(state)
     return Network(graph, module)
 
@@ -64,12 +65,14 @@ class NeuronCandidate:
 
 
 def neuron_sensitivities(network, data, *, per_layer: int = 8, loss: str = "cross_entropy",
-                         batch: int | None = 256, seed: int = 0):
+                         batch: int | None = 256, seed: int = 0, data_parallel=None):
     """Widening candidates (4.19): ``per_layer`` new neurons per widenable layer with seeded
     incoming weights (normal, std 1/sqrt(fan_in)), zero bias and zero outgoing weights. Merit
     of a neuron: ||gradient of its outgoing weight column||^2; reference for (4.20): the mean of
     that quantity over the existing columns of the outgoing weight matrices. Returns
-    (candidates, reference, rows) where rows[layer] are the candidate incoming weights."""
+    (candidates, reference, rows) where rows[layer] are the candidate incoming weights.
+    ``data_parallel``: each process takes its part of the samples; the gradients are summed over
+    the processes before the merits are taken."""
     layers = widening_positions(network.graph)
     if not layers:
         raise GraphgrowError(f"network '{network.graph.name}' has no layer that can be widened",
@@ -80,9 +83,15 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, loss: str = "cros
         fan_in = network.graph.node(name).in_shapes[0][-1]
         rows[name] = torch.randn(per_layer, fan_in, generator=generator) / math.sqrt(fan_in)
     wide = widen_layers(network, rows)
-    split, _ = as_splits(data)
+    split, _ = as_splits(data, network.dtype)
     outgoing = {name: f"{_next_linear(network.graph, name)}.weight" for name in layers}
-    grads, _ = full_data_gradients(wide.module, split.x, split.y, loss_fn(loss), list(outgoing.values()), batch=batch)
+    x, y, total = split.x, split.y, len(split)
+    if data_parallel is not None:
+        part = data_parallel.part(total)
+        x, y = x[part], y[part]
+    grads, _ = full_data_gradients(wide.module, x, y, loss_fn(loss), list(outgoing.values()), batch=batch, total=total)
+    if data_parallel is not None:
+        grads = dict(zip(grads, data_parallel.sum(list(grads.values()))))
     candidates, existing = [], []
     for name in layers:
         width = network.graph.node(name).out_shape[0]
@@ -93,13 +102,13 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, loss: str = "cros
 
 
 def widen_best(network, data, *, count: int = 1, tau: float | None = None, per_layer: int = 8,
-               loss: str = "cross_entropy", batch: int | None = 256, seed: int = 0):
+               loss: str = "cross_entropy", batch: int | None = 256, seed: int = 0, data_parallel=None):
     """Add the ``count`` best neuron candidates (those passing 4.20 when ``tau`` is given);
-    returns (network, chosen candidates, reference)."""
+    returns (network, chosen candidates, reference). ``data_parallel``: see neuron_sensitivities."""
     if tau is not None and not tau >= 1:
-        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.20), got {tau}")
+        raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.20), got {tau}", option="tau")
     candidates, reference, rows = neuron_sensitivities(network, data, per_layer=per_layer, loss=loss,
-                                                       batch=batch, seed=seed)
+                                                       batch=batch, seed=seed, data_parallel=data_parallel)
     ranked = sorted(candidates, key=lambda c: c.merit, reverse=True)
     if tau is not None:
         ranked = [c for c in ranked if c.merit >= tau * reference]

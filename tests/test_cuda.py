@@ -1,0 +1,60 @@
+"""CUDA: the engines on a GPU give the CPU's results, and passes on CUDA tensors preserve the
+function. Skipped (with the reason) where no CUDA device is available; tests/test_devices.py
+covers the device bookkeeping without one (on the meta device)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import passes
+from graphgrow.compiler.io import load_network
+from graphgrow.mgopt import run as mgopt_run
+from graphgrow.sensli import grow
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def test_grow_on_cuda_matches_cpu():
+    runs = {device: grow(str(ROOT / "specs" / "fnn_spiral.yaml"), "spiral", epochs=20, insert_at=[10], lr=0.2,
+                         device=device, log_steps=False) for device in ("cpu", "cuda")}
+    assert runs["cuda"].network.device.type == "cuda"
+    assert runs["cuda"].insertions[0]["positions"] == runs["cpu"].insertions[0]["positions"]
+    for split in ("train", "test"):
+        assert relative(runs["cuda"].summary["final"][split]["loss"], runs["cpu"].summary["final"][split]["loss"]) < 1e-4
+    cpu_state, cuda_state = runs["cpu"].network.state(), runs["cuda"].network.state()
+    for name, value in cpu_state.items():
+        assert torch.allclose(cuda_state[name].cpu(), value, rtol=1e-4, atol=1e-6), name
+
+
+def test_mgopt_on_cuda_matches_cpu():
+    runs = {device: mgopt_run(str(ROOT / "specs" / "resnet_ode.yaml"), "spiral", epochs=2, batch=150, K=2,
+                              kappa=0.1, device=device, export=False, log_steps=False) for device in ("cpu", "cuda")}
+    assert runs["cuda"].network.device.type == "cuda"
+    assert runs["cuda"].summary["final"]["corrections"] == runs["cpu"].summary["final"]["corrections"]
+    assert relative(runs["cuda"].summary["final"]["train"]["loss"], runs["cpu"].summary["final"]["train"]["loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+def test_passes_on_cuda_stay_there_and_preserve_the_function(spec):
+    network = load_network(str(spec), 0).to("cuda", torch.float64)
+    network.module.eval()
+    x = torch.randn((4, *network.graph.input_shape), dtype=torch.float64, device="cuda",
+                    generator=torch.Generator("cuda").manual_seed(0))
+    reference = network(x)
+    results = [passes.extend_all(network, "layers")[0]]
+    results += [passes.insert_identity(network, p)[0] for p in passes.legal_positions(network.graph)[:2]]
+    results += [passes.widen(network, layer, 2)[0] for layer in passes.widenable(network.graph)[:2]]
+    results += [passes.insert_block(network, block.output)[0] for block in passes.find_blocks(network.graph)[:2]]
+    for result in results:
+        assert all(t.device.type == "cuda" for t in result.state().values())
+        result.module.eval()
+        out = result(x)
+        for a, b in zip(out if isinstance(out, tuple) else (out,), reference if isinstance(reference, tuple) else (reference,)):
+            assert torch.allclose(a, b, rtol=0, atol=1e-10)

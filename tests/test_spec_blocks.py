@@ -51,3 +51,31 @@ def test_a_block_must_name_its_output_after_the_instance():
     text = HEADER + "blocks:\n  bad:\n    layers:\n      - {name: x, op: relu}\nlayers:\n  - {block: bad, name: m}\n"
     with pytest.raises(GraphgrowError, match="no layer named"):
         graph_from_text(text)
+
+
+@pytest.mark.parametrize("blocks,layer,message", [
+    ("  mlp\u00e9:\n    layers:\n      - {name: \"${name}\", op: relu}\n", "{block: mlp, name: m}",
+     "block name must be an identifier"),
+    ("  mlp:\n    vars: {h\u00e9: 1}\n    layers:\n      - {name: \"${name}\", op: relu}\n", "{block: mlp, name: m}",
+     "variable name must be an identifier"),
+    ("  mlp:\n    layers:\n      - {name: \"${name}\", op: relu}\n", "{block: mlp, name: \"m\u00e9\"}",
+     "a block instance needs a name"),
+])
+def test_block_instance_and_variable_names_are_ascii_identifiers(blocks, layer, message):
+    with pytest.raises(GraphgrowError, match=message) as info:
+        graph_from_text(HEADER + "blocks:\n" + blocks + f"layers:\n  - {layer}\n", "b.yaml")
+    assert "ASCII identifiers" in info.value.hint
+
+
+def test_block_instances_count_the_values_they_copy(monkeypatch):
+    """Instances copy the block's layers like repeats do: past MAX_VALUES is refused (lowered here
+    to keep the test fast) although the layer count stays under MAX_EXPANSION."""
+    from graphgrow import spec
+    monkeypatch.setattr(spec, "MAX_VALUES", 20_000)
+    count = spec.MAX_VALUES // 1000 + 1
+    assert 2 * count < spec.MAX_EXPANSION
+    text = (HEADER + "blocks:\n  wide:\n    layers:\n"
+            f"      - {{name: \"${{name}}\", op: linear, out: 3, extra: [{', '.join(['1'] * 1000)}]}}\n"
+            f"layers:\n  - repeat: {count}\n    layers:\n      - {{block: wide, name: \"w${{i}}\"}}\n")
+    with pytest.raises(GraphgrowError, match="expands to more than"):
+        graph_from_text(text, "b.yaml")

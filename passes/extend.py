@@ -78,7 +78,7 @@ def widenable(graph: LayerGraph) -> list[str]:
     """Every layer ``widen`` accepts (its units reach only linear / conv2d consumers)."""
     names = []
     for node in graph.nodes:
-        if node.opdef.width_arg is None:
+        if not node.opdef.widens(node.args):
             continue
         try:
             trace_units(graph, node.name, ())

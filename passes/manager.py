@@ -12,6 +12,7 @@ import torch
 from graphgrow import GraphgrowError, Network
 from graphgrow.errors import did_you_mean
 
+from .blocks import insert_block
 from .extend import extend_all
 from .insert import insert_identity
 from .record import Record
@@ -29,6 +30,7 @@ PASSES: dict[str, PassInfo] = {info.name: info for info in (
     PassInfo("insert-identity", insert_identity),
     PassInfo("widen", widen),
     PassInfo("extend-all", extend_all),
+    PassInfo("insert-block", insert_block),
 )}
 
 

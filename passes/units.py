@@ -41,7 +41,7 @@ class UnitCoupling:
 def layers_with_units(graph: LayerGraph) -> list[str]:
     """Layers with a width argument (linear, conv2d); ``passes.widenable`` says which of them
     ``widen`` accepts."""
-    return [n.name for n in graph.nodes if n.opdef.width_arg is not None]
+    return [n.name for n in graph.nodes if n.opdef.widens(n.args)]
 
 
 def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
@@ -54,7 +54,7 @@ def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
         raise error.located(node=layer)
     fail = lambda message, where=layer, hint=None: GraphgrowError(
         message, file=graph.source, node=where, hint=hint)
-    if node.opdef.width_arg is None:
+    if not node.opdef.widens(node.args):
         raise fail(f"'{layer}' ({node.op}) has no output units to widen",
                    hint=f"layers with units: {', '.join(layers_with_units(graph)) or 'none'}")
     if len(node.out_shape) not in (1, 3):
@@ -84,7 +84,7 @@ def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
                 in_shape = reader.in_shapes[0]
                 next_block = block * math.prod(in_shape[1:]) if len(reader.out_shape) == 1 else block
                 frontier.append((reader_name, next_block))
-            elif op.width_arg is not None and _reads_units_on_axis_0(reader, block):
+            elif op.widens(reader.args) and _reads_units_on_axis_0(reader, block):
                 consumers.append(reader_name)
                 axes += [UnitAxis(f"{reader_name}.{role}", in_axis, block, "columns")
                          for role, (_, in_axis) in op.widen_roles(reader.args).items()

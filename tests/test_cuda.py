@@ -51,6 +51,7 @@ def test_passes_on_cuda_stay_there_and_preserve_the_function(spec):
     results = [passes.extend_all(network, "layers")[0]]
     results += [passes.insert_identity(network, p)[0] for p in passes.legal_positions(network.graph)[:2]]
     results += [passes.widen(network, layer, 2)[0] for layer in passes.widenable(network.graph)[:2]]
+    results += [passes.insert_block(network, block.output)[0] for block in passes.find_blocks(network.graph)[:2]]
     for result in results:
         assert all(t.device.type == "cuda" for t in result.state().values())
         result.module.eval()

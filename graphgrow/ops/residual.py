@@ -107,6 +107,9 @@ class ResidualOp(OpDef):
         if args["form"] == "two_weight":
             kaiming_uniform_init(module.outer.weight, None, generator)
 
+    def zero_output_roles(self, args, in_shapes):
+        return None  # x + h F(x) is x, not zero, whatever F's parameters
+
     widen_refusal = ("x + h F(x) ties every tensor of the residual stream to one width; widening "
                      "would have to widen the whole stream, which is not supported")
 
@@ -136,8 +139,8 @@ class ResidualOp(OpDef):
         """The op and arguments of W1 (and, without bias, of W2) on inputs of ``in_shape``."""
         width = self._width([in_shape])
         if args["branch"] == "conv2d":
-            return get_op("conv2d"), {"out": width, "kernel": args["kernel"], "stride": 1, "padding": "same",
-                                      "bias": args["bias"]}
+            conv = get_op("conv2d")
+            return conv, conv.check_args({"out": width, "kernel": args["kernel"], "bias": args["bias"]})
         return get_op("linear"), {"out": width, "bias": args["bias"]}
 
     def weight_geometry(self, args, in_shapes, role):

@@ -291,10 +291,11 @@ def _node_from_entry(entry: LayerEntry, index: int, previous: str, taken: dict[s
     if name in taken:
         raise value_loc("name").error(f"duplicate node name '{name}'", node=name,
                                       hint=f"first defined at line {taken[name].line}")
-    inputs = fields.get("inputs", [previous])
+    inputs = fields.get("inputs", [previous] if opdef.max_inputs != 0 else [])
     if isinstance(inputs, str):
         inputs = [inputs]
-    if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs) or not inputs:
+    if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs) or (
+            not inputs and opdef.max_inputs != 0):
         raise value_loc("inputs").error(f"inputs must be a node name or a list of names, got {inputs!r}", node=name)
     frozen = fields.get("frozen", False)
     if not isinstance(frozen, bool):

@@ -33,7 +33,7 @@ MAX_VALUES = 2_000_000
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _SOURCE_TEMPLATE = re.compile(r"\$\{([^{}\n]*)\}")
 TEMPLATE = re.compile(r"\$" + _OPEN + "([^" + _CLOSE + "]*)" + _CLOSE)
-HEADER_KEYS = ("graphgrow", "name", "input", "vars", "layers", "outputs")
+HEADER_KEYS = ("graphgrow", "name", "input", "vars", "blocks", "layers", "outputs")
 NODE_KEYS = ("name", "op", "inputs", "init", "frozen")
 
 
@@ -341,14 +341,64 @@ def _spend(budget: list[int], loc: Loc, values: int = 1) -> None:
                         hint="repeat blocks copy their layers; lower the repeat counts or the layers' arguments")
 
 
+def _expand_block(item: LocMap, env: dict, out: list[LayerEntry], depth: int, budget: list[int],
+                  blocks: dict) -> None:
+    """An instance of a named block: its layers with the block's variables (defaults, then the
+    instance's), ``name`` (the instance name, which the block's output node takes) and ``input``
+    (the instance's input: its ``inputs`` or the previous layer), which the block's first layer
+    reads unless it says otherwise."""
+    block_name = item["block"]
+    if block_name not in blocks:
+        raise item.value_locs["block"].error(f"unknown block {block_name!r}",
+                                             hint=did_you_mean(str(block_name), blocks) or
+                                             f"blocks: {', '.join(blocks) or 'none (define them under blocks:)'}")
+    definition = blocks[block_name]
+    instance = substitute(item, env, item.loc)
+    name = instance.get("name")
+    if not is_identifier(name):
+        raise item.value_locs.get("name", item.loc).error(f"a block instance needs a name, got {name!r}",
+                                                          hint=f"its output node takes that name; {IDENTIFIER_HINT}")
+    source = instance.get("inputs", out[-1].fields.get("name") if out else "input")
+    if not isinstance(source, str):
+        raise item.value_locs.get("inputs", item.loc).error(
+            "a block instance reads one input: give 'inputs: <name>'", node=name,
+            hint="the previous layer has no written name" if source is None else None)
+    block_env = dict(env)
+    defaults = definition.get("vars", LocMap())
+    for key in defaults:
+        block_env[key] = substitute(defaults[key], block_env, defaults.value_locs[key])
+    unknown = [key for key in instance if key not in ("block", "name", "inputs") and key not in defaults]
+    if unknown:
+        raise item.value_locs[unknown[0]].error(f"block '{block_name}' has no variable '{unknown[0]}'", node=name,
+                                                hint=f"its variables: {', '.join(defaults) or 'none'}")
+    block_env.update({key: value for key, value in instance.items() if key in defaults})
+    block_env.update({"name": name, "input": source})
+    first = len(out)
+    _expand(definition["layers"], block_env, definition.value_locs["layers"], out, depth + 1, budget, blocks)
+    if len(out) == first:
+        raise definition.loc.error(f"block '{block_name}' has no layers")
+    if "inputs" not in out[first].fields:
+        out[first].fields["inputs"] = source
+        out[first].fields.value_locs["inputs"] = item.loc
+    if not any(entry.fields.get("name") == name for entry in out[first:]):
+        raise definition.loc.error(f"block '{block_name}' has no layer named '${{name}}' (its output)",
+                                   node=name, hint="name the block's last layer \"${name}\"")
+
+
 def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
-            budget: list[int] | None = None) -> None:
+            budget: list[int] | None = None, blocks: dict | None = None) -> None:
     budget = [MAX_EXPANSION, MAX_VALUES] if budget is None else budget  # shared by the nested calls
+    blocks = blocks or {}
     if not isinstance(items, LocList):
         raise loc.error("layers must be a list")
+    if depth > 20:
+        raise loc.error("repeat blocks or block instances nested too deeply")
     for item, item_loc in zip(items, items.item_locs):
         item = _expect_map(item, item_loc, "a layer")
-        if "repeat" in item:
+        if "block" in item:
+            _spend(budget, item_loc)
+            _expand_block(item, env, out, depth, budget, blocks)
+        elif "repeat" in item:
             _check_keys(item, ("repeat", "layers", "index"), "a repeat block")
             count = substitute(item["repeat"], env, item.value_locs["repeat"])
             count_loc = item.value_locs["repeat"]
@@ -366,11 +416,9 @@ def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
                     f"repeat index must be an identifier, got {index!r}", hint=IDENTIFIER_HINT)
             if "layers" not in item:
                 raise item.loc.error("repeat block needs 'layers'")
-            if depth > 20:
-                raise item.loc.error("repeat blocks nested too deeply")
             for k in range(count):
                 _spend(budget, count_loc)
-                _expand(item["layers"], {**env, index: k}, item.value_locs["layers"], out, depth + 1, budget)
+                _expand(item["layers"], {**env, index: k}, item.value_locs["layers"], out, depth + 1, budget, blocks)
         else:
             _spend(budget, item_loc, _expanded_size(item, {}))
             try:
@@ -419,8 +467,21 @@ def read_spec(text: str, file: str | None = None) -> SpecDocument:
     input_shape = _shape(substitute(input_spec["shape"], env, input_spec.value_locs["shape"]),
                          input_spec.value_locs["shape"])
 
+    blocks = _expect_map(doc.get("blocks", LocMap()), doc.value_locs.get("blocks", doc.loc), "blocks")
+    for block_name, definition in blocks.items():
+        where = blocks.value_locs[block_name]
+        if not is_identifier(block_name):
+            raise where.error(f"block name must be an identifier, got {block_name!r}", hint=IDENTIFIER_HINT)
+        _check_keys(_expect_map(definition, where, f"block '{block_name}'"), ("vars", "layers"), f"block '{block_name}'")
+        if "layers" not in definition:
+            raise where.error(f"block '{block_name}' needs 'layers'")
+        block_vars = _expect_map(definition.get("vars", LocMap()), where, f"the vars of block '{block_name}'")
+        for key in block_vars:
+            if not is_identifier(key):
+                raise block_vars.value_locs[key].error(f"variable name must be an identifier, got {key!r}",
+                                                       hint=IDENTIFIER_HINT)
     layers: list[LayerEntry] = []
-    _expand(doc["layers"], env, doc.value_locs["layers"], layers)
+    _expand(doc["layers"], env, doc.value_locs["layers"], layers, blocks=blocks)
     if not layers:
         raise doc.value_locs["layers"].error("a spec needs at least one layer")
 

@@ -86,7 +86,7 @@ def widenable(graph: LayerGraph) -> list[str]:
     (widening any layer of a group widens all of them: residual streams, inputs of an add)."""
     names, covered = [], set()
     for node in graph.nodes:
-        if node.opdef.width_arg is None or node.name in covered:
+        if not node.opdef.widens(node.args) or node.name in covered:
             continue
         try:
             coupling = trace_units(graph, node.name, ())

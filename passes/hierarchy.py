@@ -9,6 +9,7 @@ import torch
 
 from graphgrow import GraphgrowError, LayerGraph, Network
 
+from .blocks import Block, find_blocks, last_layer
 from .extend import widenable
 from .units import UnitAxis, UnitMap, trace_units
 
@@ -130,15 +131,22 @@ def injection(coarse_blocks: int) -> torch.Tensor:
     return R
 
 
-def coarsen_depth(network: Network, interpolation: str = "constant",
-                  restriction: str = "half-transpose") -> Transfer:
-    """Halve every residual stage (even block count) and double h (thesis Example 3.34)."""
-    graph = network.graph
+def _check_depth_options(interpolation: str, restriction: str) -> None:
     if interpolation not in INTERPOLATIONS:
         raise GraphgrowError(f"unknown interpolation {interpolation!r}", hint=f"use {' or '.join(INTERPOLATIONS)}")
     if restriction not in RESTRICTIONS:
         raise GraphgrowError(f"unknown restriction {restriction!r}", hint=f"use {' or '.join(RESTRICTIONS)}")
+
+
+def coarsen_depth(network: Network, interpolation: str = "constant",
+                  restriction: str = "half-transpose") -> Transfer:
+    """Halve every residual stage (even block count) and double h (thesis Example 3.34); on a
+    network without residual nodes, the stages of residual blocks (``coarsen_block_depth``)."""
+    graph = network.graph
+    _check_depth_options(interpolation, restriction)
     stages = residual_stages(graph)
+    if not stages and block_stages(graph):  # residual blocks as subgraphs (imported ResNets)
+        return coarsen_block_depth(network, interpolation, restriction)
     if not stages:
         raise GraphgrowError(f"network '{graph.name}' has no residual blocks to coarsen", file=graph.source,
                              hint="depth hierarchies need ResNet stages (chains of residual nodes)")
@@ -164,6 +172,79 @@ def coarsen_depth(network: Network, interpolation: str = "constant",
         R = 0.5 * P.T if restriction == "half-transpose" else injection(len(kept))
         for role in graph.node(stage[0]).param_shapes():
             maps.append(StackMap([f"{b}.{role}" for b in stage], [f"{b}.{role}" for b in kept], P, R))
+    coarse.infer_shapes()
+    return Transfer(network, coarse, maps, "depth")
+
+
+def _signature(graph: LayerGraph, block: Block) -> list:
+    """Ops, arguments, input shapes and internal wiring of a block's nodes, in order."""
+    index = {name: k for k, name in enumerate(block.nodes)}
+    node = graph.node
+    return [(node(n).op, node(n).args, node(n).in_shapes, [index.get(i, "entry") for i in node(n).inputs])
+            for n in block.nodes]
+
+
+def block_stages(graph: LayerGraph) -> list[list[Block]]:
+    """Maximal chains of equal residual blocks with identity shortcuts (passes.blocks), each
+    block reading the previous one's output alone: the stages of a ResNet, a transformer."""
+    stages: list[list[Block]] = []
+    for block in find_blocks(graph):
+        previous = stages[-1][-1] if stages and stages[-1] else None
+        if block.shortcut:
+            stages.append([])
+        elif (previous is not None and block.entry == previous.output and previous.output not in graph.outputs
+              and set(graph.consumers(previous.output)) <= set(block.nodes)
+              and _signature(graph, previous) == _signature(graph, block)):
+            stages[-1].append(block)
+        else:
+            stages.append([block])
+    return [stage for stage in stages if stage]
+
+
+def coarsen_block_depth(network: Network, interpolation: str = "constant",
+                        restriction: str = "half-transpose") -> Transfer:
+    """Halve every stage of two or more equal blocks (even count): the depth hierarchy of
+    Example 3.34 on residual blocks whose branch is any subgraph. The coarse block's branch is
+    doubled (h -> 2h) by doubling the roles that zero its last layer (``zero_output_roles``):
+    their restriction is 2R and prolongation P/2, so R P = I still. Buffers (batch-norm
+    statistics) are restricted by injection and prolonged by copies."""
+    graph = network.graph
+    _check_depth_options(interpolation, restriction)
+    stages = [stage for stage in block_stages(graph) if len(stage) > 1]
+    if not stages:
+        raise GraphgrowError(f"network '{graph.name}' has no stage of two or more equal residual blocks",
+                             file=graph.source, hint="depth hierarchies need ResNet stages (chains of equal blocks)")
+    state = network.module.state_dict()
+    coarse = graph.copy()
+    maps = []
+    for stage in stages:
+        first = stage[0]
+        if len(stage) % 2:
+            raise GraphgrowError(f"the block stage starting at '{first.output}' has {len(stage)} blocks; "
+                                 "halving needs an even number", file=graph.source, node=first.output,
+                                 hint="use an even number of blocks per stage (or fewer levels)")
+        kept, dropped = stage[0::2], stage[1::2]
+        for keep, drop in zip(kept, dropped):
+            for reader in coarse.consumers(drop.output):
+                coarse.set_inputs(reader, [keep.output if i == drop.output else i for i in coarse.node(reader).inputs])
+            coarse.outputs = [keep.output if o == drop.output else o for o in coarse.outputs]
+            for name in reversed(drop.nodes):
+                coarse.remove(name)
+        P = depth_prolongation(len(kept), interpolation)
+        R = 0.5 * P.T if restriction == "half-transpose" else injection(len(kept))
+        copies, inject = depth_prolongation(len(kept), "constant"), injection(len(kept))
+        last, doubled = last_layer(graph, first.branch[-1], set(first.nodes)) or (None, ())
+        for position, name in enumerate(first.nodes):
+            params = graph.node(name).param_shapes()
+            for key in [k[len(name) + 1:] for k in state if k.startswith(f"{name}.")]:
+                fine = [f"{b.nodes[position]}.{key}" for b in stage]
+                coarse_names = [f"{b.nodes[position]}.{key}" for b in kept]
+                if key not in params:
+                    maps.append(StackMap(fine, coarse_names, copies, inject))
+                elif name == last and key in doubled:
+                    maps.append(StackMap(fine, coarse_names, P / 2, 2 * R))
+                else:
+                    maps.append(StackMap(fine, coarse_names, P, R))
     coarse.infer_shapes()
     return Transfer(network, coarse, maps, "depth")
 

@@ -15,6 +15,7 @@ import torch
 from graphgrow import GraphgrowError, Network
 from graphgrow.errors import did_you_mean
 
+from .blocks import insert_block
 from .extend import extend_all
 from .insert import insert_identity
 from .prune import prune
@@ -34,6 +35,7 @@ PASSES: dict[str, PassInfo] = {info.name: info for info in (
     PassInfo("widen", widen),
     PassInfo("extend-all", extend_all),
     PassInfo("prune", prune, preserves_function=False),  # exact only where what it removes is dead
+    PassInfo("insert-block", insert_block),
 )}
 
 

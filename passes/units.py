@@ -49,7 +49,7 @@ class UnitCoupling:
 def layers_with_units(graph: LayerGraph) -> list[str]:
     """Layers with a width argument (linear, conv2d); ``passes.widenable`` says which of them
     ``widen`` accepts."""
-    return [n.name for n in graph.nodes if n.opdef.width_arg is not None]
+    return [n.name for n in graph.nodes if n.opdef.widens(n.args)]
 
 
 def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
@@ -65,7 +65,7 @@ def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
         raise error.located(node=layer)
     fail = lambda message, where=layer, hint=None: GraphgrowError(
         message, file=graph.source, node=where, hint=hint)
-    if node.opdef.width_arg is None and not node.opdef.ties_units:
+    if not node.opdef.widens(node.args) and not node.opdef.ties_units:
         raise fail(f"'{layer}' ({node.op}) has no output units to widen",
                    hint=f"layers with units: {', '.join(layers_with_units(graph)) or 'none'}")
     carriers = _carriers(graph, layer, fail)
@@ -86,13 +86,13 @@ def _carriers(graph: LayerGraph, layer: str, fail) -> set[str]:
         if name in graph.outputs:
             raise fail(f"the units of '{layer}' reach the network output '{name}'", where=name,
                        hint="the output width is fixed by the data; widen a hidden layer")
-        if node.opdef.width_arg is None:  # the inputs hold the same units: follow them back
+        if not node.opdef.widens(node.args):  # the inputs hold the same units: follow them back
             for source in node.inputs:
                 if source == "input":
                     raise fail(f"the units of '{layer}' are tied to the network input at '{name}'",
                                where=name, hint="the input width is fixed by the data")
                 op = graph.node(source).opdef
-                if not (op.width_arg is not None or op.ties_units or
+                if not (op.widens(graph.node(source).args) or op.ties_units or
                         op.passes_units_through and len(graph.node(source).inputs) == 1):
                     raise fail(f"the units of '{layer}' are tied at '{name}' to the output of '{source}' "
                                f"({op.name}), which cannot take more units", where=source)
@@ -102,7 +102,7 @@ def _carriers(graph: LayerGraph, layer: str, fail) -> set[str]:
             op = reader.opdef
             if op.ties_units or op.passes_units_through and len(reader.inputs) == 1:
                 todo.append(reader_name)
-            elif op.width_arg is None and op.input_unit_offsets(reader.args, reader.in_shapes) is None:
+            elif not op.widens(reader.args) and op.input_unit_offsets(reader.args, reader.in_shapes) is None:
                 raise _refusal(reader, layer, fail)
     return carriers
 
@@ -129,14 +129,14 @@ def _place(graph: LayerGraph, layer: str, carriers: set[str], state_names, fail)
     for node in graph.nodes:
         op, name = node.opdef, node.name
         sources = [s for s in node.inputs if s in placed]
-        if op.width_arg is not None and sources:  # a consumer: its columns
+        if op.widens(node.args) and sources:  # a consumer: its columns
             block, offsets = placed[sources[0]]
             if len(sources) != 1 or not _reads_units_on_axis_0(node, block):
                 raise _refusal(node, layer, fail)
             consumers.append(name)
             axes += roles(node, 1, block, offsets)
         if name in carriers:
-            if op.width_arg is not None:
+            if op.widens(node.args):
                 if len(node.out_shape) not in (1, 3):
                     raise fail(f"'{name}' has output shape {list(node.out_shape)}; units are widened on "
                                "vectors (C,) and images (C, H, W) only", where=name)
@@ -152,7 +152,7 @@ def _place(graph: LayerGraph, layer: str, carriers: set[str], state_names, fail)
                 axes += roles(node, 0, block) + roles(node, 1, block)
             axes += _state_axes(node, block, (0,), state_names)
             placed[name] = (block, (0,))
-        elif sources and op.width_arg is None:
+        elif sources and not op.widens(node.args):
             starts = op.input_unit_offsets(node.args, node.in_shapes)
             if starts is not None:  # concat: each placed input's units at its start
                 if {placed[s][0] for s in sources} != {1}:  # flattened units: blocks need not align

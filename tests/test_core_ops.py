@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -65,6 +65,51 @@ def residual_reference(x, p, h, act, conv):
 
 def numel(shape):
     return math.prod(shape)
+
+
+def grouped_conv_reference(x, weight, bias, stride, padding, groups):
+    """Each group of input channels convolved with its own group of kernels."""
+    cin, cout = x.shape[1] // groups, weight.shape[0] // groups
+    return torch.cat([conv_reference(x[:, g * cin:(g + 1) * cin], weight[g * cout:(g + 1) * cout],
+                                     None if bias is None else bias[g * cout:(g + 1) * cout], stride, padding)
+                      for g in range(groups)], dim=1)
+
+
+def max_pool_reference(x, kernel, stride, pad_before, pad_after):
+    """Max over windows of the input padded with -inf (pad_after: extra room of ceil_mode)."""
+    x = F.pad(x, (pad_before, pad_after, pad_before, pad_after), value=-math.inf)
+    return unfold_windows(x, kernel, stride).amax(dim=2)
+
+
+def attention_reference(x, p, heads):
+    """Multi-head self-attention written out: projections, per-head softmax(q k^T / sqrt(d)) v."""
+    batch, tokens, width = x.shape
+    q, k, v = (x @ w.T + b for w, b in zip(p["in_proj_weight"].chunk(3), p["in_proj_bias"].chunk(3)))
+    split = lambda t: t.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+    scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(width // heads)
+    weights = torch.exp(scores) / torch.exp(scores).sum(-1, keepdim=True)
+    merged = (weights @ split(v)).transpose(1, 2).reshape(batch, tokens, width)
+    return merged @ p["out_proj.weight"].T + p["out_proj.bias"]
+
+
+def causal_attention_reference(q, k, v):
+    """softmax(q k^T / sqrt(d)) v with the keys after each query masked out."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1)
+    weights = torch.exp(scores.masked_fill(future, -math.inf))
+    return weights / weights.sum(-1, keepdim=True) @ v
+
+
+def counted_attention_flops(in_shapes):
+    """torch's count of the two products of attention on one sample, written as matmuls (its
+    counter does not see inside the CPU kernel of F.scaled_dot_product_attention)."""
+    q, k, v = (torch.zeros(1, *s) for s in in_shapes)
+    with FlopCounterMode(display=False) as counter:
+        (q @ k.transpose(-1, -2)) @ v
+    return counter.get_total_flops()
+
+
+relu6 = lambda t: torch.where(t < 0, 0.0, torch.where(t > 6, 6.0, t))
 
 
 sigmoid = lambda t: 1 / (1 + torch.exp(-t))
@@ -135,6 +180,53 @@ CASES = [
     ("residual_conv_two_weight_k5", ["{name: t, op: residual, branch: conv2d, kernel: 5, activation: leaky_relu}"],
      (2, 5, 5), lambda xs, p: residual_reference(xs[0], p, 1.0, lambda t: F.leaky_relu(t, 0.01), True),
      lambda i, o: numel(o) * (1 + 1 + 2)),
+    ("conv2d_grouped", ["{name: t, op: conv2d, out: 4, groups: 2}"], (6, 5, 5),
+     lambda xs, p: grouped_conv_reference(xs[0], p["weight"], p["bias"], 1, 1, 2), lambda i, o: numel(o)),
+    ("conv2d_depthwise_stride", ["{name: t, op: conv2d, out: 3, groups: 3, stride: 2, bias: false}"], (3, 6, 6),
+     lambda xs, p: grouped_conv_reference(xs[0], p["weight"], None, 2, 1, 3), lambda i, o: 0),
+    ("maxpool2d_padded", ["{name: t, op: maxpool2d, kernel: 3, stride: 2, padding: 1}"], (2, 6, 6),
+     lambda xs, p: max_pool_reference(xs[0], 3, 2, 1, 1), lambda i, o: 9 * numel(o)),
+    ("maxpool2d_ceil_mode", ["{name: t, op: maxpool2d, kernel: 3, stride: 2, ceil_mode: true}"], (1, 6, 6),
+     lambda xs, p: max_pool_reference(xs[0], 3, 2, 0, 1), lambda i, o: 9 * numel(o)),
+    ("avgpool2d_padded", ["{name: t, op: avgpool2d, kernel: 3, stride: 1, padding: 1}"], (1, 4, 4),
+     lambda xs, p: unfold_windows(xs[0], 3, 1, 1).mean(dim=2), lambda i, o: 9 * numel(o)),
+    ("relu6", ["{name: a, op: scale, factor: 4}", "{name: t, op: relu6}"], (5,), lambda xs, p: relu6(xs[0]),
+     lambda i, o: 2 * numel(o)),
+    ("silu", ["{name: t, op: silu}"], (5,), lambda xs, p: xs[0] * sigmoid(xs[0]), lambda i, o: 5 * numel(o)),
+    ("hardswish", ["{name: t, op: hardswish}"], (5,), lambda xs, p: xs[0] * relu6(xs[0] + 3) / 6,
+     lambda i, o: 4 * numel(o)),
+    ("hardsigmoid", ["{name: t, op: hardsigmoid}"], (5,), lambda xs, p: relu6(xs[0] + 3) / 6,
+     lambda i, o: 3 * numel(o)),
+    ("multiply_gate", ["{name: g, op: mean, dims: [2, 3], keepdim: true}", "{name: t, op: multiply, inputs: [input, g]}"],
+     (2, 3, 3), lambda xs, p: xs[0] * xs[1], lambda i, o: numel(o)),
+    ("mean_positions", ["{name: t, op: mean, dims: [2, -1]}"], (2, 3, 4),
+     lambda xs, p: xs[0].sum(dim=(2, 3)) / 12, lambda i, o: numel(i[0])),
+    ("concat_single", ["{name: t, op: concat, inputs: [input]}"], (2, 3), lambda xs, p: xs[0], lambda i, o: 0),
+    ("flatten_positions", ["{name: t, op: flatten, start: 2}"], (2, 3, 4),
+     lambda xs, p: torch.stack([xs[0][:, :, i, j] for i in range(3) for j in range(4)], dim=2), lambda i, o: 0),
+    ("reshape_inferred", ["{name: t, op: reshape, shape: [3, -1]}"], (2, 6),
+     lambda xs, p: torch.stack([xs[0].flatten(1)[:, 4 * r:4 * r + 4] for r in range(3)], dim=1), lambda i, o: 0),
+    ("permute", ["{name: t, op: permute, dims: [0, 3, 1, 2]}"], (2, 3, 4),
+     lambda xs, p: torch.einsum("bcij->bjci", xs[0]), lambda i, o: 0),
+    ("transpose_negative", ["{name: t, op: transpose, dim0: 1, dim1: -1}"], (2, 3, 4),
+     lambda xs, p: torch.einsum("bcij->bjic", xs[0]), lambda i, o: 0),
+    ("select_token", ["{name: t, op: select, dim: 1, index: 0}"], (3, 4), lambda xs, p: xs[0][:, 0], lambda i, o: 0),
+    ("narrow", ["{name: t, op: narrow, dim: 2, start: 1, length: 2}"], (3, 4),
+     lambda xs, p: xs[0][:, :, 1:3], lambda i, o: 0),
+    ("stochastic_depth_eval", ["{name: t, op: stochastic_depth, p: 0.3}"], (2, 3), lambda xs, p: xs[0],
+     lambda i, o: numel(o)),
+    ("layernorm_tokens", ["{name: t, op: layernorm, dims: 1}"], (3, 4),
+     lambda xs, p: norm_reference(xs[0], (2,), 1e-5, p["weight"], p["bias"]), lambda i, o: 5 * numel(o)),
+    ("parameter_expanded", ["{name: token, op: parameter, shape: [1, 4], init: {normal: {std: 1}}}",
+                            "{name: t, op: expand_batch, inputs: [token, input]}"], (2, 3),
+     lambda xs, p: xs[0].expand(BATCH, 1, 4), lambda i, o: 0),
+    ("attention", ["{name: t, op: attention, heads: 2}"], (3, 4),
+     lambda xs, p: attention_reference(xs[0], p, 2),
+     lambda i, o: 4 * numel(o) + numel(o) + 5 * 2 * 3 * 3),
+    ("scaled_dot_product_attention_causal",
+     ["{name: q, op: scale, factor: 0.5}", "{name: t, op: scaled_dot_product_attention, inputs: [q, input, input], "
+      "causal: true}"], (2, 4, 3), lambda xs, p: causal_attention_reference(xs[0], xs[1], xs[2]),
+     lambda i, o: counted_attention_flops(i) + 6 * 2 * 4 * 4),
 ]
 CASE_IDS = [case[0] for case in CASES]
 
@@ -158,9 +250,9 @@ def node_params(module, name):
 
 def test_every_builtin_op_has_a_case():
     builtin = {name for name, op in registered_ops().items() if type(op).__module__.startswith("graphgrow.ops")}
-    covered = {graph_from_text(
+    covered = {node.op for c in CASES for node in graph_from_text(
         f"graphgrow: 1\nname: n\ninput: {{shape: {list(c[2])}}}\nlayers:\n"
-        + "".join(f"  - {layer}\n" for layer in c[1]) + "outputs: [t]\n").node("t").op for c in CASES}
+        + "".join(f"  - {layer}\n" for layer in c[1]) + "outputs: [t]\n").nodes}
     assert builtin <= covered, f"ops without a unit case: {sorted(builtin - covered)}"
 
 
@@ -209,8 +301,9 @@ def test_flops_against_an_independent_count(case):
     submodule = module.get_submodule("t") if hasattr(module, "t") else None
     matmul_flops = 0
     if submodule is not None:
-        with FlopCounterMode(display=False) as counter:
-            submodule.eval()(torch.zeros(1, *node.in_shapes[0], dtype=torch.float64))
+        probe = torch.zeros(1, *node.in_shapes[0], dtype=torch.float64)
+        with FlopCounterMode(display=False) as counter:  # attention reads its input thrice (q, k, v)
+            submodule.eval()(*(probe,) * (3 if isinstance(submodule, nn.MultiheadAttention) else 1))
         matmul_flops = counter.get_total_flops()
     assert node.flops() == matmul_flops + elementwise(node.in_shapes, node.out_shape)
 
@@ -244,7 +337,11 @@ def test_identity_returns_a_copy():
 
 
 # -- argument validation --------------------------------------------------------------------
-REQUIRED = {"linear": "out: 2, ", "conv2d": "out: 2, ", "scale": "factor: 2, "}
+REQUIRED = {"linear": {"out": 2}, "conv2d": {"out": 2}, "scale": {"factor": 2}, "attention": {"heads": 2},
+            "parameter": {"shape": "[2]"}, "reshape": {"shape": "[2]"}, "permute": {"dims": "[0, 1]"},
+            "mean": {"dims": "[1]"}, "transpose": {"dim0": 1, "dim1": 1}, "select": {"dim": 1, "index": 0},
+            "narrow": {"dim": 1, "start": 0, "length": 1}}
+LIST_ARGS = {("parameter", "shape"), ("reshape", "shape"), ("permute", "dims"), ("mean", "dims")}
 BUILTIN_ARGS = sorted((name, arg.name) for name, op in registered_ops().items()
                       if type(op).__module__.startswith("graphgrow.ops") for arg in op.args)
 
@@ -252,9 +349,9 @@ BUILTIN_ARGS = sorted((name, arg.name) for name, op in registered_ops().items()
 @pytest.mark.parametrize("bad", ["zzz", "[1]", "{a: 1}", ".nan"])
 @pytest.mark.parametrize("op_name,arg_name", BUILTIN_ARGS, ids=[f"{o}.{a}" for o, a in BUILTIN_ARGS])
 def test_wrong_argument_value_names_argument_and_location(op_name, arg_name, bad):
-    fields = REQUIRED.get(op_name, "")
-    if arg_name in fields:
-        fields = ""
+    fields = "".join(f"{k}: {v}, " for k, v in REQUIRED.get(op_name, {}).items() if k != arg_name)
+    if bad == "[1]" and (op_name, arg_name) in LIST_ARGS:
+        bad = "[zzz]"  # a list of one integer is a valid value there
     layer = f"{{name: t, op: {op_name}, {fields}{arg_name}: {bad}}}"
     text = f"graphgrow: 1\nname: n\ninput: {{shape: [2]}}\nlayers:\n  - {layer}\n"
     with pytest.raises(GraphgrowError) as info:
@@ -303,3 +400,51 @@ def test_shape_rule_errors(layer, shape, message):
         graph_from_text(text, "s.yaml")
     err = info.value
     assert message in err.message and err.node == "t" and err.file == "s.yaml" and err.line is not None
+
+
+NEW_OPS_NETWORK = """graphgrow: 1
+name: new_ops
+input: {shape: [2, 8, 8]}
+layers:
+  - {name: c, op: conv2d, out: 4, groups: 2}
+  - {name: mp, op: maxpool2d, kernel: 3, stride: 2, padding: 1}
+  - {name: mc, op: maxpool2d, kernel: 3, stride: 2, ceil_mode: true, inputs: c}
+  - {name: ap, op: avgpool2d, kernel: 3, stride: 2, padding: 1, inputs: c}
+  - {name: s, op: add, inputs: [mp, mc, ap]}
+  - {name: a1, op: silu}
+  - {name: a2, op: hardswish}
+  - {name: a3, op: relu6}
+  - {name: g, op: mean, dims: [2, 3], keepdim: true}
+  - {name: gate, op: hardsigmoid}
+  - {name: m, op: multiply, inputs: [a3, gate]}
+  - {name: sd, op: stochastic_depth, p: 0.2}
+  - {name: p, op: permute, dims: [0, 2, 3, 1]}
+  - {name: r, op: reshape, shape: [16, -1]}
+  - {name: ln, op: layernorm, dims: 1}
+  - {name: q, op: narrow, dim: 2, start: 0, length: 2}
+  - {name: k, op: narrow, dim: -1, start: 2, length: 2, inputs: ln}
+  - {name: att, op: scaled_dot_product_attention, inputs: [q, k, k]}
+  - {name: tokens, op: transpose, dim0: 1, dim1: 2}
+  - {name: wide, op: flatten, start: 2, inputs: [tokens]}
+  - {name: one, op: concat, inputs: [wide]}
+  - {name: cls, op: parameter, shape: [1, 16]}
+  - {name: clss, op: expand_batch, inputs: [cls, input]}
+  - {name: joined, op: concat, inputs: [clss, one]}
+  - {name: mha, op: attention, heads: 2}
+  - {name: first, op: select, dim: 1, index: 0}
+  - {name: t, op: linear, out: 3}
+"""
+
+
+def test_the_new_ops_export_in_both_formats(tmp_path):
+    """Every op added for the model families, in one network: torch.export and TorchScript
+    artifacts compute what the compiled module computes (eval mode)."""
+    from graphgrow.compiler.export import export, load_exported
+    graph = graph_from_text(NEW_OPS_NETWORK)
+    module = compile_graph(graph, seed=2, dtype=torch.float64).eval()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = module(x)
+        for fmt, suffix in (("export", "pt2"), ("torchscript", "pt")):
+            loaded = load_exported(export(module, graph, tmp_path / f"new_ops.{suffix}", fmt))
+            torch.testing.assert_close(loaded(x), expected, rtol=1e-12, atol=1e-12)

@@ -54,6 +54,7 @@ def test_passes_on_cuda_stay_there_and_preserve_the_function(spec):
     # prune scores units where the network lives: the 2 new units (zero outgoing weights) go, exactly
     results += [passes.prune(passes.widen(network, layer, 2)[0], layer, count=2)[0]
                 for layer in passes.widenable(network.graph)[:2]]
+    results += [passes.insert_block(network, block.output)[0] for block in passes.find_blocks(network.graph)[:2]]
     for result in results:
         assert all(t.device.type == "cuda" for t in result.state().values())
         result.module.eval()

@@ -21,6 +21,7 @@ from graphgrow.runtime.devices import place_network, resolve_device, resolve_dty
 from graphgrow.runtime.splits import Split, as_splits, evaluate, place
 from graphgrow.sensli import grow, sensitivities
 from graphgrow.sensli.widening import widen_best
+from passes.hierarchy import block_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -48,6 +49,8 @@ def every_pass(network: Network):
             yield (f"widen {layer} {method}",) + passes.widen(network, layer, 2, method=method)
         # meta tensors have no values to score or measure: the units are named
         yield (f"prune {layer}",) + passes.prune(network, layer, units=[0], measure=False)
+    for block in passes.find_blocks(network.graph):
+        yield (f"insert-block {block.output}",) + passes.insert_block(network, block.output)
     if passes.widenable(network.graph):
         neurons, record = passes.extend_all(network, "neurons")
         yield "extend-all neurons", neurons, record
@@ -82,12 +85,14 @@ def test_every_pass_keeps_parameters_buffers_and_optimizer_state_on_meta_in_floa
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
                         assert value.device.type == "meta" and value.dtype == torch.float64, (name, kind, key)
-    if passes.residual_stages(network.graph) and all(len(s) % 2 == 0 for s in passes.residual_stages(network.graph)):
+    stages = passes.residual_stages(network.graph) or [s for s in block_stages(network.graph) if len(s) > 1]
+    if stages and all(len(stage) % 2 == 0 for stage in stages):  # chains of residual nodes or of equal blocks
         levels = passes.build_hierarchy(network, "depth", 2)
         coarse, transfer = levels[1].network, levels[1].transfer
         assert not misplaced(coarse)
         fine_again = transfer.prolong(dict(coarse.module.state_dict()))
-        assert all(t.device.type == "meta" and t.dtype == torch.float64 for t in fine_again.values())
+        fine_state = network.module.state_dict()  # float64, and integer buffers (batch-norm counts) stay integer
+        assert all(t.device.type == "meta" and t.dtype == fine_state[k].dtype for k, t in fine_again.items())
 
 
 def test_width_hierarchy_on_meta():

@@ -7,122 +7,264 @@ passes which work on residual streams (insertion, depth hierarchies) apply to im
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 
 from .network import Network
+from .tracing import (PROBE_BATCH, TracedShape, Tracer, claimants, evaluated, is_tensor_value, module_path,
+                      observe, tensor_args)
 from ..errors import GraphgrowError
 from ..ir import INPUT, LayerGraph, Node
-from ..ops.base import OpDef, registered_ops
-from ..ops.residual import Residual
+from ..ops.base import OpDef, Shape, get_op, registered_ops, require
+from ..ops.structural import sample_axis
 
-_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "flatten": "flatten",
-            "add": "add", "mul": "scale"}
-
-
-class _Tracer(fx.Tracer):
-    """Keeps graphgrow's own Residual module whole, like torch.nn's modules."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, Residual) or super().is_leaf_module(module, qualified_name)
+#: tensor methods that return their input's values unchanged (for graphgrow's value semantics)
+_ALIASES = ("contiguous",)
+#: calls that return their input's pieces as a tuple: (dim argument position, default dim)
+_SPLITS = {"chunk": 2, "split": 2, torch.chunk: 2, torch.split: 2}
 
 
-def _op_for_module(module: nn.Module) -> OpDef | None:
-    for op in registered_ops().values():
-        if type(module) in op.imports_modules:
-            return op
-    return None
+class _Importer:
+    """Builds a LayerGraph from a traced module, one traced node at a time; records every
+    node it cannot import instead of stopping at the first."""
 
+    def __init__(self, module: nn.Module, traced: fx.GraphModule, graph: LayerGraph, seen: dict):
+        self.module, self.traced, self.graph, self.seen = module, traced, graph, seen
+        self.state: dict[str, torch.Tensor] = {}
+        self.renamed: dict[fx.Node, str] = {}
+        self.pieces: dict[fx.Node, tuple[fx.Node, int]] = {}  # chunk/split result -> (source, axis)
+        self.tuples: dict[fx.Node, tuple[str, int]] = {}  # tuple-valued op -> (node, index of its value)
+        self.params: dict[tuple[str, tuple], str] = {}
+        self.failed: set[fx.Node] = set()
+        self.problems: list[GraphgrowError] = []
 
-def _op_for_function(fn) -> OpDef | None:
-    for op in registered_ops().values():
-        if any(fn is candidate for candidate in op.imports_functions):
-            return op
-    return None
+    def shape(self, fx_node) -> Shape:
+        """The per-sample shape of a traced tensor; the batch dimension must stay first."""
+        shape = self.seen[fx_node]
+        if not shape or shape[0] != PROBE_BATCH:
+            raise GraphgrowError(f"computes a tensor of shape {list(shape)} whose first dimension is not "
+                                 "the batch", hint="graphgrow keeps the batch dimension first; permute it back")
+        return tuple(shape[1:])
 
+    def run(self) -> None:
+        for fx_node in self.traced.graph.nodes:
+            if fx_node.op in ("placeholder", "output"):
+                self.boundary(fx_node)
+                continue
+            if not is_tensor_value(self.seen.get(fx_node)) or fx_node.op == "get_attr":
+                continue  # shape arithmetic and constants: their values go into the calls that use them
+            inputs = [n for n in fx_node.all_input_nodes if is_tensor_value(self.seen.get(n))]
+            if any(n in self.failed for n in inputs):
+                # its inputs are missing, so only whether any op claims the call can be checked
+                self.failed.add(fx_node)
+                if not self.special(fx_node) and not claimants(fx_node, self.submodule(fx_node)):
+                    self.problems.append(self.located(fx_node, GraphgrowError("is not supported")))
+                continue
+            try:
+                self.visit(fx_node)
+            except GraphgrowError as err:
+                self.failed.add(fx_node)
+                self.problems.append(self.located(fx_node, err))
 
-def _split_args(args) -> tuple[list[fx.Node], tuple]:
-    """Tensor inputs (fx nodes, also inside a list as for torch.cat) and the other arguments."""
-    tensors, others = [], []
-    for arg in args:
-        if isinstance(arg, fx.Node):
-            tensors.append(arg)
-        elif isinstance(arg, (list, tuple)) and arg and all(isinstance(a, fx.Node) for a in arg):
-            tensors.extend(arg)
+    def located(self, fx_node: fx.Node, err: GraphgrowError) -> GraphgrowError:
+        file, line = fx_node.meta.get("user_frame", (None, None))
+        path = module_path(fx_node)
+        if fx_node.op == "call_module":
+            what = f"module '{path}' ({type(self.module.get_submodule(path)).__name__})"
+            kind = "imports_modules"
         else:
-            others.append(arg)
-    return tensors, tuple(others)
+            name = fx_node.target if isinstance(fx_node.target, str) else getattr(fx_node.target, "__name__", fx_node.target)
+            what = (f"method .{name}()" if fx_node.op == "call_method" else f"call of {name}") + \
+                (f" in module '{path}'" if path else "")
+            kind = "imports_methods" if fx_node.op == "call_method" else "imports_functions"
+        hint = err.hint or (f"register an op that declares it in {kind} (graphgrow.register_op); supported ops: "
+                            + ", ".join(sorted(registered_ops())))
+        return GraphgrowError(f"cannot import {what}: {err.message}", file=file, line=line,
+                              node=path or type(self.module).__name__, hint=hint)
+
+    def boundary(self, fx_node: fx.Node) -> None:
+        if fx_node.op == "placeholder":
+            if self.renamed:
+                raise GraphgrowError("the module takes more than one input", file=self.graph.source,
+                                     node=fx_node.name, hint="graphgrow networks have a single input")
+            self.renamed[fx_node] = INPUT
+            return
+        results = fx_node.args[0]
+        results = list(results) if isinstance(results, (tuple, list)) else [results]
+        if not all(isinstance(r, fx.Node) and is_tensor_value(self.seen.get(r)) for r in results):
+            raise GraphgrowError("the module returns something other than tensors", file=self.graph.source)
+        if not any(r in self.failed for r in results):
+            self.graph.outputs = [self.value(r) for r in results]
+
+    def value(self, fx_node: fx.Node, rank: int | None = None) -> str:
+        """The graph node holding a traced tensor; a module's tensor attribute becomes a
+        ``parameter`` node of per-sample rank ``rank`` (that of the call that uses it)."""
+        if fx_node in self.renamed:
+            return self.renamed[fx_node]
+        if fx_node.op != "get_attr":
+            raise GraphgrowError(f"uses '{fx_node.name}', which is not a single tensor")
+        tensor = operator.attrgetter(fx_node.target)(self.traced)
+        shape = tuple(tensor.shape)
+        rank = len(shape) if rank is None else rank
+        if len(shape) == rank + 1 and shape[0] == 1:
+            shape = shape[1:]
+        elif len(shape) <= rank:
+            shape = (1,) * (rank - len(shape)) + shape
+        else:
+            raise GraphgrowError(f"uses the tensor '{fx_node.target}' of shape {list(tensor.shape)} on inputs of "
+                                 f"rank {rank}", hint="a free parameter has the per-sample shape or a leading 1")
+        key = (str(fx_node.target), shape)
+        if key not in self.params:
+            op = get_op("parameter")
+            name = self.graph.unique_name(str(fx_node.target).replace(".", "_"))
+            self.graph.add(Node(name, op.name, op.check_args({"shape": list(shape)}), [],
+                                frozen=not (isinstance(tensor, nn.Parameter) and tensor.requires_grad)))
+            self.graph.node(name).out_shape = shape
+            self.state[f"{name}.weight"] = tensor.detach().reshape(shape).clone()
+            self.params[key] = name
+        return self.params[key]
+
+    def submodule(self, fx_node: fx.Node) -> nn.Module | None:
+        return self.module.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
+
+    def special(self, fx_node: fx.Node) -> bool:
+        """Calls the importer handles itself: pieces of tuples, no-op methods, chunk/split, and
+        a free parameter's expand to the batch."""
+        return (fx_node.target is operator.getitem and fx_node.args[0] in self.pieces | self.tuples
+                or fx_node.op == "call_method" and fx_node.target in _ALIASES
+                or fx_node.op != "call_module" and fx_node.target in _SPLITS
+                or fx_node.op == "call_method" and fx_node.target == "expand" and fx_node.args[0].op == "get_attr")
+
+    def visit(self, fx_node: fx.Node) -> None:
+        args = evaluated(fx_node.args, self.seen)
+        kwargs = dict(evaluated(fx_node.kwargs, self.seen))
+        target = fx_node.target
+        if target is operator.getitem and fx_node.args[0] in self.pieces | self.tuples:
+            self.renamed[fx_node] = self.tuple_item(fx_node, args[1])
+            return
+        if fx_node.op == "call_method" and target in _ALIASES:
+            self.renamed[fx_node] = self.value(fx_node.args[0])
+            return
+        if target in _SPLITS and fx_node.op != "call_module":
+            source = fx_node.args[0]
+            dim = kwargs.get("dim", args[_SPLITS[target]] if len(args) > _SPLITS[target] else 0)
+            rank = len(self.shape(source))
+            self.pieces[fx_node] = (source, sample_axis(dim, rank, str(getattr(target, "__name__", target))))
+            return
+        if fx_node.op == "call_method" and target == "expand" and fx_node.args[0].op == "get_attr":
+            op = get_op("expand_batch")
+            out = self.shape(fx_node)
+            self.add(fx_node, op, {}, [self.value(fx_node.args[0], len(out)), INPUT])
+            return
+        module = self.submodule(fx_node)
+        tensors, others = tensor_args(args)
+        value = self.seen[fx_node]
+        out_shape = self.shape(fx_node) if isinstance(value, TracedShape) else None
+        candidates = claimants(fx_node, module)
+        if not candidates:
+            raise GraphgrowError("is not supported")
+        refusals = []
+        for op in candidates:
+            try:
+                plain = {k: v for k, v in kwargs.items() if not isinstance(v, fx.Node)}
+                adopted = self.adopted(op, tensors, kwargs) if module is None and op.adopted_roles else {}
+                inputs = op.inputs_from_call(tensors[:1] if adopted else tensors, kwargs)
+                rank = len(out_shape) if out_shape is not None else None
+                in_shapes = [self.shape(t) if t in self.renamed or t.op != "get_attr" else None for t in inputs]
+                if module is not None:
+                    op_args = op.args_from_module(module)
+                elif adopted:
+                    op_args = op.args_from_parameters(adopted, others, plain)
+                else:
+                    op_args = op.args_from_traced(others, plain, in_shapes, out_shape)
+                op_args = op.check_args(op_args)
+                names = [self.value(t, rank) for t in inputs]
+                shapes = [self.graph.shape_of(n) if n in self.graph or n == INPUT else None for n in names]
+                got = tuple(op.output_shape(op_args, shapes))
+                expected = out_shape if out_shape is not None else self.shape_in_tuple(fx_node, op)
+                require(got == expected, f"'{op.name}' gives shape {list(got)}, the module {list(expected)}")
+            except GraphgrowError as err:
+                refusals.append(f"{op.name}: {err.message}")
+                continue
+            self.add(fx_node, op, op_args, names)
+            if module is not None:
+                self.state.update({f"{self.renamed[fx_node]}.{k}": v for k, v in module.state_dict().items()})
+            self.state.update({f"{self.renamed[fx_node]}.{role}": t.detach().clone() for role, t in adopted.items()})
+            if out_shape is None:
+                self.tuples[fx_node] = (self.renamed.pop(fx_node), op.tuple_output)
+            return
+        raise GraphgrowError("; ".join(refusals) if len(refusals) > 1 else refusals[0].split(": ", 1)[1])
+
+    def adopted(self, op: OpDef, tensors: list[fx.Node], kwargs: dict) -> dict[str, torch.Tensor]:
+        """The module tensors a functional call passes as the op's parameters, by role."""
+        given = [*tensors[1:], *(kwargs[r] for r in op.adopted_roles if isinstance(kwargs.get(r), fx.Node))]
+        require(all(t.op == "get_attr" for t in given), "parameters computed by the traced code")
+        return {role: operator.attrgetter(t.target)(self.traced) for role, t in zip(op.adopted_roles, given)}
+
+    def shape_in_tuple(self, fx_node: fx.Node, op: OpDef) -> Shape:
+        require(op.tuple_output is not None, f"'{op.name}' gives one tensor, the module a tuple")
+        shape = self.seen[fx_node][op.tuple_output]
+        require(shape[0] == PROBE_BATCH, "a result whose first dimension is not the batch")
+        return tuple(shape[1:])
+
+    def tuple_item(self, fx_node: fx.Node, index) -> str:
+        source = fx_node.args[0]
+        if source in self.tuples:
+            name, wanted = self.tuples[source]
+            require(index == wanted, f"uses result {index} of '{source.name}'; graphgrow keeps result {wanted}")
+            return name
+        tensor, axis = self.pieces[source]
+        lengths = [piece[axis + 1] for piece in self.seen[source]]
+        op = get_op("narrow")
+        args = op.check_args({"dim": axis + 1, "start": sum(lengths[:index]), "length": lengths[index]})
+        name = self.graph.unique_name(fx_node.name.strip("_") or "piece")
+        self.graph.add(Node(name, op.name, args, [self.value(tensor)]))
+        self.graph.node(name).out_shape = self.shape(fx_node)
+        return name
+
+    def add(self, fx_node: fx.Node, op: OpDef, args: dict, inputs: list[str]) -> None:
+        name = _node_name(self.graph, fx_node.name, op)
+        self.graph.add(Node(name, op.name, args, inputs))
+        value = self.seen[fx_node]
+        self.graph.node(name).out_shape = self.shape(fx_node) if isinstance(value, TracedShape) else \
+            self.shape_in_tuple(fx_node, op)
+        self.renamed[fx_node] = name
 
 
 def import_module(module: nn.Module, input_shape, *, name: str = "imported",
                   check: bool = True) -> Network:
     """Trace ``module`` and rebuild it as a Network with its weights.
 
-    ``input_shape`` is the per-sample shape (no batch dimension). With ``check`` the imported
-    network is compared with the module on a probe batch (eval mode) before it is returned.
+    ``input_shape`` is the per-sample shape (no batch dimension). Every traced call is matched
+    to an op; calls that no op imports are all reported at once, in one GraphgrowError (its
+    ``problems`` lists each, located at the module path and source line). With ``check`` the
+    imported network is compared with the module on a probe batch (eval mode) before it is
+    returned.
     """
     where = type(module).__name__
     try:
-        traced = _Tracer().trace(module)
+        traced = fx.GraphModule(module, Tracer().trace(module))
     except Exception as err:  # fx raises many types for untraceable code
         raise GraphgrowError(f"cannot trace module {where}: {err}", file=f"<module {where}>",
                              hint="only modules built from supported ops (Sequential, residual "
                                   "x + f(x), linear, conv2d, activations, ...) can be imported") from None
+    traced.graph.eliminate_dead_code()
     graph = LayerGraph(name, tuple(input_shape), source=f"<module {where}>")
-    state: dict[str, torch.Tensor] = {}
-    renamed: dict[fx.Node, str] = {}
-    for fx_node in traced.nodes:
-        if fx_node.op == "placeholder":
-            if renamed:
-                raise GraphgrowError(f"module {where} takes more than one input", file=graph.source,
-                                     node=fx_node.name,
-                                     hint="graphgrow networks have a single input")
-            renamed[fx_node] = INPUT
-            continue
-        if fx_node.op == "output":
-            results = fx_node.args[0]
-            results = list(results) if isinstance(results, (tuple, list)) else [results]
-            if not all(isinstance(r, fx.Node) for r in results):
-                raise GraphgrowError(f"module {where} returns something other than tensors",
-                                     file=graph.source)
-            graph.outputs = [renamed[r] for r in results]
-            continue
-        tensors, others = _split_args(fx_node.args)
-        described = f"{fx_node.op} {fx_node.target}"
-        try:
-            if fx_node.op == "call_module":
-                submodule = module.get_submodule(fx_node.target)
-                described = f"module '{fx_node.target}' ({type(submodule).__name__})"
-                op = _op_for_module(submodule)
-                if op is None:
-                    raise GraphgrowError("is not supported")
-                args = op.args_from_module(submodule)
-                module_state = submodule.state_dict()
-            elif fx_node.op == "call_function":
-                described = f"call of {getattr(fx_node.target, '__name__', fx_node.target)}"
-                op = _op_for_function(fx_node.target)
-                if op is None:
-                    raise GraphgrowError("is not supported")
-                args = op.args_from_call(others, dict(fx_node.kwargs))
-            elif fx_node.op == "call_method" and fx_node.target in _METHODS:
-                described = f"method .{fx_node.target}()"
-                op = registered_ops()[_METHODS[fx_node.target]]
-                args = op.args_from_call(others, dict(fx_node.kwargs))
-            else:
-                raise GraphgrowError("is not supported")
-            args = op.check_args(args)
-        except GraphgrowError as err:
-            raise GraphgrowError(f"cannot import {described}: {err.message}",
-                                 file=graph.source, node=fx_node.name,
-                                 hint=err.hint or "supported: " + ", ".join(sorted(registered_ops()))) from None
-        node_name = _node_name(graph, fx_node.name, op)
-        graph.add(Node(node_name, op.name, args, [renamed[t] for t in tensors]))
-        renamed[fx_node] = node_name
-        if fx_node.op == "call_module":
-            state.update({f"{node_name}.{k}": v for k, v in module_state.items()})
+    importer = _Importer(module, traced, graph, observe(traced, module, input_shape))
+    importer.run()
+    if importer.problems:
+        first = importer.problems[0]
+        listed = "; ".join(f"{p.file or '?'}:{p.line or '?'}: {p.node}: {p.message}" for p in importer.problems)
+        error = GraphgrowError(f"{len(importer.problems)} unsupported call(s) in {where}: {listed}",
+                               file=first.file, line=first.line, node=first.node, hint=first.hint)
+        error.problems = importer.problems
+        raise error
+    state = importer.state
     graph.infer_shapes()
     _fold_residuals(graph, state)
-    network = Network.build(graph, state)
+    network = Network.build(graph, state, dtype=next((p.dtype for p in module.parameters()), None))
     if check:
         _check_same_function(module, network, where)
     return network
@@ -198,7 +340,8 @@ def _fold_residuals(graph: LayerGraph, state: dict) -> None:
 
 
 def _check_same_function(module: nn.Module, network: Network, where: str) -> None:
-    probe = torch.randn((3, *network.graph.input_shape), generator=torch.Generator().manual_seed(0))
+    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    probe = torch.randn((3, *network.graph.input_shape), generator=torch.Generator().manual_seed(0), dtype=dtype)
     was_training = module.training
     module.eval()
     network.module.eval()

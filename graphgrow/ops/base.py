@@ -8,6 +8,7 @@ the summary asks ``flops``. Passes ask further hooks that ops override where the
 from __future__ import annotations
 
 import math
+from importlib import metadata
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -206,9 +207,15 @@ class OpDef:
         return graph.create_node("call_function", fn, tuple(inputs), kwargs, name=name)
 
     # -- import from existing torch code (graphgrow.importer) --------------------------------
-    #: torch module types and call_function targets this op is imported from
+    #: torch module types, call_function targets and tensor method names this op is imported
+    #: from; where several ops claim one, the importer takes the latest registered op whose
+    #: ``args_from_module`` / ``args_from_traced`` accepts the call (so a user's op can win)
     imports_modules: tuple[type, ...] = ()
     imports_functions: tuple[Callable, ...] = ()
+    imports_methods: tuple[str, ...] = ()
+    #: a module (or call) returning a tuple whose element at this index is the op's value
+    #: (nn.MultiheadAttention returns (output, weights))
+    tuple_output: int | None = None
 
     def args_from_module(self, module: nn.Module) -> dict[str, Any]:
         """Op arguments reproducing ``module`` (a type in ``imports_modules``); a
@@ -218,6 +225,25 @@ class OpDef:
     def args_from_call(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Op arguments from the non-tensor arguments of a traced call."""
         return {}
+
+    def args_from_traced(self, args: tuple, kwargs: dict, in_shapes: list[Shape], out_shape: Shape) -> dict[str, Any]:
+        """Op arguments of a traced call whose per-sample input and output shapes are known (shape
+        ops derive theirs from the shapes); by default ``args_from_call``."""
+        return self.args_from_call(args, kwargs)
+
+    #: the roles of the tensor arguments after the input of a functional call that passes the
+    #: op's parameters (F.linear(x, self.weight, self.bias)): the importer adopts them
+    adopted_roles: tuple[str, ...] = ()
+
+    def args_from_parameters(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Op arguments of a functional call given its parameters by role (``adopted_roles``)
+        and its other arguments."""
+        raise GraphgrowError(f"op '{self.name}' does not adopt parameters")
+
+    def inputs_from_call(self, inputs: list, kwargs: dict) -> list:
+        """The op's inputs among the tensor arguments of a traced call (``kwargs``: its keyword
+        arguments); a GraphgrowError for a call the op cannot express."""
+        return inputs
 
     def torch_module(self, args: dict) -> nn.Module | None:
         """A stateless op's nn.Module twin (residual activations; ``compile_graph(...,
@@ -250,6 +276,23 @@ class OpDef:
         ops that place their inputs side by side there (concat); None for other ops."""
         return None
 
+    #: op(0) == 0 with its parameters as they are (on every input that is zero): a block whose
+    #: branch ends in such ops is zero when the layer before them is (passes.blocks)
+    maps_zero_to_zero: bool = False
+    #: every output entry is a selection, maximum or mean of input entries, so values in an
+    #: interval stay in it (pooling, shape ops): after relu the values stay relu's fixed points
+    keeps_range: bool = False
+
+    def zero_output_roles(self, args: dict, in_shapes: list[Shape]) -> tuple[str, ...] | None:
+        """The parameter roles which, set to zero, make the op's output zero for every input
+        while the other roles keep a non-zero gradient (a block's "last layer zero"), or None
+        when no parameters do. By default all roles of an op with parameters."""
+        return tuple(self.param_shapes(args, in_shapes)) or None
+
+    def widens(self, args: dict) -> bool:
+        """Whether ``width_arg`` can grow (and the op take more input units) for these arguments."""
+        return self.width_arg is not None
+
     def widen_roles(self, args: dict) -> dict[str, tuple[int | None, int | None]]:
         """Per parameter role of a widenable op: (axis of its output units, axis of its input
         units), None where the role has no such axis."""
@@ -270,6 +313,10 @@ class OpDef:
 
 
 _REGISTRY: dict[str, OpDef] = {}
+#: installed packages add ops (or replace shipped ones) under this entry-point group; they are
+#: registered before the first op is looked up, so the CLI reads specs that use them
+ENTRY_POINT_GROUP = "graphgrow.ops"
+_entry_points_loaded = False
 
 
 def register_op(op: OpDef | type[OpDef], *, replace: bool = False) -> OpDef:
@@ -283,12 +330,28 @@ def register_op(op: OpDef | type[OpDef], *, replace: bool = False) -> OpDef:
         raise ValueError(f"invalid op name {op.name!r}")
     if op.name in _REGISTRY and not replace:
         raise ValueError(f"op {op.name!r} is already registered (pass replace=True)")
+    _REGISTRY.pop(op.name, None)  # a replacing op counts as registered last (import prefers it)
     _REGISTRY[op.name] = op
     return op
 
 
+def _load_entry_points() -> None:
+    """Register the ops of installed packages (entry point value: an OpDef class or instance)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            register_op(entry.load(), replace=True)
+        except Exception as err:  # a broken plugin names itself instead of failing somewhere later
+            raise GraphgrowError(f"cannot load op '{entry.name}' from entry point {entry.value}: {err}",
+                                 hint=f"check the package that declares it under '{ENTRY_POINT_GROUP}'") from None
+
+
 def get_op(name: Any) -> OpDef:
     """The registered op called ``name``; a GraphgrowError with a hint if there is none."""
+    _load_entry_points()
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -298,6 +361,8 @@ def get_op(name: Any) -> OpDef:
 
 
 def registered_ops() -> dict[str, OpDef]:
+    """Every op by name, in registration order."""
+    _load_entry_points()
     return dict(_REGISTRY)
 
 

@@ -26,6 +26,7 @@ class Activation(ElementwiseOp):
     def __init__(self, name, fn, module, cost=1, doc="", aliases=(), idempotent=False):
         self.name, self._fn, self._module, self.cost = name, fn, module, cost
         self.idempotent = idempotent
+        self.maps_zero_to_zero = bool(fn(torch.zeros(1)) == 0)
         self.doc = doc or f"{name} activation, elementwise."
         self.imports_modules = (module,)
         self.imports_functions = (fn, *aliases)
@@ -45,6 +46,11 @@ for _activation in (
                    aliases=(F.sigmoid,)),
         Activation("gelu", F.gelu, nn.GELU, cost=8),
         Activation("softplus", F.softplus, nn.Softplus, cost=4),
+        Activation("relu6", F.relu6, nn.ReLU6, cost=2, doc="min(max(0, x), 6), elementwise.", idempotent=True),
+        Activation("silu", F.silu, nn.SiLU, cost=5, doc="x * sigmoid(x) (swish), elementwise."),
+        Activation("hardswish", F.hardswish, nn.Hardswish, cost=4, doc="x * relu6(x + 3) / 6, elementwise."),
+        Activation("hardsigmoid", F.hardsigmoid, nn.Hardsigmoid, cost=3, doc="relu6(x + 3) / 6, elementwise.",
+                   idempotent=False),
         Activation("identity", torch.clone, nn.Identity, cost=0,
                    doc="returns its input (a copy, so graphs stay single-assignment).", idempotent=True),
 ):
@@ -53,6 +59,7 @@ for _activation in (
 
 class LeakyReluOp(ElementwiseOp):
     name = "leaky_relu"
+    maps_zero_to_zero = True
     doc = "max(0, x) + slope * min(0, x)."
     args = (Arg("slope", number, 0.01),)
 
@@ -75,6 +82,7 @@ class LeakyReluOp(ElementwiseOp):
 
 class ScaleOp(ElementwiseOp):
     name = "scale"
+    maps_zero_to_zero = True
     doc = "x * factor."
     args = (Arg("factor", number),)
 

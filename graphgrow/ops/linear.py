@@ -36,9 +36,14 @@ class LinearOp(OpDef):
         return nn.Linear(in_shapes[0][-1], args["out"], bias=args["bias"])
 
     imports_modules = (nn.Linear,)
+    imports_functions = (F.linear,)
+    adopted_roles = ("weight", "bias")
 
     def args_from_module(self, module):
         return {"out": module.out_features, "bias": module.bias is not None}
+
+    def args_from_parameters(self, params, args, kwargs):
+        return {"out": params["weight"].shape[0], "bias": "bias" in params}
 
     def default_init(self, module, args, generator):
         kaiming_uniform_init(module.weight, module.bias, generator)

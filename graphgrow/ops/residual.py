@@ -116,6 +116,9 @@ class ResidualOp(OpDef):
         return {role: axes for role, axes in roles.items()
                 if (role != "inner.bias" or args["bias"]) and (role != "outer.weight" or args["form"] == "two_weight")}
 
+    def zero_output_roles(self, args, in_shapes):
+        return None  # x + h F(x) is x, not zero, whatever F's parameters
+
     def identity_params(self, args, in_shapes, scale=1.0):
         """Two-weight form: W1 = c I (Dirac kernel), b = 0, W2 = 0 for any activation (4.13).
         One-weight form: W = 0, b = 0, the identity where the activation maps 0 to 0."""
@@ -142,8 +145,8 @@ class ResidualOp(OpDef):
         """The op and arguments of W1 (and, without bias, of W2) on inputs of ``in_shape``."""
         width = self._width([in_shape])
         if args["branch"] == "conv2d":
-            return get_op("conv2d"), {"out": width, "kernel": args["kernel"], "stride": 1, "padding": "same",
-                                      "bias": args["bias"]}
+            conv = get_op("conv2d")
+            return conv, conv.check_args({"out": width, "kernel": args["kernel"], "bias": args["bias"]})
         return get_op("linear"), {"out": width, "bias": args["bias"]}
 
     def weight_geometry(self, args, in_shapes, role):

@@ -227,3 +227,14 @@ def test_neuron_candidates_of_groups_sharing_a_concat_mark_the_final_columns():
     kept, _ = passes.keep_candidates(extended, record, ["neurons:fc2"])
     assert kept.graph.node("fc1").args["out"] == 3 and kept.graph.node("fc2").args["out"] == 6
     assert difference(network, kept, train=False) <= TOLERANCE
+
+
+def test_grouped_convolutions_take_no_part_in_a_coupled_group():
+    """A depthwise convolution (OpDef.widens is false) neither widens nor takes more input units:
+    the layer feeding it is refused, naming it, and it is no widenable layer itself."""
+    graph = load_graph(SPECS_DIR / "mobilenet_v2_small.yaml")
+    assert graph.node("b0_dw").args["groups"] > 1 and "b0_dw" not in passes.widenable(graph)
+    with pytest.raises(GraphgrowError, match="flow into 'b0_dw'"):
+        trace_units(graph, "stem", ())
+    with pytest.raises(GraphgrowError, match="'b0_dw' \\(conv2d\\) has no output units"):
+        trace_units(graph, "b0_dw", ())

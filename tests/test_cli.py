@@ -133,7 +133,8 @@ def _mgopt_parser():
 def test_mgopt_cli_and_run_have_the_same_options_and_defaults():
     """Every parameter of graphgrow.mgopt.run is an option of `graphgrow mgopt` with the same
     default, and every option but the launcher's (--nproc) is a parameter of run()."""
-    from graphgrow.cli import LAUNCH_OPTIONS, MGOPT_NEGATED, MGOPT_RENAMED, build_parser
+    from graphgrow.cli import build_parser
+    from graphgrow.cli.commands import LAUNCH_OPTIONS, MGOPT_NEGATED, MGOPT_RENAMED
     from graphgrow.mgopt import run
     parameters = inspect.signature(run).parameters
     opts = build_parser().parse_args(["mgopt", "net.yaml"])

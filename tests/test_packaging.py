@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import graphgrow
-from graphgrow.cli import DEMO_SPEC
+from graphgrow.cli.commands import DEMO_SPEC
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("graphgrow", "passes", "specs", "pyproject.toml", "README.md")
@@ -34,7 +34,7 @@ def test_a_built_wheel_holds_every_shipped_spec_and_the_version(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     specs = sorted(p.name for p in (ROOT / "specs").glob("*.yaml"))
     assert specs and all(f"graphgrow/specs/{name}" in names for name in specs)
-    assert "graphgrow/cli.py" in names and "passes/insert.py" in names
+    assert "graphgrow/cli/parser.py" in names and "passes/insert.py" in names
     assert DEMO_SPEC.relative_to(Path(graphgrow.__file__).parent).as_posix() == "specs/fnn_spiral.yaml"
 
 

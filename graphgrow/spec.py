@@ -1,4 +1,4 @@
-"""Spec format version 1: safe YAML with source locations, ${} variables and repeat blocks.
+"""Spec format version 1: ${} variables, blocks and repeat blocks over safe YAML (graphgrow.specyaml).
 
 ``read_spec`` turns YAML text into a flat list of ``LayerEntry`` (one per node, templates
 expanded) plus the header; ``graphgrow.ir.build_graph`` turns that into a LayerGraph.
@@ -8,70 +8,21 @@ an error, and ``${}`` expressions are evaluated by a tiny arithmetic interpreter
 from __future__ import annotations
 
 import ast
-import gc
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import GraphgrowError, did_you_mean
+from .specyaml import (MAX_VALUES, TEMPLATE, TEMPLATE_CLOSE, TEMPLATE_OPEN, Loc, LocList, LocMap, expanded_size,
+                       parse_yaml)
 
 FORMAT_VERSION = 1
 MAX_REPEAT = 100_000
 # nested repeats multiply; this bounds the whole expansion (each layer and each repeat step counts)
 MAX_EXPANSION = 2 * MAX_REPEAT
-# YAML aliases share one value among many places and repeat blocks copy their layers, so a
-# small file can stand for a huge one (an "alias bomb"); this bounds the values (scalars,
-# lists, mappings) the spec stands for, counted with every alias and repeat expanded
-MAX_VALUES = 2_000_000
-# YAML forbids '{' and '}' in plain scalars inside flow mappings, yet `{out: ${width}}` is the
-# natural way to write a layer. Before parsing, the braces of each template are swapped for two
-# private-use characters (same length, so reported columns stay right) that TEMPLATE matches.
-_OPEN, _CLOSE = "\ue000", "\ue001"
-_SOURCE_TEMPLATE = re.compile(r"\$\{([^{}\n]*)\}")
-TEMPLATE = re.compile(r"\$" + _OPEN + "([^" + _CLOSE + "]*)" + _CLOSE)
 HEADER_KEYS = ("graphgrow", "name", "input", "vars", "blocks", "layers", "outputs")
 NODE_KEYS = ("name", "op", "inputs", "init", "frozen")
-
-
-@dataclass(frozen=True)
-class Loc:
-    """Where something stands in a spec file (1-based line and column)."""
-    file: str | None = None
-    line: int | None = None
-    column: int | None = None
-
-    def error(self, message: str, *, node: str | None = None, hint: str | None = None) -> GraphgrowError:
-        return GraphgrowError(message, file=self.file, line=self.line, column=self.column,
-                              node=node, hint=hint)
-
-
-class LocMap(dict):
-    """A mapping read from YAML that remembers where it and each of its values stood."""
-    loc: Loc
-    value_locs: dict
-
-
-class LocList(list):
-    loc: Loc
-    item_locs: list
-
-
-class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-    """SafeLoader that records locations and rejects duplicate keys and foreign tags."""
-
-    def construct_object(self, node, deep=False):
-        # an explicit standard tag on the wrong value (`!!float abc`, `!!bool x`, `!!seq a`)
-        # makes PyYAML's constructors raise plain Python errors; report them where they stand
-        try:
-            return super().construct_object(node, deep)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
-            raise _loc(self, node.start_mark).error(
-                f"cannot read this value as {node.tag.rsplit(':', 1)[-1]}: {str(err)[:80]}",
-                hint="remove the explicit tag (!!...)") from None
 
 
 def is_identifier(text: Any) -> bool:
@@ -83,122 +34,6 @@ def is_identifier(text: Any) -> bool:
 
 
 IDENTIFIER_HINT = "names are ASCII identifiers: letters a-z, A-Z, digits and _, not starting with a digit"
-
-
-def _loc(loader, mark) -> Loc:
-    return Loc(loader.spec_file, mark.line + 1, mark.column + 1)
-
-
-def _construct_mapping(loader, node):
-    mapping = LocMap()
-    mapping.loc = _loc(loader, node.start_mark)
-    mapping.value_locs = {}
-    loader.flatten_mapping(node)
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            raise _loc(loader, key_node.start_mark).error(f"keys must be strings, got {key!r}")
-        if key in mapping:
-            raise _loc(loader, key_node.start_mark).error(f"duplicate key '{key}'")
-        mapping[key] = loader.construct_object(value_node, deep=True)
-        mapping.value_locs[key] = _loc(loader, value_node.start_mark)
-    return mapping
-
-
-def _construct_sequence(loader, node):
-    items = LocList(loader.construct_object(child, deep=True) for child in node.value)
-    items.loc = _loc(loader, node.start_mark)
-    items.item_locs = [_loc(loader, child.start_mark) for child in node.value]
-    return items
-
-
-def _reject_tag(loader, tag_suffix, node):
-    raise _loc(loader, node.start_mark).error(
-        f"YAML tag '{node.tag}' is not allowed", hint="specs are data only; remove the tag")
-
-
-_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
-_SpecLoader.add_multi_constructor("", _reject_tag)
-# The safe loader accepts a few more tags (!!set, !!omap, !!binary, !!timestamp); specs need none.
-for _tag in ("set", "omap", "pairs", "binary", "timestamp"):
-    _SpecLoader.add_constructor(f"tag:yaml.org,2002:{_tag}",
-                                lambda loader, node: _reject_tag(loader, None, node))
-
-
-def _construct_int(loader, node):
-    try:
-        return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
-    except ValueError as err:  # e.g. more digits than Python converts (sys.get_int_max_str_digits)
-        raise _loc(loader, node.start_mark).error(f"bad integer: {str(err)[:80]}") from None
-
-
-_SpecLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-# YAML 1.1 reads `1e-5` (no dot) as a string; specs write eps and learning rates that way, so
-# exponent floats without a dot are floats here, as in YAML 1.2.
-_SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                  re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
-def parse_yaml(text: str, file: str | None = None) -> Any:
-    """Safe-load YAML text into LocMap/LocList trees; syntax errors become GraphgrowError."""
-    loader = None
-    # Building the tree allocates many small acyclic objects; cyclic GC passes over the growing
-    # tree made reading super-linear in spec size (2x per layer at 1000 layers), so pause it.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        # the reader checks the characters already in the constructor (ReaderError)
-        loader = _SpecLoader(_SOURCE_TEMPLATE.sub(lambda m: f"${_OPEN}{m.group(1)}{_CLOSE}", text))
-        loader.spec_file = file
-        document = loader.get_single_data()
-        check_expanded_size(document, Loc(file, 1, 1))
-        return document
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        loc = Loc(file, mark.line + 1, mark.column + 1) if mark else Loc(file)
-        raise loc.error(f"YAML syntax: {err.problem or err.context}") from None
-    except yaml.reader.ReaderError as err:
-        before = text[:err.position]
-        loc = Loc(file, before.count("\n") + 1, err.position - (before.rfind("\n") + 1) + 1)
-        raise loc.error(f"YAML syntax: special character U+{err.character:04X} is not allowed") from None
-    except yaml.YAMLError as err:
-        raise Loc(file).error(f"YAML syntax: {err}") from None
-    except RecursionError:
-        raise Loc(file).error("YAML nesting too deep") from None
-    finally:
-        if collecting:
-            gc.enable()
-        if loader is not None:
-            loader.dispose()
-
-
-def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
-    """Values ``value`` stands for with aliases expanded; ``sizes`` memoises shared values, so
-    this takes time linear in the YAML text, not in the expansion."""
-    key = id(value)
-    if key not in sizes:
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        sizes[key] = 1 + sum(_expanded_size(child, sizes) for child in children)
-    return sizes[key]
-
-
-def check_expanded_size(value: Any, loc: Loc, budget: int = MAX_VALUES, sizes: dict | None = None) -> int:
-    """The expanded size of ``value``; an error at the innermost value that alone exceeds
-    ``budget`` when the whole does."""
-    sizes = {} if sizes is None else sizes
-    size = _expanded_size(value, sizes)
-    if size <= budget:
-        return size
-    while True:  # descend to the value that is too large, to point at it
-        items = (list(zip(value.values(), (value.value_locs.get(k, loc) for k in value))) if isinstance(value, LocMap)
-                 else list(zip(value, value.item_locs)) if isinstance(value, LocList) else [])
-        larger = next(((child, child_loc) for child, child_loc in items if sizes[id(child)] > budget), None)
-        if larger is None:
-            break
-        value, loc = larger
-    raise loc.error(f"this value expands to {sizes[id(value)]:,} values, more than the {budget:,} a spec may hold",
-                    hint="YAML aliases (*name) and repeat blocks multiply what they copy; write the value out")
 
 
 # -- ${} expressions --------------------------------------------------------------------------
@@ -259,7 +94,7 @@ def evaluate(expression: str, env: dict[str, Any], loc: Loc) -> int | float:
 
 
 def _source_form(text: str) -> str:
-    return text.replace(_OPEN, "{").replace(_CLOSE, "}")
+    return text.replace(TEMPLATE_OPEN, "{").replace(TEMPLATE_CLOSE, "}")
 
 
 def substitute(value: Any, env: dict[str, Any], loc: Loc) -> Any:
@@ -269,9 +104,9 @@ def substitute(value: Any, env: dict[str, Any], loc: Loc) -> Any:
         whole = TEMPLATE.fullmatch(value.strip())
         if whole:
             return evaluate(whole.group(1), env, loc)
-        if _OPEN in value or "${" in value:
+        if TEMPLATE_OPEN in value or "${" in value:
             result = TEMPLATE.sub(lambda m: str(evaluate(m.group(1), env, loc)), value)
-            if _OPEN in result or "${" in result:
+            if TEMPLATE_OPEN in result or "${" in result:
                 raise loc.error(f"unclosed or nested template in {_source_form(value)!r}", hint=_EXPRESSION_HINT)
             return result
         return value
@@ -420,7 +255,7 @@ def _expand(items, env: dict, loc: Loc, out: list[LayerEntry], depth: int = 0,
                 _spend(budget, count_loc)
                 _expand(item["layers"], {**env, index: k}, item.value_locs["layers"], out, depth + 1, budget, blocks)
         else:
-            _spend(budget, item_loc, _expanded_size(item, {}))
+            _spend(budget, item_loc, expanded_size(item, {}))
             try:
                 fields = substitute(item, env, item_loc)
             except GraphgrowError as err:  # name the layer when its name is written literally

@@ -12,7 +12,7 @@ PACKAGES = ("graphgrow", "passes")
 
 #: (layer, module prefixes), lowest first; the longest matching prefix decides
 LAYERS = [
-    (1, ["graphgrow.errors", "graphgrow.spec", "graphgrow.ir", "graphgrow.init", "graphgrow.ops"]),
+    (1, ["graphgrow.errors", "graphgrow.spec", "graphgrow.specyaml", "graphgrow.ir", "graphgrow.init", "graphgrow.ops"]),
     (2, ["graphgrow.compiler", "graphgrow"]),  # the package's own __init__ is the core + compiler API
     (3, ["passes"]),
     (4, ["graphgrow.runtime"]),

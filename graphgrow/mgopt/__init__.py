@@ -8,8 +8,8 @@ engine the CLI calls).
 """
 from .hierarchy import (Hierarchy, IdentityTransfer, MatrixTransfer, ParamDict, Problem, Shifted, Transfer,
                         correction_linear_term, pd_add, pd_clone, pd_dot, pd_scale, pd_sq_norm, pd_sub)
-from .optimizer import (FORWARD_SHARE, SCHEDULES, VARIANTS, MGOptConfig, MultilevelOptimizer, StepInfo,
-                        nested_schedule, optimize, prolong_from)
+from .config import SCHEDULES, VARIANTS, MGOptConfig
+from .optimizer import FORWARD_SHARE, MultilevelOptimizer, StepInfo, nested_schedule, optimize, prolong_from
 from .run import MGOptResult, run
 
 __all__ = ["FORWARD_SHARE", "Hierarchy", "IdentityTransfer", "MGOptConfig", "MGOptResult", "MatrixTransfer",

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .hierarchy import Hierarchy, MatrixTransfer, ParamDict, Shifted
-from .optimizer import MGOptConfig, MultilevelOptimizer, StepInfo
+from .config import MGOptConfig
+from .optimizer import MultilevelOptimizer, StepInfo
 
 KEY = "theta"
 RESTRICTIONS = ("largest", "smallest", "random")

@@ -19,7 +19,8 @@ from ..runtime.distributed import DEFAULT_TIMEOUT, joined
 from ..runtime.runlog import RunLog
 from ..runtime.splits import as_splits, check_data_fits, place
 from .network import build_network_hierarchy, iterations_per_epoch
-from .optimizer import MGOptConfig, nested_schedule, optimize, prolong_from
+from .config import MGOptConfig
+from .optimizer import nested_schedule, optimize, prolong_from
 
 
 @dataclass

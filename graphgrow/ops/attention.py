@@ -173,18 +173,19 @@ class AttentionOp(OpDef):
 
     def args_from_constants(self, args, constants):
         """A constant attn_mask (a buffer) must be the causal mask; it sets ``causal``."""
-        causal = _refuse_constant_mask(constants.get("attn_mask", constants.get(5)), true_attends=False)
+        causal = _refuse_constant_mask(constants.get("attn_mask"), true_attends=False)
         return {**args, "causal": causal}
 
     def inputs_from_call(self, inputs, kwargs):
         """Self-attention (one input as query, key and value) with an optional key padding mask
         computed from the input; a causal attn_mask comes as a constant (args_from_constants)."""
-        require(len(inputs) >= 3 and len(set(inputs[:3])) == 1, "attention with different query, key and value")
-        mask = kwargs.get("attn_mask", inputs[4] if len(inputs) > 4 else None)
+        require(len(inputs) == 3 and len(set(inputs)) == 1, "attention with different query, key and value, "
+                                                            "or masks given by position (give them by keyword)")
+        mask = kwargs.get("attn_mask")
         require(mask is None or mask.op == "get_attr", "an attn_mask computed in forward (give a key_padding_mask, "
                                                        "or a causal mask as a buffer)")
         require(not kwargs.get("is_causal") or mask is not None, "is_causal without attn_mask")
-        padding = kwargs.get("key_padding_mask", inputs[3] if len(inputs) > 3 else None)
+        padding = kwargs.get("key_padding_mask")
         return inputs[:1] + ([padding] if padding is not None else [])
 
 

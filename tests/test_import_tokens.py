@@ -200,3 +200,16 @@ def test_embedding_padding_must_be_a_row():
     with pytest.raises(GraphgrowError, match="padding id 9 is not below tokens 9") as info:
         graph_from_text(text)
     assert info.value.node == "e"
+
+
+def test_training_data_must_hold_token_ids():
+    from graphgrow.runtime.splits import Split, check_data_fits
+    graph = graph_from_text("graphgrow: 1\nname: lm\ninput: {shape: [3], tokens: 5}\nlayers:\n"
+                            "  - {name: e, op: embedding, tokens: 5, dim: 2}\n", "lm.yaml")
+    network = Network.build(graph, seed=0)
+    labels = torch.zeros(2, dtype=torch.long)
+    check_data_fits(network, Split(torch.tensor([[0.0, 4.0, 2.0], [1.0, 1.0, 3.0]]), labels))
+    for bad in ([[0, 5, 2], [1, 1, 3]], [[0.0, 4.0, 2.0], [1.0, 1.5, 3.0]], [[0, 1, 2], [-1, 1, 3]]):
+        with pytest.raises(GraphgrowError, match="not token ids below 5") as info:
+            check_data_fits(network, Split(torch.tensor(bad), labels))
+        assert info.value.option == "data" and info.value.file == "lm.yaml"

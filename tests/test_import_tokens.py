@@ -213,3 +213,30 @@ def test_training_data_must_hold_token_ids():
         with pytest.raises(GraphgrowError, match="not token ids below 5") as info:
             check_data_fits(network, Split(torch.tensor(bad), labels))
         assert info.value.option == "data" and info.value.file == "lm.yaml"
+
+
+def test_embedding_initialisation_is_seeded_normal_with_a_zero_padding_row():
+    graph = graph_from_text("graphgrow: 1\nname: lm\ninput: {shape: [3], tokens: 400}\nlayers:\n"
+                            "  - {name: e, op: embedding, tokens: 400, dim: 50, padding: 7}\n")
+    first, again = (Network.build(graph, seed=4).state()["e.weight"] for _ in range(2))
+    assert torch.equal(first, again) and not first[7].any()
+    rows = torch.cat([first[:7], first[8:]])
+    assert abs(rows.mean().item()) < 0.02 and abs(rows.std().item() - 1) < 0.02  # 19,950 draws of N(0, 1)
+    assert not torch.equal(first, Network.build(graph, seed=5).state()["e.weight"])
+
+
+class ConstantPadding(ConstantMask):
+    """A key padding buffer of one fixed batch size (2, the importer's probe batch)."""
+
+    def __init__(self):
+        super().__init__(False)
+        self.register_buffer("padding", torch.zeros(2, TOKENS, dtype=torch.bool))
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        return self.attn(x, x, x, key_padding_mask=self.padding, need_weights=False)[0]
+
+
+def test_a_constant_key_padding_mask_is_refused():
+    with pytest.raises(GraphgrowError, match="constant key_padding_mask"):
+        import_module(ConstantPadding(), (TOKENS,), tokens=VOCABULARY)

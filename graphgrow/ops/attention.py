@@ -186,6 +186,8 @@ class AttentionOp(OpDef):
                                                        "or a causal mask as a buffer)")
         require(not kwargs.get("is_causal") or mask is not None, "is_causal without attn_mask")
         padding = kwargs.get("key_padding_mask")
+        require(padding is None or padding.op != "get_attr", "a constant key_padding_mask (it masks the same keys "
+                                                             "of every sample: compute it from the input)")
         return inputs[:1] + ([padding] if padding is not None else [])
 
 

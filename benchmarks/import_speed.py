@@ -1,6 +1,7 @@
 """Forward + backward of imported model families against the original modules.
 
-For each family of tests/zoo.py (small definitions written for this project): the module is
+For each family of tests/zoo.py (small definitions written for this project, the token
+transformer included: its input is token ids): the module is
 imported, both are put in train mode, and one training step (cross-entropy forward + backward)
 is timed on each, single thread, the two interleaved in alternating order every round; the
 median over rounds is reported as the ratio imported / original (wall clock and process CPU
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -22,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from zoo import FAMILIES  # noqa: E402
+from zoo import FAMILIES, TOKENS, family_input  # noqa: E402
 
 from graphgrow.compiler.importer import import_module  # noqa: E402
 
@@ -62,15 +64,16 @@ def main() -> None:
     options = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, batch {options.batch}, {options.rounds} rounds x "
-          f"{options.steps} steps; ratio imported / original (median)")
+          f"{options.steps} steps; ratio imported / original (median); load average "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"{'family':18} {'nodes':>5} {'wall':>6} {'cpu':>6} {'A/A wall':>8}")
     largest = None
     for name in options.families:
         make, shape = FAMILIES[name]
         torch.manual_seed(0)
         model = make()
-        network = import_module(model, shape)
-        x = torch.randn(options.batch, *shape, generator=torch.Generator().manual_seed(0))
+        network = import_module(model, shape, tokens=TOKENS.get(name))
+        x = family_input(name, options.batch, torch.float32, seed=0)
         target = torch.randint(0, 10, (options.batch,), generator=torch.Generator().manual_seed(1))
         model.train(), network.module.train()
         wall, cpu = compare(model, network.module, x, target, options.rounds, options.steps)
@@ -83,9 +86,10 @@ def main() -> None:
     for _ in range(3):
         model = FAMILIES[name][0]()
         start = time.perf_counter()
-        import_module(model, FAMILIES[name][1])
+        import_module(model, FAMILIES[name][1], tokens=TOKENS.get(name))
         times.append(time.perf_counter() - start)
-    print(f"import of {name} ({largest[1]} nodes): median {statistics.median(times):.3f} s")
+    print(f"import of {name} ({largest[1]} nodes): median {statistics.median(times):.3f} s; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

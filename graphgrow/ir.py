@@ -70,9 +70,11 @@ class LayerGraph:
     are filled in by ``infer_shapes`` (called by every builder and after every edit by passes).
     """
 
-    def __init__(self, name: str, input_shape: Shape, source: str | None = None):
+    def __init__(self, name: str, input_shape: Shape, source: str | None = None, input_tokens: int | None = None):
         self.name = name
         self.input_shape = tuple(input_shape)
+        #: the input holds integer token ids below this number (a token model), or None
+        self.input_tokens = input_tokens
         self.source = source
         self.outputs: list[str] = []
         self.dag = nx.DiGraph()
@@ -322,7 +324,7 @@ def _plain(value: Any) -> Any:
 
 def build_graph(doc: SpecDocument) -> LayerGraph:
     """Check a read spec and build its LayerGraph with shapes inferred."""
-    graph = LayerGraph(doc.name, doc.input_shape, doc.file)
+    graph = LayerGraph(doc.name, doc.input_shape, doc.file, doc.input_tokens)
     taken: dict[str, Loc] = {}
     previous = INPUT
     nodes = []

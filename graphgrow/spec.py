@@ -138,6 +138,8 @@ class SpecDocument:
     file: str | None
     loc: Loc = field(default_factory=Loc)
     outputs_loc: Loc = field(default_factory=Loc)
+    #: the input holds integer token ids in [0, input_tokens) (``input: {shape: [T], tokens: V}``)
+    input_tokens: int | None = None
 
 
 def _expect_map(value, loc: Loc, what: str) -> LocMap:
@@ -296,11 +298,18 @@ def read_spec(text: str, file: str | None = None) -> SpecDocument:
             env[key] = value
 
     input_spec = _expect_map(doc["input"], doc.value_locs["input"], "input")
-    _check_keys(input_spec, ("shape",), "input")
+    _check_keys(input_spec, ("shape", "tokens"), "input")
     if "shape" not in input_spec:
         raise input_spec.loc.error("input needs a shape", hint="e.g. input: {shape: [2]}")
     input_shape = _shape(substitute(input_spec["shape"], env, input_spec.value_locs["shape"]),
                          input_spec.value_locs["shape"])
+    input_tokens = None
+    if "tokens" in input_spec:
+        where = input_spec.value_locs["tokens"]
+        input_tokens = substitute(input_spec["tokens"], env, where)
+        if isinstance(input_tokens, bool) or not isinstance(input_tokens, int) or input_tokens < 1:
+            raise where.error(f"input tokens must be a positive integer (the vocabulary size), got {input_tokens!r}",
+                              hint="e.g. input: {shape: [16], tokens: 100} for 16 token ids below 100")
 
     blocks = _expect_map(doc.get("blocks", LocMap()), doc.value_locs.get("blocks", doc.loc), "blocks")
     for block_name, definition in blocks.items():
@@ -329,7 +338,7 @@ def read_spec(text: str, file: str | None = None) -> SpecDocument:
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
             raise outputs_loc.error("outputs must be a list of node names")
         outputs = list(outputs)
-    return SpecDocument(name, input_shape, layers, outputs, file, doc.loc, outputs_loc)
+    return SpecDocument(name, input_shape, layers, outputs, file, doc.loc, outputs_loc, input_tokens)
 
 
 def read_spec_file(path: str | Path) -> SpecDocument:

@@ -81,13 +81,20 @@ def max_pool_reference(x, kernel, stride, pad_before, pad_after):
     return unfold_windows(x, kernel, stride).amax(dim=2)
 
 
-def attention_reference(x, p, heads):
-    """Multi-head self-attention written out: projections, per-head softmax(q k^T / sqrt(d)) v."""
+def attention_reference(x, p, heads, causal=False, ignored_keys=None):
+    """Multi-head self-attention written out: projections, per-head softmax(q k^T / sqrt(d)) v;
+    the weights of keys after the query (causal) and of ``ignored_keys`` (batch, tokens) zero."""
     batch, tokens, width = x.shape
     q, k, v = (x @ w.T + b for w, b in zip(p["in_proj_weight"].chunk(3), p["in_proj_bias"].chunk(3)))
     split = lambda t: t.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
     scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(width // heads)
-    weights = torch.exp(scores) / torch.exp(scores).sum(-1, keepdim=True)
+    kept = torch.ones(batch, 1, tokens, tokens, dtype=torch.bool)
+    if causal:
+        kept = kept & torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    if ignored_keys is not None:
+        kept = kept & ~ignored_keys[:, None, None, :]
+    weights = torch.exp(scores) * kept
+    weights = weights / weights.sum(-1, keepdim=True)
     merged = (weights @ split(v)).transpose(1, 2).reshape(batch, tokens, width)
     return merged @ p["out_proj.weight"].T + p["out_proj.bias"]
 
@@ -107,6 +114,33 @@ def counted_attention_flops(in_shapes):
     with FlopCounterMode(display=False) as counter:
         (q @ k.transpose(-1, -2)) @ v
     return counter.get_total_flops()
+
+
+def masked_attention_reference(q, k, v, mask):
+    """softmax(q k^T / sqrt(d) + mask) v for a float mask."""
+    weights = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask)
+    return weights / weights.sum(-1, keepdim=True) @ v
+
+
+class Tokens(tuple):
+    """The input shape of a case whose input holds token ids below ``vocabulary``."""
+
+    def __new__(cls, shape, vocabulary):
+        self = super().__new__(cls, shape)
+        self.vocabulary = vocabulary
+        return self
+
+
+def input_line(shape) -> str:
+    tokens = f", tokens: {shape.vocabulary}" if isinstance(shape, Tokens) else ""
+    return f"input: {{shape: {list(shape)}{tokens}}}"
+
+
+def case_input(shape, batch, seed) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(shape, Tokens):
+        return torch.randint(0, shape.vocabulary, (batch, *shape), generator=generator)
+    return torch.randn(batch, *shape, dtype=torch.float64, generator=generator)
 
 
 relu6 = lambda t: torch.where(t < 0, 0.0, torch.where(t > 6, 6.0, t))
@@ -223,6 +257,23 @@ CASES = [
     ("attention", ["{name: t, op: attention, heads: 2}"], (3, 4),
      lambda xs, p: attention_reference(xs[0], p, 2),
      lambda i, o: 4 * numel(o) + numel(o) + 5 * 2 * 3 * 3),
+    ("attention_causal", ["{name: t, op: attention, heads: 2, causal: true}"], (3, 4),
+     lambda xs, p: attention_reference(xs[0], p, 2, causal=True),
+     lambda i, o: 4 * numel(o) + numel(o) + 5 * 2 * 3 * 3),
+    ("attention_key_padding", ["{name: r, op: relu}", "{name: k, op: select, dim: 2, index: 0}",
+                               "{name: m, op: equal, value: 0}",
+                               "{name: t, op: attention, heads: 1, inputs: [input, m]}"], (4, 2),
+     lambda xs, p: attention_reference(xs[0], p, 1, ignored_keys=xs[1]),
+     lambda i, o: 4 * numel(o) + numel(o) + 5 * 1 * 4 * 4),
+    ("equal", ["{name: t, op: equal, value: 2}"], Tokens((5,), 4), lambda xs, p: xs[0] == 2, lambda i, o: 0),
+    ("embedding", ["{name: t, op: embedding, tokens: 6, dim: 3, padding: 1}"], Tokens((2, 4), 6),
+     lambda xs, p: torch.stack([p["weight"][i] for i in xs[0].flatten()]).reshape(*xs[0].shape, 3),
+     lambda i, o: 0),
+    ("scaled_dot_product_attention_mask",
+     ["{name: m, op: narrow, dim: 2, start: 0, length: 1}",
+      "{name: t, op: scaled_dot_product_attention, inputs: [input, input, input, m]}"], (2, 3, 3),
+     lambda xs, p: masked_attention_reference(xs[0], xs[1], xs[2], xs[3]),
+     lambda i, o: counted_attention_flops(i[:3]) + 6 * 2 * 3 * 3),
     ("scaled_dot_product_attention_causal",
      ["{name: q, op: scale, factor: 0.5}", "{name: t, op: scaled_dot_product_attention, inputs: [q, input, input], "
       "causal: true}"], (2, 4, 3), lambda xs, p: causal_attention_reference(xs[0], xs[1], xs[2]),
@@ -232,7 +283,7 @@ CASE_IDS = [case[0] for case in CASES]
 
 
 def build(layers, shape):
-    text = (f"graphgrow: 1\nname: op_test\ninput: {{shape: {list(shape)}}}\nlayers:\n"
+    text = (f"graphgrow: 1\nname: op_test\n{input_line(shape)}\nlayers:\n"
             + "".join(f"  - {layer}\n" for layer in layers) + "outputs: [t]\n")
     graph = graph_from_text(text)
     module = compile_graph(graph, seed=11, dtype=torch.float64)
@@ -251,7 +302,7 @@ def node_params(module, name):
 def test_every_builtin_op_has_a_case():
     builtin = {name for name, op in registered_ops().items() if type(op).__module__.startswith("graphgrow.ops")}
     covered = {node.op for c in CASES for node in graph_from_text(
-        f"graphgrow: 1\nname: n\ninput: {{shape: {list(c[2])}}}\nlayers:\n"
+        f"graphgrow: 1\nname: n\n{input_line(c[2])}\nlayers:\n"
         + "".join(f"  - {layer}\n" for layer in c[1]) + "outputs: [t]\n").nodes}
     assert builtin <= covered, f"ops without a unit case: {sorted(builtin - covered)}"
 
@@ -261,12 +312,12 @@ def test_compiled_op_matches_direct_computation(case):
     _, layers, shape, reference, _ = case
     graph, module = build(layers, shape)
     module.train(case[0].startswith("batchnorm"))  # batchnorm in train mode: batch statistics
-    x = torch.randn(BATCH, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x = case_input(shape, BATCH, seed=5)
     values = values_of_every_node(module, x)
     node = graph.node("t")
     inputs = [values["x" if i == "input" else i] for i in node.inputs]
     expected = reference(inputs, node_params(module, "t"))
-    assert values["t"].dtype == torch.float64
+    assert values["t"].dtype == (torch.bool if node.op == "equal" else torch.float64)
     torch.testing.assert_close(values["t"], expected, rtol=1e-10, atol=1e-12)
 
 
@@ -275,7 +326,7 @@ def test_shape_rule_matches_the_real_output(case):
     _, layers, shape, _, _ = case
     graph, module = build(layers, shape)
     module.eval()
-    out = module(torch.zeros(2, *shape, dtype=torch.float64))
+    out = module(case_input(shape, 2, seed=0))
     node = graph.node("t")
     assert tuple(out.shape) == (2, *node.out_shape)
     assert node.in_shapes == [graph.shape_of(i) for i in node.inputs]
@@ -340,7 +391,8 @@ def test_identity_returns_a_copy():
 REQUIRED = {"linear": {"out": 2}, "conv2d": {"out": 2}, "scale": {"factor": 2}, "attention": {"heads": 2},
             "parameter": {"shape": "[2]"}, "reshape": {"shape": "[2]"}, "permute": {"dims": "[0, 1]"},
             "mean": {"dims": "[1]"}, "transpose": {"dim0": 1, "dim1": 1}, "select": {"dim": 1, "index": 0},
-            "narrow": {"dim": 1, "start": 0, "length": 1}}
+            "narrow": {"dim": 1, "start": 0, "length": 1}, "embedding": {"tokens": 5, "dim": 2},
+            "equal": {"value": 0}}
 LIST_ARGS = {("parameter", "shape"), ("reshape", "shape"), ("permute", "dims"), ("mean", "dims")}
 BUILTIN_ARGS = sorted((name, arg.name) for name, op in registered_ops().items()
                       if type(op).__module__.startswith("graphgrow.ops") for arg in op.args)

@@ -1,4 +1,4 @@
-"""Today's vision model families (tests/zoo.py, written for this project) import, compute the
+"""Today's vision model families and a token transformer (tests/zoo.py, written for this project) import, compute the
 same function in float64 (train and eval mode), round-trip through YAML and export."""
 from __future__ import annotations
 
@@ -10,14 +10,9 @@ from graphgrow.compiler.importer import import_module
 from graphgrow.compiler.io import reload_graph
 from graphgrow.compiler.network import Network
 
-from zoo import FAMILIES
+from zoo import FAMILIES, TOKENS, family_input
 
 BATCH = 3
-# torch.export costs seconds per network: it runs on families that together use every op the
-# zoo imports (padded and ceil-mode pooling, narrow/reshape/transpose, silu, multiply, stochastic
-# depth, grouped convolution, permute, token-wise layer norm, parameters, attention, select);
-# TorchScript runs on all (every op is exported in both formats in tests/test_core_ops.py too)
-EXPORTED = {"resnet_basic", "googlenet", "shufflenet_v2", "efficientnet", "convnext", "vit"}
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -29,10 +24,9 @@ def imported(request):
     make, shape = FAMILIES[request.param]
     torch.manual_seed(0)
     model = make().double()
-    network = import_module(model, shape)
+    network = import_module(model, shape, tokens=TOKENS.get(request.param))
     network.module.double()
-    x = torch.randn(BATCH, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    return request.param, model, network, x
+    return request.param, model, network, family_input(request.param, BATCH)
 
 
 def _run(module, x, mode: str, seed: int = 7) -> torch.Tensor:
@@ -58,21 +52,22 @@ def test_yaml_round_trip_and_exports(imported, tmp_path):
     expected = _run(network.module, x, "eval")
     assert torch.equal(_run(reloaded.module, x, "eval"), expected)
     assert reloaded.graph.summary() == network.graph.summary()
-    formats = (("export", "pt2"), ("torchscript", "pt")) if name in EXPORTED else (("torchscript", "pt"),)
-    for fmt, suffix in formats:
+    for fmt, suffix in (("export", "pt2"), ("torchscript", "pt")):
         path = export(network.module, network.graph, tmp_path / f"{name}.{suffix}", fmt)
         loaded = load_exported(path)
         with torch.no_grad():
             assert relative_error(loaded(x), expected) <= 1e-12, (name, fmt)
+            if fmt == "export":  # the batch dimension stays dynamic
+                assert relative_error(loaded(x[:1]), expected[:1]) <= 1e-12, name
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "vit"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "vit", "token_transformer"])
 def test_float32_import_keeps_the_dtype_and_the_function(name):
     make, shape = FAMILIES[name]
     torch.manual_seed(0)
     model = make()
-    network = import_module(model, shape)
-    x = torch.randn(BATCH, *shape, generator=torch.Generator().manual_seed(1))
+    network = import_module(model, shape, tokens=TOKENS.get(name))
+    x = family_input(name, BATCH, torch.float32)
     got, expected = _run(network.module, x, "eval"), _run(model, x, "eval")
     assert got.dtype == torch.float32 and all(p.dtype == torch.float32 for p in network.module.parameters())
     assert relative_error(got, expected) <= 1e-6

@@ -3,7 +3,7 @@ published architectures (the structure and the torch calls of the common referen
 implementations, with few channels), for the import tests and the import benchmark.
 
 Each factory returns a freshly initialised module; ``FAMILIES`` maps a name to (factory, input
-shape). No torchvision: everything is written here.
+shape); ``TOKENS`` gives the vocabulary of the token models (their input holds token ids). No torchvision: everything is written here.
 """
 from __future__ import annotations
 
@@ -467,6 +467,66 @@ class VisionTransformer(nn.Module):
         return self.heads(x[:, 0])
 
 
+# -- Token transformer (GPT-style, causal) ---------------------------------------------------------
+class CausalSelfAttention(nn.Module):
+    """The functional form: one projection to q, k, v, heads by view/transpose, and
+    F.scaled_dot_product_attention with is_causal."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, c = x.size()
+        q, k, v = self.c_attn(x).split(self.dim, dim=2)
+        q, k, v = (z.view(n, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(n, t, c))
+
+
+class TokenBlock(nn.Module):
+    """A pre-norm causal block: nn.MultiheadAttention with the causal mask as a buffer (and
+    is_causal), or the functional form above; then the MLP."""
+
+    def __init__(self, tokens, dim, heads, functional, dropout=0.1):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.functional = functional
+        if functional:
+            self.attn = CausalSelfAttention(dim, heads)
+        else:
+            self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+            self.register_buffer("causal", torch.triu(torch.ones(tokens, tokens, dtype=torch.bool), 1))
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        if self.functional:
+            x = x + self.attn(h)
+        else:
+            x = x + self.attn(h, h, h, attn_mask=self.causal, is_causal=True, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class TokenTransformer(nn.Module):
+    """Token embedding, learned position embedding, one block of each attention form, final
+    norm, a classifier on the last token."""
+
+    def __init__(self, vocabulary=50, tokens=8, dim=16, heads=2, classes=10):
+        super().__init__()
+        self.wte = nn.Embedding(vocabulary, dim)
+        self.wpe = nn.Parameter(torch.empty(1, tokens, dim).normal_(std=0.02))
+        self.drop = nn.Dropout(0.1)
+        self.blocks = nn.Sequential(TokenBlock(tokens, dim, heads, False), TokenBlock(tokens, dim, heads, True))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, idx):
+        x = self.blocks(self.drop(self.wte(idx) + self.wpe))
+        return self.head(self.ln_f(x)[:, -1])
+
+
 FAMILIES = {
     "resnet_basic": (lambda: ResNet(BasicBlock, (2, 1, 1, 1)), (3, 32, 32)),
     "resnet_bottleneck": (lambda: ResNet(Bottleneck, (2, 1, 1, 1), widths=(4, 8, 8, 8)), (3, 32, 32)),
@@ -479,4 +539,16 @@ FAMILIES = {
     "efficientnet": (EfficientNet, (3, 32, 32)),
     "convnext": (ConvNeXt, (3, 32, 32)),
     "vit": (VisionTransformer, (3, 16, 16)),
+    "token_transformer": (TokenTransformer, (8,)),
 }
+#: families whose input holds token ids: the vocabulary size (import_module(..., tokens=))
+TOKENS = {"token_transformer": 50}
+
+
+def family_input(name: str, batch: int, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
+    """A batch for family ``name``: standard normal images, or token ids for a token model."""
+    shape = FAMILIES[name][1]
+    generator = torch.Generator().manual_seed(seed)
+    if name in TOKENS:
+        return torch.randint(0, TOKENS[name], (batch, *shape), generator=generator)
+    return torch.randn(batch, *shape, dtype=dtype, generator=generator)

@@ -12,6 +12,7 @@ from torch import fx
 
 from ..errors import GraphgrowError
 from .io import ensure_directory
+from .tracing import random_input
 from ..ir import LayerGraph
 
 FORMATS = ("export", "torchscript")
@@ -25,9 +26,9 @@ MAX_EXPORT_NODES = {"export": 10_000, "torchscript": 10_000}
 
 
 def example_input(graph: LayerGraph, batch: int = 2, dtype=torch.float32) -> torch.Tensor:
-    """A deterministic probe batch of the network's input shape."""
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn((batch, *graph.input_shape), generator=generator, dtype=dtype)
+    """A deterministic probe batch of the network's input shape (int64 token ids for a token
+    model: its artifacts take token ids as int64)."""
+    return random_input(graph.input_shape, batch, dtype, graph.input_tokens)
 
 
 @contextlib.contextmanager

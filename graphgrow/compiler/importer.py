@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from .network import Network
 from .tracing import (PROBE_BATCH, TracedShape, Tracer, claimants, evaluated, is_tensor_value, module_path,
-                      observe, tensor_args)
+                      observe, random_input, tensor_args)
 from ..errors import GraphgrowError
 from ..ir import INPUT, LayerGraph, Node
 from ..ops.base import OpDef, Shape, get_op, registered_ops, require
@@ -163,6 +163,9 @@ class _Importer:
         value = self.seen[fx_node]
         out_shape = self.shape(fx_node) if isinstance(value, TracedShape) else None
         candidates = claimants(fx_node, module)
+        constants = {key: operator.attrgetter(n.target)(self.traced)
+                     for key, n in [*enumerate(fx_node.args), *fx_node.kwargs.items()]
+                     if isinstance(n, fx.Node) and n.op == "get_attr"}
         if not candidates:
             raise GraphgrowError("is not supported")
         refusals = []
@@ -179,7 +182,7 @@ class _Importer:
                     op_args = op.args_from_parameters(adopted, others, plain)
                 else:
                     op_args = op.args_from_traced(others, plain, in_shapes, out_shape)
-                op_args = op.check_args(op_args)
+                op_args = op.check_args(op.args_from_constants(op_args, constants))
                 names = [self.value(t, rank) for t in inputs]
                 shapes = [self.graph.shape_of(n) if n in self.graph or n == INPUT else None for n in names]
                 got = tuple(op.output_shape(op_args, shapes))
@@ -233,11 +236,13 @@ class _Importer:
         self.renamed[fx_node] = name
 
 
-def import_module(module: nn.Module, input_shape, *, name: str = "imported",
-                  check: bool = True) -> Network:
+def import_module(module: nn.Module, input_shape, *, name: str = "imported", check: bool = True,
+                  tokens: int | None = None) -> Network:
     """Trace ``module`` and rebuild it as a Network with its weights.
 
-    ``input_shape`` is the per-sample shape (no batch dimension). Every traced call is matched
+    ``input_shape`` is the per-sample shape (no batch dimension); ``tokens`` (the vocabulary
+    size) says that the input holds integer token ids below it (probes are then drawn as such,
+    and the graph's input records it). Every traced call is matched
     to an op; calls that no op imports are all reported at once, in one GraphgrowError (its
     ``problems`` lists each, located at the module path and source line). With ``check`` the
     imported network is compared with the module on a probe batch (eval mode) before it is
@@ -251,8 +256,8 @@ def import_module(module: nn.Module, input_shape, *, name: str = "imported",
                              hint="only modules built from supported ops (Sequential, residual "
                                   "x + f(x), linear, conv2d, activations, ...) can be imported") from None
     traced.graph.eliminate_dead_code()
-    graph = LayerGraph(name, tuple(input_shape), source=f"<module {where}>")
-    importer = _Importer(module, traced, graph, observe(traced, module, input_shape))
+    graph = LayerGraph(name, tuple(input_shape), source=f"<module {where}>", input_tokens=tokens)
+    importer = _Importer(module, traced, graph, observe(traced, module, input_shape, tokens))
     importer.run()
     if importer.problems:
         first = importer.problems[0]
@@ -341,7 +346,7 @@ def _fold_residuals(graph: LayerGraph, state: dict) -> None:
 
 def _check_same_function(module: nn.Module, network: Network, where: str) -> None:
     dtype = next((p.dtype for p in module.parameters()), torch.float32)
-    probe = torch.randn((3, *network.graph.input_shape), generator=torch.Generator().manual_seed(0), dtype=dtype)
+    probe = random_input(network.graph.input_shape, 3, dtype, network.graph.input_tokens)
     was_training = module.training
     module.eval()
     network.module.eval()

@@ -25,7 +25,8 @@ def dump(graph: LayerGraph) -> str:
     the same graph. Arguments equal to their defaults are left out."""
     # "name: x" via a flow mapping, so names YAML would misread ('yes', 'null') come out quoted
     lines = [f"graphgrow: {FORMAT_VERSION}", _flow({"name": graph.name})[1:-1],
-             f"input: {{shape: {_flow(list(graph.input_shape))}}}", "layers:"]
+             f"input: {{shape: {_flow(list(graph.input_shape))}"
+             + (f", tokens: {graph.input_tokens}}}" if graph.input_tokens else "}"), "layers:"]
     previous = INPUT
     for node in graph.nodes:
         item = {"name": node.name, "op": node.op}

@@ -55,11 +55,21 @@ def module_path(fx_node: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def observe(traced: fx.GraphModule, module: nn.Module, input_shape) -> dict[fx.Node, Any]:
+def random_input(input_shape, batch: int, dtype: torch.dtype, tokens: int | None = None,
+                 seed: int = 0) -> torch.Tensor:
+    """A deterministic batch: standard normal values of ``dtype``, or for a token model
+    (``tokens``: the vocabulary size) integer token ids below ``tokens`` (int64)."""
+    generator = torch.Generator().manual_seed(seed)
+    if tokens is not None:
+        return torch.randint(0, tokens, (batch, *input_shape), generator=generator)
+    return torch.randn((batch, *input_shape), generator=generator, dtype=dtype)
+
+
+def observe(traced: fx.GraphModule, module: nn.Module, input_shape, tokens: int | None = None) -> dict[fx.Node, Any]:
     """What every traced node computes on a probe batch (eval mode, no gradients): shapes for
     tensors (and tuples of them), the values of other things (shape arithmetic)."""
     dtype = next((p.dtype for p in module.parameters()), torch.float32)
-    probe = torch.randn((PROBE_BATCH, *input_shape), generator=torch.Generator().manual_seed(0), dtype=dtype)
+    probe = random_input(input_shape, PROBE_BATCH, dtype, tokens)
     seen: dict[fx.Node, Any] = {}
 
     class Recorder(fx.Interpreter):

@@ -71,12 +71,48 @@ class ExpandBatchOp(OpDef):
         return expand_to_batch, {}
 
 
+def causal_mask(x: torch.Tensor) -> torch.Tensor:
+    """The (N, N) bool mask of nn.MultiheadAttention (True: not attended) that lets token i of
+    ``x`` (..., N, D) attend to tokens 0..i only."""
+    tokens = x.shape[-2]
+    return torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
+
+
+def is_causal_mask(mask: torch.Tensor, true_attends: bool) -> bool:
+    """Whether a constant mask is the causal one: bool (True attends where ``true_attends``, as
+    F.scaled_dot_product_attention, else True is masked, as nn.MultiheadAttention) or float
+    (0 attends, -inf is masked), of shape (N, N) with leading ones."""
+    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2] or any(n != 1 for n in mask.shape[:-2]):
+        return False
+    mask = mask.reshape(mask.shape[-2:])
+    if mask.dtype == torch.bool:
+        blocked = ~mask if true_attends else mask
+    elif mask.is_floating_point():
+        blocked = mask == float("-inf")
+        if not bool((mask[~blocked] == 0).all()):
+            return False
+    else:
+        return False
+    return torch.equal(blocked.cpu(), causal_mask(mask.cpu()))
+
+
+def _refuse_constant_mask(mask: torch.Tensor | None, true_attends: bool) -> bool:
+    """True for a causal constant mask; a GraphgrowError for any other."""
+    require(mask is None or is_causal_mask(mask, true_attends),
+            "a constant attention mask that is not the causal mask (give causal masks as is_causal or a "
+            "buffer, other masks as a tensor computed from the input, e.g. a key padding mask from the tokens)")
+    return mask is not None
+
+
 class AttentionOp(OpDef):
     name = "attention"
     doc = ("Multi-head self-attention on tokens (N, D), as nn.MultiheadAttention(D, heads, "
-           "batch_first=True) called with the same input as query, key and value.")
+           "batch_first=True) called with the same input as query, key and value; an optional "
+           "second input (N,) is the key padding mask (True or non-zero: the key is ignored).")
     args = (Arg("heads", positive_int, doc="number of heads; divides the token width"),
-            Arg("bias", boolean, True), Arg("dropout", probability, 0.0, doc="on the attention weights"))
+            Arg("bias", boolean, True), Arg("dropout", probability, 0.0, doc="on the attention weights"),
+            Arg("causal", boolean, False, doc="token i attends to tokens 0..i only"))
+    max_inputs = 2
     roles = {"in_proj_weight": "query, key and value projections stacked, (3D, D)",
              "in_proj_bias": "(3D,)", "out_proj.weight": "(D, D)", "out_proj.bias": "(D,)"}
     tuple_output = 0
@@ -87,6 +123,9 @@ class AttentionOp(OpDef):
             raise GraphgrowError(f"attention needs tokens (N, D) with D divisible by heads {args['heads']}, "
                                  f"got {list(shape)}", hint="reshape images to tokens, e.g. flatten(start: 2) "
                                                             "and transpose(dim0: 1, dim1: 2)")
+        if len(in_shapes) > 1 and tuple(in_shapes[1]) != shape[:1]:
+            raise GraphgrowError(f"the key padding mask of attention on tokens {list(shape)} has shape "
+                                 f"{list(in_shapes[1])}, not [{shape[0]}]", hint="one entry per token")
         return shape
 
     def param_shapes(self, args, in_shapes):
@@ -98,7 +137,8 @@ class AttentionOp(OpDef):
 
     def flops(self, args, in_shapes, out_shape):
         """Projections (3 in, 1 out) and the two products with the N x N weights, as multiply-
-        adds; the biases, the 1/sqrt(d) scaling and a softmax of 5 per weight."""
+        adds; the biases, the 1/sqrt(d) scaling and a softmax of 5 per weight (masks change no
+        count: masked weights are computed too)."""
         tokens, width = in_shapes[0]
         matmuls = 2 * tokens * width * 4 * width + 2 * 2 * tokens * tokens * width
         bias = 4 * tokens * width if args["bias"] else 0
@@ -110,7 +150,13 @@ class AttentionOp(OpDef):
 
     def emit(self, graph, name, args, inputs, as_module):
         x = inputs[0]
-        both = graph.create_node("call_module", name, (x, x, x), {"need_weights": False}, name=f"{name}_and_weights")
+        kwargs = {"need_weights": False}
+        if len(inputs) > 1:
+            kwargs["key_padding_mask"] = inputs[1]
+        if args["causal"]:  # nn.MultiheadAttention takes is_causal only as a hint beside the mask
+            mask = graph.create_node("call_function", causal_mask, (x,), {}, name=f"{name}_causal_mask")
+            kwargs.update(attn_mask=mask, is_causal=True)
+        both = graph.create_node("call_module", name, (x, x, x), kwargs, name=f"{name}_and_weights")
         return graph.create_node("call_function", operator.getitem, (both, 0), {}, name=name)
 
     def zero_output_roles(self, args, in_shapes):
@@ -125,12 +171,24 @@ class AttentionOp(OpDef):
                 "attention with separate key/value widths, bias_k/bias_v or add_zero_attn")
         return {"heads": module.num_heads, "bias": module.in_proj_bias is not None, "dropout": module.dropout}
 
+    def args_from_constants(self, args, constants):
+        """A constant attn_mask (a buffer) must be the causal mask; it sets ``causal``."""
+        causal = _refuse_constant_mask(constants.get("attn_mask"), true_attends=False)
+        return {**args, "causal": causal}
+
     def inputs_from_call(self, inputs, kwargs):
-        """Self-attention only (one input as query, key and value), without masks."""
-        require(len(inputs) == 3 and len(set(inputs)) == 1, "attention with different query, key and value")
-        require(all(kwargs.get(k) is None for k in ("key_padding_mask", "attn_mask")) and not kwargs.get("is_causal"),
-                "attention masks")
-        return inputs[:1]
+        """Self-attention (one input as query, key and value) with an optional key padding mask
+        computed from the input; a causal attn_mask comes as a constant (args_from_constants)."""
+        require(len(inputs) == 3 and len(set(inputs)) == 1, "attention with different query, key and value, "
+                                                            "or masks given by position (give them by keyword)")
+        mask = kwargs.get("attn_mask")
+        require(mask is None or mask.op == "get_attr", "an attn_mask computed in forward (give a key_padding_mask, "
+                                                       "or a causal mask as a buffer)")
+        require(not kwargs.get("is_causal") or mask is not None, "is_causal without attn_mask")
+        padding = kwargs.get("key_padding_mask")
+        require(padding is None or padding.op != "get_attr", "a constant key_padding_mask (it masks the same keys "
+                                                             "of every sample: compute it from the input)")
+        return inputs[:1] + ([padding] if padding is not None else [])
 
 
 def _optional_number(value):
@@ -139,34 +197,52 @@ def _optional_number(value):
 
 class ScaledDotProductAttentionOp(OpDef):
     name = "scaled_dot_product_attention"
-    doc = ("softmax(q k^T * scale) v on inputs q (..., N, d), k (..., M, d), v (..., M, dv), as "
+    doc = ("softmax(q k^T * scale + mask) v on inputs q (..., N, d), k (..., M, d), v (..., M, dv), as "
            "F.scaled_dot_product_attention: the functional form of attention (heads as a leading "
-           "dimension); scale defaults to 1/sqrt(d).")
+           "dimension); scale defaults to 1/sqrt(d). An optional fourth input is the attention mask "
+           "(bool: True attends; float: added), broadcast to (..., N, M).")
     args = (Arg("causal", boolean, False, doc="mask the keys after each query"),
             Arg("scale", _optional_number, None))
-    min_inputs = max_inputs = 3
+    min_inputs, max_inputs = 3, 4
     imports_functions = (F.scaled_dot_product_attention,)
 
     def output_shape(self, args, in_shapes):
-        q, k, v = in_shapes
+        q, k, v = in_shapes[:3]
         if (len(q) < 2 or not len(q) == len(k) == len(v) or q[:-2] != k[:-2] or k[:-2] != v[:-2]
                 or q[-1] != k[-1] or k[-2] != v[-2]):
             raise GraphgrowError(f"attention needs q (..., N, d), k (..., M, d), v (..., M, dv), got "
                                  f"{', '.join(str(list(s)) for s in in_shapes)}")
+        weights = q[:-1] + (k[-2],)
+        if len(in_shapes) > 3 and (len(in_shapes[3]) != len(weights)
+                                   or any(m not in (1, w) for m, w in zip(in_shapes[3], weights))):
+            raise GraphgrowError(f"the attention mask of shape {list(in_shapes[3])} does not broadcast to the "
+                                 f"weights {list(weights)}", hint="give the mask the rank of q, with 1 where it is shared")
         return q[:-1] + (v[-1],)
 
     def flops(self, args, in_shapes, out_shape):
         """The two products with the N x M weights as multiply-adds, the scaling and a softmax of
         5 per weight."""
-        q, k, v = in_shapes
+        q, k, v = in_shapes[:3]
         weights = numel(q[:-1]) * k[-2]
         return 2 * weights * q[-1] + 2 * weights * v[-1] + weights + 5 * weights
 
+    def inputs_from_call(self, inputs, kwargs):
+        """q, k, v and a mask computed from the input; a constant mask must be causal
+        (args_from_constants)."""
+        mask = kwargs.get("attn_mask", inputs[3] if len(inputs) > 3 else None)
+        return inputs[:3] + ([mask] if mask is not None and mask.op != "get_attr" else [])
+
     def args_from_call(self, args, kwargs):
-        given = {**dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), args)), **kwargs}
-        require(given.get("attn_mask") is None and not given.get("dropout_p") and not given.get("enable_gqa"),
-                "attention with a mask, dropout or grouped queries")
+        # a tensor mask given by position leaves the call's other positional arguments one place earlier
+        names = ("attn_mask", "dropout_p", "is_causal", "scale")
+        names = names[1:] if args and args[0] is not None else names
+        given = {**dict(zip(names, args)), **kwargs}
+        require(not given.get("dropout_p") and not given.get("enable_gqa"), "attention with dropout or grouped queries")
         return {"causal": bool(given.get("is_causal", False)), "scale": given.get("scale")}
+
+    def args_from_constants(self, args, constants):
+        causal = _refuse_constant_mask(constants.get("attn_mask", constants.get(3)), true_attends=True)
+        return {**args, "causal": args["causal"] or causal}
 
     def function(self, args):
         return F.scaled_dot_product_attention, {"is_causal": args["causal"], "scale": args["scale"]}

@@ -231,6 +231,12 @@ class OpDef:
         ops derive theirs from the shapes); by default ``args_from_call``."""
         return self.args_from_call(args, kwargs)
 
+    def args_from_constants(self, args: dict[str, Any], constants: dict[int | str, torch.Tensor]) -> dict[str, Any]:
+        """Op arguments ``args`` completed by the constant tensors (module buffers, attributes) a
+        traced call passes, by position in the call or keyword (a causal attention mask sets
+        ``causal``); a GraphgrowError for a constant the op cannot express. By default ``args``."""
+        return args
+
     #: the roles of the tensor arguments after the input of a functional call that passes the
     #: op's parameters (F.linear(x, self.weight, self.bias)): the importer adopts them
     adopted_roles: tuple[str, ...] = ()

@@ -44,8 +44,8 @@ class ReshapeOp(ShapeOp):
     name = "reshape"
     doc = "Reshape to (batch, *shape); shape is per-sample, one entry may be -1 (inferred)."
     args = (Arg("shape", int_list, doc="per-sample target shape, e.g. shape: [16, -1]"),)
-    imports_functions = (torch.reshape,)
-    imports_methods = ("reshape", "view")
+    imports_functions = (torch.reshape, torch.unsqueeze)
+    imports_methods = ("reshape", "view", "unsqueeze")
 
     def output_shape(self, args, in_shapes):
         shape, total = args["shape"], numel(in_shapes[0])

@@ -95,12 +95,27 @@ def check_data_fits(network: Network, train: Split, loss: str | None = None, tes
                              f"'{network.graph.name}' expects {list(expected)}", file=network.graph.source,
                              hint="choose the spec that matches the data (e.g. input: {shape: [1, 28, 28]} for MNIST)")
     graph = network.graph
+    if graph.input_tokens is not None:
+        for split, name in ((train, "x_train"), (test, "x_test")):
+            if split is not None:
+                _check_token_ids(split.x, name, graph)
     if loss is None or len(graph.outputs) != 1:
         return
     out_shape = tuple(graph.shape_of(graph.outputs[0]))
     for split, name in ((train, "y_train"), (test, "y_test")):
         if split is not None:
             _check_targets(split.y, name, out_shape, loss, graph)
+
+
+def _check_token_ids(x: torch.Tensor, name: str, graph) -> None:
+    """A token model's inputs are whole numbers in [0, tokens) (as floats too: features may have
+    been cast to the network's dtype)."""
+    bad = (x < 0) | (x >= graph.input_tokens) | (x != x.round() if x.is_floating_point() else False)
+    if bool(bad.any()):
+        sample = int(bad.reshape(len(x), -1).any(dim=1).nonzero()[0, 0])
+        raise GraphgrowError(f"data field {name} holds values that are not token ids below {graph.input_tokens} "
+                             f"(first in sample {sample})", option="data", file=graph.source,
+                             hint="a token model's inputs are integer ids in [0, tokens) (input: {shape, tokens})")
 
 
 def _check_targets(y: torch.Tensor, name: str, out_shape: tuple[int, ...], loss: str, graph) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from importlib import metadata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch

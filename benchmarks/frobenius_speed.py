@@ -40,7 +40,7 @@ from graphgrow.runtime.data import mnist
 from graphgrow.precond import FrobeniusPreconditioner
 
 
-METHODS = ["sgd", "exact", "exact-general", "exact-sampled", "batch-every-10", "ema-every-10", "prototype",
+METHODS = ["sgd", "exact", "exact-direction", "exact-general", "exact-sampled", "batch-every-10", "ema-every-10", "prototype",
            "backpack-kfac", "asdl-kfac", "asdl-kfac-every-10"]
 NETWORKS = {"small": ([784, 100, 100, 100, 10], 100), "wide": ([784, 512, 512, 10], 128)}
 DAMPING = 0.01
@@ -135,6 +135,7 @@ def build(method, widths, preconditioner=FrobeniusPreconditioner):
     else:
         options = {
             "exact": dict(estimate="batch"),
+            "exact-direction": dict(estimate="batch", grad="direction"),
             "exact-general": dict(estimate="batch", fast_path=False),
             "exact-sampled": dict(estimate="batch", labels="sampled", loss=loss_fn),
             "batch-every-10": dict(estimate="batch", update_interval=10),

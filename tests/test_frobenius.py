@@ -193,7 +193,8 @@ def first_layer_direction(model, x, y, dtype, **options):
     dict(),                                                 # push-through fast path
     dict(labels="sampled", moment="covariance"),            # fast path, Woodbury on the output side
     dict(fast_path=False),                                  # general path, Woodbury on both sides
-], ids=["dense", "push-through", "push-through-sampled-centred", "woodbury"])
+    dict(grad="direction"),                                 # the direction formed in the backward pass
+], ids=["dense", "push-through", "push-through-sampled-centred", "woodbury", "direction"])
 def test_float32_direction_on_mnist_first_layer_matches_float64(mnist_batch, damping, tolerance, options):
     """float32 against the float64 formula on the MNIST first layer (784 inputs, batch 100, so
     the damped input estimate has condition number about 36/γ). A block inverse through the Schur
@@ -208,6 +209,86 @@ def test_float32_direction_on_mnist_first_layer_matches_float64(mnist_batch, dam
     torch.manual_seed(1)
     direction = first_layer_direction(model, x, y, torch.float32, **options)
     assert float((direction - expected).norm() / expected.norm()) <= tolerance
+
+
+@pytest.mark.parametrize("moment", ["second", "covariance"])
+@pytest.mark.parametrize("woodbury", [False, True])
+def test_direction_mode_leaves_the_dense_formula_in_grad(moment, woodbury, caplog):
+    """grad='direction': after backward() .grad holds (C_y + γ1 I)⁻¹ ∇W (C_x + γ2 I)⁻¹ and
+    (C_y + γ1 I)⁻¹ ∇b, against dense float64 solves with ∇W = Σ_j r_j x_jᵀ / B from per-sample
+    gradients; step() then moves by lr times it. The mode is logged."""
+    model = mlp()
+    batch = 4 if woodbury else 12
+    torch.manual_seed(3)
+    x, y = torch.randn(batch, 5, dtype=torch.float64), torch.randint(0, 3, (batch,))
+    reference = layer_samples(copy.deepcopy(model), x, lambda out: nn.functional.cross_entropy(out, y, reduction="sum"))
+    with caplog.at_level("INFO", logger="graphgrow.precond.frobenius"):
+        optimizer = FrobeniusPreconditioner(model, lr=LR, moment=moment, grad="direction",
+                                            damping_out=0.03, damping_in=0.02)
+    assert any("grad='direction'" in record.getMessage() for record in caplog.records)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    nn.functional.cross_entropy(model(x), y).backward()
+    for name, module in model.named_children():
+        if not isinstance(module, nn.Linear):
+            continue
+        inputs, grads = reference[name]
+        grad_w, grad_b = grads.T @ inputs / batch, grads.sum(0) / batch
+        expected_w, expected_b, _, _ = dense_direction(inputs, grads, grad_w, grad_b, moment, 0.03, 0.02)
+        torch.testing.assert_close(module.weight.grad, expected_w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(module.bias.grad, expected_b, rtol=1e-10, atol=1e-12)
+        assert optimizer.paths[name] == "direction (formed in the backward pass)"
+    directions = {name: p.grad.clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), before[name] - LR * directions[name], rtol=0, atol=1e-15)
+
+
+def test_direction_mode_clips_and_accumulates_directions_and_detaches():
+    """What grad='direction' means for the user: clipping acts on the direction, two backward
+    passes add their two directions (each with its own batch's statistics), remove_hooks() and a
+    deepcopy of the model give the plain forward again."""
+    torch.manual_seed(4)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    model = mlp()
+    optimizer = FrobeniusPreconditioner(model, lr=LR, grad="direction")
+    halves = []
+    for part in (slice(0, 3), slice(3, 8)):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[part]), y[part]).backward()
+        halves.append([p.grad.clone() for p in model.parameters()])
+    optimizer.zero_grad()
+    for part in (slice(0, 3), slice(3, 8)):
+        nn.functional.cross_entropy(model(x[part]), y[part]).backward()
+    for parameter, first, second in zip(model.parameters(), *halves):
+        torch.testing.assert_close(parameter.grad, first + second, rtol=1e-12, atol=1e-14)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    assert norm > 1e-3
+    clipped = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    for parameter, old, direction in zip(model.parameters(), before, clipped):
+        torch.testing.assert_close(parameter.detach(), old - LR * direction, rtol=0, atol=1e-15)
+    copied = copy.deepcopy(model)
+    copied.zero_grad()
+    nn.functional.cross_entropy(copied(x), y).backward()  # the copy computes plain gradients
+    plain = mlp()
+    plain.load_state_dict(copied.state_dict())
+    nn.functional.cross_entropy(plain(x), y).backward()
+    for a, b in zip(copied.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+    optimizer.remove_hooks()
+    assert all("forward" not in module.__dict__ for module in model.modules())
+
+
+@pytest.mark.parametrize("options", [dict(labels="sampled", loss=nn.CrossEntropyLoss()), dict(estimate="ema"),
+                                     dict(update_interval=2), dict(track_diagnostics=True), dict(grad="hessian")])
+def test_direction_mode_refuses_what_it_cannot_do(options):
+    options = {"grad": "direction", **options}
+    with pytest.raises(GraphgrowError):
+        FrobeniusPreconditioner(mlp(), **options)
+    convolution = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(GraphgrowError, match="nn.Linear layers only"):
+        FrobeniusPreconditioner(convolution, grad="direction")
 
 
 def fast_and_general_steps(modify, loss_term=None, set_to_none=True):

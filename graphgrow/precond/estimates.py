@@ -89,8 +89,7 @@ class _Estimates:
                     samples, scale = self._samples(record, side)
                     if self.moment == "covariance":
                         samples = samples - samples.mean(0, keepdim=True)
-                refreshes = state.get("step", 0) // self.update_interval
-                if entry is not None and refreshes % self.spectrum_interval == 0:
+                if entry is not None and (state.get("step", 0) // self.update_interval) % self.spectrum_interval == 0:
                     # eigenvalues of wide estimates are expensive, so only every spectrum_interval-th refresh
                     spectra.append((record.name, side, samples, scale, covariance))
                 low_rank = samples is not None and self.estimate == "batch" and damping > 0 and (
@@ -138,8 +137,9 @@ class _Estimates:
         else:
             stacked = torch.stack([item.matrix for item in items])  # a copy, so damping in place is safe
         # add to the diagonals in place: cheaper than adding damping·eye (no second dense matrix)
-        stacked.diagonal(dim1=-2, dim2=-1).add_(torch.tensor([[item.damping] for item in items],
-                                                              dtype=stacked.dtype, device=stacked.device))
+        dampings = {item.damping for item in items}
+        stacked.diagonal(dim1=-2, dim2=-1).add_(dampings.pop() if len(dampings) == 1 else torch.tensor(
+            [[item.damping] for item in items], dtype=stacked.dtype, device=stacked.device))
         inverses, failed = _spd_inverses(stacked)
         if failed.any():  # one synchronising check for the batch; diagnosis only on failure
             for position in failed.nonzero().flatten().tolist():

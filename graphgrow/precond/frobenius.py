@@ -29,7 +29,8 @@ from torch import nn
 from graphgrow.errors import GraphgrowError
 
 from .estimates import _Estimates
-from .factors import _conv_supported, _LayerRecord, _weight_matrix
+from .direction import install as install_direction_forwards
+from .factors import _conv_supported, _flat_inputs, _flat_output_grads, _LayerRecord, _weight_matrix
 from .pushthrough import _PushThrough, bias_gradient_matches, factored_direction
 from .recording import _Recording
 
@@ -39,6 +40,7 @@ MOMENTS = ("second", "covariance")
 LABEL_SOURCES = ("true", "sampled", "expected")
 ESTIMATES = ("batch", "ema", "ema_inverse")
 BACKENDS = ("hooks", "backpack")
+GRAD_MODES = ("gradient", "direction")
 
 
 class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.Optimizer):
@@ -86,9 +88,11 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
                  loss: nn.Module | None = None, mc_samples: int = 1, estimate: str = "batch",
                  update_interval: int = 1, woodbury="auto", inner_products: dict | None = None,
                  backend: str = "hooks", track_diagnostics: bool = False, spectrum_interval: int = 10,
-                 fast_path: bool = True, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+                 fast_path: bool = True, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 grad: str = "gradient"):
         self._check_options(moment, labels, loss, mc_samples, estimate, update_interval, woodbury, backend,
                             lr, damping_out, damping_in, beta)
+        self._check_grad_mode(grad, labels, estimate, update_interval, backend, track_diagnostics)
         if momentum < 0 or weight_decay < 0 or (nesterov and momentum <= 0):
             raise GraphgrowError(f"need momentum >= 0 and weight_decay >= 0, and momentum > 0 for nesterov; got "
                                  f"momentum={momentum}, weight_decay={weight_decay}, nesterov={nesterov}")
@@ -99,7 +103,7 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
         self.moment, self.labels, self.loss, self.mc_samples = moment, labels, loss, mc_samples
         self.estimate, self.update_interval, self.woodbury, self.backend = estimate, update_interval, woodbury, backend
         self.track_diagnostics, self.spectrum_interval = track_diagnostics, spectrum_interval
-        self.fast_path = fast_path
+        self.fast_path, self.grad = fast_path, grad
         self.paths: dict[str, str] = {}  # layer name: the path its last refresh step took
         self.diagnostics: list[dict] = []
         self._records = self._find_layers(model)
@@ -107,7 +111,9 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
         self._sampling = False
         self._hook_handles = []
         self._layout = None
-        if backend == "hooks":
+        if grad == "direction":
+            self._install_direction_forwards()
+        elif backend == "hooks":
             self._install_hooks()
         else:
             self._check_backpack_model()
@@ -153,6 +159,47 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
                                      hint="use labels='sampled' or 'expected', or backend='hooks' for true labels")
             if woodbury is True:
                 raise GraphgrowError("BackPACK hands over dense Kronecker factors, so Woodbury does not apply")
+
+    @staticmethod
+    def _check_grad_mode(grad, labels, estimate, update_interval, backend, track_diagnostics) -> None:
+        if grad not in GRAD_MODES:
+            raise GraphgrowError(f"unknown grad {grad!r}", hint=f"choose one of {', '.join(GRAD_MODES)}")
+        if grad == "direction" and (labels != "true" or estimate != "batch" or update_interval != 1
+                                    or backend != "hooks" or track_diagnostics):
+            raise GraphgrowError("grad='direction' (the direction formed in the backward pass) needs labels='true', "
+                                 "estimate='batch', update_interval=1, backend='hooks' and no track_diagnostics",
+                                 hint="use the default grad='gradient' for the other options")
+
+    def _install_direction_forwards(self) -> None:
+        convolutions = [record.name for record in self._records if not isinstance(record.module, nn.Linear)]
+        if convolutions:
+            raise GraphgrowError("grad='direction' forms the direction in the backward pass of nn.Linear layers only",
+                                 node=convolutions[0], hint="use the default grad='gradient' for Conv2d layers")
+        install_direction_forwards(self, self._records)
+        for record in self._records:
+            self.paths[record.name] = "direction (formed in the backward pass)"
+        _LOG.info("FrobeniusPreconditioner: grad='direction': .grad of layers %s holds the preconditioned "
+                  "direction after backward()", ", ".join(repr(record.name) for record in self._records))
+
+    def _backward_direction(self, index: int, record: _LayerRecord, layer_input: torch.Tensor,
+                            grad_output: torch.Tensor) -> tuple:
+        """The batch estimate's direction (P_out Rᵀ (s·XXᵀ + γI)⁻¹ X or its dense forms, pushthrough.py)
+        and P_out Rᵀ 1 from one pass's input X and output gradient R: called by the layer's backward
+        in grad='direction' mode, with the refresh and inverses of the default path."""
+        module = record.module
+        rows = _flat_output_grads(module, grad_output, layer_input.shape[0])
+        record.inputs[:] = [_flat_inputs(module, layer_input)]
+        record.output_grads[:] = [rows]
+        group = self._layout_table()[0][index][2]
+        state = self.state[module.weight]
+        try:
+            self._refresh([(index, record, group, state)], None)
+            factors = [rows[1]] if self.moment == "second" else None
+            direction, bias_direction = factored_direction(state, record.inputs, [rows[0]], factors,
+                                                           self.moment == "covariance", self._apply)
+        finally:
+            record.clear()
+        return direction.reshape(module.weight.shape), bias_direction
 
     def _find_layers(self, model: nn.Module) -> list[_LayerRecord]:
         owned = {id(p) for group in self.param_groups for p in group["params"]}
@@ -262,10 +309,17 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
             else:
                 active.append((index, record, group, self.state[record.module.weight]))
         refreshed = [layer for layer in active if layer[3].get("step", 0) % self.update_interval == 0]
+        if self.grad == "direction":  # the backward pass left the direction in .grad
+            refreshed = []
         self._refresh(refreshed, entry)
         refreshing = {id(layer[1]) for layer in refreshed}
         updates = []
         for index, record, group, state in active:
+            if self.grad == "direction":
+                bias = record.module.bias
+                updates.append((index, record.module, group, state, state.get("step", 0), record.module.weight.grad,
+                                None if bias is None else bias.grad))
+                continue
             fast = False
             if id(record) in refreshing:  # between refreshes the gradient is not that of the recorded samples
                 refusal = self._fast_path_refusal(index, record, state)

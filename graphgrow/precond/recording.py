@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from .direction import uninstall as uninstall_direction_forwards
 from .factors import _flat_inputs, _flat_output_grads, _LayerRecord
 
 
@@ -32,6 +33,7 @@ class _Recording:
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        uninstall_direction_forwards(self._records)
 
     def _refresh_due(self, record: _LayerRecord) -> bool:
         return self.state[record.module.weight].get("step", 0) % self.update_interval == 0

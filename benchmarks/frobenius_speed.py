@@ -40,7 +40,8 @@ from graphgrow.runtime.data import mnist
 from graphgrow.precond import FrobeniusPreconditioner
 
 
-METHODS = ["sgd", "exact", "exact-direction", "exact-general", "exact-sampled", "batch-every-10", "ema-every-10", "prototype",
+METHODS = ["sgd", "exact", "exact-direction", "exact-general", "exact-sampled", "batch-every-10", "batch-every-10-direction",
+           "ema-every-10", "ema-every-10-direction", "prototype",
            "backpack-kfac", "asdl-kfac", "asdl-kfac-every-10"]
 NETWORKS = {"small": ([784, 100, 100, 100, 10], 100), "wide": ([784, 512, 512, 10], 128)}
 DAMPING = 0.01
@@ -139,7 +140,9 @@ def build(method, widths, preconditioner=FrobeniusPreconditioner):
             "exact-general": dict(estimate="batch", fast_path=False),
             "exact-sampled": dict(estimate="batch", labels="sampled", loss=loss_fn),
             "batch-every-10": dict(estimate="batch", update_interval=10),
+            "batch-every-10-direction": dict(estimate="batch", update_interval=10, grad="direction"),
             "ema-every-10": dict(estimate="ema", update_interval=10),
+            "ema-every-10-direction": dict(estimate="ema", update_interval=10, grad="direction"),
         }[method]
         optimizer = preconditioner(model, lr=1e-3, damping_in=DAMPING, damping_out=DAMPING, **options)
 

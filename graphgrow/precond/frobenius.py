@@ -164,10 +164,9 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
     def _check_grad_mode(grad, labels, estimate, update_interval, backend, track_diagnostics) -> None:
         if grad not in GRAD_MODES:
             raise GraphgrowError(f"unknown grad {grad!r}", hint=f"choose one of {', '.join(GRAD_MODES)}")
-        if grad == "direction" and (labels != "true" or estimate != "batch" or update_interval != 1
-                                    or backend != "hooks" or track_diagnostics):
+        if grad == "direction" and (labels != "true" or backend != "hooks" or track_diagnostics):
             raise GraphgrowError("grad='direction' (the direction formed in the backward pass) needs labels='true', "
-                                 "estimate='batch', update_interval=1, backend='hooks' and no track_diagnostics",
+                                 "backend='hooks' and no track_diagnostics",
                                  hint="use the default grad='gradient' for the other options")
 
     def _install_direction_forwards(self) -> None:
@@ -183,23 +182,30 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
 
     def _backward_direction(self, index: int, record: _LayerRecord, layer_input: torch.Tensor,
                             grad_output: torch.Tensor) -> tuple:
-        """The batch estimate's direction (P_out Rᵀ (s·XXᵀ + γI)⁻¹ X or its dense forms, pushthrough.py)
-        and P_out Rᵀ 1 from one pass's input X and output gradient R: called by the layer's backward
-        in grad='direction' mode, with the refresh and inverses of the default path."""
+        """P_out Rᵀ X P_in and P_out Rᵀ 1 from one pass's input X and output gradient R, called by the
+        layer's backward in grad='direction' mode. On a refresh step the statistics are taken from
+        this pass (the refresh and inverses of the default path) and the direction is the fast path's
+        (pushthrough.py); between refreshes the kept operators act on the factors, (P_out Rᵀ)(X P_in)."""
         module = record.module
         rows = _flat_output_grads(module, grad_output, layer_input.shape[0])
-        record.inputs[:] = [_flat_inputs(module, layer_input)]
-        record.output_grads[:] = [rows]
-        group = self._layout_table()[0][index][2]
+        layer_input = _flat_inputs(module, layer_input)
         state = self.state[module.weight]
-        try:
-            self._refresh([(index, record, group, state)], None)
-            factors = [rows[1]] if self.moment == "second" else None
-            direction, bias_direction = factored_direction(state, record.inputs, [rows[0]], factors,
-                                                           self.moment == "covariance", self._apply)
-        finally:
-            record.clear()
-        return direction.reshape(module.weight.shape), bias_direction
+        if state.get("step", 0) % self.update_interval == 0:
+            record.inputs[:], record.output_grads[:] = [layer_input], [rows]
+            try:
+                self._refresh([(index, record, self._layout_table()[0][index][2], state)], None)
+                factors = [rows[1]] if self.moment == "second" else None
+                direction, bias_direction = factored_direction(state, record.inputs, [rows[0]], factors,
+                                                               self.moment == "covariance", self._apply)
+            finally:
+                record.clear()
+            return direction.reshape(module.weight.shape), bias_direction
+        outer = self._apply(state, "out", rows[0].T, from_left=True)  # P_out Rᵀ, out x B
+        if layer_input.shape[0] <= outer.shape[0]:  # the cheaper order
+            direction = outer @ self._apply(state, "in", layer_input, from_left=False)
+        else:
+            direction = self._apply(state, "in", outer @ layer_input, from_left=False)
+        return direction.reshape(module.weight.shape), outer.sum(1)
 
     def _find_layers(self, model: nn.Module) -> list[_LayerRecord]:
         owned = {id(p) for group in self.param_groups for p in group["params"]}

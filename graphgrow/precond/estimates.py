@@ -43,7 +43,6 @@ class _Estimates:
                                  alpha=-1 / damping)
         return result.to(dtype)
 
-
     def _samples(self, record: _LayerRecord, side: str) -> tuple:
         """(S, s): the recorded samples as rows and the scale of the estimate s·SᵀS."""
         if side == "in":

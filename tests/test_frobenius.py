@@ -245,22 +245,38 @@ def test_direction_mode_leaves_the_dense_formula_in_grad(moment, woodbury, caplo
 
 @pytest.mark.parametrize("options", [dict(estimate="batch", update_interval=3), dict(estimate="ema", update_interval=2),
                                      dict(estimate="ema_inverse", update_interval=2, moment="covariance")])
-def test_direction_mode_between_refreshes_matches_the_gradient_mode(options):
-    """Refreshed every K steps, grad='direction' applies the kept operators to the factors,
-    (P_out Rᵀ)(X P_in); the default mode applies them to .grad = Rᵀ X. Six steps of both."""
+def test_between_refreshes_the_kept_operators_act_on_the_factors(options):
+    """Refreshed every K steps: between refreshes the fast path and grad='direction' apply the kept
+    operators to the factors, (P_out Rᵀ)(X P_in); the general path (fast_path=False) applies them to
+    .grad = Rᵀ X. Six steps of each agree; the fast path is taken (and logged in ``paths``) on the
+    layers with fewer samples than inputs and outputs, and a clipped gradient takes the general path."""
     torch.manual_seed(5)
     data = [(torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(6)]
-    models = []
-    for grad in ("gradient", "direction"):
+    models, paths = [], []
+    for settings in (dict(fast_path=False), dict(), dict(grad="direction")):
         model = mlp()
-        optimizer = FrobeniusPreconditioner(model, lr=0.1, grad=grad, momentum=0.5, **options)
+        optimizer = FrobeniusPreconditioner(model, lr=0.1, momentum=0.5, **settings, **options)
         for x, y in data:
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
         models.append(model)
-    for a, b in zip(*(model.parameters() for model in models)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        paths.append(optimizer.paths)
+    for general, *others in zip(*(model.parameters() for model in models)):
+        for other in others:
+            torch.testing.assert_close(other, general, rtol=1e-9, atol=1e-12)
+    assert paths[1]["0 (between refreshes)"] == paths[1]["2 (between refreshes)"] == "factors"
+    assert paths[1]["4 (between refreshes)"].startswith("general (at least as many samples")
+    assert paths[0]["0 (between refreshes)"] == "general (fast_path=False)"
+    model = mlp()
+    optimizer = FrobeniusPreconditioner(model, lr=0.1, **options)
+    for clip in (False, True):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(data[0][0]), data[0][1]).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        optimizer.step()
+    assert optimizer.paths["0 (between refreshes)"].startswith("general (.grad was changed")
 
 
 def test_direction_mode_clips_and_accumulates_directions_and_detaches():

@@ -31,7 +31,7 @@ from graphgrow.errors import GraphgrowError
 from .estimates import _Estimates
 from .direction import install as install_direction_forwards
 from .factors import _conv_supported, _flat_inputs, _flat_output_grads, _LayerRecord, _weight_matrix
-from .pushthrough import _PushThrough, bias_gradient_matches, factored_direction
+from .pushthrough import _PushThrough, bias_gradient_matches, factored_direction, operators_on_factors
 from .recording import _Recording
 
 _LOG = logging.getLogger(__name__)
@@ -200,12 +200,8 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
             finally:
                 record.clear()
             return direction.reshape(module.weight.shape), bias_direction
-        outer = self._apply(state, "out", rows[0].T, from_left=True)  # P_out Rᵀ, out x B
-        if layer_input.shape[0] <= outer.shape[0]:  # the cheaper order
-            direction = outer @ self._apply(state, "in", layer_input, from_left=False)
-        else:
-            direction = self._apply(state, "in", outer @ layer_input, from_left=False)
-        return direction.reshape(module.weight.shape), outer.sum(1)
+        direction, bias_direction = operators_on_factors(state, [layer_input], [rows[0]], self._apply)
+        return direction.reshape(module.weight.shape), bias_direction
 
     def _find_layers(self, model: nn.Module) -> list[_LayerRecord]:
         owned = {id(p) for group in self.param_groups for p in group["params"]}
@@ -326,12 +322,10 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
                 updates.append((index, record.module, group, state, state.get("step", 0), record.module.weight.grad,
                                 None if bias is None else bias.grad))
                 continue
-            fast = False
-            if id(record) in refreshing:  # between refreshes the gradient is not that of the recorded samples
-                refusal = self._fast_path_refusal(index, record, state)
-                self._log_path(record, refusal)
-                fast = refusal is None
-            direction = self._precondition(state, record.module, record if fast else None)
+            refresh = id(record) in refreshing
+            refusal = self._fast_path_refusal(index, record, state, refresh)
+            self._log_path(record, refusal, refresh)
+            direction = self._precondition(state, record.module, None if refusal else record, refresh)
             record.clear()
             updates.append((index, record.module, group, state, state.get("step", 0)) + direction)
         self._check_finite(updates)
@@ -382,23 +376,31 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
                                      "overflowed)", node=self._records[update[0]].name,
                                      hint="training diverged; lower the learning rate")
 
-    def _log_path(self, record: _LayerRecord, refusal: str | None) -> None:
-        """Log (INFO, logger graphgrow.precond.frobenius) when a layer's refresh steps change path."""
-        path = "push-through" if refusal is None else f"general ({refusal})"
-        if self.paths.get(record.name) != path:
-            _LOG.info("FrobeniusPreconditioner: layer '%s' takes the %s path", record.name, path)
-        self.paths[record.name] = path
+    def _log_path(self, record: _LayerRecord, refusal: str | None, refresh: bool) -> None:
+        """Log (INFO, logger graphgrow.precond.frobenius) when a layer's refresh steps, or its steps
+        between refreshes, change path; ``paths[name]`` / ``paths[name + " (between refreshes)"]``."""
+        key = record.name if refresh else f"{record.name} (between refreshes)"
+        path = f"general ({refusal})" if refusal else "push-through" if refresh else "factors"
+        if self.paths.get(key) != path:
+            _LOG.info("FrobeniusPreconditioner: layer '%s' takes the %s path%s", record.name, path,
+                      "" if refresh else " between refreshes")
+        self.paths[key] = path
 
-    def _precondition(self, state: dict, module: nn.Module, record: _LayerRecord | None = None):
+    def _precondition(self, state: dict, module: nn.Module, record: _LayerRecord | None = None,
+                      refresh: bool = True):
         """P_out ∇W P_in and P_out ∇b from the current factors (5.15, Remark 5.3); the weight's
-        from the gradient's factors of ``record`` if given (the fast path)."""
+        from the gradient's factors of ``record`` if given (the fast path: on a refresh step from
+        the statistics of these factors, between refreshes with the kept operators)."""
         bias_grad = None if module.bias is None else module.bias.grad
         if record is not None:
             outputs = self._gradient_outputs(record)
-            factors = [factor for _, factor in record.output_grads] \
-                if self.labels == "true" and self.moment == "second" else None
-            direction, bias_direction = factored_direction(state, record.inputs, outputs, factors,
-                                                           self.moment == "covariance", self._apply)
+            if refresh:
+                factors = [factor for _, factor in record.output_grads] \
+                    if self.labels == "true" and self.moment == "second" else None
+                direction, bias_direction = factored_direction(state, record.inputs, outputs, factors,
+                                                               self.moment == "covariance", self._apply)
+            else:
+                direction, bias_direction = operators_on_factors(state, record.inputs, outputs, self._apply)
             if bias_grad is None:
                 bias_direction = None
             elif not bias_gradient_matches(bias_grad, outputs):

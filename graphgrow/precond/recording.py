@@ -42,14 +42,18 @@ class _Recording:
         def hook(module, inputs, output):
             # a deepcopy of the model carries this hook along; only the original layer may record
             if module is not record.module or self._sampling or not torch.is_grad_enabled() \
-                    or not output.requires_grad or not self._refresh_due(record):
+                    or not output.requires_grad:
+                return
+            # between refreshes the factors serve the fast path only (pushthrough.operators_on_factors)
+            due = self._refresh_due(record)
+            if not due and not self.fast_path:
                 return
             layer_input = inputs[0].detach()
             if not record.inputs:
                 record.grad_was_none = module.weight.grad is None
             record.inputs.append(_flat_inputs(module, layer_input))
             batch_size = layer_input.shape[0]
-            if self.labels == "sampled":
+            if self.labels == "sampled" and due:  # Monte-Carlo samples only for a refresh
                 record.outputs.append((output, batch_size))
 
             def store_grad(grad):

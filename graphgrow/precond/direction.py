@@ -20,12 +20,23 @@ parameters only. The layer's forward is an instance attribute while the optimize
 """
 from __future__ import annotations
 
+import logging
 import types
 import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
+
+from graphgrow.errors import GraphgrowError
+
+from .factors import _flat_inputs, _flat_output_grads, _LayerRecord
+from .pushthrough import factored_direction, operators_on_factors
+
+# the optimizer's logger: one place to listen to for the paths and modes it takes
+_LOG = logging.getLogger("graphgrow.precond.frobenius")
+GRAD_MODES = ("gradient", "direction")
 
 
 class _DirectionLinear(torch.autograd.Function):
@@ -82,3 +93,50 @@ def uninstall(records: list) -> None:
     for record in records:
         if isinstance(record.module.__dict__.get("forward"), _DirectionForward):
             del record.module.forward
+
+
+class _Direction:
+    """Mixin of FrobeniusPreconditioner: the ``grad="direction"`` mode."""
+
+    @staticmethod
+    def _check_grad_mode(grad, labels, backend, track_diagnostics) -> None:
+        if grad not in GRAD_MODES:
+            raise GraphgrowError(f"unknown grad {grad!r}", hint=f"choose one of {', '.join(GRAD_MODES)}")
+        if grad == "direction" and (labels != "true" or backend != "hooks" or track_diagnostics):
+            raise GraphgrowError("grad='direction' (the direction formed in the backward pass) needs labels='true', "
+                                 "backend='hooks' and no track_diagnostics",
+                                 hint="use the default grad='gradient' for the other options")
+
+    def _install_direction_forwards(self) -> None:
+        convolutions = [record.name for record in self._records if not isinstance(record.module, nn.Linear)]
+        if convolutions:
+            raise GraphgrowError("grad='direction' forms the direction in the backward pass of nn.Linear layers only",
+                                 node=convolutions[0], hint="use the default grad='gradient' for Conv2d layers")
+        install(self, self._records)
+        for record in self._records:
+            self.paths[record.name] = "direction (formed in the backward pass)"
+        _LOG.info("FrobeniusPreconditioner: grad='direction': .grad of layers %s holds the preconditioned "
+                  "direction after backward()", ", ".join(repr(record.name) for record in self._records))
+
+    def _backward_direction(self, index: int, record: _LayerRecord, layer_input: torch.Tensor,
+                            grad_output: torch.Tensor) -> tuple:
+        """P_out Rᵀ X P_in and P_out Rᵀ 1 from one pass's input X and output gradient R, called by the
+        layer's backward in grad='direction' mode. On a refresh step the statistics are taken from
+        this pass (the refresh and inverses of the default path) and the direction is the fast path's
+        (pushthrough.py); between refreshes the kept operators act on the factors, (P_out Rᵀ)(X P_in)."""
+        module = record.module
+        rows = _flat_output_grads(module, grad_output, layer_input.shape[0])
+        layer_input = _flat_inputs(module, layer_input)
+        state = self.state[module.weight]
+        if state.get("step", 0) % self.update_interval == 0:
+            record.inputs[:], record.output_grads[:] = [layer_input], [rows]
+            try:
+                self._refresh([(index, record, self._layout_table()[0][index][2], state)], None)
+                factors = [rows[1]] if self.moment == "second" else None
+                direction, bias_direction = factored_direction(state, record.inputs, [rows[0]], factors,
+                                                               self.moment == "covariance", self._apply)
+            finally:
+                record.clear()
+            return direction.reshape(module.weight.shape), bias_direction
+        direction, bias_direction = operators_on_factors(state, [layer_input], [rows[0]], self._apply)
+        return direction.reshape(module.weight.shape), bias_direction

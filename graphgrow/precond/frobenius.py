@@ -15,8 +15,8 @@ Kronecker factors KFAC/KFLR (backend ``"backpack"``, second moments, graphs with
 
 The optimizer class is here (options, step, momentum and weight decay); its parts are mixins by
 idea: ``recording.py`` (the hooks), ``estimates.py`` (statistics, damped inverses, the operator
-products), ``pushthrough.py`` (the fast path and when it is taken), ``factors.py`` (the per-layer
-records and the batched SPD inverses).
+products), ``pushthrough.py`` (the fast path and when it is taken), ``direction.py`` (the opt-in
+``grad="direction"`` mode), ``factors.py`` (the per-layer records and the batched SPD inverses).
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from torch import nn
 from graphgrow.errors import GraphgrowError
 
 from .estimates import _Estimates
-from .direction import install as install_direction_forwards
-from .factors import _conv_supported, _flat_inputs, _flat_output_grads, _LayerRecord, _weight_matrix
+from .direction import _Direction
+from .factors import _conv_supported, _LayerRecord, _weight_matrix
 from .pushthrough import _PushThrough, bias_gradient_matches, factored_direction, operators_on_factors
 from .recording import _Recording
 
@@ -40,10 +40,9 @@ MOMENTS = ("second", "covariance")
 LABEL_SOURCES = ("true", "sampled", "expected")
 ESTIMATES = ("batch", "ema", "ema_inverse")
 BACKENDS = ("hooks", "backpack")
-GRAD_MODES = ("gradient", "direction")
 
 
-class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.Optimizer):
+class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, _Direction, torch.optim.Optimizer):
     """SGD with the Frobenius-type layer-wise preconditioner (5.15) on every Linear/Conv2d layer.
 
     Use it like any optimizer: ``zero_grad()``, forward, ``loss.backward()``, ``step()``. The hooks
@@ -78,6 +77,10 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
             on refresh steps whose ``.grad`` is autograd's own; False: always the general path.
         momentum, nesterov: heavy-ball momentum on the preconditioned direction, as torch.optim.SGD's.
         weight_decay: decoupled weight decay, param ← (1 − lr·wd)·param before the step.
+        grad: ``"gradient"``: ``.grad`` holds autograd's gradient, which ``step()`` preconditions
+            (honouring changes made to it); ``"direction"``: each Linear's backward leaves the
+            preconditioned direction in ``.grad`` in place of the weight gradient (cheaper; clipping
+            and accumulation then act on directions; direction.py).
         track_diagnostics: record gradient norms (Euclidean and Frobenius-type) every step and the
             covariance spectra every ``spectrum_interval``-th refresh, in ``self.diagnostics`` (one
             dict per step: ``{layer: {"euclidean_norm", "frobenius_norm", "in_spectrum", "out_spectrum"}}``).
@@ -92,7 +95,7 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
                  grad: str = "gradient"):
         self._check_options(moment, labels, loss, mc_samples, estimate, update_interval, woodbury, backend,
                             lr, damping_out, damping_in, beta)
-        self._check_grad_mode(grad, labels, estimate, update_interval, backend, track_diagnostics)
+        self._check_grad_mode(grad, labels, backend, track_diagnostics)
         if momentum < 0 or weight_decay < 0 or (nesterov and momentum <= 0):
             raise GraphgrowError(f"need momentum >= 0 and weight_decay >= 0, and momentum > 0 for nesterov; got "
                                  f"momentum={momentum}, weight_decay={weight_decay}, nesterov={nesterov}")
@@ -159,49 +162,6 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, torch.optim.
                                      hint="use labels='sampled' or 'expected', or backend='hooks' for true labels")
             if woodbury is True:
                 raise GraphgrowError("BackPACK hands over dense Kronecker factors, so Woodbury does not apply")
-
-    @staticmethod
-    def _check_grad_mode(grad, labels, estimate, update_interval, backend, track_diagnostics) -> None:
-        if grad not in GRAD_MODES:
-            raise GraphgrowError(f"unknown grad {grad!r}", hint=f"choose one of {', '.join(GRAD_MODES)}")
-        if grad == "direction" and (labels != "true" or backend != "hooks" or track_diagnostics):
-            raise GraphgrowError("grad='direction' (the direction formed in the backward pass) needs labels='true', "
-                                 "backend='hooks' and no track_diagnostics",
-                                 hint="use the default grad='gradient' for the other options")
-
-    def _install_direction_forwards(self) -> None:
-        convolutions = [record.name for record in self._records if not isinstance(record.module, nn.Linear)]
-        if convolutions:
-            raise GraphgrowError("grad='direction' forms the direction in the backward pass of nn.Linear layers only",
-                                 node=convolutions[0], hint="use the default grad='gradient' for Conv2d layers")
-        install_direction_forwards(self, self._records)
-        for record in self._records:
-            self.paths[record.name] = "direction (formed in the backward pass)"
-        _LOG.info("FrobeniusPreconditioner: grad='direction': .grad of layers %s holds the preconditioned "
-                  "direction after backward()", ", ".join(repr(record.name) for record in self._records))
-
-    def _backward_direction(self, index: int, record: _LayerRecord, layer_input: torch.Tensor,
-                            grad_output: torch.Tensor) -> tuple:
-        """P_out Rᵀ X P_in and P_out Rᵀ 1 from one pass's input X and output gradient R, called by the
-        layer's backward in grad='direction' mode. On a refresh step the statistics are taken from
-        this pass (the refresh and inverses of the default path) and the direction is the fast path's
-        (pushthrough.py); between refreshes the kept operators act on the factors, (P_out Rᵀ)(X P_in)."""
-        module = record.module
-        rows = _flat_output_grads(module, grad_output, layer_input.shape[0])
-        layer_input = _flat_inputs(module, layer_input)
-        state = self.state[module.weight]
-        if state.get("step", 0) % self.update_interval == 0:
-            record.inputs[:], record.output_grads[:] = [layer_input], [rows]
-            try:
-                self._refresh([(index, record, self._layout_table()[0][index][2], state)], None)
-                factors = [rows[1]] if self.moment == "second" else None
-                direction, bias_direction = factored_direction(state, record.inputs, [rows[0]], factors,
-                                                               self.moment == "covariance", self._apply)
-            finally:
-                record.clear()
-            return direction.reshape(module.weight.shape), bias_direction
-        direction, bias_direction = operators_on_factors(state, [layer_input], [rows[0]], self._apply)
-        return direction.reshape(module.weight.shape), bias_direction
 
     def _find_layers(self, model: nn.Module) -> list[_LayerRecord]:
         owned = {id(p) for group in self.param_groups for p in group["params"]}

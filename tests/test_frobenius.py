@@ -279,6 +279,28 @@ def test_between_refreshes_the_kept_operators_act_on_the_factors(options):
     assert optimizer.paths["0 (between refreshes)"].startswith("general (.grad was changed")
 
 
+def test_between_refreshes_with_monte_carlo_labels_matches_the_general_path():
+    """Monte-Carlo labels are drawn on refresh steps only, also when the hooks keep the factors
+    between refreshes for the fast path: the same draws and the same steps as fast_path=False."""
+    torch.manual_seed(5)
+    data = [(torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(6)]
+    results = []
+    for fast_path in (False, True):
+        model = mlp()
+        optimizer = FrobeniusPreconditioner(model, lr=0.1, fast_path=fast_path, labels="sampled", estimate="ema",
+                                            update_interval=2, loss=nn.CrossEntropyLoss())
+        torch.manual_seed(0)
+        for x, y in data:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        results.append((model, optimizer.paths))
+    (general, _), (fast, paths) = results
+    assert paths["0 (between refreshes)"] == "factors"
+    for a, b in zip(fast.parameters(), general.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_direction_mode_clips_and_accumulates_directions_and_detaches():
     """What grad='direction' means for the user: clipping acts on the direction, two backward
     passes add their two directions (each with its own batch's statistics), remove_hooks() and a
@@ -539,7 +561,8 @@ def test_momentum_and_decoupled_weight_decay_act_on_the_preconditioned_direction
         FrobeniusPreconditioner(mlp(), nesterov=True)
 
 
-@pytest.mark.parametrize("options", [dict(estimate="ema"), dict(estimate="batch"), dict(estimate="ema", momentum=0.5), dict(estimate="batch", momentum=0.5)])
+@pytest.mark.parametrize("options", [dict(estimate="ema"), dict(estimate="batch"), dict(estimate="ema", momentum=0.5),
+                                     dict(estimate="batch", momentum=0.5), dict(estimate="ema", grad="direction")])
 def test_state_dict_round_trip_continues_identically(options):
     """The statistics (averages, inverses, Woodbury samples) and momentum buffers are optimizer
     state: a run resumed from state_dict() between refreshes continues bit for bit."""

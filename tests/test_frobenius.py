@@ -1,5 +1,6 @@
 """Frobenius-type preconditioner against independent dense float64 computations of (5.15)."""
 import copy
+import io
 import warnings
 
 import pytest
@@ -333,6 +334,15 @@ def test_direction_mode_clips_and_accumulates_directions_and_detaches():
     plain.load_state_dict(copied.state_dict())
     nn.functional.cross_entropy(plain(x), y).backward()
     for a, b in zip(copied.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    unpickled = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(unpickled(x), plain(x), rtol=1e-12, atol=1e-14)
+    unpickled.zero_grad()
+    nn.functional.cross_entropy(unpickled(x), y).backward()  # plain gradients, no optimizer behind it
+    for a, b in zip(unpickled.parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
     optimizer.remove_hooks()
     assert all("forward" not in module.__dict__ for module in model.modules())

@@ -16,7 +16,7 @@ two directions, each preconditioned with its own pass's statistics, where the de
 preconditions the summed gradient with the pooled statistics; a gradient term that does not come
 through the layer's output (an L2 penalty inside the loss) reaches ``.grad`` of the other
 parameters only. The layer's forward is an instance attribute while the optimizer is attached
-(``remove_hooks()`` restores it); a deepcopy of the model gets the plain forward.
+(``remove_hooks()`` restores it); a deepcopy or a pickle of the model gets the plain forward.
 """
 from __future__ import annotations
 
@@ -76,6 +76,11 @@ class _DirectionForward:
 
     def direction(self, layer_input, grad_output):
         return self.optimizer()._backward_direction(self.index, self.record, layer_input, grad_output)
+
+    def __reduce__(self):
+        # pickling the model (torch.save(model)) stores the plain forward, as a deepcopy does: when
+        # the module is unpickled its attributes are not restored yet, so this finds its class's forward
+        return getattr, (self.record.module, "forward")
 
     def __deepcopy__(self, memo):
         # the copy of the module (deepcopy registers it in memo before copying its attributes) gets

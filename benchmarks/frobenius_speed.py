@@ -8,10 +8,12 @@ FlopCounterMode, plus Cholesky factorisations and inversions), averaged over 20 
 every-K-steps refreshes are included.
 
 Contenders: the exact per-step method (batch estimate, true labels: the push-through fast path),
-the same through the general path (``fast_path=False``), Monte-Carlo labels, the amortised modes
-(batch estimate or exponential average refreshed every 10 steps), a prototype that forms the
-update in the backward pass in place of autograd's weight gradient (benchmark only: it leaves no
-gradient in ``.grad`` for a user to clip, so the optimizer cannot work this way), and as references
+the same with ``grad="direction"`` (the direction formed in the backward pass in place of autograd's
+weight gradient, ``exact-direction``), the same through the general path (``fast_path=False``),
+Monte-Carlo labels, the amortised modes (batch estimate or exponential average refreshed every 10
+steps, also with ``grad="direction"``: ``*-direction``), the issue's standalone prototype of the
+direction in the backward pass (a custom autograd Linear in this file, dense inverses, no checks),
+and as references
 BackPACK's KFAC (+ the optimizer's Cholesky) and ASDL's K-FAC (``asdfghjkl`` 0.1a5, imported as
 ``asdl``; benchmark only, not a dependency of graphgrow: install it into the benchmark's own
 environment, ``pip install asdfghjkl==0.1a5``; without it those rows are left out).
@@ -19,6 +21,7 @@ environment, ``pip install asdfghjkl==0.1a5``; without it those rows are left ou
     PYTHONPATH=. python benchmarks/frobenius_speed.py --network small
     PYTHONPATH=. python benchmarks/frobenius_speed.py --network wide
     PYTHONPATH=. python benchmarks/frobenius_speed.py --methods exact ema-every-10   # quicker
+    PYTHONPATH=. python benchmarks/frobenius_speed.py --clock cpu   # on a shared machine: CPU time, not wall
     git show 0f7e8f6:graphgrow/frobenius.py  # (before the layout change; after it: graphgrow/precond/frobenius.py) > /tmp/frobenius_before.py   # an earlier version, timed alongside
     PYTHONPATH=. python benchmarks/frobenius_speed.py --methods exact ema-every-10 \
         --reference-code /tmp/frobenius_before.py --repeats 12 --steps 20
@@ -40,7 +43,8 @@ from graphgrow.runtime.data import mnist
 from graphgrow.precond import FrobeniusPreconditioner
 
 
-METHODS = ["sgd", "exact", "exact-general", "exact-sampled", "batch-every-10", "ema-every-10", "prototype",
+METHODS = ["sgd", "exact", "exact-direction", "exact-general", "exact-sampled", "batch-every-10", "batch-every-10-direction",
+           "ema-every-10", "ema-every-10-direction", "prototype",
            "backpack-kfac", "asdl-kfac", "asdl-kfac-every-10"]
 NETWORKS = {"small": ([784, 100, 100, 100, 10], 100), "wide": ([784, 512, 512, 10], 128)}
 DAMPING = 0.01
@@ -135,10 +139,13 @@ def build(method, widths, preconditioner=FrobeniusPreconditioner):
     else:
         options = {
             "exact": dict(estimate="batch"),
+            "exact-direction": dict(estimate="batch", grad="direction"),
             "exact-general": dict(estimate="batch", fast_path=False),
             "exact-sampled": dict(estimate="batch", labels="sampled", loss=loss_fn),
             "batch-every-10": dict(estimate="batch", update_interval=10),
+            "batch-every-10-direction": dict(estimate="batch", update_interval=10, grad="direction"),
             "ema-every-10": dict(estimate="ema", update_interval=10),
+            "ema-every-10-direction": dict(estimate="ema", update_interval=10, grad="direction"),
         }[method]
         optimizer = preconditioner(model, lr=1e-3, damping_in=DAMPING, damping_out=DAMPING, **options)
 
@@ -194,6 +201,9 @@ def main():
     parser.add_argument("--steps", type=int, default=40, help="steps per timed block")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
                         help="contenders to time (SGD, the baseline, is always included)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: time.perf_counter; cpu: the thread's CPU time (time.thread_time), which leaves "
+                             "out the time the process waits for a core on a shared machine")
     parser.add_argument("--reference-code", help="another version of graphgrow/precond/frobenius.py: its hooks-backend "
                                                  "contenders are timed alongside, as '<method> (reference)'")
     args = parser.parse_args()
@@ -211,18 +221,19 @@ def main():
         reference = load_reference(args.reference_code)
         for method in [m for m in methods if m.startswith(("exact", "batch", "ema"))]:
             runs[f"{method} (reference)"] = build(method, widths, reference)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     times = {m: [] for m in runs}
     for repeat in range(args.repeats + 1):  # the first round warms up and is discarded
         for method, train_step in runs.items():
-            start = time.perf_counter()
+            start = clock()
             for step in range(args.steps):
                 train_step(*batches[(repeat * args.steps + step) % len(batches)])
             if repeat:
-                times[method].append((time.perf_counter() - start) / args.steps)
+                times[method].append((clock() - start) / args.steps)
     baseline = statistics.median(times["sgd"])
     flops = {method: flops_per_step(train_step, batches) for method, train_step in runs.items()}
-    print(f"network {args.network}: widths {widths}, batch {batch}; load average after the run (1, 5, 15 min): "
-          f"{os.getloadavg()}")
+    print(f"network {args.network}: widths {widths}, batch {batch}; {args.clock} clock; load average after the run "
+          f"(1, 5, 15 min): {os.getloadavg()}")
     print("| method | median step (ms) | ratio to SGD | MFLOP per step | FLOP ratio to SGD |\n|---|---|---|---|---|")
     for method in runs:
         median = statistics.median(times[method])

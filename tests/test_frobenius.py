@@ -1,5 +1,6 @@
 """Frobenius-type preconditioner against independent dense float64 computations of (5.15)."""
 import copy
+import io
 import warnings
 
 import pytest
@@ -193,7 +194,8 @@ def first_layer_direction(model, x, y, dtype, **options):
     dict(),                                                 # push-through fast path
     dict(labels="sampled", moment="covariance"),            # fast path, Woodbury on the output side
     dict(fast_path=False),                                  # general path, Woodbury on both sides
-], ids=["dense", "push-through", "push-through-sampled-centred", "woodbury"])
+    dict(grad="direction"),                                 # the direction formed in the backward pass
+], ids=["dense", "push-through", "push-through-sampled-centred", "woodbury", "direction"])
 def test_float32_direction_on_mnist_first_layer_matches_float64(mnist_batch, damping, tolerance, options):
     """float32 against the float64 formula on the MNIST first layer (784 inputs, batch 100, so
     the damped input estimate has condition number about 36/γ). A block inverse through the Schur
@@ -208,6 +210,153 @@ def test_float32_direction_on_mnist_first_layer_matches_float64(mnist_batch, dam
     torch.manual_seed(1)
     direction = first_layer_direction(model, x, y, torch.float32, **options)
     assert float((direction - expected).norm() / expected.norm()) <= tolerance
+
+
+@pytest.mark.parametrize("moment", ["second", "covariance"])
+@pytest.mark.parametrize("woodbury", [False, True])
+def test_direction_mode_leaves_the_dense_formula_in_grad(moment, woodbury, caplog):
+    """grad='direction': after backward() .grad holds (C_y + γ1 I)⁻¹ ∇W (C_x + γ2 I)⁻¹ and
+    (C_y + γ1 I)⁻¹ ∇b, against dense float64 solves with ∇W = Σ_j r_j x_jᵀ / B from per-sample
+    gradients; step() then moves by lr times it. The mode is logged."""
+    model = mlp()
+    batch = 4 if woodbury else 12
+    torch.manual_seed(3)
+    x, y = torch.randn(batch, 5, dtype=torch.float64), torch.randint(0, 3, (batch,))
+    reference = layer_samples(copy.deepcopy(model), x, lambda out: nn.functional.cross_entropy(out, y, reduction="sum"))
+    with caplog.at_level("INFO", logger="graphgrow.precond.frobenius"):
+        optimizer = FrobeniusPreconditioner(model, lr=LR, moment=moment, grad="direction",
+                                            damping_out=0.03, damping_in=0.02)
+    assert any("grad='direction'" in record.getMessage() for record in caplog.records)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    nn.functional.cross_entropy(model(x), y).backward()
+    for name, module in model.named_children():
+        if not isinstance(module, nn.Linear):
+            continue
+        inputs, grads = reference[name]
+        grad_w, grad_b = grads.T @ inputs / batch, grads.sum(0) / batch
+        expected_w, expected_b, _, _ = dense_direction(inputs, grads, grad_w, grad_b, moment, 0.03, 0.02)
+        torch.testing.assert_close(module.weight.grad, expected_w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(module.bias.grad, expected_b, rtol=1e-10, atol=1e-12)
+        assert optimizer.paths[name] == "direction (formed in the backward pass)"
+    directions = {name: p.grad.clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), before[name] - LR * directions[name], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("options", [dict(estimate="batch", update_interval=3), dict(estimate="ema", update_interval=2),
+                                     dict(estimate="ema_inverse", update_interval=2, moment="covariance")])
+def test_between_refreshes_the_kept_operators_act_on_the_factors(options):
+    """Refreshed every K steps: between refreshes the fast path and grad='direction' apply the kept
+    operators to the factors, (P_out Rᵀ)(X P_in); the general path (fast_path=False) applies them to
+    .grad = Rᵀ X. Six steps of each agree; the fast path is taken (and logged in ``paths``) on the
+    layers with fewer samples than inputs and outputs, and a clipped gradient takes the general path."""
+    torch.manual_seed(5)
+    data = [(torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(6)]
+    models, paths = [], []
+    for settings in (dict(fast_path=False), dict(), dict(grad="direction")):
+        model = mlp()
+        optimizer = FrobeniusPreconditioner(model, lr=0.1, momentum=0.5, **settings, **options)
+        for x, y in data:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        models.append(model)
+        paths.append(optimizer.paths)
+    for general, *others in zip(*(model.parameters() for model in models)):
+        for other in others:
+            torch.testing.assert_close(other, general, rtol=1e-9, atol=1e-12)
+    assert paths[1]["0 (between refreshes)"] == paths[1]["2 (between refreshes)"] == "factors"
+    assert paths[1]["4 (between refreshes)"].startswith("general (at least as many samples")
+    assert paths[0]["0 (between refreshes)"] == "general (fast_path=False)"
+    model = mlp()
+    optimizer = FrobeniusPreconditioner(model, lr=0.1, **options)
+    for clip in (False, True):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(data[0][0]), data[0][1]).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        optimizer.step()
+    assert optimizer.paths["0 (between refreshes)"].startswith("general (.grad was changed")
+
+
+def test_between_refreshes_with_monte_carlo_labels_matches_the_general_path():
+    """Monte-Carlo labels are drawn on refresh steps only, also when the hooks keep the factors
+    between refreshes for the fast path: the same draws and the same steps as fast_path=False."""
+    torch.manual_seed(5)
+    data = [(torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(6)]
+    results = []
+    for fast_path in (False, True):
+        model = mlp()
+        optimizer = FrobeniusPreconditioner(model, lr=0.1, fast_path=fast_path, labels="sampled", estimate="ema",
+                                            update_interval=2, loss=nn.CrossEntropyLoss())
+        torch.manual_seed(0)
+        for x, y in data:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        results.append((model, optimizer.paths))
+    (general, _), (fast, paths) = results
+    assert paths["0 (between refreshes)"] == "factors"
+    for a, b in zip(fast.parameters(), general.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_direction_mode_clips_and_accumulates_directions_and_detaches():
+    """What grad='direction' means for the user: clipping acts on the direction, two backward
+    passes add their two directions (each with its own batch's statistics), remove_hooks() and a
+    deepcopy of the model give the plain forward again."""
+    torch.manual_seed(4)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    model = mlp()
+    optimizer = FrobeniusPreconditioner(model, lr=LR, grad="direction")
+    halves = []
+    for part in (slice(0, 3), slice(3, 8)):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[part]), y[part]).backward()
+        halves.append([p.grad.clone() for p in model.parameters()])
+    optimizer.zero_grad()
+    for part in (slice(0, 3), slice(3, 8)):
+        nn.functional.cross_entropy(model(x[part]), y[part]).backward()
+    for parameter, first, second in zip(model.parameters(), *halves):
+        torch.testing.assert_close(parameter.grad, first + second, rtol=1e-12, atol=1e-14)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    assert norm > 1e-3
+    clipped = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    for parameter, old, direction in zip(model.parameters(), before, clipped):
+        torch.testing.assert_close(parameter.detach(), old - LR * direction, rtol=0, atol=1e-15)
+    copied = copy.deepcopy(model)
+    copied.zero_grad()
+    nn.functional.cross_entropy(copied(x), y).backward()  # the copy computes plain gradients
+    plain = mlp()
+    plain.load_state_dict(copied.state_dict())
+    nn.functional.cross_entropy(plain(x), y).backward()
+    for a, b in zip(copied.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    unpickled = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(unpickled(x), plain(x), rtol=1e-12, atol=1e-14)
+    unpickled.zero_grad()
+    nn.functional.cross_entropy(unpickled(x), y).backward()  # plain gradients, no optimizer behind it
+    for a, b in zip(unpickled.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+    optimizer.remove_hooks()
+    assert all("forward" not in module.__dict__ for module in model.modules())
+
+
+@pytest.mark.parametrize("options", [dict(labels="sampled", loss=nn.CrossEntropyLoss()), dict(backend="backpack"),
+                                     dict(track_diagnostics=True), dict(grad="hessian")])
+def test_direction_mode_refuses_what_it_cannot_do(options):
+    options = {"grad": "direction", **options}
+    with pytest.raises(GraphgrowError):
+        FrobeniusPreconditioner(mlp(), **options)
+    convolution = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(GraphgrowError, match="nn.Linear layers only"):
+        FrobeniusPreconditioner(convolution, grad="direction")
 
 
 def fast_and_general_steps(modify, loss_term=None, set_to_none=True):
@@ -422,7 +571,8 @@ def test_momentum_and_decoupled_weight_decay_act_on_the_preconditioned_direction
         FrobeniusPreconditioner(mlp(), nesterov=True)
 
 
-@pytest.mark.parametrize("options", [dict(estimate="ema"), dict(estimate="batch"), dict(estimate="ema", momentum=0.5), dict(estimate="batch", momentum=0.5)])
+@pytest.mark.parametrize("options", [dict(estimate="ema"), dict(estimate="batch"), dict(estimate="ema", momentum=0.5),
+                                     dict(estimate="batch", momentum=0.5), dict(estimate="ema", grad="direction")])
 def test_state_dict_round_trip_continues_identically(options):
     """The statistics (averages, inverses, Woodbury samples) and momentum buffers are optimizer
     state: a run resumed from state_dict() between refreshes continues bit for bit."""

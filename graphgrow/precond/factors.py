@@ -55,9 +55,10 @@ def _spd_inverses(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     through the Schur complement with explicit block inverses was off by 4e-2."""
     cholesky, info = torch.linalg.cholesky_ex(matrices)
     failed = info != 0
-    # a partial factor would make cholesky_inverse raise; no synchronising check, the mask reports it
-    identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
-    return torch.cholesky_inverse(torch.where(failed[:, None, None], identity, cholesky)), failed
+    if failed.any():  # a partial factor would make cholesky_inverse raise
+        identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+        cholesky = torch.where(failed[:, None, None], identity, cholesky)
+    return torch.cholesky_inverse(cholesky), failed
 
 
 def _isotropic_start(covariance: torch.Tensor) -> torch.Tensor:

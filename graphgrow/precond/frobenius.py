@@ -12,11 +12,15 @@ covariance, on Y the damped covariance). Either side may instead be a user-given
 The statistics are captured by forward hooks and tensor hooks on the layer outputs (backend
 ``"hooks"``, which works on any module, residual graphs included) or read from BackPACK's
 Kronecker factors KFAC/KFLR (backend ``"backpack"``, second moments, graphs without branching).
+
+The optimizer class is here (options, step, momentum and weight decay); its parts are mixins by
+idea: ``recording.py`` (the hooks), ``estimates.py`` (statistics, damped inverses, the operator
+products), ``pushthrough.py`` (the fast path and when it is taken), ``direction.py`` (the opt-in
+``grad="direction"`` mode), ``factors.py`` (the per-layer records and the batched SPD inverses).
 """
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 
 import torch
@@ -24,9 +28,11 @@ from torch import nn
 
 from graphgrow.errors import GraphgrowError
 
-from .factors import (_conv_supported, _flat_inputs, _flat_output_grads, _inner_inverse64, _isotropic_start,
-                      _LayerRecord, _Pending, _spd_inverses, _weight_matrix)
-from .pushthrough import bias_gradient_matches, factored_direction, gradient_matches_factors
+from .estimates import _Estimates
+from .direction import _Direction
+from .factors import _conv_supported, _LayerRecord, _weight_matrix
+from .pushthrough import _PushThrough, bias_gradient_matches, factored_direction, operators_on_factors
+from .recording import _Recording
 
 _LOG = logging.getLogger(__name__)
 
@@ -34,10 +40,9 @@ MOMENTS = ("second", "covariance")
 LABEL_SOURCES = ("true", "sampled", "expected")
 ESTIMATES = ("batch", "ema", "ema_inverse")
 BACKENDS = ("hooks", "backpack")
-_MAX_DAMPING_RAISES = 12
 
 
-class FrobeniusPreconditioner(torch.optim.Optimizer):
+class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, _Direction, torch.optim.Optimizer):
     """SGD with the Frobenius-type layer-wise preconditioner (5.15) on every Linear/Conv2d layer.
 
     Use it like any optimizer: ``zero_grad()``, forward, ``loss.backward()``, ``step()``. The hooks
@@ -72,6 +77,10 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
             on refresh steps whose ``.grad`` is autograd's own; False: always the general path.
         momentum, nesterov: heavy-ball momentum on the preconditioned direction, as torch.optim.SGD's.
         weight_decay: decoupled weight decay, param ← (1 − lr·wd)·param before the step.
+        grad: ``"gradient"``: ``.grad`` holds autograd's gradient, which ``step()`` preconditions
+            (honouring changes made to it); ``"direction"``: each Linear's backward leaves the
+            preconditioned direction in ``.grad`` in place of the weight gradient (cheaper; clipping
+            and accumulation then act on directions; direction.py).
         track_diagnostics: record gradient norms (Euclidean and Frobenius-type) every step and the
             covariance spectra every ``spectrum_interval``-th refresh, in ``self.diagnostics`` (one
             dict per step: ``{layer: {"euclidean_norm", "frobenius_norm", "in_spectrum", "out_spectrum"}}``).
@@ -82,9 +91,11 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                  loss: nn.Module | None = None, mc_samples: int = 1, estimate: str = "batch",
                  update_interval: int = 1, woodbury="auto", inner_products: dict | None = None,
                  backend: str = "hooks", track_diagnostics: bool = False, spectrum_interval: int = 10,
-                 fast_path: bool = True, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+                 fast_path: bool = True, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 grad: str = "gradient"):
         self._check_options(moment, labels, loss, mc_samples, estimate, update_interval, woodbury, backend,
                             lr, damping_out, damping_in, beta)
+        self._check_grad_mode(grad, labels, backend, track_diagnostics)
         if momentum < 0 or weight_decay < 0 or (nesterov and momentum <= 0):
             raise GraphgrowError(f"need momentum >= 0 and weight_decay >= 0, and momentum > 0 for nesterov; got "
                                  f"momentum={momentum}, weight_decay={weight_decay}, nesterov={nesterov}")
@@ -95,7 +106,7 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         self.moment, self.labels, self.loss, self.mc_samples = moment, labels, loss, mc_samples
         self.estimate, self.update_interval, self.woodbury, self.backend = estimate, update_interval, woodbury, backend
         self.track_diagnostics, self.spectrum_interval = track_diagnostics, spectrum_interval
-        self.fast_path = fast_path
+        self.fast_path, self.grad = fast_path, grad
         self.paths: dict[str, str] = {}  # layer name: the path its last refresh step took
         self.diagnostics: list[dict] = []
         self._records = self._find_layers(model)
@@ -103,7 +114,9 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         self._sampling = False
         self._hook_handles = []
         self._layout = None
-        if backend == "hooks":
+        if grad == "direction":
+            self._install_direction_forwards()
+        elif backend == "hooks":
             self._install_hooks()
         else:
             self._check_backpack_model()
@@ -228,99 +241,6 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
             raise GraphgrowError("backpack_extensions() belongs to backend='backpack'")
         return [KFAC(mc_samples=self.mc_samples) if self.labels == "sampled" else KFLR()]
 
-    # ------------------------------------------------------------------------------------- hooks
-    def _install_hooks(self) -> None:
-        for record in self._records:
-            self._hook_handles.append(record.module.register_forward_hook(self._layer_hook(record)))
-            self._hook_handles.append(record.module.weight.register_post_accumulate_grad_hook(
-                self._accumulation_hook(record)))
-        if self.labels == "sampled":
-            # a plain closure, not a bound method: deepcopy of the model would copy a bound method's optimizer
-            def on_model_output(model, inputs, output):
-                self._on_model_output(model, inputs, output)
-            self._hook_handles.append(self.model.register_forward_hook(on_model_output))
-
-    def remove_hooks(self) -> None:
-        """Detach the optimizer from the model (it stops recording statistics)."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
-
-    def _refresh_due(self, record: _LayerRecord) -> bool:
-        return self.state[record.module.weight].get("step", 0) % self.update_interval == 0
-
-    def _layer_hook(self, record: _LayerRecord):
-        def hook(module, inputs, output):
-            # a deepcopy of the model carries this hook along; only the original layer may record
-            if module is not record.module or self._sampling or not torch.is_grad_enabled() \
-                    or not output.requires_grad or not self._refresh_due(record):
-                return
-            layer_input = inputs[0].detach()
-            if not record.inputs:
-                record.grad_was_none = module.weight.grad is None
-            record.inputs.append(_flat_inputs(module, layer_input))
-            batch_size = layer_input.shape[0]
-            if self.labels == "sampled":
-                record.outputs.append((output, batch_size))
-
-            def store_grad(grad):
-                if self._sampling:
-                    return
-                rows = _flat_output_grads(module, grad.detach(), batch_size)
-                if self.labels == "sampled":
-                    record.gradient_outputs.append(rows[0])
-                else:
-                    record.output_grads.append(rows)
-            output.register_hook(store_grad)
-        return hook
-
-    @staticmethod
-    def _accumulation_hook(record: _LayerRecord):
-        def hook(weight):
-            record.accumulated = (id(weight.grad), weight.grad._version)
-        return hook
-
-    def _on_model_output(self, model, inputs, output):
-        if model is not self.model or self._sampling or not torch.is_tensor(output) or not output.requires_grad:
-            return
-        live = [r for r in self._records if r.outputs]
-        if live:
-            output.register_hook(lambda grad: self._monte_carlo_backprop(output, live))
-
-    def _sample_output_grads(self, output: torch.Tensor) -> torch.Tensor:
-        """d loss(output, y~p(y|output)) / d output for labels drawn from the predictive distribution."""
-        logits = output.detach().requires_grad_(True)
-        with torch.no_grad():
-            if isinstance(self.loss, nn.CrossEntropyLoss):
-                class_dim = 1 if logits.dim() > 1 else 0
-                drawn = torch.distributions.Categorical(logits=logits.movedim(class_dim, -1)).sample()
-            else:
-                # MSELoss(mean) is the Gaussian negative log-likelihood with variance D/2 per datum
-                per_datum = logits[0].numel() if logits.dim() > 1 else 1
-                drawn = logits + math.sqrt(per_datum / 2) * torch.randn_like(logits)
-        with torch.enable_grad():
-            return torch.autograd.grad(self.loss(logits, drawn), logits)[0]
-
-    def _monte_carlo_backprop(self, output: torch.Tensor, live: list[_LayerRecord]) -> None:
-        # runs inside the main backward (re-entrantly) while the graph is still alive; the output's
-        # own hook fires again during the re-entrant pass and must not recurse
-        if self._sampling:
-            return
-        self._sampling = True
-        try:
-            for _ in range(self.mc_samples):
-                grads = torch.autograd.grad(output, [r.outputs[-1][0] for r in live],
-                                            grad_outputs=self._sample_output_grads(output),
-                                            retain_graph=True, allow_unused=True)
-                for record, grad in zip(live, grads):
-                    if grad is not None:
-                        batch_size = record.outputs[-1][1]
-                        record.output_grads.append(_flat_output_grads(record.module, grad, batch_size))
-        finally:
-            self._sampling = False
-            for record in live:
-                record.outputs.clear()
-
     # ---------------------------------------------------------------------------------- step
     def _layout_table(self):
         """(preconditioned layers as (index, record, group), plain parameters as (param, group)),
@@ -351,16 +271,21 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
             else:
                 active.append((index, record, group, self.state[record.module.weight]))
         refreshed = [layer for layer in active if layer[3].get("step", 0) % self.update_interval == 0]
+        if self.grad == "direction":  # the backward pass left the direction in .grad
+            refreshed = []
         self._refresh(refreshed, entry)
         refreshing = {id(layer[1]) for layer in refreshed}
         updates = []
         for index, record, group, state in active:
-            fast = False
-            if id(record) in refreshing:  # between refreshes the gradient is not that of the recorded samples
-                refusal = self._fast_path_refusal(index, record, state)
-                self._log_path(record, refusal)
-                fast = refusal is None
-            direction = self._precondition(state, record.module, record if fast else None)
+            if self.grad == "direction":
+                bias = record.module.bias
+                updates.append((index, record.module, group, state, state.get("step", 0), record.module.weight.grad,
+                                None if bias is None else bias.grad))
+                continue
+            refresh = id(record) in refreshing
+            refusal = self._fast_path_refusal(index, record, state, refresh)
+            self._log_path(record, refusal, refresh)
+            direction = self._precondition(state, record.module, None if refusal else record, refresh)
             record.clear()
             updates.append((index, record.module, group, state, state.get("step", 0)) + direction)
         self._check_finite(updates)
@@ -411,53 +336,31 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
                                      "overflowed)", node=self._records[update[0]].name,
                                      hint="training diverged; lower the learning rate")
 
-    def _fast_path_refusal(self, index: int, record: _LayerRecord, state: dict) -> str | None:
-        """Why this refresh step's weight direction cannot come from the gradient's factors
-        (pushthrough.py), or None when it can: the batch estimate of the hooks backend, and a
-        ``.grad`` that is exactly what autograd accumulated from the recorded passes."""
-        if not self.fast_path:
-            return "fast_path=False"
-        if self.backend != "hooks" or self.estimate != "batch" or index in self._inner_products:
-            return "the fast path needs batch estimates of the hooks backend on both sides"
-        if "out_operator" in state and "in_operator" in state:
-            return "both factors are dense (at least as many samples as features): P_out ∇W P_in is cheaper"
-        grad = record.module.weight.grad
-        if not record.grad_was_none:
-            return ".grad was not None before the step's first recorded pass (zero_grad(set_to_none=False), " \
-                   "or gradients accumulated across steps)"
-        if record.accumulated != (id(grad), grad._version):
-            return ".grad was changed after backward (clipping, weight decay added, ...)"
-        outputs = self._gradient_outputs(record)
-        if [len(x) for x in record.inputs] != [len(r) for r in outputs]:
-            return "the recorded forward passes and backward passes do not pair up"
-        if record.probes is None:
-            generator = torch.Generator(grad.device).manual_seed(0)  # private: the global RNG stays untouched
-            record.probes = tuple(torch.randn(size, generator=generator, dtype=grad.dtype, device=grad.device)
-                                  for size in _weight_matrix(grad).shape)
-        if not gradient_matches_factors(_weight_matrix(grad), record.inputs, outputs, record.probes):
-            return ".grad has a term that does not come through the layer's output (a penalty in the loss?)"
-        return None
+    def _log_path(self, record: _LayerRecord, refusal: str | None, refresh: bool) -> None:
+        """Log (INFO, logger graphgrow.precond.frobenius) when a layer's refresh steps, or its steps
+        between refreshes, change path; ``paths[name]`` / ``paths[name + " (between refreshes)"]``."""
+        key = record.name if refresh else f"{record.name} (between refreshes)"
+        path = f"general ({refusal})" if refusal else "push-through" if refresh else "factors"
+        if self.paths.get(key) != path:
+            _LOG.info("FrobeniusPreconditioner: layer '%s' takes the %s path%s", record.name, path,
+                      "" if refresh else " between refreshes")
+        self.paths[key] = path
 
-    def _gradient_outputs(self, record: _LayerRecord) -> list:
-        return record.gradient_outputs if self.labels == "sampled" else [grad for grad, _ in record.output_grads]
-
-    def _log_path(self, record: _LayerRecord, refusal: str | None) -> None:
-        """Log (INFO, logger graphgrow.precond.frobenius) when a layer's refresh steps change path."""
-        path = "push-through" if refusal is None else f"general ({refusal})"
-        if self.paths.get(record.name) != path:
-            _LOG.info("FrobeniusPreconditioner: layer '%s' takes the %s path", record.name, path)
-        self.paths[record.name] = path
-
-    def _precondition(self, state: dict, module: nn.Module, record: _LayerRecord | None = None):
+    def _precondition(self, state: dict, module: nn.Module, record: _LayerRecord | None = None,
+                      refresh: bool = True):
         """P_out ∇W P_in and P_out ∇b from the current factors (5.15, Remark 5.3); the weight's
-        from the gradient's factors of ``record`` if given (the fast path)."""
+        from the gradient's factors of ``record`` if given (the fast path: on a refresh step from
+        the statistics of these factors, between refreshes with the kept operators)."""
         bias_grad = None if module.bias is None else module.bias.grad
         if record is not None:
             outputs = self._gradient_outputs(record)
-            factors = [factor for _, factor in record.output_grads] \
-                if self.labels == "true" and self.moment == "second" else None
-            direction, bias_direction = factored_direction(state, record.inputs, outputs, factors,
-                                                           self.moment == "covariance", self._apply)
+            if refresh:
+                factors = [factor for _, factor in record.output_grads] \
+                    if self.labels == "true" and self.moment == "second" else None
+                direction, bias_direction = factored_direction(state, record.inputs, outputs, factors,
+                                                               self.moment == "covariance", self._apply)
+            else:
+                direction, bias_direction = operators_on_factors(state, record.inputs, outputs, self._apply)
             if bias_grad is None:
                 bias_direction = None
             elif not bias_gradient_matches(bias_grad, outputs):
@@ -470,201 +373,3 @@ class FrobeniusPreconditioner(torch.optim.Optimizer):
         direction = self._apply(state, "out", grad, from_left=True)
         direction = self._apply(state, "in", direction, from_left=False)
         return direction.reshape(module.weight.shape), bias_direction
-
-    @staticmethod
-    def _apply(state: dict, side: str, matrix: torch.Tensor, from_left: bool) -> torch.Tensor:
-        """Multiply by the side's operator (from the left for 'out', from the right for 'in')."""
-        if f"{side}_operator" in state:
-            operator = state[f"{side}_operator"]
-            return operator @ matrix if from_left else matrix @ operator
-        # Woodbury with the unscaled samples S (C = s·SᵀS): (γI + C)⁻¹ M = (M − Sᵀ (γ/s·I + SSᵀ)⁻¹ S M) / γ.
-        # The small inner inverse is explicit because one matmul with it is cheaper than
-        # cholesky_solve's two triangular solves at these sizes
-        samples, inner_inverse, damping = state[f"{side}_basis"], state[f"{side}_inner_inverse"], state[f"{side}_damping"]
-        dtype = matrix.dtype
-        if dtype != torch.float64:
-            # the difference cancels: where M lies in the span of S it is about M/λ, the terms M/γ, so
-            # in float32 it lost up to 3e-3 (MNIST inputs, γ = 1e-3); in float64, and the inner
-            # inverse redone in float64 once per refresh
-            samples, matrix, inner_inverse = samples.double(), matrix.double(), _inner_inverse64(state, side)
-        # addmm fuses the subtraction and the division into the last product (no temporaries of M's size)
-        if from_left:
-            result = torch.addmm(matrix, samples.T, inner_inverse @ (samples @ matrix), beta=1 / damping,
-                                 alpha=-1 / damping)
-        else:
-            result = torch.addmm(matrix, (matrix @ samples.T) @ inner_inverse, samples, beta=1 / damping,
-                                 alpha=-1 / damping)
-        return result.to(dtype)
-
-    # ------------------------------------------------------------------------------- refresh
-    def _samples(self, record: _LayerRecord, side: str) -> tuple:
-        """(S, s): the recorded samples as rows and the scale of the estimate s·SᵀS."""
-        if side == "in":
-            chunks = [(chunk, 1) for chunk in record.inputs]
-        else:
-            chunks = record.output_grads
-        if not chunks:
-            raise GraphgrowError(f"no recorded {'layer inputs' if side == 'in' else 'pre-activation gradients'} "
-                                 "for a refresh step", node=record.name,
-                                 hint="run forward and backward of the model the optimizer was built with "
-                                      "(with gradients enabled) before step()")
-        if len(chunks) == 1:
-            (samples, factor), = chunks
-            return samples, factor * factor / samples.shape[0]
-        samples = torch.cat([chunk * factor for chunk, factor in chunks])
-        return samples, 1.0 / samples.shape[0]
-
-    def _backpack_second_moment(self, record: _LayerRecord, side: str) -> torch.Tensor:
-        savefield = "kfac" if self.labels == "sampled" else "kflr"
-        factors = getattr(record.module.weight, savefield, None)
-        if factors is None:
-            raise GraphgrowError(f"no BackPACK '{savefield}' factors on the layer", node=record.name,
-                                 hint="run loss.backward() inside `with backpack(*optimizer.backpack_extensions())`")
-        return factors[0] if side == "out" else factors[1]
-
-    def _refresh(self, due: list, entry) -> None:
-        """Take this step's statistics of the ``due`` layers ((index, record, group, state)) and
-        rebuild both factors of each (or keep a user inner product). All damped estimates are
-        factorised and inverted together, one batched LAPACK call per matrix size: a step needs
-        several small inverses and their per-call overhead is a large part of its cost."""
-        pending, spectra = [], []
-        for index, record, group, state in due:
-            for side, damping in (("out", group["damping_out"]), ("in", group["damping_in"])):
-                user = self._inner_products.get(index, {}).get("input" if side == "in" else "output")
-                if user is not None:
-                    state[f"{side}_operator"] = user
-                    continue
-                samples, scale, covariance = None, 1.0, None
-                if self.backend == "backpack":
-                    covariance = self._backpack_second_moment(record, side)
-                else:
-                    # the estimate is scale·SᵀS; the scale is folded into later products (no copy of S)
-                    samples, scale = self._samples(record, side)
-                    if self.moment == "covariance":
-                        samples = samples - samples.mean(0, keepdim=True)
-                refreshes = state.get("step", 0) // self.update_interval
-                if entry is not None and refreshes % self.spectrum_interval == 0:
-                    # eigenvalues of wide estimates are expensive, so only every spectrum_interval-th refresh
-                    spectra.append((record.name, side, samples, scale, covariance))
-                low_rank = samples is not None and self.estimate == "batch" and damping > 0 and (
-                    self.woodbury is True or (self.woodbury == "auto" and samples.shape[0] < samples.shape[1]))
-                if low_rank:
-                    # inner matrix γ/s·I + SSᵀ: the Woodbury identity for γI + s·SᵀS without scaling S
-                    pending.append(_Pending(record, state, side, samples @ samples.T, damping / scale, True,
-                                            samples=samples, scale=scale))
-                    continue
-                fresh = covariance is None
-                if fresh:
-                    covariance = (samples.T @ samples).mul_(scale)
-                # a first estimate of fewer samples than features (or of unknown rank: BackPACK's) is
-                # rank deficient: the averages then start from τ·I; a full-rank one starts them itself
-                deficient = samples is None or samples.shape[0] < samples.shape[1]
-                if self.estimate == "ema":
-                    # lerp: one new matrix, (1 − β)·A + β·C; not in place, as a loaded state_dict may share tensors
-                    previous = state.get(f"{side}_average")
-                    if previous is None and deficient:
-                        previous = _isotropic_start(covariance)
-                    if previous is not None:
-                        covariance = torch.lerp(previous, covariance, group["beta"])
-                    state[f"{side}_average"] = covariance
-                    fresh = False
-                elif self.estimate == "ema_inverse" and f"{side}_operator" not in state and deficient:
-                    start = _isotropic_start(covariance)
-                    start.diagonal().add_(damping)
-                    state[f"{side}_operator"] = torch.cholesky_inverse(torch.linalg.cholesky(start))
-                pending.append(_Pending(record, state, side, covariance, damping, fresh, beta=group["beta"]))
-        by_size = {}
-        for item in pending:
-            by_size.setdefault((item.matrix.shape, item.matrix.dtype, item.matrix.device), []).append(item)
-        for items in by_size.values():
-            for item, inverse in zip(items, self._damped_inverses(items)):
-                self._store(item, inverse)
-        # after the factorisations, which raise a GraphgrowError on non-finite statistics first
-        for name, side, samples, scale, covariance in spectra:
-            entry.setdefault(name, {})[f"{side}_spectrum"] = self._spectrum(samples, scale, covariance)
-
-    def _damped_inverses(self, items: list) -> list:
-        """(matrix + damping·I)⁻¹ of every pending item, batched; an item whose damped matrix is
-        not positive definite is redone alone with raised damping (and its ``damping`` updated)."""
-        if len(items) == 1 and items[0].fresh:
-            stacked = items[0].matrix.unsqueeze(0)  # nobody else holds it: damp in place
-        else:
-            stacked = torch.stack([item.matrix for item in items])  # a copy, so damping in place is safe
-        # add to the diagonals in place: cheaper than adding damping·eye (no second dense matrix)
-        stacked.diagonal(dim1=-2, dim2=-1).add_(torch.tensor([[item.damping] for item in items],
-                                                              dtype=stacked.dtype, device=stacked.device))
-        inverses, failed = _spd_inverses(stacked)
-        if failed.any():  # one synchronising check for the batch; diagnosis only on failure
-            for position in failed.nonzero().flatten().tolist():
-                item = items[position]
-                undamped = stacked[position].clone()
-                undamped.diagonal().sub_(item.damping)
-                inverses[position], item.damping = self._raised_damping_inverse(item.record, item.side, undamped,
-                                                                                item.damping, item.scale)
-        return inverses.unbind()
-
-    def _raised_damping_inverse(self, record, side, matrix, damping, scale: float = 1.0):
-        """(inverse of matrix + raised damping·I, raised damping), raising the damping until the
-        damped matrix is positive definite (the batched attempt at ``damping`` has failed already).
-        ``matrix`` is the estimate divided by ``scale`` (the Woodbury inner matrix), so the damping the
-        user set is ``damping·scale``."""
-        if not torch.isfinite(matrix).all():
-            raise GraphgrowError(f"non-finite {'input' if side == 'in' else 'pre-activation gradient'} "
-                                 "statistics", node=record.name, hint="training diverged; lower the learning rate")
-        for _ in range(_MAX_DAMPING_RAISES):
-            raised = max(10.0 * damping, 1e-7 * (float(matrix.diagonal().abs().mean()) or 1.0))
-            warnings.warn(f"FrobeniusPreconditioner: layer '{record.name}' ({side} side): damped estimate not "
-                          f"positive definite at damping {damping * scale:.3g}; raising it to {raised * scale:.3g}",
-                          stacklevel=5)
-            damping = raised
-            damped = matrix.clone()
-            damped.diagonal().add_(damping)
-            inverse, failed = _spd_inverses(damped.unsqueeze(0))
-            if not failed.item():
-                return inverse[0], damping
-        raise GraphgrowError("could not make the damped estimate positive definite", node=record.name,
-                             hint="the statistics are degenerate; raise damping_in/damping_out")
-
-    def _store(self, item: "_Pending", inverse: torch.Tensor) -> None:
-        state, side = item.state, item.side
-        if item.samples is not None:
-            state.pop(f"{side}_operator", None)
-            state.pop(f"{side}_average", None)
-            state.pop(f"{side}_inner_inverse64", None)
-            state[f"{side}_basis"], state[f"{side}_inner_inverse"] = item.samples, inverse
-            state[f"{side}_damping"] = float(item.damping * item.scale)
-            state[f"{side}_inner_damping"] = float(item.damping)
-            return
-        for key in ("basis", "inner_inverse", "damping", "inner_damping", "inner_inverse64"):
-            state.pop(f"{side}_{key}", None)
-        previous = state.get(f"{side}_operator")
-        if self.estimate == "ema_inverse" and previous is not None:
-            inverse = torch.lerp(previous, inverse, item.beta)
-        state[f"{side}_operator"] = inverse
-
-    # --------------------------------------------------------------------------- diagnostics
-    @staticmethod
-    def _spectrum(samples, scale, covariance) -> torch.Tensor:
-        """Eigenvalues of the (undamped) estimate, descending; from the small Gram matrix if low rank.
-        In float64: single-precision eigvalsh can fail to converge on the badly conditioned
-        estimates met in training."""
-        if covariance is None:
-            samples = samples.double()
-            if samples.shape[0] < samples.shape[1]:
-                eigenvalues = torch.linalg.eigvalsh(samples @ samples.T) * scale
-                eigenvalues = torch.cat([eigenvalues, eigenvalues.new_zeros(samples.shape[1] - samples.shape[0])])
-            else:
-                eigenvalues = torch.linalg.eigvalsh(samples.T @ samples * scale)
-        else:
-            eigenvalues = torch.linalg.eigvalsh(covariance.double())
-        return eigenvalues.flip(0).clamp_min(0).float().cpu()
-
-    @staticmethod
-    def _norms(module, weight_direction, bias_direction) -> dict:
-        """Euclidean gradient norm and Frobenius-type norm sqrt(<∇f, P∇f>) (B.4)."""
-        euclidean = module.weight.grad.pow(2).sum()
-        frobenius = (module.weight.grad * weight_direction).sum()
-        if bias_direction is not None:
-            euclidean = euclidean + module.bias.grad.pow(2).sum()
-            frobenius = frobenius + (module.bias.grad * bias_direction).sum()
-        return {"euclidean_norm": float(euclidean.sqrt()), "frobenius_norm": float(frobenius.clamp_min(0).sqrt())}

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from .factors import _LayerRecord, _weight_matrix
+
 
 def _cat(chunks: list) -> torch.Tensor:
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
@@ -96,3 +98,58 @@ def factored_direction(state: dict, inputs: list, output_grads: list, output_fac
         mean = _cat(inputs).mean(0, keepdim=True)
         direction.addmm_(bias_direction.unsqueeze(1), apply(state, "in", mean, from_left=False))
     return direction, bias_direction
+
+
+def operators_on_factors(state: dict, inputs: list, output_grads: list, apply) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_out Rᵀ)(X P_in) and P_out Rᵀ 1 for G = Σ_c R_cᵀ X_c = Rᵀ X (the passes stacked) with the
+    operators kept from the last refresh (between refreshes, when they do not come from these
+    factors): one out x B x in product besides the operators acting on the B-row factors, where
+    P_out G P_in acts on out x in matrices."""
+    layer_inputs, outer = _cat(inputs), apply(state, "out", _cat(output_grads).T, from_left=True)  # P_out Rᵀ
+    if layer_inputs.shape[0] <= outer.shape[0]:  # the cheaper order
+        direction = outer @ apply(state, "in", layer_inputs, from_left=False)
+    else:
+        direction = apply(state, "in", outer @ layer_inputs, from_left=False)
+    return direction, outer.sum(1)
+
+
+class _PushThrough:
+    """Mixin of FrobeniusPreconditioner: when a layer's refresh step may take the fast path."""
+
+    def _fast_path_refusal(self, index: int, record: _LayerRecord, state: dict, refreshing: bool) -> str | None:
+        """Why this step's weight direction cannot come from the gradient's factors (pushthrough.py),
+        or None when it can: on a refresh step the batch estimate of the hooks backend, between
+        refreshes a layer with fewer samples than inputs and outputs; and a ``.grad`` that is
+        exactly what autograd accumulated from the recorded passes."""
+        if not self.fast_path:
+            return "fast_path=False"
+        if self.backend != "hooks":
+            return "the fast path needs the hooks backend"
+        if not record.inputs:
+            return "no passes recorded since the last step"
+        if refreshing:
+            if self.estimate != "batch" or index in self._inner_products:
+                return "the fast path needs batch estimates of the hooks backend on both sides"
+            if "out_operator" in state and "in_operator" in state:
+                return "both factors are dense (at least as many samples as features): P_out ∇W P_in is cheaper"
+        elif sum(len(x) for x in record.inputs) >= min(_weight_matrix(record.module.weight).shape):
+            return "at least as many samples as inputs or outputs: P_out ∇W P_in is cheaper"
+        grad = record.module.weight.grad
+        if not record.grad_was_none:
+            return ".grad was not None before the step's first recorded pass (zero_grad(set_to_none=False), " \
+                   "or gradients accumulated across steps)"
+        if record.accumulated != (id(grad), grad._version):
+            return ".grad was changed after backward (clipping, weight decay added, ...)"
+        outputs = self._gradient_outputs(record)
+        if [len(x) for x in record.inputs] != [len(r) for r in outputs]:
+            return "the recorded forward passes and backward passes do not pair up"
+        if record.probes is None:
+            generator = torch.Generator(grad.device).manual_seed(0)  # private: the global RNG stays untouched
+            record.probes = tuple(torch.randn(size, generator=generator, dtype=grad.dtype, device=grad.device)
+                                  for size in _weight_matrix(grad).shape)
+        if not gradient_matches_factors(_weight_matrix(grad), record.inputs, outputs, record.probes):
+            return ".grad has a term that does not come through the layer's output (a penalty in the loss?)"
+        return None
+
+    def _gradient_outputs(self, record: _LayerRecord) -> list:
+        return record.gradient_outputs if self.labels == "sampled" else [grad for grad, _ in record.output_grads]

@@ -121,3 +121,44 @@ def update_radius(radius: float, rho: float, step_norm: float, *, eta1: float = 
     if rho >= eta2 and step_norm >= boundary * radius:
         return min(grow * radius, radius_max)
     return radius
+
+
+def regularised_gauss_newton_step(g: torch.Tensor, hvp: HVP, lam: float, *, max_iterations: int = 25,
+                                  rtol: float = 1e-2) -> Step:
+    """The Levenberg-Marquardt step: conjugate gradients on (H + lam I) s = -g from s = 0 (H a
+    positive semidefinite Gauss-Newton matrix given by products), stopped when the residual is at
+    most rtol ||g|| or after max_iterations. ``Hs`` is (H + lam I) s and ``predicted`` the
+    reduction of the regularised model m(s) = <g, s> + 1/2 <s, H s> + lam/2 ||s||^2; CG from zero
+    decreases m at every iteration, so it is positive for g != 0."""
+    s, As = torch.zeros_like(g), torch.zeros_like(g)
+    residual = -g
+    direction = residual.clone()
+    rr = float(residual @ residual)
+    target = (rtol * float(torch.linalg.vector_norm(g))) ** 2
+    hvps = 0
+    for _ in range(max_iterations):
+        if rr <= target or rr == 0.0:
+            break
+        Ad = hvp(direction) + lam * direction
+        hvps += 1
+        curvature = float(direction @ Ad)
+        if not curvature > 0.0:
+            break
+        alpha = rr / curvature
+        s, As = s + alpha * direction, As + alpha * Ad
+        residual = residual - alpha * Ad
+        rr, previous = float(residual @ residual), rr
+        direction = residual + (rr / previous) * direction
+    return Step(s, As, -float(g @ s + 0.5 * (s @ As)), hvps, hvps)
+
+
+def update_lambda(lam: float, rho: float, *, eta1: float = 0.05, eta2: float = 0.9, shrink: float = 0.25,
+                  grow: float = 2.0, lam_min: float = 1e-12) -> float:
+    """The trust-region-style Levenberg-Marquardt update, the radius rule mirrored (lam acts like
+    1 / radius): lam / shrink on rejection (rho < eta1), lam / grow (at least lam_min) on very good
+    steps (rho >= eta2), unchanged otherwise."""
+    if rho < eta1:
+        return lam / shrink
+    if rho >= eta2:
+        return max(lam / grow, lam_min)
+    return lam

@@ -246,7 +246,7 @@ def cmd_rmntr(opts) -> None:
     options = {"spec": opts.spec, "data": opts.data, "hierarchy": opts.hierarchy, "levels": opts.levels,
                "beta": opts.beta, "l1": l1, "gtol": opts.gtol, "max_iterations": opts.max_iterations,
                "loss": opts.loss, "warmup": opts.warmup, "warmup_lr": opts.warmup_lr, "model": opts.model,
-               "pairing": opts.pairing, "seed": opts.seed, "out": opts.out, "radius": opts.radius,
+               "pairing": opts.pairing, "coarse_scaling": opts.coarse_scaling, "seed": opts.seed, "out": opts.out, "radius": opts.radius,
                "kappa_h": opts.kappa_h, "coarse_iterations": opts.coarse_iterations,
                "spg_iterations": opts.spg_iterations, "lm_lambda": opts.lm_lambda,
                "checkpoint_every": opts.checkpoint_every}

@@ -55,6 +55,9 @@ def _add_rmntr_parser(commands) -> None:
     rmntr.add_argument("--lm-lambda", type=float, default=1.0, help="initial lambda of --model levenberg-marquardt")
     rmntr.add_argument("--pairing", default="adjacent", choices=("adjacent", "gradient"),
                        help="width: pair adjacent units or the most strongly connected ones (residual gradients)")
+    rmntr.add_argument("--coarse-scaling", default="orthonormal", choices=("orthonormal", "average"),
+                       help="width: coarse networks evaluate orthonormal coordinates, or average-scaled weights "
+                            "(function-preserving for equal pairs)")
     rmntr.add_argument("--warmup", type=int, default=0, help="Adam steps on f before the method")
     rmntr.add_argument("--warmup-lr", type=float, default=1e-2)
     rmntr.add_argument("--loss", default="cross_entropy", help="for data sets: cross_entropy or mse")

@@ -84,7 +84,7 @@ def sparsity(x: torch.Tensor, weight: torch.Tensor) -> float:
 
 def run(spec=None, data="pinn", *, hierarchy: str = "width", levels: int = 2, beta: float = 1e-4, l1="weights",
         gtol: float = 1e-4, max_iterations: int = 200, loss: str = "cross_entropy", warmup: int = 0,
-        warmup_lr: float = 1e-2, model: str = "hessian", pairing: str = "adjacent",
+        warmup_lr: float = 1e-2, model: str = "hessian", pairing: str = "adjacent", coarse_scaling: str = "orthonormal",
         dtype: torch.dtype | str = torch.float64, seed: int = 0, out=None, progress: bool = False, export: bool = True,
         hierarchy_options: dict | None = None, checkpoint_every: int | None = None, resume=None, **config) -> RMNTRRun:
     """Minimise f + beta ||.||_1 for the network ``spec`` on ``data`` with RMNTR on a ``levels``-level
@@ -94,7 +94,8 @@ def run(spec=None, data="pinn", *, hierarchy: str = "width", levels: int = 2, be
     ``model='levenberg-marquardt'`` is the smooth member (beta = 0): Gauss-Newton products,
     regularised steps lam/2 ||s||^2 with the trust-region-style lam update instead of a radius.
     ``pairing='gradient'`` pairs the most strongly connected units (residual gradients) instead
-    of adjacent ones. ``config`` sets :class:`RMNTRConfig` fields (radius, lm_lambda, kappa_h,
+    of adjacent ones; ``coarse_scaling='average'`` lets the coarse networks evaluate average-scaled
+    weights (function-preserving for pairs of equal units, ``levels.average_scales``). ``config`` sets :class:`RMNTRConfig` fields (radius, lm_lambda, kappa_h,
     coarse_iterations, spg_iterations, ...). With ``out`` the run directory gets log.jsonl (every
     step on every level), summary.json, final.yaml + .pt, model.pt2, progress.png, sparsity.png
     and checkpoints/ (every ``checkpoint_every`` finest-level iterations, default every one, and at SIGINT/SIGTERM,
@@ -137,7 +138,7 @@ def _run(network, o: dict, spec_name: str, out, progress: bool, checkpoint=None)
         fine = build_levels(network, problem, hierarchy, 1)[0]
         fine.vector.load(network, adam_warmup(fine.objective, fine.vector.of(network), o["warmup"], o["warmup_lr"]))
     start_weights = {name: value.detach().clone() for name, value in network.state().items()}
-    built = build_levels(network, problem, hierarchy, o["levels"], model, o["pairing"],
+    built = build_levels(network, problem, hierarchy, o["levels"], model, o["pairing"], o["coarse_scaling"],
                          **(o["hierarchy_options"] or {}))
     bar = None
     if progress:
@@ -153,6 +154,7 @@ def _run(network, o: dict, spec_name: str, out, progress: bool, checkpoint=None)
         if checkpoint is None:
             log.log("start", config=settings.to_dict(), hierarchy=hierarchy, levels=[lv.name for lv in built],
                     costs=[lv.cost for lv in built], model=o["model"], pairing=o["pairing"],
+                    coarse_scaling=o["coarse_scaling"],
                     network=network.graph.name, data=str(data), beta=beta,
                     l1=l1 if isinstance(l1, str) else list(l1), warmup=o["warmup"], seed=seed)
         else:
@@ -212,4 +214,4 @@ def _run(network, o: dict, spec_name: str, out, progress: bool, checkpoint=None)
 
 #: run's own keywords; every other one is an RMNTRConfig field
 RUN_OPTIONS = {"data", "hierarchy", "levels", "beta", "l1", "gtol", "max_iterations", "loss", "warmup", "warmup_lr",
-               "model", "pairing", "dtype", "seed", "export", "hierarchy_options", "checkpoint_every"}
+               "model", "pairing", "coarse_scaling", "dtype", "seed", "export", "hierarchy_options", "checkpoint_every"}

@@ -26,6 +26,7 @@ SPEC = ROOT / "specs" / "pinn_60.yaml"
 COMMON = dict(gtol=1e-4, warmup=200, max_iterations=10 ** 6, export=False)
 CONTENDERS = {   # in the order they run
     "tr2-average": dict(levels=2, beta=1e-4, coarse_scaling="average"),
+    "tr2-rescaled": dict(levels=2, beta=1e-4, rescale_coarse_steps=True),
     "tr1": dict(levels=1, beta=1e-4),
     "tr2": dict(levels=2, beta=1e-4),
     "lm1": dict(levels=1, beta=0.0, model="levenberg-marquardt"),

@@ -249,6 +249,7 @@ def cmd_rmntr(opts) -> None:
                "pairing": opts.pairing, "coarse_scaling": opts.coarse_scaling, "seed": opts.seed, "out": opts.out, "radius": opts.radius,
                "kappa_h": opts.kappa_h, "coarse_iterations": opts.coarse_iterations,
                "spg_iterations": opts.spg_iterations, "lm_lambda": opts.lm_lambda,
+               "rescale_coarse_steps": opts.rescale_coarse_steps,
                "checkpoint_every": opts.checkpoint_every}
     result = run(**_checked(_resume_options(opts, options, {})), progress=not opts.quiet)
     final = result.summary["final"]

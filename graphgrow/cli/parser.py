@@ -52,6 +52,8 @@ def _add_rmntr_parser(commands) -> None:
     rmntr.add_argument("--model", default="hessian", choices=("hessian", "gauss-newton", "levenberg-marquardt"),
                        help="curvature of the Taylor models (gauss-newton: least-squares losses such as the PINN); "
                             "levenberg-marquardt: the smooth member (beta 0), lambda updates instead of a radius")
+    rmntr.add_argument("--rescale-coarse-steps", action="store_true",
+                       help="length and predicted reduction of a recursive step from the fine model along it (one HVP)")
     rmntr.add_argument("--lm-lambda", type=float, default=1.0, help="initial lambda of --model levenberg-marquardt")
     rmntr.add_argument("--pairing", default="adjacent", choices=("adjacent", "gradient"),
                        help="width: pair adjacent units or the most strongly connected ones (residual gradients)")

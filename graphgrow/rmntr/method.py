@@ -35,8 +35,8 @@ import torch
 from ..errors import GraphgrowError
 from .levels import Level, Linearisation
 from .prox import L1Term, snap_zeros, stationarity
-from .subproblem import (Step, cauchy_point, reduction_ratio, regularised_gauss_newton_step, spectral_prox_gradient,
-                         update_lambda, update_radius)
+from .subproblem import (Step, cauchy_point, reduction_ratio, regularised_gauss_newton_step, rescaled_step,
+                         spectral_prox_gradient, update_lambda, update_radius)
 
 GLOBALISATIONS = ("trust-region", "levenberg-marquardt")
 
@@ -69,6 +69,8 @@ class RMNTRConfig:
     lm_lambda: float = 1.0
     lm_lambda_min: float = 1e-12
     lm_lambda_max: float = 1e12
+    # a recursive step's length and predicted reduction from the fine Taylor model along it (one HVP)
+    rescale_coarse_steps: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +129,9 @@ class TrustRegion:
         return spectral_prox_gradient(x, lin.gradient, lin.hvp, phi, available, gcp, t,
                                       max_iterations=cfg.spg_iterations, rtol=cfg.spg_rtol, h0=h)
 
+    def model_hvp(self, lin: Linearisation, radius: float):
+        return lin.hvp
+
     def update(self, radius: float, available: float, rho: float, step_norm: float) -> float:
         cfg = self.config
         new_radius = update_radius(available, rho, step_norm, eta1=cfg.eta1, eta2=cfg.eta2, shrink=cfg.shrink,
@@ -158,6 +163,9 @@ class LevenbergMarquardt(TrustRegion):
     def taylor_step(self, x, lin: Linearisation, phi: L1Term, lam: float, h: float) -> Step:
         return regularised_gauss_newton_step(lin.gradient, lin.hvp, lam, max_iterations=self.config.spg_iterations,
                                              rtol=self.config.spg_rtol)
+
+    def model_hvp(self, lin: Linearisation, lam: float):
+        return lambda v: lin.hvp(v) + lam * v
 
     def update(self, lam: float, available: float, rho: float, step_norm: float) -> float:
         cfg = self.config
@@ -289,6 +297,8 @@ class RMNTR:
                 step, coarse = self._recursive_step(level, x, lin, phi, h, available)
                 if step is not None:
                     kind = "recursive"
+                    if cfg.rescale_coarse_steps:
+                        step = rescaled_step(x, lin.gradient, rule.model_hvp(lin, available), phi, step.s)
                 elif coarse is not None:
                     recursion_failed = True   # the coarse solve accepted nothing: a Taylor step now
             if step is None:

@@ -162,3 +162,18 @@ def update_lambda(lam: float, rho: float, *, eta1: float = 0.05, eta2: float = 0
     if rho >= eta2:
         return max(lam / grow, lam_min)
     return lam
+
+
+def rescaled_step(x: torch.Tensor, g: torch.Tensor, hvp: HVP, phi: L1Term, s: torch.Tensor) -> Step:
+    """alpha s with the alpha in [0, 1] that minimises the fine Taylor model's quadratic plus the
+    convex-combination bound of phi along s (one HVP); its predicted reduction is that of the fine
+    model m(alpha s), never less than the bound's. Used for recursive steps, whose direction comes
+    from the coarse model but whose length and prediction then come from the fine one."""
+    Hs = hvp(s)
+    linear = float(g @ s) + phi.change(x, s)
+    curvature = float(s @ Hs)
+    alpha = 1.0 if curvature <= 0 else min(1.0, max(0.0, -linear / curvature))
+    if linear >= 0:
+        alpha = 0.0
+    s, Hs = alpha * s, alpha * Hs
+    return Step(s, Hs, -model_value(g, s, Hs, phi, x), 1, 0)

@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "pinn_60.yaml"
+AT = (1000.0, 2500.0)   # the table also gives F and h at these work budgets
 COMMON = dict(gtol=1e-4, warmup=200, max_iterations=10 ** 6, export=False)
 CONTENDERS = {   # in the order they run
     "tr2-average": dict(levels=2, beta=1e-4, coarse_scaling="average"),
@@ -75,7 +76,9 @@ def row(name: str, records: list[dict]) -> dict:
             "l2_error": end.get("l2_error") if end else None,
             "coarse": (sum(r["kind"] == "recursive" for r in steps),
                        sum(r["kind"] == "recursive" and r["accepted"] for r in steps)),
-            "median_rho_coarse": statistics.median(rho) if rho else None, "work_to": first}
+            "median_rho_coarse": statistics.median(rho) if rho else None, "work_to": first,
+            "at": {w: next(((r["F"], r["h"]) for r in reversed(steps) if r["work"] <= w), None)
+                   if last["work"] >= w else None for w in AT}}
 
 
 def table(root: Path, plots: Path | None) -> None:
@@ -89,12 +92,13 @@ def table(root: Path, plots: Path | None) -> None:
                 logs[name] = records
     fmt = lambda v: "–" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))   # noqa: E731
     print("| run | iterations | reason | work | fine work | F | h | L2 error | coarse tried / accepted | "
-          "median ρ coarse | work to h ≤ 1e-2 | 1e-3 | 1e-4 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "median ρ coarse | work to h ≤ 1e-2 | 1e-3 | 1e-4 | " + " | ".join(f"F, h at work {w:g}" for w in AT) + " |")
+    print("|---" * (13 + len(AT)) + "|")
     for r in rows:
         print(f"| {r['name']} | {r['iterations']} | {r['reason']} | {fmt(r['work'])} | {fmt(r['fine_work'])} | "
               f"{fmt(r['F'])} | {fmt(r['h'])} | {fmt(r['l2_error'])} | {r['coarse'][0]} / {r['coarse'][1]} | "
-              f"{fmt(r['median_rho_coarse'])} | " + " | ".join(fmt(v) for v in r["work_to"].values()) + " |")
+              f"{fmt(r['median_rho_coarse'])} | " + " | ".join(fmt(v) for v in r["work_to"].values()) + " | "
+              + " | ".join("–" if v is None else f"{v[0]:.3g}, {v[1]:.2g}" for v in r["at"].values()) + " |")
     if plots is not None:
         from graphgrow.rmntr.plots import plot_progress
         for group in ("tr", "lm"):

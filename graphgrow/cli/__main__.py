@@ -1,0 +1,6 @@
+"""python -m graphgrow.cli: the command line (subprocess tests and job scripts use it)."""
+import sys
+
+from . import main
+
+sys.exit(main())

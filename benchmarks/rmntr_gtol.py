@@ -33,6 +33,8 @@ CONTENDERS = {   # in the order they run
     "lm1": dict(levels=1, beta=0.0, model="levenberg-marquardt"),
     "lm2": dict(levels=2, beta=0.0, model="levenberg-marquardt"),
     "tr2-gradient": dict(levels=2, beta=1e-4, pairing="gradient"),
+    "gn1": dict(levels=1, beta=1e-4, model="gauss-newton"),
+    "gn2": dict(levels=2, beta=1e-4, model="gauss-newton"),
     "lm2-average": dict(levels=2, beta=0.0, model="levenberg-marquardt", coarse_scaling="average"),
 }
 
@@ -68,7 +70,8 @@ def row(name: str, records: list[dict]) -> dict:
     steps = [r for r in records if r["event"] == "step" and r["level"] == 0]
     end = next((r for r in records if r["event"] == "end"), None)
     last = steps[-1]
-    first = {t: next((r["work"] for r in steps if r["h"] <= t), None) for t in (1e-2, 1e-3, 1e-4)}
+    points = steps + ([end] if end else [])   # the end record has the final h
+    first = {t: next((r["work"] for r in points if r["h"] <= t), None) for t in (1e-2, 1e-3, 1e-4)}
     rho = [r["rho"] for r in steps if r["kind"] == "recursive" and r["rho"] is not None]
     return {"name": name, "iterations": len(steps), "F": end["F"] if end else last["F"],
             "h": end["h"] if end else last["h"], "work": end["work"] if end else last["work"],

@@ -35,6 +35,7 @@ CONTENDERS = {   # in the order they run
     "tr2-gradient": dict(levels=2, beta=1e-4, pairing="gradient"),
     "gn1": dict(levels=1, beta=1e-4, model="gauss-newton"),
     "gn2": dict(levels=2, beta=1e-4, model="gauss-newton"),
+    "lm-vs-gn1": dict(levels=1, beta=0.0, model="gauss-newton"),   # the LM member's problem, trust-region rules
     "lm2-average": dict(levels=2, beta=0.0, model="levenberg-marquardt", coarse_scaling="average"),
 }
 
@@ -104,8 +105,8 @@ def table(root: Path, plots: Path | None) -> None:
               + " | ".join("–" if v is None else f"{v[0]:.3g}, {v[1]:.2g}" for v in r["at"].values()) + " |")
     if plots is not None:
         from graphgrow.rmntr.plots import plot_progress
-        for group in ("tr", "lm"):
-            chosen = {n: logs[n] for n in logs if n.startswith(group)}
+        for group, prefixes in (("tr", ("tr", "gn")), ("lm", ("lm",))):
+            chosen = {n: logs[n] for n in logs if n.startswith(prefixes)}
             if chosen:
                 plot_progress(chosen, plots / f"gtol_{group}.png", f"PINN [2,60,1] to gtol 1e-4: {group}")
 

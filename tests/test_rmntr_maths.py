@@ -219,3 +219,25 @@ def test_strongest_pairs_pairs_greedily_and_leaves_an_odd_unit_alone():
                              [0.2, 0.8, 0.1, 1.0, 0.0], [0.0, 0.0, 0.95, 0.0, 1.0]])
     # 2-4 (0.95) first, then 1-3 (0.8); 0 stays alone although 0-2 (0.9) is strong
     assert passes.strongest_pairs(strength) == [[0], [1, 3], [2, 4]]
+
+
+def test_a_rescaled_step_minimises_the_fine_model_along_its_direction():
+    from graphgrow.rmntr.subproblem import model_value, rescaled_step
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(6, 6, generator=g, dtype=DT)
+    H = A @ A.T + 0.1 * torch.eye(6, dtype=DT)
+    grad = torch.randn(6, generator=g, dtype=DT)
+    x = torch.randn(6, generator=g, dtype=DT)
+    phi = L1Term.fine(torch.full((6,), 0.05, dtype=DT))
+    s = -0.8 * grad
+    step = rescaled_step(x, grad, lambda v: H @ v, phi, s)
+    alpha = float(step.s @ s) / float(s @ s)
+    assert 0 < alpha <= 1 and torch.allclose(step.s, alpha * s, atol=1e-15)
+    assert step.predicted == pytest.approx(-model_value(grad, step.s, H @ step.s, phi, x), rel=1e-12)
+    # alpha minimises the quadratic plus the convex bound of phi over [0, 1]
+    linear = float(grad @ s) + phi.change(x, s)
+    bound = lambda a: a * linear + 0.5 * a * a * float(s @ H @ s)    # noqa: E731
+    assert all(bound(alpha) <= bound(a) + 1e-15 for a in torch.linspace(0, 1, 101).tolist())
+    assert step.predicted >= -bound(alpha) - 1e-15 and step.hvps == 1
+    ascent = rescaled_step(x, grad, lambda v: H @ v, phi, grad)   # uphill: no step
+    assert float(ascent.s.abs().max()) == 0.0 and ascent.predicted == 0.0

@@ -80,13 +80,13 @@ def ista(A, b, beta, iterations=4000):
     return x
 
 
-@pytest.mark.parametrize("nlevels", [1, 2])
-def test_lasso_reaches_the_ista_solution(nlevels):
+@pytest.mark.parametrize("nlevels, rescale", [(1, False), (2, False), (2, True)])
+def test_lasso_reaches_the_ista_solution(nlevels, rescale):
     levels, A, b = lasso_levels()
     beta = 0.3
     expected = ista(A, b, beta)
     assert int((expected == 0).sum()) >= 2                    # the l1 term is active
-    config = RMNTRConfig(gtol=1e-12, max_iterations=300, kappa_h=0.1, coarse_min_h=0.0)
+    config = RMNTRConfig(gtol=1e-12, max_iterations=300, kappa_h=0.1, coarse_min_h=0.0, rescale_coarse_steps=rescale)
     method = RMNTR(levels[:nlevels], torch.full((16,), beta, dtype=DT), config)
     result = method.minimize(torch.zeros(16, dtype=DT))
     assert result.reason == "stationary"

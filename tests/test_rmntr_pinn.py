@@ -136,3 +136,36 @@ def test_gradient_pairing_reads_the_residual_jacobian_and_gives_coherent_levels(
     R = levels[0].restriction.dense()
     assert torch.allclose(R @ R.T, torch.eye(R.shape[0], dtype=DT), atol=1e-14)
     assert levels[1].vector.size == 3 * 2 + 3 + 3 + 1      # the [2, 3, 1] network
+
+
+def test_average_coarse_scaling_preserves_equal_pairs_through_tanh_and_stays_coherent():
+    from graphgrow import GraphgrowError
+    from graphgrow.rmntr.prox import L1Term
+    network = pinn_network(4)
+    with torch.no_grad():   # units 0 = 1 and 2 = 3 (in and out weights, biases)
+        for name in ("hidden.weight", "hidden.bias"):
+            p = dict(network.module.named_parameters())[name]
+            p[1], p[3] = p[0].clone(), p[2].clone()
+        head = network.module.head.weight
+        head[0, 1], head[0, 3] = head[0, 0].clone(), head[0, 2].clone()
+        network.module.hidden.weight.mul_(3.0)   # saturating pre-activations
+    problem = PoissonPINN(grid=9)
+    values = {}
+    for scaling in ("orthonormal", "average"):
+        fine, coarse = build_levels(network, problem, "width", 2, coarse_scaling=scaling)
+        x = fine.vector.of(network)
+        values[scaling] = (fine.objective.value(x), coarse.objective.value(fine.restriction.restrict(x)))
+    fine_value, coarse_value = values["average"]
+    assert coarse_value == pytest.approx(fine_value, rel=1e-13)
+    assert abs(values["orthonormal"][1] - fine_value) > 1e-3 * fine_value     # orthonormal is not
+    levels = build_levels(network, problem, "width", 2, coarse_scaling="average")
+    x = levels[0].vector.of(network) + 0.05
+    method = RMNTR(levels, torch.zeros(x.numel(), dtype=DT))
+    gradient = levels[0].objective.linearize(x).gradient
+    y0, coarse_gradient, _, _ = method.coarse_model(0, x, gradient, L1Term.fine(method.weight))
+    shift, lin = method.coarse_shift(0, y0, coarse_gradient)
+    assert torch.allclose(lin.gradient + shift, levels[0].restriction.dense() @ gradient, rtol=0, atol=1e-13)
+    with pytest.raises(GraphgrowError, match="width"):
+        build_levels(network, problem, "depth", 2, coarse_scaling="average")
+    with pytest.raises(GraphgrowError, match="coarse scaling"):
+        build_levels(network, problem, "width", 2, coarse_scaling="sum")

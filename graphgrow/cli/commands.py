@@ -243,11 +243,15 @@ def cmd_mgopt(opts) -> int | None:
 def cmd_rmntr(opts) -> None:
     from ..rmntr import run
     l1 = opts.l1 if opts.l1 in ("weights", "all") else opts.l1.split(",")
-    result = run(opts.spec, opts.data, hierarchy=opts.hierarchy, levels=opts.levels, beta=opts.beta, l1=l1,
-                 gtol=opts.gtol, max_iterations=opts.max_iterations, loss=opts.loss, warmup=opts.warmup,
-                 warmup_lr=opts.warmup_lr, model=opts.model, pairing=opts.pairing, seed=opts.seed, out=opts.out, progress=not opts.quiet,
-                 radius=opts.radius, kappa_h=opts.kappa_h, coarse_iterations=opts.coarse_iterations,
-                 spg_iterations=opts.spg_iterations)
+    options = {"spec": opts.spec, "data": opts.data, "hierarchy": opts.hierarchy, "levels": opts.levels,
+               "beta": opts.beta, "l1": l1, "gtol": opts.gtol, "max_iterations": opts.max_iterations,
+               "loss": opts.loss, "warmup": opts.warmup, "warmup_lr": opts.warmup_lr, "model": opts.model,
+               "pairing": opts.pairing, "coarse_scaling": opts.coarse_scaling, "seed": opts.seed, "out": opts.out, "radius": opts.radius,
+               "kappa_h": opts.kappa_h, "coarse_iterations": opts.coarse_iterations,
+               "spg_iterations": opts.spg_iterations, "lm_lambda": opts.lm_lambda,
+               "rescale_coarse_steps": opts.rescale_coarse_steps,
+               "checkpoint_every": opts.checkpoint_every}
+    result = run(**_checked(_resume_options(opts, options, {})), progress=not opts.quiet)
     final = result.summary["final"]
     print(f"RMNTR on {', '.join(result.summary['levels'])}: {final['reason']} after {final['iterations']} "
           f"iterations; F {final['F']:.6g}, h {final['h']:.3g}")

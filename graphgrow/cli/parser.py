@@ -36,7 +36,7 @@ def _add_checkpoint_options(parser, command: str) -> None:
 
 def _add_rmntr_parser(commands) -> None:
     rmntr = commands.add_parser("rmntr", help="multilevel proximal trust region for f + beta ||w||_1 (docs/rmntr.md)")
-    rmntr.add_argument("spec")
+    rmntr.add_argument("spec", nargs="?", help="the network (left out with --resume)")
     rmntr.add_argument("--data", default="pinn",
                        help="pinn (the PDE of docs/rmntr.md), spiral, mnist:DIR or npz:FILE (default pinn)")
     rmntr.add_argument("--hierarchy", default="width", choices=("width", "depth"))
@@ -49,17 +49,29 @@ def _add_rmntr_parser(commands) -> None:
     rmntr.add_argument("--kappa-h", type=float, default=0.5, help="recurse when h_coarse >= kappa_h h")
     rmntr.add_argument("--coarse-iterations", type=int, default=5, help="iterations per coarse solve")
     rmntr.add_argument("--spg-iterations", type=int, default=25, help="prox-gradient iterations per subproblem")
-    rmntr.add_argument("--model", default="hessian", choices=("hessian", "gauss-newton"),
-                       help="curvature of the Taylor models (gauss-newton: least-squares losses such as the PINN)")
+    rmntr.add_argument("--model", default="hessian", choices=("hessian", "gauss-newton", "levenberg-marquardt"),
+                       help="curvature of the Taylor models (gauss-newton: least-squares losses such as the PINN); "
+                            "levenberg-marquardt: the smooth member (beta 0), lambda updates instead of a radius")
+    rmntr.add_argument("--rescale-coarse-steps", action="store_true",
+                       help="length and predicted reduction of a recursive step from the fine model along it (one HVP)")
+    rmntr.add_argument("--lm-lambda", type=float, default=1.0, help="initial lambda of --model levenberg-marquardt")
     rmntr.add_argument("--pairing", default="adjacent", choices=("adjacent", "gradient"),
                        help="width: pair adjacent units or the most strongly connected ones (residual gradients)")
+    rmntr.add_argument("--coarse-scaling", default="orthonormal", choices=("orthonormal", "average"),
+                       help="width: coarse networks evaluate orthonormal coordinates, or average-scaled weights "
+                            "(function-preserving for equal pairs)")
     rmntr.add_argument("--warmup", type=int, default=0, help="Adam steps on f before the method")
     rmntr.add_argument("--warmup-lr", type=float, default=1e-2)
     rmntr.add_argument("--loss", default="cross_entropy", help="for data sets: cross_entropy or mse")
     rmntr.add_argument("--seed", type=int, default=0)
     rmntr.add_argument("--out", default=None, help="run directory (log, final network, export, plots)")
     rmntr.add_argument("--quiet", action="store_true", help="no progress bar")
-    rmntr.set_defaults(run=cmd_rmntr)
+    rmntr.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                       help="checkpoint every N fine iterations (default: every one; with --out)")
+    rmntr.add_argument("--resume", default=None, metavar="RUNDIR",
+                       help="continue an interrupted run from its latest checkpoint, with its options "
+                            "(graphgrow rmntr --resume RUNDIR)")
+    rmntr.set_defaults(run=cmd_rmntr, command_parser=rmntr)
 
 
 class _Parser(argparse.ArgumentParser):

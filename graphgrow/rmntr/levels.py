@@ -10,6 +10,7 @@ import torch
 from torch.func import functional_call
 
 import passes
+from passes.hierarchy import AxisMap
 
 from ..compiler.network import Network
 from ..errors import GraphgrowError
@@ -135,21 +136,22 @@ class ParameterVector:
 MODELS = ("hessian", "gauss-newton")
 
 
-def network_objective(network: Network, loss: NetworkLoss,
-                      model: str = "hessian") -> tuple[AutogradObjective, ParameterVector]:
-    """The loss of ``network`` as an objective of its flat trainable parameters; ``model``
-    gauss-newton needs a least-squares loss (an object with ``residual(module, params)`` whose
-    loss is 1/2 mean residual^2, e.g. the PINN)."""
+def network_objective(network: Network, loss: NetworkLoss, model: str = "hessian",
+                      scale: torch.Tensor | None = None) -> tuple[AutogradObjective, ParameterVector]:
+    """The loss of ``network`` as an objective of its flat trainable parameters (evaluated at
+    ``scale * x`` when a scale is given); ``model`` gauss-newton needs a least-squares loss (an
+    object with ``residual(module, params)`` whose loss is 1/2 mean residual^2, e.g. the PINN)."""
     vector = ParameterVector(network)
     module = network.module
+    params = vector.unflatten if scale is None else (lambda x: vector.unflatten(scale * x))
     if model == "gauss-newton":
         if not callable(getattr(loss, "residual", None)):
             raise GraphgrowError("the gauss-newton model needs a least-squares loss",
                                  hint="use --data pinn, or --model hessian")
-        return GaussNewtonObjective(lambda x: loss.residual(module, vector.unflatten(x))), vector
+        return GaussNewtonObjective(lambda x: loss.residual(module, params(x))), vector
     if model != "hessian":
         raise GraphgrowError(f"unknown model {model!r}", hint=f"use {' or '.join(MODELS)}")
-    return AutogradObjective(lambda x: loss(module, vector.unflatten(x))), vector
+    return AutogradObjective(lambda x: loss(module, params(x))), vector
 
 
 def supervised_loss(x: torch.Tensor, y: torch.Tensor, loss: Callable) -> NetworkLoss:
@@ -175,6 +177,32 @@ class Level:
 
 HIERARCHIES = ("width", "depth")
 PAIRINGS = ("adjacent", "gradient")
+COARSE_SCALINGS = ("orthonormal", "average")
+
+
+def average_scales(network: Network, transfers: list) -> list[torch.Tensor]:
+    """Per coarse level, the diagonal D with (average-scaled coarse weights) = D (orthonormal
+    coarse coordinates): the same chain of width restrictions with each group's rows 1/g
+    (averaged unit rows, summed consumer columns) instead of 1/sqrt(g), applied to all-ones
+    parameters, divided entrywise by the orthonormal chain. Exact when the groups of a level have
+    equal sizes (pairs)."""
+    vector = ParameterVector(network)
+    x = vector.of(network)
+    orthonormal = average = vector.unflatten(torch.ones_like(x))
+    scales = []
+    for transfer in transfers:
+        averaged_maps = []
+        for linear_map in transfer.maps:
+            if isinstance(linear_map, AxisMap):
+                root = (linear_map.R != 0).sum(dim=1).to(linear_map.R.dtype).sqrt()
+                linear_map = AxisMap(linear_map.axes, linear_map.P * root[None, :], linear_map.R / root[:, None])
+            averaged_maps.append(linear_map)
+        orthonormal = transfer.restrict(orthonormal)
+        for linear_map in averaged_maps:
+            average = linear_map.apply(average, "restrict")
+        coarse = ParameterVector(transfer.coarse)
+        scales.append(coarse.flatten(average) / coarse.flatten(orthonormal))
+    return scales
 
 
 def unit_strength(network: Network, loss, layer: str) -> torch.Tensor:
@@ -219,13 +247,24 @@ def _gradient_paired_networks(network: Network, loss, levels: int) -> tuple[list
 
 
 def build_levels(network: Network, loss: NetworkLoss, kind: str = "width", levels: int = 2,
-                 model: str = "hessian", pairing: str = "adjacent", **options) -> list[Level]:
+                 model: str = "hessian", pairing: str = "adjacent", coarse_scaling: str = "orthonormal",
+                 **options) -> list[Level]:
     """Levels 0 (``network``) .. levels-1 from ``passes.build_hierarchy``: width with
     ``scaling='orthonormal'`` (P = R^T), depth with ``restriction='injection'``. Every restriction
     is checked to be row-orthonormal with disjoint rows (a closed-form composite prox).
     ``model``: the curvature of the Taylor models, exact Hessian or Gauss-Newton. ``pairing``
     (width): adjacent units, or the most strongly connected ones by residual gradients
-    (:func:`unit_strength`; least-squares losses, one hidden layer)."""
+    (:func:`unit_strength`; least-squares losses, one hidden layer). ``coarse_scaling``
+    (width): the coarse networks evaluate their orthonormal coordinates y as they are, or
+    (``average``) the average-scaled weights D y (:func:`average_scales`), which keep the function
+    of pairs of equal units (through tanh too); R stays orthonormal, so the composite prox is
+    unchanged and the coarse model stays first-order coherent."""
+    if coarse_scaling not in COARSE_SCALINGS:
+        raise GraphgrowError(f"unknown coarse scaling {coarse_scaling!r}", option="coarse_scaling",
+                             hint=f"use {' or '.join(COARSE_SCALINGS)}")
+    if coarse_scaling == "average" and kind != "width":
+        raise GraphgrowError("coarse_scaling='average' is for width hierarchies", option="coarse_scaling",
+                             hint="use coarse_scaling='orthonormal'")
     if pairing not in PAIRINGS:
         raise GraphgrowError(f"unknown pairing {pairing!r}", hint=f"use {' or '.join(PAIRINGS)}")
     if pairing == "gradient" and kind != "width":
@@ -246,9 +285,10 @@ def build_levels(network: Network, loss: NetworkLoss, kind: str = "width", level
         built = passes.build_hierarchy(network, kind=kind, levels=levels, **options)
         networks, transfers = [level.network for level in built], [level.transfer for level in built[1:]]
     fine_flops = max(network.graph.flops(), 1)
+    scales = [None] + (average_scales(network, transfers) if coarse_scaling == "average" else [None] * len(transfers))
     result = []
     for index, net in enumerate(networks):
-        objective, vector = network_objective(net, loss, model)
+        objective, vector = network_objective(net, loss, model, scales[index])
         result.append(Level(net, objective, vector, cost=net.graph.flops() / fine_flops,
                             name=f"{kind}{index}:{vector.size}p"))
     for index in range(len(result) - 1):

@@ -121,3 +121,59 @@ def update_radius(radius: float, rho: float, step_norm: float, *, eta1: float = 
     if rho >= eta2 and step_norm >= boundary * radius:
         return min(grow * radius, radius_max)
     return radius
+
+
+def regularised_gauss_newton_step(g: torch.Tensor, hvp: HVP, lam: float, *, max_iterations: int = 25,
+                                  rtol: float = 1e-2) -> Step:
+    """The Levenberg-Marquardt step: conjugate gradients on (H + lam I) s = -g from s = 0 (H a
+    positive semidefinite Gauss-Newton matrix given by products), stopped when the residual is at
+    most rtol ||g|| or after max_iterations. ``Hs`` is (H + lam I) s and ``predicted`` the
+    reduction of the regularised model m(s) = <g, s> + 1/2 <s, H s> + lam/2 ||s||^2; CG from zero
+    decreases m at every iteration, so it is positive for g != 0."""
+    s, As = torch.zeros_like(g), torch.zeros_like(g)
+    residual = -g
+    direction = residual.clone()
+    rr = float(residual @ residual)
+    target = (rtol * float(torch.linalg.vector_norm(g))) ** 2
+    hvps = 0
+    for _ in range(max_iterations):
+        if rr <= target or rr == 0.0:
+            break
+        Ad = hvp(direction) + lam * direction
+        hvps += 1
+        curvature = float(direction @ Ad)
+        if not curvature > 0.0:
+            break
+        alpha = rr / curvature
+        s, As = s + alpha * direction, As + alpha * Ad
+        residual = residual - alpha * Ad
+        rr, previous = float(residual @ residual), rr
+        direction = residual + (rr / previous) * direction
+    return Step(s, As, -float(g @ s + 0.5 * (s @ As)), hvps, hvps)
+
+
+def update_lambda(lam: float, rho: float, *, eta1: float = 0.05, eta2: float = 0.9, shrink: float = 0.25,
+                  grow: float = 2.0, lam_min: float = 1e-12) -> float:
+    """The trust-region-style Levenberg-Marquardt update, the radius rule mirrored (lam acts like
+    1 / radius): lam / shrink on rejection (rho < eta1), lam / grow (at least lam_min) on very good
+    steps (rho >= eta2), unchanged otherwise."""
+    if rho < eta1:
+        return lam / shrink
+    if rho >= eta2:
+        return max(lam / grow, lam_min)
+    return lam
+
+
+def rescaled_step(x: torch.Tensor, g: torch.Tensor, hvp: HVP, phi: L1Term, s: torch.Tensor) -> Step:
+    """alpha s with the alpha in [0, 1] that minimises the fine Taylor model's quadratic plus the
+    convex-combination bound of phi along s (one HVP); its predicted reduction is that of the fine
+    model m(alpha s), never less than the bound's. Used for recursive steps, whose direction comes
+    from the coarse model but whose length and prediction then come from the fine one."""
+    Hs = hvp(s)
+    linear = float(g @ s) + phi.change(x, s)
+    curvature = float(s @ Hs)
+    alpha = 1.0 if curvature <= 0 else min(1.0, max(0.0, -linear / curvature))
+    if linear >= 0:
+        alpha = 0.0
+    s, Hs = alpha * s, alpha * Hs
+    return Step(s, Hs, -model_value(g, s, Hs, phi, x), 1, 0)

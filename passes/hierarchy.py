@@ -11,7 +11,7 @@ from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .blocks import Block, find_blocks, last_layer
 from .extend import widenable
-from .units import UnitAxis, UnitMap, trace_units
+from .units import UnitAxis, UnitMap, set_units, trace_units
 
 INTERPOLATIONS = ("constant", "linear")
 RESTRICTIONS = ("half-transpose", "injection")
@@ -327,9 +327,7 @@ def coarsen_width(network: Network, layers: list[str] | None = None, groups: lis
         layer_groups = _check_groups(graph, layer, coupling.units, groups)
         P, R = unit_matrices(coupling.units, layer_groups, scaling)
         maps.append(AxisMap(coupling.axes, P, R))
-        for producer in coupling.producers:
-            node = coarse.node(producer)
-            node.args = {**node.args, node.opdef.width_arg: len(layer_groups)}
+        set_units(coarse, coupling, len(layer_groups))
         coarse.infer_shapes()
     return Transfer(network, coarse, maps, "width")
 

@@ -14,6 +14,7 @@ from graphgrow.compiler import compile_graph
 from graphgrow.errors import GraphgrowError
 from graphgrow.ir import graph_from_text
 from graphgrow.ops import registered_ops
+from graphgrow.ops.attention import HeadAttention
 
 BATCH = 3
 
@@ -81,14 +82,16 @@ def max_pool_reference(x, kernel, stride, pad_before, pad_after):
     return unfold_windows(x, kernel, stride).amax(dim=2)
 
 
-def attention_reference(x, p, heads):
-    """Multi-head self-attention written out: projections, per-head softmax(q k^T / sqrt(d)) v."""
+def attention_reference(x, p, heads, head_dim=None):
+    """Multi-head self-attention written out: projections, per-head softmax(q k^T / sqrt(d)) v
+    (d = head_dim, default width / heads)."""
     batch, tokens, width = x.shape
+    d = head_dim or width // heads
     q, k, v = (x @ w.T + b for w, b in zip(p["in_proj_weight"].chunk(3), p["in_proj_bias"].chunk(3)))
-    split = lambda t: t.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
-    scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(width // heads)
+    split = lambda t: t.reshape(batch, tokens, heads, d).transpose(1, 2)
+    scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(d)
     weights = torch.exp(scores) / torch.exp(scores).sum(-1, keepdim=True)
-    merged = (weights @ split(v)).transpose(1, 2).reshape(batch, tokens, width)
+    merged = (weights @ split(v)).transpose(1, 2).reshape(batch, tokens, heads * d)
     return merged @ p["out_proj.weight"].T + p["out_proj.bias"]
 
 
@@ -223,6 +226,9 @@ CASES = [
     ("attention", ["{name: t, op: attention, heads: 2}"], (3, 4),
      lambda xs, p: attention_reference(xs[0], p, 2),
      lambda i, o: 4 * numel(o) + numel(o) + 5 * 2 * 3 * 3),
+    ("attention_head_dim", ["{name: t, op: attention, heads: 3, head_dim: 2}"], (3, 4),
+     lambda xs, p: attention_reference(xs[0], p, 3, head_dim=2),
+     lambda i, o: (3 * 6 + 4) * 3 + 3 * 6 + 5 * 3 * 3 * 3 + counted_attention_flops([(3, 3, 2)] * 3)),
     ("scaled_dot_product_attention_causal",
      ["{name: q, op: scale, factor: 0.5}", "{name: t, op: scaled_dot_product_attention, inputs: [q, input, input], "
       "causal: true}"], (2, 4, 3), lambda xs, p: causal_attention_reference(xs[0], xs[1], xs[2]),
@@ -303,7 +309,7 @@ def test_flops_against_an_independent_count(case):
     if submodule is not None:
         probe = torch.zeros(1, *node.in_shapes[0], dtype=torch.float64)
         with FlopCounterMode(display=False) as counter:  # attention reads its input thrice (q, k, v)
-            submodule.eval()(*(probe,) * (3 if isinstance(submodule, nn.MultiheadAttention) else 1))
+            submodule.eval()(*(probe,) * (3 if isinstance(submodule, (nn.MultiheadAttention, HeadAttention)) else 1))
         matmul_flops = counter.get_total_flops()
     assert node.flops() == matmul_flops + elementwise(node.in_shapes, node.out_shape)
 

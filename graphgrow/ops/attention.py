@@ -9,6 +9,7 @@ batch of another input, as ``concat`` needs for a class token.
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 from torch import nn
@@ -71,47 +72,105 @@ class ExpandBatchOp(OpDef):
         return expand_to_batch, {}
 
 
+class HeadAttention(nn.Module):
+    """nn.MultiheadAttention's parameters and computation with heads x head_dim projected
+    features that need not equal the token width D (attention grown by heads): q, k and v of
+    (heads x head_dim) features each, softmax(q k^T / sqrt(head_dim)) v per head, and an output
+    projection (heads x head_dim) -> D."""
+
+    def __init__(self, width: int, heads: int, head_dim: int, bias: bool, dropout: float):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * heads * head_dim, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * heads * head_dim)) if bias else None
+        self.out_proj = nn.Linear(heads * head_dim, width, bias=bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def _heads(self, x: torch.Tensor, part: int) -> torch.Tensor:
+        rows = self.heads * self.head_dim
+        bias = self.in_proj_bias
+        projected = F.linear(x, self.in_proj_weight[part * rows:(part + 1) * rows],
+                             None if bias is None else bias[part * rows:(part + 1) * rows])
+        return projected.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                need_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        merged = F.scaled_dot_product_attention(self._heads(query, 0), self._heads(key, 1), self._heads(value, 2),
+                                                dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(merged.transpose(1, 2).flatten(2)), None
+
+
+def _optional_positive(value):
+    return None if value is None else positive_int(value)
+
+
 class AttentionOp(OpDef):
     name = "attention"
     doc = ("Multi-head self-attention on tokens (N, D), as nn.MultiheadAttention(D, heads, "
-           "batch_first=True) called with the same input as query, key and value.")
-    args = (Arg("heads", positive_int, doc="number of heads; divides the token width"),
-            Arg("bias", boolean, True), Arg("dropout", probability, 0.0, doc="on the attention weights"))
-    roles = {"in_proj_weight": "query, key and value projections stacked, (3D, D)",
-             "in_proj_bias": "(3D,)", "out_proj.weight": "(D, D)", "out_proj.bias": "(D,)"}
+           "batch_first=True) called with the same input as query, key and value; with head_dim "
+           "given, heads of that width whatever D (attention grown by heads).")
+    args = (Arg("heads", positive_int, doc="number of heads; divides the token width unless head_dim is given"),
+            Arg("bias", boolean, True), Arg("dropout", probability, 0.0, doc="on the attention weights"),
+            Arg("head_dim", _optional_positive, None, doc="features per head; default D / heads"))
+    roles = {"in_proj_weight": "query, key and value projections stacked, (3 heads head_dim, D)",
+             "in_proj_bias": "(3 heads head_dim,)", "out_proj.weight": "(D, heads head_dim)", "out_proj.bias": "(D,)"}
     tuple_output = 0
 
     def output_shape(self, args, in_shapes):
         shape = in_shapes[0]
-        if len(shape) != 2 or shape[1] % args["heads"]:
+        if len(shape) != 2 or args["head_dim"] is None and shape[1] % args["heads"]:
             raise GraphgrowError(f"attention needs tokens (N, D) with D divisible by heads {args['heads']}, "
                                  f"got {list(shape)}", hint="reshape images to tokens, e.g. flatten(start: 2) "
                                                             "and transpose(dim0: 1, dim1: 2)")
         return shape
 
-    def param_shapes(self, args, in_shapes):
+    @staticmethod
+    def inner_width(args, in_shapes) -> int:
+        """heads x head_dim: the features of each of q, k, v."""
         width = in_shapes[0][1]
-        shapes = {"in_proj_weight": (3 * width, width), "out_proj.weight": (width, width)}
+        return width if args["head_dim"] is None else args["heads"] * args["head_dim"]
+
+    def param_shapes(self, args, in_shapes):
+        width, inner = in_shapes[0][1], self.inner_width(args, in_shapes)
+        shapes = {"in_proj_weight": (3 * inner, width), "out_proj.weight": (width, inner)}
         if args["bias"]:
-            shapes.update({"in_proj_bias": (3 * width,), "out_proj.bias": (width,)})
+            shapes.update({"in_proj_bias": (3 * inner,), "out_proj.bias": (width,)})
         return shapes
 
     def flops(self, args, in_shapes, out_shape):
         """Projections (3 in, 1 out) and the two products with the N x N weights, as multiply-
         adds; the biases, the 1/sqrt(d) scaling and a softmax of 5 per weight."""
         tokens, width = in_shapes[0]
-        matmuls = 2 * tokens * width * 4 * width + 2 * 2 * tokens * tokens * width
-        bias = 4 * tokens * width if args["bias"] else 0
-        return matmuls + bias + tokens * width + 5 * args["heads"] * tokens * tokens
+        inner = self.inner_width(args, in_shapes)
+        matmuls = 2 * tokens * width * 4 * inner + 2 * 2 * tokens * tokens * inner
+        bias = (3 * inner + width) * tokens if args["bias"] else 0
+        return matmuls + bias + tokens * inner + 5 * args["heads"] * tokens * tokens
 
     def build_module(self, args, in_shapes):
-        return nn.MultiheadAttention(in_shapes[0][1], args["heads"], dropout=args["dropout"], bias=args["bias"],
+        width = in_shapes[0][1]
+        if self.inner_width(args, in_shapes) != width:
+            return HeadAttention(width, args["heads"], args["head_dim"], args["bias"], args["dropout"])
+        return nn.MultiheadAttention(width, args["heads"], dropout=args["dropout"], bias=args["bias"],
                                      batch_first=True)
 
     def emit(self, graph, name, args, inputs, as_module):
         x = inputs[0]
         both = graph.create_node("call_module", name, (x, x, x), {"need_weights": False}, name=f"{name}_and_weights")
         return graph.create_node("call_function", operator.getitem, (both, 0), {}, name=name)
+
+    #: the heads are inner units: each owns head_dim rows of q, k and v and head_dim columns of
+    #: the output projection; the output (the tokens' width) does not show them
+    head_arg = "heads"
+
+    def head_roles(self, args, in_shapes) -> dict[str, tuple[int, int, str]]:
+        """Per role holding the heads: (axis, copies of the heads on it, side: rows or columns)."""
+        roles = {"in_proj_weight": (0, 3, "rows"), "out_proj.weight": (1, 1, "columns")}
+        if args["bias"]:
+            roles["in_proj_bias"] = (0, 3, "rows")
+        return roles
+
+    def head_dim(self, args, in_shapes) -> int:
+        return self.inner_width(args, in_shapes) // args["heads"]
 
     def zero_output_roles(self, args, in_shapes):
         # the output projection only: the values stay non-zero, so its gradient does too

@@ -165,3 +165,87 @@ def test_widening_in_float32_keeps_the_function():
     network.module.eval(), wider.module.eval()
     assert wider.state()["t1_attention.in_proj_weight"].dtype == torch.float32
     torch.testing.assert_close(wider(x), network(x), rtol=1e-5, atol=1e-6)
+
+
+# -- depth: block copies and depth hierarchies ----------------------------------------------------
+
+def test_a_copy_of_each_pre_norm_sub_block_at_every_boundary_keeps_the_function():
+    network = small_vit(depth=2)
+    blocks = passes.find_blocks(network.graph)
+    assert [(b.output, b.branch) for b in blocks[:2]] == [
+        ("t1_mid", ("t1_norm1", "t1_attention")), ("t1", ("t1_norm2", "t1_fc1", "t1_gelu", "t1_fc2"))]
+    assert passes.block_boundaries(network.graph) == ["t0", "t1_mid", "t1", "t2_mid", "t2"]
+    x = probe(network, batch=4)
+    for template in blocks:
+        for after in passes.block_boundaries(network.graph):
+            grown, record = passes.insert_block(network, template.output, after=after)
+            for train in (False, True):
+                assert difference(network, grown, train) <= TOLERANCE
+            zeroed = [n for n, o in record.origins.items() if o.init == "zeros"]
+            expected = (["out_proj.weight", "out_proj.bias"] if "attention" in template.branch[-1]
+                        else ["weight", "bias"])
+            assert sorted(n.split(".", 1)[1] for n in zeroed) == sorted(expected)
+            grown.module.train()
+            grown.module(x).square().sum().backward()
+            parameters = dict(grown.module.named_parameters())
+            assert all(not grown.state()[n].any() and parameters[n].grad.abs().sum() > 0
+                       for n in zeroed if n.endswith("weight")), (template.output, after)
+
+
+def test_transformer_blocks_form_one_stage_of_attention_and_mlp_pairs():
+    from passes.hierarchy import block_stages
+    network = small_vit()
+    stages = block_stages(network.graph)
+    assert [[tuple(b.output for b in group) for group in stage] for stage in stages] == [
+        [(f"t{k}_mid", f"t{k}") for k in range(1, 5)]]
+
+
+@pytest.mark.parametrize("interpolation", ["constant", "linear", "identity"])
+@pytest.mark.parametrize("restriction", ["half-transpose", "injection"])
+def test_depth_hierarchy_on_transformer_blocks(interpolation, restriction):
+    network = small_vit()
+    transfer = passes.coarsen_depth(network, interpolation, restriction)
+    coarse = transfer.coarse
+    assert [b.output for b in passes.find_blocks(coarse.graph)] == ["t1_mid", "t1", "t3_mid", "t3"]
+    state, fine_state = coarse.state(), network.state()
+    # the kept attention's output projection (a last layer) restricts by 2 R = P^T (half-transpose)
+    # or twice the injection; with identity interpolation by the sum resp. the injection
+    fine = [fine_state[f"t{k}_attention.out_proj.weight"] for k in range(1, 5)]
+    half = restriction == "half-transpose"
+    if interpolation == "linear":  # P^T row 0: fine 1 and half of fine 2
+        expected = fine[0] + 0.5 * fine[1] if half else 2 * fine[0]
+    else:
+        expected = fine[0] + fine[1] if half else (fine[0] if interpolation == "identity" else 2 * fine[0])
+    torch.testing.assert_close(state["t1_attention.out_proj.weight"], expected, rtol=0, atol=1e-15)
+    if interpolation != "linear":  # R P = I (linear P with half-transpose R is not a right inverse)
+        again = transfer.restrict(transfer.prolong(dict(state)))
+        assert all(torch.allclose(again[k], state[k], rtol=0, atol=1e-15) for k in state)
+
+
+@pytest.mark.parametrize("source", ["vit", "resnet_small.yaml"])
+def test_identity_prolongation_computes_the_coarse_function(source):
+    """Fine group 2j is coarse group j and fine group 2j+1 its copy with the last layers zero:
+    the prolonged network is the coarse network, in float64, in train and eval mode."""
+    from graphgrow import load_graph
+    network = small_vit() if source == "vit" else Network.build(load_graph(SPECS_DIR / source), seed=0,
+                                                                 dtype=torch.float64)
+    transfer = passes.coarsen_depth(network, "identity")
+    prolonged = Network.build(network.graph, transfer.prolong(dict(transfer.coarse.state())), dtype=torch.float64)
+    x = probe(network, batch=4)
+    for train in (False, True):
+        transfer.coarse.module.train(train), prolonged.module.train(train)
+        with torch.no_grad():
+            expected, got = transfer.coarse(x), prolonged(x)
+        assert float((got - expected).abs().max()) <= TOLERANCE * max(1.0, float(expected.abs().max()))
+    with torch.no_grad():  # constant interpolation halves each copy's branch instead: not the same function
+        constant = passes.coarsen_depth(network, "constant")
+        halves = Network.build(network.graph, constant.prolong(dict(constant.coarse.state())), dtype=torch.float64)
+        constant.coarse.module.eval(), halves.module.eval()
+        assert float((halves(x) - constant.coarse(x)).abs().max()) > 1e-6
+
+
+def test_identity_interpolation_is_refused_on_residual_nodes():
+    from graphgrow import load_graph
+    network = Network.build(load_graph(SPECS_DIR / "resnet_ode.yaml"), seed=0, dtype=torch.float64)
+    with pytest.raises(GraphgrowError, match="identity interpolation needs residual blocks as subgraphs"):
+        passes.coarsen_depth(network, "identity")

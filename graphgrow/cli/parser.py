@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     mgopt.add_argument("--backtracking", type=int, default=0, help="halvings of alpha-cgc tried")
     mgopt.add_argument("--no-descent-check", action="store_true", help="accept ascent corrections too")
     mgopt.add_argument("--schedule", default="constant", help="step sizes: constant or diminishing")
-    mgopt.add_argument("--interpolation", default="constant", help="depth prolongation: constant or linear")
+    mgopt.add_argument("--interpolation", default="constant",
+                       help="depth prolongation: constant, linear or identity (exact; residual blocks as subgraphs)")
     mgopt.add_argument("--restriction", default="half-transpose",
                        help="depth restriction: half-transpose (P^T/2) or injection (coarse block j = fine block 2j)")
     mgopt.add_argument("--min-gap", type=int, default=1,

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--widen", type=int, default=0, metavar="K", help="add the K best neurons instead of layers (4.4)")
     grow.add_argument("--neurons", choices=("random", "gradmax"), default="random",
                       help="incoming weights of new neurons: random, or gradmax (data-driven, docs/sensli.md)")
+    grow.add_argument("--candidates", choices=("all", "layers", "blocks"), default="all",
+                      help="what an insertion chooses from: identity layers, copies of residual blocks "
+                           "(last layer zero, at block boundaries) or both")
     grow.add_argument("--momentum", type=float, default=0.0)
     grow.add_argument("--weight-decay", type=float, default=0.0)
     grow.add_argument("--optimizer", default="sgd",

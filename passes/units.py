@@ -215,15 +215,13 @@ def _place(graph: LayerGraph, layer: str, carriers: set[str], state_names, fail)
 
 
 def _output_units_dim(node) -> int | None:
-    """The per-sample dimension of a widenable layer's output that holds its units: the first
-    of a vector or an image, the last (features) of tokens (N, D) for a layer acting on the
-    last dimension (linear); None where units cannot be widened."""
+    """The per-sample dimension of a widenable layer's output that holds its units, the one it
+    reads its input units from (a conv2d's channels, a linear layer's last dimension): the
+    first of a vector or an image, or the features of tokens (N, D); None elsewhere (a linear
+    layer on images acts on their width)."""
     rank = len(node.out_shape)
-    if rank in (1, 3):
-        return 0
-    if rank == 2 and node.opdef.input_units_dim == -1:
-        return 1
-    return None
+    dim = node.opdef.input_units_dim % rank
+    return dim if (dim == 0 and rank in (1, 3)) or (dim == 1 and rank == 2) else None
 
 
 def _block_after(node, block: int) -> int:

@@ -230,3 +230,14 @@ def test_identity_interpolation_is_refused_on_residual_nodes():
     network = Network.build(load_graph(SPECS_DIR / "resnet_ode.yaml"), seed=0, dtype=torch.float64)
     with pytest.raises(GraphgrowError, match="identity interpolation needs residual blocks as subgraphs"):
         passes.coarsen_depth(network, "identity")
+
+
+@pytest.mark.parametrize("head_dim", ["", ", head_dim: 3"])
+def test_attention_initialises_from_the_seed_alone(head_dim):
+    graph = graph_from_text("graphgrow: 1\nname: a\ninput: {shape: [5, 4]}\nlayers:\n"
+                            f"  - {{name: t, op: attention, heads: 2{head_dim}}}\n")
+    first = Network.build(graph, seed=3).state()
+    torch.rand(7)  # the global random stream moves on; the seed alone decides
+    second = Network.build(graph, seed=3).state()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["t.in_proj_weight"], Network.build(graph, seed=4).state()["t.in_proj_weight"])

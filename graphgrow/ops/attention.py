@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import GraphgrowError
-from .base import Arg, OpDef, boolean, number, numel, positive_int, probability, register_op, require
+from .base import (Arg, OpDef, boolean, kaiming_uniform_init, number, numel, positive_int, probability,
+                   register_op, require)
 from .shape import int_list
 
 
@@ -84,7 +85,6 @@ class HeadAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * heads * head_dim, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * heads * head_dim)) if bias else None
         self.out_proj = nn.Linear(heads * head_dim, width, bias=bias)
-        nn.init.xavier_uniform_(self.in_proj_weight)
 
     def _heads(self, x: torch.Tensor, part: int) -> torch.Tensor:
         rows = self.heads * self.head_dim
@@ -152,6 +152,16 @@ class AttentionOp(OpDef):
             return HeadAttention(width, args["heads"], args["head_dim"], args["bias"], args["dropout"])
         return nn.MultiheadAttention(width, args["heads"], dropout=args["dropout"], bias=args["bias"],
                                      batch_first=True)
+
+    def default_init(self, module, args, generator):
+        """nn.MultiheadAttention's initialisation drawn from the seed: Xavier-uniform q, k, v
+        projections, the output projection as a linear layer, zero biases."""
+        with torch.no_grad():
+            nn.init.xavier_uniform_(module.in_proj_weight, generator=generator)
+            kaiming_uniform_init(module.out_proj.weight, None, generator)
+            for bias in (module.in_proj_bias, module.out_proj.bias):
+                if bias is not None:
+                    bias.zero_()
 
     def emit(self, graph, name, args, inputs, as_module):
         x = inputs[0]

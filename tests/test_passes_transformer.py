@@ -241,3 +241,28 @@ def test_attention_initialises_from_the_seed_alone(head_dim):
     second = Network.build(graph, seed=3).state()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["t.in_proj_weight"], Network.build(graph, seed=4).state()["t.in_proj_weight"])
+
+
+def test_identity_prolongation_on_flat_vectors_and_in_an_mgopt_run():
+    """MG/Opt's compiled transfers (index operations on flat parameter vectors) apply the
+    identity prolongation's zero rows as the dict form does, and a run on the ViT corrects."""
+    from types import SimpleNamespace
+
+    from graphgrow.mgopt import run
+    from graphgrow.mgopt.flat import FLAT, FlatLayout, FlatTransfer
+    network = small_vit()
+    transfer = passes.coarsen_depth(network, "identity")
+    fine, coarse = FlatLayout(network.module), FlatLayout(transfer.coarse.module)
+    flat = FlatTransfer(transfer, fine, coarse, reference_operations=1.0)
+    assert flat.compiled
+    coarse_params = dict(transfer.coarse.module.named_parameters())
+    fine_params = dict(network.module.named_parameters())
+    assert torch.equal(flat.prolong({FLAT: coarse.flatten(coarse_params)})[FLAT],
+                       fine.flatten(transfer.prolong(coarse_params)))
+    assert torch.equal(flat.restrict({FLAT: fine.flatten(fine_params)})[FLAT],
+                       coarse.flatten(transfer.restrict(fine_params)))
+    x = probe(network, batch=24, seed=3)
+    data = SimpleNamespace(x_train=x, y_train=torch.arange(24) % 3, x_test=x[:6], y_test=torch.arange(6) % 3)
+    result = run(network, data, hierarchy="depth", interpolation="identity", epochs=1, batch=8, export=False,
+                 log_steps=False)
+    assert result.summary["final"]["corrections"] > 0 and math.isfinite(result.summary["final"]["train"]["loss"])

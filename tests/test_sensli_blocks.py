@@ -97,3 +97,25 @@ def test_unknown_candidate_kinds_are_refused():
     assert error.value.option == "candidates"
     with pytest.raises(GraphgrowError, match="unknown candidate kind"):
         grow(small_vit(depth=1), images(2, 3), candidates="heads", epochs=2)
+
+
+def test_the_cli_scores_and_inserts_block_candidates(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from graphgrow.cli import main
+    data = images(6, 10)
+    np.savez(tmp_path / "images.npz", x_train=data.x_train.float().numpy(), y_train=data.y_train.numpy(),
+             x_test=data.x_train[:2].float().numpy(), y_test=data.y_train[:2].numpy())
+    spec, source = str(SPECS_DIR / "vit_small.yaml"), f"npz:{tmp_path / 'images.npz'}"
+    assert main(["sensitivities", spec, "--random-weights", "--data", source, "--candidates", "blocks", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {c["kind"] for c in report["candidates"]} == {"block"} and len(report["candidates"]) == 9
+    best = max(report["candidates"], key=lambda c: c["merit"])["position"]
+    out = tmp_path / "run"
+    assert main(["grow", spec, "--data", source, "--candidates", "blocks", "--epochs", "2", "--insert-at", "1",
+                 "--lr", "1e-9", "--batch", "6", "--no-export", "--out", str(out), "--quiet"]) == 0
+    (insertion,) = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+                    if e["event"] == "insertion"]
+    assert insertion["positions"] == [best]  # lr 1e-9: the network at the insertion is the one scored above

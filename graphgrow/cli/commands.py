@@ -185,7 +185,8 @@ def cmd_sensitivities(opts) -> None:
         network = load_network(opts.spec, opts.seed, opts.weights)
     network = place_network(network, opts.device, opts.dtype)
     report = sensitivities(network, load_data(opts.data, opts.seed), norm=opts.norm, loss=opts.loss,
-                           sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json)
+                           sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json,
+                           candidates=opts.candidates)
     if opts.json:
         print(json.dumps(report.to_json(), indent=2))
         return

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--sample", type=float, default=None)
     sens.add_argument("--seed", type=int, default=0)
     sens.add_argument("--json", action="store_true")
+    sens.add_argument("--candidates", choices=("all", "layers", "blocks"), default="all",
+                      help="score identity layers, copies of residual blocks, or both")
     _add_device_options(sens)
     sens.set_defaults(run=cmd_sensitivities)
 

@@ -131,13 +131,72 @@ def _block_named(graph: LayerGraph, name: str) -> Block:
                          hint=f"blocks end at: {', '.join(b.output for b in blocks) or 'none (no add of a branch and its shortcut)'}")
 
 
-@gc_paused()
-def insert_block(network: Network, block: str, after: str | None = None, seed: int = 0) -> tuple[Network, Record]:
-    """Insert after node ``after`` (default: the block's output) a copy of the residual block
-    ending at ``block``, with an identity shortcut and the last layer of its branch zero: the
-    function is unchanged, the zeroed layer's gradient is not. Weights are copied from the
-    block where their shapes agree (strides become 1: the copy keeps the shape), else drawn
-    from ``seed``."""
+@dataclass
+class BlockPlan:
+    """A copy of the block ``template`` to go after node ``after``: its nodes in order (the
+    branch, the add, which reads ``after`` as its shortcut, and the trailing activation, if
+    any), their state entries by full name (the zeroed last layer's roles zero) and the graph
+    with the copy wired in. ``merit_param``: the zeroed layer's first role, whose gradient is
+    the candidate's merit."""
+    template: Block
+    after: str
+    nodes: list[Node]
+    values: dict[str, torch.Tensor]
+    zeroed: tuple[str, tuple[str, ...]]
+    graph: LayerGraph
+
+    @property
+    def merit_param(self) -> str:
+        return f"{self.zeroed[0]}.{self.zeroed[1][0]}"
+
+    @property
+    def trailing_ops(self) -> tuple[str, ...]:
+        """The copy's activation after the add (relu for a ResNet block), or nothing."""
+        return (self.nodes[-1].op,) if self.template.output != self.template.add else ()
+
+    def trailing(self, value: torch.Tensor) -> torch.Tensor:
+        """The copy's trailing activation applied to ``value`` (at the identity, the values of
+        ``after``, which it gives back)."""
+        node = self.nodes[-1]
+        fn, kwargs = node.opdef.function(node.args)
+        return fn(value, **kwargs)
+
+    def branch_network(self, dtype: torch.dtype, device) -> Network:
+        """The copy's branch alone, reading ``after``'s values as its input (eval mode)."""
+        branch = LayerGraph(f"{self.template.output}_branch", self.graph.shape_of(self.after))
+        end = self.nodes[len(self.template.branch) - 1].name
+        for node in self.nodes[:len(self.template.branch)]:
+            branch.add(Node(node.name, node.op, dict(node.args), [INPUT if i == self.after else i for i in node.inputs],
+                            node.init, node.frozen, node.loc))
+        branch.outputs = [end]
+        branch.infer_shapes()
+        inside = {n.name for n in branch.nodes}
+        state = {k: v for k, v in self.values.items() if k.split(".", 1)[0] in inside}
+        network = Network.build(branch, state, dtype=dtype, device=device)
+        network.module.eval()  # as the sensitivity pass runs the network: batch norm with its running statistics
+        return network
+
+    def merit_gradient(self, branch: Network, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient of the loss with respect to ``merit_param`` (summed over the batch) with the
+        copy inserted after a node whose output is ``x``: the copy computes the identity, so
+        ``grad``, the loss gradient at its add, is the gradient at its branch's output."""
+        weight = branch.module.get_parameter(self.merit_param)
+        with torch.enable_grad():  # called from a backward hook, where autograd records nothing
+            return torch.autograd.grad(branch.module(x), weight, grad)[0]
+
+    def forward_flops(self) -> int:
+        return sum(self.graph.node(n.name).flops() for n in self.nodes)
+
+    def merit_gradient_flops(self) -> int:
+        """The branch forward, and backward to its last layer (input gradients of every node,
+        an upper bound), per sample."""
+        return sum(node.flops() + node.opdef.input_gradient_flops(node.args, node.in_shapes, node.out_shape)
+                   for node in (self.graph.node(n.name) for n in self.nodes[:len(self.template.branch)]))
+
+
+def plan_block(network: Network, block: str, after: str | None = None, seed: int = 0) -> BlockPlan:
+    """Plan a copy of the residual block ending at ``block`` after node ``after`` (default:
+    the block's output): see ``insert_block``."""
     graph = network.graph.copy()
     template = _block_named(graph, block)
     after = after or template.output
@@ -172,24 +231,55 @@ def insert_block(network: Network, block: str, after: str | None = None, seed: i
         raise fail(f"the copy does not fit: {err.message}") from None
     if graph.node(copies[-1].name).out_shape != tuple(shape):
         raise fail(f"the copy gives shape {list(graph.node(copies[-1].name).out_shape)}, not {list(shape)}")
-    branch_end = template.branch[-1]
-    last = last_layer(graph, renamed[branch_end], {c.name for c in copies})
+    last = last_layer(graph, renamed[template.branch[-1]], {c.name for c in copies})
     if last is None:
         raise fail("its branch does not end in a layer whose parameters can make it zero")
-    values, record = _copied_values(network, graph, template, copies, prefix, seed), Record("insert-block")
+    values = _copied_values(network, graph, template, copies, prefix, seed)
     zeroed_node, roles = last
-    for name in list(values):
+    for name in values:
         node, _, role = name.partition(".")
         if node == zeroed_node and role in roles:
             values[name] = torch.zeros_like(values[name])
+    return BlockPlan(template, after, copies, values, last, graph)
+
+
+def block_at(graph: LayerGraph, boundary: str) -> Block:
+    """The block whose copy goes at a block boundary: the block that ends there, else the
+    identity-shortcut block that starts there."""
+    blocks = find_blocks(graph)
+    return next(b for b in blocks if b.output == boundary or (b.entry == boundary and not b.shortcut))
+
+
+def block_candidates(network: Network) -> dict[str, BlockPlan]:
+    """SensLI's block candidates by id (``block:<after>``): at every block boundary a copy of
+    ``block_at`` that boundary with its last layer zero."""
+    return {f"block:{after}": plan_block(network, block_at(network.graph, after).output, after)
+            for after in block_boundaries(network.graph)}
+
+
+@gc_paused()
+def insert_block(network: Network, block: str, after: str | None = None, seed: int = 0) -> tuple[Network, Record]:
+    """Insert after node ``after`` (default: the block's output) a copy of the residual block
+    ending at ``block``, with an identity shortcut and the last layer of its branch zero: the
+    function is unchanged, the zeroed layer's gradient is not. Weights are copied from the
+    block where their shapes agree (strides become 1: the copy keeps the shape), else drawn
+    from ``seed``."""
+    plan = plan_block(network, block, after, seed)
+    record = Record("insert-block")
+    zeroed_node, roles = plan.zeroed
+    prefix_length = len(plan.nodes[0].name) - len(plan.template.branch[0])
+    old = network.state()
+    for name, value in plan.values.items():
+        node, _, role = name.partition(".")
+        source = name[prefix_length:]
+        if node == zeroed_node and role in roles:
             record.origins[name] = Origin.new("zeros")
         else:
-            source = f"{name[len(prefix) + 1:]}"
-            record.origins[name] = Origin.carried(source) if source in network.state() and \
-                network.state()[source].shape == values[name].shape else Origin.new("default")
-    record.notes.append(f"inserted a copy of block '{template.output}' after '{after}' ({len(copies)} nodes), "
-                        f"'{zeroed_node}' ({', '.join(roles)}) zero")
-    return rebuild(network, graph, record, values), record
+            record.origins[name] = Origin.carried(source) if source in old and \
+                old[source].shape == value.shape else Origin.new("default")
+    record.notes.append(f"inserted a copy of block '{plan.template.output}' after '{plan.after}' ({len(plan.nodes)} "
+                        f"nodes), '{zeroed_node}' ({', '.join(roles)}) zero")
+    return rebuild(network, plan.graph, record, dict(plan.values)), record
 
 
 def _copied_values(network: Network, graph: LayerGraph, template: Block, copies: list[Node], prefix: str,

@@ -8,7 +8,7 @@ from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .insert import IdentityPlan, apply_plan, plan_identity, _init_name
 from .record import CandidateInfo, Origin, Record, gc_paused, rebuild
-from .units import UnitMap, keep_units, trace_units
+from .units import UnitMap, keep_units, set_units, trace_units
 from .widen import apply_maps, plan_widen
 
 KINDS = ("layers", "neurons")
@@ -97,6 +97,11 @@ def widenable(graph: LayerGraph) -> list[str]:
     return names
 
 
+def head_layers(graph: LayerGraph) -> list[str]:
+    """Layers with heads (attention), which ``widen`` grows by heads."""
+    return [node.name for node in graph.nodes if node.opdef.head_arg is not None]
+
+
 def candidate_gradient(grads: dict[str, torch.Tensor], info: CandidateInfo) -> list[torch.Tensor]:
     """The merit slices of a candidate cut out of a {parameter name: gradient} dict."""
     pieces = []
@@ -125,9 +130,7 @@ def keep_candidates(network: Network, record: Record, keep) -> tuple[Network, Re
             kept = keep_units(coupling.units, list(range(info.units[0])))
             for axis in coupling.axes:
                 maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, kept, before=axis.before))
-            for producer in coupling.producers:
-                node = graph.node(producer)
-                node.args = {**node.args, node.opdef.width_arg: info.units[0]}
+            set_units(graph, coupling, info.units[0])
             graph.infer_shapes()
             continue
         last = info.nodes[-1]

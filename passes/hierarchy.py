@@ -11,9 +11,9 @@ from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .blocks import Block, find_blocks, last_layer
 from .extend import widenable
-from .units import UnitAxis, UnitMap, trace_units
+from .units import UnitAxis, UnitMap, set_units, trace_units
 
-INTERPOLATIONS = ("constant", "linear")
+INTERPOLATIONS = ("constant", "linear", "identity")  # identity: residual blocks only
 RESTRICTIONS = ("half-transpose", "injection")
 SCALINGS = ("average", "orthonormal")
 
@@ -150,6 +150,10 @@ def coarsen_depth(network: Network, interpolation: str = "constant",
     if not stages:
         raise GraphgrowError(f"network '{graph.name}' has no residual blocks to coarsen", file=graph.source,
                              hint="depth hierarchies need ResNet stages (chains of residual nodes)")
+    if interpolation == "identity":
+        raise GraphgrowError(f"identity interpolation needs residual blocks as subgraphs; '{stages[0][0]}' is a "
+                             "residual node, whose coarse block doubles h, so no fine pair computes it exactly",
+                             file=graph.source, node=stages[0][0], hint="use constant or linear interpolation")
     coarse = graph.copy()
     maps = []
     for stage in stages:
@@ -184,30 +188,54 @@ def _signature(graph: LayerGraph, block: Block) -> list:
             for n in block.nodes]
 
 
-def block_stages(graph: LayerGraph) -> list[list[Block]]:
-    """Maximal chains of equal residual blocks with identity shortcuts (passes.blocks), each
-    block reading the previous one's output alone: the stages of a ResNet, a transformer."""
-    stages: list[list[Block]] = []
+def block_stages(graph: LayerGraph) -> list[list[tuple[Block, ...]]]:
+    """Stages of residual blocks (passes.blocks) with identity shortcuts, each block reading the
+    previous one's output alone, as lists of equal groups of consecutive blocks: a ResNet stage
+    is a run of equal blocks (groups of one), a transformer's encoder blocks are groups of two
+    (an attention and an MLP sub-block). A chain that repeats one group throughout is one
+    stage, with the shortest such group; otherwise every run of equal blocks is one."""
+    chains: list[list[Block]] = []
     for block in find_blocks(graph):
-        previous = stages[-1][-1] if stages and stages[-1] else None
+        previous = chains[-1][-1] if chains and chains[-1] else None
         if block.shortcut:
-            stages.append([])
+            chains.append([])
         elif (previous is not None and block.entry == previous.output and previous.output not in graph.outputs
-              and set(graph.consumers(previous.output)) <= set(block.nodes)
-              and _signature(graph, previous) == _signature(graph, block)):
-            stages[-1].append(block)
+              and set(graph.consumers(previous.output)) <= set(block.nodes)):
+            chains[-1].append(block)
         else:
-            stages.append([block])
-    return [stage for stage in stages if stage]
+            chains.append([block])
+    return [stage for chain in chains if chain for stage in _periodic_stages(graph, chain)]
+
+
+def _periodic_stages(graph: LayerGraph, chain: list[Block]) -> list[list[tuple[Block, ...]]]:
+    signatures = [_signature(graph, block) for block in chain]
+    for period in range(1, len(chain) // 2 + 1):
+        if len(chain) % period == 0 and all(sig == signatures[k % period] for k, sig in enumerate(signatures)):
+            return [[tuple(chain[k:k + period]) for k in range(0, len(chain), period)]]
+    stages: list[list[tuple[Block, ...]]] = []
+    for k, block in enumerate(chain):
+        if k and signatures[k] == signatures[k - 1]:
+            stages[-1].append((block,))
+        else:
+            stages.append([(block,)])
+    return stages
+
+
+def _group_nodes(group: tuple[Block, ...]) -> list[str]:
+    return [name for block in group for name in block.nodes]
 
 
 def coarsen_block_depth(network: Network, interpolation: str = "constant",
                         restriction: str = "half-transpose") -> Transfer:
-    """Halve every stage of two or more equal blocks (even count): the depth hierarchy of
-    Example 3.34 on residual blocks whose branch is any subgraph. The coarse block's branch is
-    doubled (h -> 2h) by doubling the roles that zero its last layer (``zero_output_roles``):
-    their restriction is 2R and prolongation P/2, so R P = I still. Buffers (batch-norm
-    statistics) are restricted by injection and prolonged by copies."""
+    """Halve every stage of two or more equal groups of blocks (even count): the depth hierarchy
+    of Example 3.34 on residual blocks whose branch is any subgraph (ResNet blocks, transformer
+    encoder blocks). The coarse block's branch is doubled (h -> 2h) by doubling the roles that
+    zero its last layer (``zero_output_roles``): their restriction is 2R and prolongation P/2,
+    so R P = I still. ``identity`` interpolation prolongs exactly instead: fine group 2j is
+    coarse group j, fine group 2j+1 a copy with its last layers zero (the identity), so the
+    prolonged network computes the coarse network's function; its last layers restrict by the
+    sum (half-transpose) or by injection. Buffers (batch-norm statistics) are restricted by
+    injection and prolonged by copies."""
     graph = network.graph
     _check_depth_options(interpolation, restriction)
     stages = [stage for stage in block_stages(graph) if len(stage) > 1]
@@ -220,29 +248,37 @@ def coarsen_block_depth(network: Network, interpolation: str = "constant",
     for stage in stages:
         first = stage[0]
         if len(stage) % 2:
-            raise GraphgrowError(f"the block stage starting at '{first.output}' has {len(stage)} blocks; "
-                                 "halving needs an even number", file=graph.source, node=first.output,
+            raise GraphgrowError(f"the block stage starting at '{first[-1].output}' has {len(stage)} blocks; "
+                                 "halving needs an even number", file=graph.source, node=first[-1].output,
                                  hint="use an even number of blocks per stage (or fewer levels)")
         kept, dropped = stage[0::2], stage[1::2]
         for keep, drop in zip(kept, dropped):
-            for reader in coarse.consumers(drop.output):
-                coarse.set_inputs(reader, [keep.output if i == drop.output else i for i in coarse.node(reader).inputs])
-            coarse.outputs = [keep.output if o == drop.output else o for o in coarse.outputs]
-            for name in reversed(drop.nodes):
+            for reader in coarse.consumers(drop[-1].output):
+                coarse.set_inputs(reader, [keep[-1].output if i == drop[-1].output else i
+                                           for i in coarse.node(reader).inputs])
+            coarse.outputs = [keep[-1].output if o == drop[-1].output else o for o in coarse.outputs]
+            for name in reversed(_group_nodes(drop)):
                 coarse.remove(name)
-        P = depth_prolongation(len(kept), interpolation)
-        R = 0.5 * P.T if restriction == "half-transpose" else injection(len(kept))
         copies, inject = depth_prolongation(len(kept), "constant"), injection(len(kept))
-        last, doubled = last_layer(graph, first.branch[-1], set(first.nodes)) or (None, ())
-        for position, name in enumerate(first.nodes):
+        half = 0.5 * copies.T if restriction == "half-transpose" else inject
+        if interpolation == "identity":
+            P, R = copies, half
+            P_last, R_last = inject.T, (copies.T if restriction == "half-transpose" else inject)
+        else:
+            P = depth_prolongation(len(kept), interpolation)
+            R = 0.5 * P.T if restriction == "half-transpose" else inject
+            P_last, R_last = P / 2, 2 * R
+        last = dict(filter(None, (last_layer(graph, block.branch[-1], set(block.nodes)) for block in first)))
+        positions = _group_nodes(first)
+        for position, name in enumerate(positions):
             params = graph.node(name).param_shapes()
             for key in [k[len(name) + 1:] for k in state if k.startswith(f"{name}.")]:
-                fine = [f"{b.nodes[position]}.{key}" for b in stage]
-                coarse_names = [f"{b.nodes[position]}.{key}" for b in kept]
+                fine = [f"{_group_nodes(g)[position]}.{key}" for g in stage]
+                coarse_names = [f"{_group_nodes(g)[position]}.{key}" for g in kept]
                 if key not in params:
                     maps.append(StackMap(fine, coarse_names, copies, inject))
-                elif name == last and key in doubled:
-                    maps.append(StackMap(fine, coarse_names, P / 2, 2 * R))
+                elif key in last.get(name, ()):
+                    maps.append(StackMap(fine, coarse_names, P_last, R_last))
                 else:
                     maps.append(StackMap(fine, coarse_names, P, R))
     coarse.infer_shapes()
@@ -327,9 +363,7 @@ def coarsen_width(network: Network, layers: list[str] | None = None, groups: lis
         layer_groups = _check_groups(graph, layer, coupling.units, groups)
         P, R = unit_matrices(coupling.units, layer_groups, scaling)
         maps.append(AxisMap(coupling.axes, P, R))
-        for producer in coupling.producers:
-            node = coarse.node(producer)
-            node.args = {**node.args, node.opdef.width_arg: len(layer_groups)}
+        set_units(coarse, coupling, len(layer_groups))
         coarse.infer_shapes()
     return Transfer(network, coarse, maps, "width")
 

@@ -9,7 +9,7 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network, get_op
 
 from .record import Record, function_change, gc_paused, rebuild
-from .units import StateView, UnitCoupling, UnitMap, keep_units, trace_units, unit_entries
+from .units import StateView, UnitCoupling, UnitMap, keep_units, set_units, trace_units, unit_entries
 from .widen import apply_maps
 
 CRITERIA = ("magnitude", "sensitivity")
@@ -146,9 +146,7 @@ def prune(network: Network, layer: str | None = None, count: int = 1, units: lis
         maps = {}
         for axis in coupling.axes:
             maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, kept, before=axis.before))
-        for producer in coupling.producers:
-            node = graph.node(producer)
-            node.args = {**node.args, node.opdef.width_arg: n - len(units)}
+        set_units(graph, coupling, n - len(units))
         record.notes.append(f"removed units {units} of {', '.join(coupling.producers)}")
         new = rebuild(network, graph, record, apply_maps(network, maps, record))
     if measure:

@@ -65,11 +65,38 @@ def trace_units(graph: LayerGraph, layer: str, state_names) -> UnitCoupling:
         raise error.located(node=layer)
     fail = lambda message, where=layer, hint=None: GraphgrowError(
         message, file=graph.source, node=where, hint=hint)
+    if node.opdef.head_arg is not None:
+        return _head_coupling(node, state_names)
     if not node.opdef.widens(node.args) and not node.opdef.ties_units:
         raise fail(f"'{layer}' ({node.op}) has no output units to widen",
                    hint=f"layers with units: {', '.join(layers_with_units(graph)) or 'none'}")
     carriers = _carriers(graph, layer, fail)
     return _place(graph, layer, carriers, state_names, fail)
+
+
+def _head_coupling(node, state_names) -> UnitCoupling:
+    """The heads of an attention layer as units: head_dim entries each, on the rows of the
+    query, key and value projections (three copies of the heads, stacked) and on the columns
+    of the output projection. The layer is producer and consumer; its output width (the
+    tokens') does not change, so nothing outside it is tied to the heads."""
+    op = node.opdef
+    block = op.head_dim(node.args, node.in_shapes)
+    axes = [UnitAxis(f"{node.name}.{role}", axis, block, side, before=(0,) * copies)
+            for role, (axis, copies, side) in op.head_roles(node.args, node.in_shapes).items()
+            if f"{node.name}.{role}" in state_names]
+    return UnitCoupling(node.name, node.args[op.head_arg], axes, [node.name], [node.name])
+
+
+def set_units(graph: LayerGraph, coupling: UnitCoupling, units: int) -> None:
+    """Set the width argument of the group's producing layers to ``units`` (for attention the
+    number of heads, with their width made explicit)."""
+    for producer in coupling.producers:
+        node = graph.node(producer)
+        op = node.opdef
+        if op.head_arg is not None:
+            node.args = {**node.args, op.head_arg: units, "head_dim": op.head_dim(node.args, node.in_shapes)}
+        else:
+            node.args = {**node.args, op.width_arg: units}
 
 
 def _carriers(graph: LayerGraph, layer: str, fail) -> set[str]:
@@ -116,9 +143,9 @@ def _refusal(reader, layer: str, fail) -> GraphgrowError:
 
 
 def _place(graph: LayerGraph, layer: str, carriers: set[str], state_names, fail) -> UnitCoupling:
-    """Walk the graph in order: blocks and offsets of the group's units at every node that holds
-    them, and the tensor axes they occupy."""
-    placed: dict[str, tuple[int, tuple[int, ...]]] = {}  # node -> (entries per unit, offsets)
+    """Walk the graph in order: blocks, offsets and dimension of the group's units at every node
+    that holds them, and the tensor axes they occupy."""
+    placed: dict[str, tuple[int, tuple[int, ...], int]] = {}  # node -> (entries per unit, offsets, dim)
     axes: list[UnitAxis] = []
     producers, consumers = [], []
     roles = lambda node, side, block, offsets=(0,): [
@@ -130,41 +157,48 @@ def _place(graph: LayerGraph, layer: str, carriers: set[str], state_names, fail)
         op, name = node.opdef, node.name
         sources = [s for s in node.inputs if s in placed]
         if op.widens(node.args) and sources:  # a consumer: its columns
-            block, offsets = placed[sources[0]]
-            if len(sources) != 1 or not _reads_units_on_axis_0(node, block):
+            block, offsets, dim = placed[sources[0]]
+            if len(sources) != 1 or not _reads_units(node, block, dim):
                 raise _refusal(node, layer, fail)
             consumers.append(name)
             axes += roles(node, 1, block, offsets)
         if name in carriers:
             if op.widens(node.args):
-                if len(node.out_shape) not in (1, 3):
+                dim = _output_units_dim(node)
+                if dim is None:
                     raise fail(f"'{name}' has output shape {list(node.out_shape)}; units are widened on "
-                               "vectors (C,) and images (C, H, W) only", where=name)
+                               "vectors (C,), images (C, H, W) and the features of tokens (N, D) only",
+                               where=name)
                 producers.append(name)
                 axes += roles(node, 0, 1)
-                placed[name] = (1, (0,))
+                placed[name] = (1, (0,), dim)
                 continue
-            blocks = {placed[s][0] for s in node.inputs}
-            if len(blocks) != 1:
-                raise fail(f"'{name}' ties units laid out in different blocks {sorted(blocks)}", where=name)
-            block = _block_after(node, blocks.pop())
+            layouts = {placed[s][0::2] for s in node.inputs}
+            if len(layouts) != 1:
+                raise fail(f"'{name}' ties units laid out in different blocks or dimensions "
+                           f"{sorted(layouts)}", where=name)
+            block, dim = layouts.pop()
+            if dim and not (op.ties_units or op.passes_units_anywhere):
+                raise _refusal(node, layer, fail)
+            block = _block_after(node, block)
             if op.ties_units:
                 axes += roles(node, 0, block) + roles(node, 1, block)
             axes += _state_axes(node, block, (0,), state_names)
-            placed[name] = (block, (0,))
+            placed[name] = (block, (0,), dim)
         elif sources and not op.widens(node.args):
             starts = op.input_unit_offsets(node.args, node.in_shapes)
             if starts is not None:  # concat: each placed input's units at its start
-                if {placed[s][0] for s in sources} != {1}:  # flattened units: blocks need not align
+                if {placed[s][0::2] for s in sources} != {(1, 0)}:  # flattened units: blocks need not align
                     raise _refusal(node, layer, fail)
                 offsets = tuple(sorted(start + o for source, start in zip(node.inputs, starts)
                                        if source in placed for o in placed[source][1]))
-                placed[name] = (1, offsets)
-            elif op.passes_units_through and len(node.inputs) == 1:
-                block, offsets = placed[sources[0]]
+                placed[name] = (1, offsets, 0)
+            elif op.passes_units_through and len(node.inputs) == 1 and (op.passes_units_anywhere
+                                                                        or not placed[sources[0]][2]):
+                block, offsets, dim = placed[sources[0]]
                 block = _block_after(node, block)
                 axes += _state_axes(node, block, offsets, state_names)
-                placed[name] = (block, offsets)
+                placed[name] = (block, offsets, dim)
             else:  # concatenated units reaching add, a residual block or another op
                 raise _refusal(node, layer, fail)
             if name in graph.outputs:
@@ -180,6 +214,16 @@ def _place(graph: LayerGraph, layer: str, carriers: set[str], state_names, fail)
     return UnitCoupling(layer, units, axes, consumers, producers)
 
 
+def _output_units_dim(node) -> int | None:
+    """The per-sample dimension of a widenable layer's output that holds its units, the one it
+    reads its input units from (a conv2d's channels, a linear layer's last dimension): the
+    first of a vector or an image, or the features of tokens (N, D); None elsewhere (a linear
+    layer on images acts on their width)."""
+    rank = len(node.out_shape)
+    dim = node.opdef.input_units_dim % rank
+    return dim if (dim == 0 and rank in (1, 3)) or (dim == 1 and rank == 2) else None
+
+
 def _block_after(node, block: int) -> int:
     """Entries per unit at the output of a pass-through op (flatten turns a channel into H*W)."""
     in_shape = node.in_shapes[0]
@@ -192,11 +236,11 @@ def _state_axes(node, block: int, offsets, state_names) -> list[UnitAxis]:
             if f"{node.name}.{role}" in state_names]
 
 
-def _reads_units_on_axis_0(reader, block: int) -> bool:
-    """The consumer's input units are the first per-sample dimension, which carries the
-    widened units (in blocks only on vectors, after a flatten)."""
+def _reads_units(reader, block: int, dim: int) -> bool:
+    """The consumer's input units are the per-sample dimension ``dim`` that carries the widened
+    units (in blocks only on vectors, after a flatten)."""
     rank = len(reader.in_shapes[0])
-    return reader.opdef.input_units_dim % rank == 0 and (rank == 1 or block == 1)
+    return reader.opdef.input_units_dim % rank == dim and (rank == 1 or block == 1)
 
 
 class StateView(Mapping):

@@ -7,7 +7,7 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .record import Origin, Record, rebuild
-from .units import StateView, UnitCoupling, UnitMap, composed, trace_units
+from .units import StateView, UnitCoupling, UnitMap, composed, set_units, trace_units
 
 METHODS = ("sensli", "split")
 
@@ -71,9 +71,7 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
                 fill = lambda shape, s=draw_seed: scale * torch.randn(
                     shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
         maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, matrix, fill, axis.before))
-    for producer in coupling.producers:
-        producer_node = graph.node(producer)
-        producer_node.args = {**producer_node.args, producer_node.opdef.width_arg: n + by}
+    set_units(graph, coupling, n + by)
 
 
 def _is_weight(graph: LayerGraph, tensor: str) -> bool:
@@ -104,6 +102,7 @@ def widen(network: Network, layer: str, by: int, method: str = "sensli", scale: 
     plan_widen(graph, coupling, by, method, scale=scale, alpha=alpha, units=units,
                generator=torch.Generator().manual_seed(seed), maps=maps, incoming=incoming)
     record = Record("widen")
-    record.notes.append(f"widened {', '.join(coupling.producers)} by {by} units ({method}); "
+    what = "heads" if network.graph.node(layer).opdef.head_arg else "units"
+    record.notes.append(f"widened {', '.join(coupling.producers)} by {by} {what} ({method}); "
                         f"consumers: {', '.join(coupling.consumers)}")
     return rebuild(network, graph, record, apply_maps(network, maps, record)), record

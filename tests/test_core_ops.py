@@ -14,6 +14,7 @@ from graphgrow.compiler import compile_graph
 from graphgrow.errors import GraphgrowError
 from graphgrow.ir import graph_from_text
 from graphgrow.ops import registered_ops
+from graphgrow.ops.attention import HeadAttention
 
 BATCH = 3
 
@@ -81,13 +82,15 @@ def max_pool_reference(x, kernel, stride, pad_before, pad_after):
     return unfold_windows(x, kernel, stride).amax(dim=2)
 
 
-def attention_reference(x, p, heads, causal=False, ignored_keys=None):
-    """Multi-head self-attention written out: projections, per-head softmax(q k^T / sqrt(d)) v;
-    the weights of keys after the query (causal) and of ``ignored_keys`` (batch, tokens) zero."""
+def attention_reference(x, p, heads, causal=False, ignored_keys=None, head_dim=None):
+    """Multi-head self-attention written out: projections, per-head softmax(q k^T / sqrt(d)) v
+    (d = head_dim, default width / heads); the weights of keys after the query (causal) and of
+    ``ignored_keys`` (batch, tokens) zero."""
     batch, tokens, width = x.shape
+    d = head_dim or width // heads
     q, k, v = (x @ w.T + b for w, b in zip(p["in_proj_weight"].chunk(3), p["in_proj_bias"].chunk(3)))
-    split = lambda t: t.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
-    scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(width // heads)
+    split = lambda t: t.reshape(batch, tokens, heads, d).transpose(1, 2)
+    scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(d)
     kept = torch.ones(batch, 1, tokens, tokens, dtype=torch.bool)
     if causal:
         kept = kept & torch.ones(tokens, tokens, dtype=torch.bool).tril()
@@ -95,7 +98,7 @@ def attention_reference(x, p, heads, causal=False, ignored_keys=None):
         kept = kept & ~ignored_keys[:, None, None, :]
     weights = torch.exp(scores) * kept
     weights = weights / weights.sum(-1, keepdim=True)
-    merged = (weights @ split(v)).transpose(1, 2).reshape(batch, tokens, width)
+    merged = (weights @ split(v)).transpose(1, 2).reshape(batch, tokens, heads * d)
     return merged @ p["out_proj.weight"].T + p["out_proj.bias"]
 
 
@@ -274,6 +277,9 @@ CASES = [
       "{name: t, op: scaled_dot_product_attention, inputs: [input, input, input, m]}"], (2, 3, 3),
      lambda xs, p: masked_attention_reference(xs[0], xs[1], xs[2], xs[3]),
      lambda i, o: counted_attention_flops(i[:3]) + 6 * 2 * 3 * 3),
+    ("attention_head_dim", ["{name: t, op: attention, heads: 3, head_dim: 2}"], (3, 4),
+     lambda xs, p: attention_reference(xs[0], p, 3, head_dim=2),
+     lambda i, o: (3 * 6 + 4) * 3 + 3 * 6 + 5 * 3 * 3 * 3 + counted_attention_flops([(3, 3, 2)] * 3)),
     ("scaled_dot_product_attention_causal",
      ["{name: q, op: scale, factor: 0.5}", "{name: t, op: scaled_dot_product_attention, inputs: [q, input, input], "
       "causal: true}"], (2, 4, 3), lambda xs, p: causal_attention_reference(xs[0], xs[1], xs[2]),
@@ -354,7 +360,7 @@ def test_flops_against_an_independent_count(case):
     if submodule is not None:
         probe = torch.zeros(1, *node.in_shapes[0], dtype=torch.float64)
         with FlopCounterMode(display=False) as counter:  # attention reads its input thrice (q, k, v)
-            submodule.eval()(*(probe,) * (3 if isinstance(submodule, nn.MultiheadAttention) else 1))
+            submodule.eval()(*(probe,) * (3 if isinstance(submodule, (nn.MultiheadAttention, HeadAttention)) else 1))
         matmul_flops = counter.get_total_flops()
     assert node.flops() == matmul_flops + elementwise(node.in_shapes, node.out_shape)
 
@@ -500,3 +506,21 @@ def test_the_new_ops_export_in_both_formats(tmp_path):
         for fmt, suffix in (("export", "pt2"), ("torchscript", "pt")):
             loaded = load_exported(export(module, graph, tmp_path / f"new_ops.{suffix}", fmt))
             torch.testing.assert_close(loaded(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_head_attention_reads_masks_as_multihead_attention(train):
+    """Grown attention (HeadAttention, what widening heads compiles to) with heads x head_dim = D
+    computes nn.MultiheadAttention's function with the same weights, also with the causal mask
+    and a key padding mask (the masks a spec gives it), in float64."""
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(6, 3, batch_first=True, dtype=torch.float64).train(train)
+    grown = HeadAttention(6, 3, 2, bias=True, dropout=0.0).double().train(train)
+    grown.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    padding = torch.tensor([[False] * 4 + [True], [False] * 5])
+    for kwargs in ({}, {"attn_mask": causal, "is_causal": True}, {"key_padding_mask": padding},
+                   {"attn_mask": causal, "key_padding_mask": padding}):
+        expected = reference(x, x, x, need_weights=False, **kwargs)[0]
+        torch.testing.assert_close(grown(x, x, x, need_weights=False, **kwargs)[0], expected, rtol=1e-12, atol=1e-12)

@@ -55,6 +55,8 @@ def test_passes_on_cuda_stay_there_and_preserve_the_function(spec):
     results += [passes.prune(passes.widen(network, layer, 2)[0], layer, count=2)[0]
                 for layer in passes.widenable(network.graph)[:2]]
     results += [passes.insert_block(network, block.output)[0] for block in passes.find_blocks(network.graph)[:2]]
+    results += [passes.widen(network, layer, 1, method=m)[0] for layer in passes.head_layers(network.graph)[:1]
+                for m in ("sensli", "split")]
     for result in results:
         assert all(t.device.type == "cuda" for t in result.state().values())
         result.module.eval()
@@ -90,3 +92,16 @@ def test_an_mgopt_run_on_cuda_resumes_on_cuda_in_its_dtype(tmp_path, monkeypatch
     assert resumed.network.device.type == "cuda" and resumed.network.dtype == torch.float64
     for name, value in whole.network.state().items():
         assert torch.allclose(resumed.network.state()[name], value, rtol=1e-10, atol=1e-12), name
+
+
+def test_block_candidates_on_cuda_match_cpu():
+    from types import SimpleNamespace
+    from graphgrow.sensli import sensitivities
+    generator = torch.Generator().manual_seed(0)
+    data = SimpleNamespace(x_train=torch.randn(8, 3, 32, 32, generator=generator, dtype=torch.float64),
+                           y_train=torch.randint(0, 10, (8,), generator=generator))
+    reports = {device: sensitivities(load_network(str(ROOT / "specs" / "resnet_small.yaml"), 0).to(device, torch.float64),
+                                     data, batch=4, candidates="blocks") for device in ("cpu", "cuda")}
+    assert reports["cpu"].candidates
+    for cpu, cuda in zip(reports["cpu"].candidates, reports["cuda"].candidates):
+        assert cpu.position == cuda.position and relative(cuda.merit, cpu.merit) < 1e-8

@@ -49,6 +49,10 @@ def every_pass(network: Network):
             yield (f"widen {layer} {method}",) + passes.widen(network, layer, 2, method=method)
         # meta tensors have no values to score or measure: the units are named
         yield (f"prune {layer}",) + passes.prune(network, layer, units=[0], measure=False)
+    for layer in passes.head_layers(network.graph):  # attention heads
+        for method in ("sensli", "split"):
+            yield (f"widen heads {layer} {method}",) + passes.widen(network, layer, 2, method=method)
+        yield (f"prune heads {layer}",) + passes.prune(network, layer, units=[0], measure=False)
     for block in passes.find_blocks(network.graph):
         yield (f"insert-block {block.output}",) + passes.insert_block(network, block.output)
     if passes.widenable(network.graph):

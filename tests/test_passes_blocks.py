@@ -117,7 +117,7 @@ def test_depth_hierarchy_on_an_imported_resnet(restriction):
     from passes.hierarchy import block_stages
     torch.manual_seed(0)
     network = import_module(FAMILIES["resnet_basic"][0]().double(), (3, 32, 32))
-    stages = [[b.output for b in stage] for stage in block_stages(network.graph) if len(stage) > 1]
+    stages = [[group[-1].output for group in stage] for stage in block_stages(network.graph) if len(stage) > 1]
     assert stages == [["layer1_0_relu_1", "layer1_1_relu_1"]]
     fine, coarse = build_hierarchy(network, "depth", levels=2, restriction=restriction)
     transfer = coarse.transfer

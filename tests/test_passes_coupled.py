@@ -4,8 +4,6 @@ initialisations, the optimizer's next step is the unpassed network's, and groups
 widened exactly are refused with the reason."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +13,7 @@ import passes
 from graphgrow import GraphgrowError, Network, graph_from_text, load_graph
 from passes.units import embed_units, trace_units
 
-from conftest import SPECS_DIR, make_spec_text
+from conftest import SPECS_DIR, assert_next_step_unchanged, make_spec_text
 
 TOLERANCE = 1e-10
 SMALL = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -139,33 +137,10 @@ def test_groups_that_cannot_be_widened_exactly_are_refused(text, node, message):
 @pytest.mark.parametrize("optimizer_class, hyper", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
                                                     (torch.optim.Adam, dict(lr=0.01))])
 def test_next_optimizer_step_equals_the_unpassed_networks(source, layer, optimizer_class, hyper):
-    network = build(source)
-    optimizer = optimizer_class(network.module.parameters(), **hyper)
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-
-    def step(module, opt):
-        opt.zero_grad()
-        ((module(x) - y) ** 2).mean().backward()
-        opt.step()
-
-    for _ in range(3):
-        step(network.module, optimizer)
-    twin = copy.deepcopy(network.module)
-    twin_optimizer = optimizer_class(twin.parameters(), **hyper)
-    twin_optimizer.load_state_dict(optimizer.state_dict())
-    wider, record = passes.widen(network, layer, by=2, method="sensli", seed=3)
-    passes.transfer_optimizer(optimizer, network.module, wider.module, record)
-    step(wider.module, optimizer)
-    step(twin, twin_optimizer)
-    expected = dict(twin.named_parameters())
-    for name, param in wider.module.named_parameters():
-        # the old entries where the record puts them (leading corners; after a concat also further on)
-        place = lambda tensor: record.derive_state(name, [tensor])
-        old_entries = place(torch.ones_like(expected[name])) != 0
-        assert int(old_entries.sum()) == expected[name].numel()
-        torch.testing.assert_close(param.detach()[old_entries], place(expected[name].detach())[old_entries],
-                                   rtol=0, atol=1e-12)
+    assert_next_step_unchanged(build(source), lambda n: passes.widen(n, layer, by=2, method="sensli", seed=3),
+                               optimizer_class, hyper, x, y)
 
 
 # -- generated graphs ----------------------------------------------------------------------------

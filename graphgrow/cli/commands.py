@@ -134,7 +134,7 @@ def cmd_grow(opts) -> int | None:
                    per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
                    momentum=opts.momentum, weight_decay=opts.weight_decay, optimizer=opts.optimizer,
                    damping=opts.damping, loss=opts.loss, sample=opts.sample, widen=opts.widen,
-                   neurons=opts.neurons, out=opts.out,
+                   neurons=opts.neurons, candidates=opts.candidates, out=opts.out,
                    seed=opts.seed, export=not opts.no_export, device=opts.device, dtype=opts.dtype,
                    dist_timeout=opts.dist_timeout, checkpoint_every=opts.checkpoint_every)
     result = grow(**_checked(_resume_options(opts, options, {"export": "no_export"})), progress=not opts.quiet)
@@ -185,7 +185,8 @@ def cmd_sensitivities(opts) -> None:
         network = load_network(opts.spec, opts.seed, opts.weights)
     network = place_network(network, opts.device, opts.dtype)
     report = sensitivities(network, load_data(opts.data, opts.seed), norm=opts.norm, loss=opts.loss,
-                           sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json)
+                           sample=opts.sample, seed=opts.seed, all_norms=opts.all_norms, progress=not opts.json,
+                           candidates=opts.candidates)
     if opts.json:
         print(json.dumps(report.to_json(), indent=2))
         return

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--widen", type=int, default=0, metavar="K", help="add the K best neurons instead of layers (4.4)")
     grow.add_argument("--neurons", choices=("random", "gradmax"), default="random",
                       help="incoming weights of new neurons: random, or gradmax (data-driven, docs/sensli.md)")
+    grow.add_argument("--candidates", choices=("all", "layers", "blocks"), default="all",
+                      help="what an insertion chooses from: identity layers, copies of residual blocks "
+                           "(last layer zero, at block boundaries) or both")
     grow.add_argument("--momentum", type=float, default=0.0)
     grow.add_argument("--weight-decay", type=float, default=0.0)
     grow.add_argument("--optimizer", default="sgd",
@@ -173,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--sample", type=float, default=None)
     sens.add_argument("--seed", type=int, default=0)
     sens.add_argument("--json", action="store_true")
+    sens.add_argument("--candidates", choices=("all", "layers", "blocks"), default="all",
+                      help="score identity layers, copies of residual blocks, or both")
     _add_device_options(sens)
     sens.set_defaults(run=cmd_sensitivities)
 
@@ -194,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     mgopt.add_argument("--backtracking", type=int, default=0, help="halvings of alpha-cgc tried")
     mgopt.add_argument("--no-descent-check", action="store_true", help="accept ascent corrections too")
     mgopt.add_argument("--schedule", default="constant", help="step sizes: constant or diminishing")
-    mgopt.add_argument("--interpolation", default="constant", help="depth prolongation: constant or linear")
+    mgopt.add_argument("--interpolation", default="constant",
+                       help="depth prolongation: constant, linear or identity (exact; residual blocks as subgraphs)")
     mgopt.add_argument("--restriction", default="half-transpose",
                        help="depth restriction: half-transpose (P^T/2) or injection (coarse block j = fine block 2j)")
     mgopt.add_argument("--min-gap", type=int, default=1,

@@ -51,7 +51,7 @@ def run(spec=None, data="spiral", *, hierarchy: str = "depth", levels: int = 2, 
     coarse level, coarsest first; then ``epochs`` on the finest). ``min_gap``: fine SGD steps
     between corrections (0: a V-cycle every iteration); ``same_batch``: every level of a
     correction uses the fine mini-batch; ``momentum``: heavy-ball momentum on every level.
-    ``interpolation`` (constant | linear) is the depth prolongation, ``restriction``
+    ``interpolation`` (constant | linear | identity) is the depth prolongation, ``restriction``
     (half-transpose: R = P^T / 2 | injection: coarse block j = fine block 2j) its restriction.
     One epoch is ceil(train size / batch) fine iterations with mini-batches drawn by ``seed``.
     With ``out`` the run directory gets log.jsonl (step and eval records with wall time and

@@ -9,13 +9,15 @@ batch of another input, as ``concat`` needs for a class token.
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import GraphgrowError
-from .base import Arg, OpDef, boolean, number, numel, positive_int, probability, register_op, require
+from .base import (Arg, OpDef, boolean, kaiming_uniform_init, number, numel, positive_int, probability,
+                   register_op, require)
 from .shape import int_list
 
 
@@ -104,22 +106,66 @@ def _refuse_constant_mask(mask: torch.Tensor | None, true_attends: bool) -> bool
     return mask is not None
 
 
+class HeadAttention(nn.Module):
+    """nn.MultiheadAttention's parameters and computation with heads x head_dim projected
+    features that need not equal the token width D (attention grown by heads): q, k and v of
+    (heads x head_dim) features each, softmax(q k^T / sqrt(head_dim)) v per head, and an output
+    projection (heads x head_dim) -> D."""
+
+    def __init__(self, width: int, heads: int, head_dim: int, bias: bool, dropout: float):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * heads * head_dim, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * heads * head_dim)) if bias else None
+        self.out_proj = nn.Linear(heads * head_dim, width, bias=bias)
+
+    def _heads(self, x: torch.Tensor, part: int) -> torch.Tensor:
+        rows = self.heads * self.head_dim
+        bias = self.in_proj_bias
+        projected = F.linear(x, self.in_proj_weight[part * rows:(part + 1) * rows],
+                             None if bias is None else bias[part * rows:(part + 1) * rows])
+        return projected.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # the masks as nn.MultiheadAttention reads them (bool: True is not attended; float: added),
+        # made one additive mask for F.scaled_dot_product_attention; is_causal is only the hint
+        # that attn_mask is the causal mask, as there
+        mask = None
+        for part in (attn_mask, None if key_padding_mask is None else key_padding_mask[:, None, None, :]):
+            if part is not None:
+                part = (torch.zeros(part.shape, dtype=query.dtype, device=query.device).masked_fill(part, float("-inf"))
+                        if part.dtype == torch.bool else part.to(query.dtype))
+                mask = part if mask is None else mask + part
+        merged = F.scaled_dot_product_attention(self._heads(query, 0), self._heads(key, 1), self._heads(value, 2),
+                                                attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(merged.transpose(1, 2).flatten(2)), None
+
+
+def _optional_positive(value):
+    return None if value is None else positive_int(value)
+
+
 class AttentionOp(OpDef):
     name = "attention"
     doc = ("Multi-head self-attention on tokens (N, D), as nn.MultiheadAttention(D, heads, "
            "batch_first=True) called with the same input as query, key and value; an optional "
-           "second input (N,) is the key padding mask (True or non-zero: the key is ignored).")
-    args = (Arg("heads", positive_int, doc="number of heads; divides the token width"),
+           "second input (N,) is the key padding mask (True or non-zero: the key is ignored); with head_dim "
+           "given, heads of that width whatever D (attention grown by heads).")
+    args = (Arg("heads", positive_int, doc="number of heads; divides the token width unless head_dim is given"),
             Arg("bias", boolean, True), Arg("dropout", probability, 0.0, doc="on the attention weights"),
-            Arg("causal", boolean, False, doc="token i attends to tokens 0..i only"))
+            Arg("causal", boolean, False, doc="token i attends to tokens 0..i only"),
+            Arg("head_dim", _optional_positive, None, doc="features per head; default D / heads"))
     max_inputs = 2
-    roles = {"in_proj_weight": "query, key and value projections stacked, (3D, D)",
-             "in_proj_bias": "(3D,)", "out_proj.weight": "(D, D)", "out_proj.bias": "(D,)"}
+    roles = {"in_proj_weight": "query, key and value projections stacked, (3 heads head_dim, D)",
+             "in_proj_bias": "(3 heads head_dim,)", "out_proj.weight": "(D, heads head_dim)", "out_proj.bias": "(D,)"}
     tuple_output = 0
 
     def output_shape(self, args, in_shapes):
         shape = in_shapes[0]
-        if len(shape) != 2 or shape[1] % args["heads"]:
+        if len(shape) != 2 or args["head_dim"] is None and shape[1] % args["heads"]:
             raise GraphgrowError(f"attention needs tokens (N, D) with D divisible by heads {args['heads']}, "
                                  f"got {list(shape)}", hint="reshape images to tokens, e.g. flatten(start: 2) "
                                                             "and transpose(dim0: 1, dim1: 2)")
@@ -128,11 +174,17 @@ class AttentionOp(OpDef):
                                  f"{list(in_shapes[1])}, not [{shape[0]}]", hint="one entry per token")
         return shape
 
-    def param_shapes(self, args, in_shapes):
+    @staticmethod
+    def inner_width(args, in_shapes) -> int:
+        """heads x head_dim: the features of each of q, k, v."""
         width = in_shapes[0][1]
-        shapes = {"in_proj_weight": (3 * width, width), "out_proj.weight": (width, width)}
+        return width if args["head_dim"] is None else args["heads"] * args["head_dim"]
+
+    def param_shapes(self, args, in_shapes):
+        width, inner = in_shapes[0][1], self.inner_width(args, in_shapes)
+        shapes = {"in_proj_weight": (3 * inner, width), "out_proj.weight": (width, inner)}
         if args["bias"]:
-            shapes.update({"in_proj_bias": (3 * width,), "out_proj.bias": (width,)})
+            shapes.update({"in_proj_bias": (3 * inner,), "out_proj.bias": (width,)})
         return shapes
 
     def flops(self, args, in_shapes, out_shape):
@@ -140,13 +192,27 @@ class AttentionOp(OpDef):
         adds; the biases, the 1/sqrt(d) scaling and a softmax of 5 per weight (masks change no
         count: masked weights are computed too)."""
         tokens, width = in_shapes[0]
-        matmuls = 2 * tokens * width * 4 * width + 2 * 2 * tokens * tokens * width
-        bias = 4 * tokens * width if args["bias"] else 0
-        return matmuls + bias + tokens * width + 5 * args["heads"] * tokens * tokens
+        inner = self.inner_width(args, in_shapes)
+        matmuls = 2 * tokens * width * 4 * inner + 2 * 2 * tokens * tokens * inner
+        bias = (3 * inner + width) * tokens if args["bias"] else 0
+        return matmuls + bias + tokens * inner + 5 * args["heads"] * tokens * tokens
 
     def build_module(self, args, in_shapes):
-        return nn.MultiheadAttention(in_shapes[0][1], args["heads"], dropout=args["dropout"], bias=args["bias"],
+        width = in_shapes[0][1]
+        if self.inner_width(args, in_shapes) != width:
+            return HeadAttention(width, args["heads"], args["head_dim"], args["bias"], args["dropout"])
+        return nn.MultiheadAttention(width, args["heads"], dropout=args["dropout"], bias=args["bias"],
                                      batch_first=True)
+
+    def default_init(self, module, args, generator):
+        """nn.MultiheadAttention's initialisation drawn from the seed: Xavier-uniform q, k, v
+        projections, the output projection as a linear layer, zero biases."""
+        with torch.no_grad():
+            nn.init.xavier_uniform_(module.in_proj_weight, generator=generator)
+            kaiming_uniform_init(module.out_proj.weight, None, generator)
+            for bias in (module.in_proj_bias, module.out_proj.bias):
+                if bias is not None:
+                    bias.zero_()
 
     def emit(self, graph, name, args, inputs, as_module):
         x = inputs[0]
@@ -158,6 +224,20 @@ class AttentionOp(OpDef):
             kwargs.update(attn_mask=mask, is_causal=True)
         both = graph.create_node("call_module", name, (x, x, x), kwargs, name=f"{name}_and_weights")
         return graph.create_node("call_function", operator.getitem, (both, 0), {}, name=name)
+
+    #: the heads are inner units: each owns head_dim rows of q, k and v and head_dim columns of
+    #: the output projection; the output (the tokens' width) does not show them
+    head_arg = "heads"
+
+    def head_roles(self, args, in_shapes) -> dict[str, tuple[int, int, str]]:
+        """Per role holding the heads: (axis, copies of the heads on it, side: rows or columns)."""
+        roles = {"in_proj_weight": (0, 3, "rows"), "out_proj.weight": (1, 1, "columns")}
+        if args["bias"]:
+            roles["in_proj_bias"] = (0, 3, "rows")
+        return roles
+
+    def head_dim(self, args, in_shapes) -> int:
+        return self.inner_width(args, in_shapes) // args["heads"]
 
     def zero_output_roles(self, args, in_shapes):
         # the output projection only: the values stay non-zero, so its gradient does too

@@ -263,11 +263,18 @@ class OpDef:
     #: unit i (features of a vector, channels of an image) of the input is unit i of the
     #: output: elementwise ops, pooling, dropout, batchnorm, flatten. Widening looks through.
     passes_units_through: bool = False
+    #: passes units through wherever they sit (elementwise ops, dropout, stochastic depth), also
+    #: on the last dimension of tokens (N, D) that a linear layer's units occupy; the other
+    #: pass-through ops (pooling, batchnorm, flatten) hold them on the first dimension only
+    passes_units_anywhere: bool = False
     #: sigma(sigma(x)) == sigma(x): after such an activation, an identity-initialised layer
     #: followed by the same activation computes the identity (thesis 4.11, 4.15).
     idempotent: bool = False
     #: the argument holding the number of output units of a widenable op
     width_arg: str | None = None
+    #: the argument counting an op's heads (attention): inner units that ``widen`` adds with
+    #: zero outgoing weights; ``head_roles`` and ``head_dim`` describe where they sit
+    head_arg: str | None = None
     #: the per-sample dimension of the input that holds a widenable op's input units
     input_units_dim: int = 0
     #: why units cannot flow into this op, for the error of a refused widening

@@ -12,7 +12,7 @@ from .base import Arg, OpDef, number, numel, register_op, require
 
 class ElementwiseOp(OpDef):
     elementwise = True
-    passes_units_through = True
+    passes_units_through = passes_units_anywhere = True
     #: flops per entry
     cost = 1
 

@@ -101,7 +101,7 @@ class DropoutOp(OpDef):
     name = "dropout"
     doc = "Zeroes entries with probability p in train mode (scaled by 1/(1-p)); identity in eval."
     args = (Arg("p", probability, 0.5),)
-    passes_units_through = True
+    passes_units_through = passes_units_anywhere = True
     maps_zero_to_zero = True
 
     def flops(self, args, in_shapes, out_shape):
@@ -140,7 +140,7 @@ class StochasticDepthOp(OpDef):
     doc = ("Drops a sample's input with probability p in train mode (kept ones scaled by 1/(1-p)), "
            "identity in eval; on a residual branch it drops the block for that sample.")
     args = (Arg("p", probability, 0.1),)
-    passes_units_through = True
+    passes_units_through = passes_units_anywhere = True
     maps_zero_to_zero = True
 
     def flops(self, args, in_shapes, out_shape):

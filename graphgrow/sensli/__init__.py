@@ -18,12 +18,12 @@ from ..compiler.io import load_network
 from ..runtime.data import load_data
 from .growth import GrowResult, GrowthHook, grow
 from .norms import MERIT_NORMS, conv_operator_norm, gradient_norm, top_eigenvalue
-from .sensitivity import (STRATEGIES, Candidate, Geometry, Sensitivities, Tap, existing_weights,
+from .sensitivity import (CANDIDATE_KINDS, STRATEGIES, Candidate, Geometry, Sensitivities, Tap, existing_weights,
                           full_data_gradients, insert_candidates, sample_rows, select, sensitivities)
 from .widening import (NEURON_INITS, NeuronCandidate, cross_term, gradmax_rows, neuron_positions, neuron_sensitivities,
                        widen_best)
 
-__all__ = ["Candidate", "Geometry", "GrowResult", "GrowthHook", "MERIT_NORMS", "NEURON_INITS", "NeuronCandidate", "STRATEGIES",
+__all__ = ["CANDIDATE_KINDS", "Candidate", "Geometry", "GrowResult", "GrowthHook", "MERIT_NORMS", "NEURON_INITS", "NeuronCandidate", "STRATEGIES",
            "Sensitivities", "Tap", "conv_operator_norm", "cross_term", "existing_weights", "full_data_gradients", "gradmax_rows",
            "gradient_norm", "grow", "insert_candidates", "load_data", "load_network", "neuron_positions", "neuron_sensitivities",
            "sample_rows", "select", "sensitivities", "top_eigenvalue", "widen_best"]

@@ -17,7 +17,7 @@ from ..runtime.flops import CostLedger
 from ..runtime.runlog import RunLog
 from ..runtime.splits import Split, as_splits, check_data_fits
 from ..runtime.train import TrainConfig, Trainer
-from .sensitivity import STRATEGIES, insert_candidates, select, sensitivities
+from .sensitivity import CANDIDATE_KINDS, STRATEGIES, insert_candidates, select, sensitivities
 from .widening import NEURON_INITS, widen_best
 
 # -- when: the growth hook (Algorithm 6) ----------------------------------------------------------
@@ -27,7 +27,7 @@ def _count(value) -> bool:
 
 
 def check_schedule(*, strategy: str, insert_at, insert_every, max_insertions, tau, per_step, widen,
-                   neurons: str = "random", epochs: int | None = None) -> None:
+                   neurons: str = "random", epochs: int | None = None, candidates: str = "all") -> None:
     """Every growth option a user can get wrong, each error naming its option; with ``epochs``,
     also that the insertion epochs fall inside the run (tries happen at the end of epochs
     1 .. epochs-1)."""
@@ -58,6 +58,9 @@ def check_schedule(*, strategy: str, insert_at, insert_every, max_insertions, ta
                              hint=f"use one of {', '.join(NEURON_INITS)}")
     if tau is not None and not tau >= 1:
         raise GraphgrowError(f"threshold tau must be >= 1 (thesis 4.18), got {tau}", option="tau")
+    if candidates not in CANDIDATE_KINDS:
+        raise GraphgrowError(f"unknown candidate kind '{candidates}'", option="candidates",
+                             hint=f"use one of {', '.join(CANDIDATE_KINDS)}")
 
 
 class GrowthHook:
@@ -69,9 +72,12 @@ class GrowthHook:
     def __init__(self, *, strategy: str = "sensli", insert_at: Iterable[int] | None = None,
                  insert_every: int | None = None, max_insertions: int = 1, tau: float | None = None,
                  per_step: int = 1, norm: str = "fro", sens_batch: int | None = 256,
-                 sample: int | float | None = None, seed: int = 0, widen: int = 0, neurons: str = "random"):
+                 sample: int | float | None = None, seed: int = 0, widen: int = 0, neurons: str = "random",
+                 candidates: str = "all"):
         check_schedule(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
-                       max_insertions=max_insertions, tau=tau, per_step=per_step, widen=widen, neurons=neurons)
+                       max_insertions=max_insertions, tau=tau, per_step=per_step, widen=widen, neurons=neurons,
+                       candidates=candidates)
+        self.candidates = candidates  # all, layers or blocks (sensitivity.CANDIDATE_KINDS)
         self.strategy, self.tau, self.per_step, self.norm = strategy, tau, per_step, norm
         self.insert_at = set(insert_at or ())
         self.insert_every = insert_every
@@ -108,7 +114,8 @@ class GrowthHook:
             return
         report = sensitivities(trainer.network, trainer_data(trainer), norm=self.norm, loss=trainer.config.loss,
                                batch=self.sens_batch, sample=self.sample, seed=self.seed + trainer.epoch,
-                               progress=trainer.config.progress, data_parallel=trainer.data_parallel)
+                               progress=trainer.config.progress, data_parallel=trainer.data_parallel,
+                               candidates=self.candidates)
         self.ledger.add_sensitivity(report.flops_per_sample, report.samples / len(trainer.train_split))
         room = min(self.per_step, self.max_insertions - self.inserted)
         chosen = select(report, self.strategy, tau=self.tau if self.strategy == "sensli" else None,
@@ -196,7 +203,7 @@ def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: in
          progress: bool = False, eval_every: int = 1, log_steps: bool = True, export: bool = True,
          widen: int = 0, neurons: str = "random", device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, dist_timeout: float = DEFAULT_TIMEOUT,
-         checkpoint_every: int | None = None, resume=None) -> GrowResult:
+         checkpoint_every: int | None = None, resume=None, candidates: str = "all") -> GrowResult:
     """Train ``spec`` on ``data`` while SensLI (or a comparison strategy) inserts layers.
 
     ``spec``: spec path, LayerGraph or Network; ``data``: a data set or spiral / mnist:PATH /
@@ -209,7 +216,9 @@ def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: in
     given again), on the device and in the dtype the run used. ``widen=k`` adds the k best
     neurons per try (4.4, 4.20) instead of inserting layers (``max_insertions`` then counts
     widening steps); ``neurons``: their incoming weights, ``random`` or ``gradmax`` (data-driven,
-    sensli.widening). ``device`` (auto, cpu, cuda, cuda:N, mps) and ``dtype`` (float32,
+    sensli.widening). ``candidates``: what an insertion chooses from, ``all``, ``layers``
+    (identity layers) or ``blocks`` (copies of residual blocks with their last layer zero, at
+    block boundaries). ``device`` (auto, cpu, cuda, cuda:N, mps) and ``dtype`` (float32,
     float64): where and in which type the network trains (None: as it is); the data are cast to
     the network's dtype. Returns the grown network, the records, the insertion events and the
     summary (final metrics, FLOPs per training sample as in thesis Tables 4.2/4.4). Started as
@@ -224,7 +233,7 @@ def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: in
                                  hint="give a spec, or --resume RUNDIR (resume=RUNDIR) to continue an interrupted run")
         check_schedule(strategy=strategy, insert_at=insert_at, insert_every=insert_every,
                        max_insertions=max_insertions, tau=tau, per_step=per_step, widen=widen,
-                       neurons=neurons, epochs=epochs)
+                       neurons=neurons, epochs=epochs, candidates=candidates)
         dataset = load_data(data, seed)
         network = place_network(load_network(spec, seed), device, dtype)
         start = {"spec": str(getattr(network.graph, "source", None) or network.graph.name),
@@ -260,7 +269,7 @@ def _grow(network, dataset, options: dict, start: dict, out, progress: bool, che
     hook = GrowthHook(strategy=o["strategy"], insert_at=o["insert_at"], insert_every=insert_every,
                       max_insertions=o["max_insertions"], tau=o["tau"], per_step=o["per_step"], norm=o["norm"],
                       sens_batch=o["sens_batch"], sample=o["sample"], seed=o["seed"], widen=o["widen"],
-                      neurons=o["neurons"])
+                      neurons=o["neurons"], candidates=o.get("candidates", "all"))  # runs saved before it: all
     with joined(network.device, o["dist_timeout"]) as parallel:
         if parallel is not None:  # rank 0 alone shows progress and writes the run directory
             refuse_data_parallel(o["checkpoint_every"] is not None, checkpoint is not None)

@@ -33,11 +33,12 @@ class Tap(NamedTuple):
 
 class _TappingInterpreter(fx.Interpreter):
     """Runs a compiled network node by node (no new compilation), applying the ``taps`` (by
-    spec node name; "input" for the network input)."""
+    spec node name; "input" for the network input; a list applies its taps in order, each to
+    the previous one's continuation)."""
 
-    def __init__(self, module: fx.GraphModule, taps: dict[str, Tap]):
+    def __init__(self, module: fx.GraphModule, taps: dict[str, Tap | list[Tap]]):
         super().__init__(module)
-        self.taps = taps
+        self.taps = {name: [tap] if isinstance(tap, Tap) else list(tap) for name, tap in taps.items()}
         value_nodes: dict[str, fx.Node] = {}
         for node in module.graph.nodes:
             name = "input" if node.op == "placeholder" else node.meta.get("graphgrow", {}).get("node")
@@ -47,7 +48,7 @@ class _TappingInterpreter(fx.Interpreter):
         if missing:
             raise KeyError(f"no nodes {sorted(missing)} in the compiled network")
         self.tapped = {node: name for name, node in value_nodes.items()}
-        self.unreached: dict[str, torch.Tensor] = {}
+        self.unreached: dict[tuple[str, int], torch.Tensor] = {}
 
     def run_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The network's output for ``x`` and the leaves the caller must differentiate with
@@ -70,19 +71,19 @@ class _TappingInterpreter(fx.Interpreter):
                     if not value.requires_grad:  # nothing upstream needs gradients: a leaf
                         value = value.detach().requires_grad_()
                         leaves.append(value)
-                    self.unreached[name] = value.detach()
-                    layer_output = value.view_as(value)  # the candidate layer's output, = a at the identity
-                    layer_output.register_hook(self._hand_over(name))
-                    through = self.taps[name].through
-                    value = layer_output if through is None else through(layer_output)
+                    for k, tap in enumerate(self.taps[name]):
+                        self.unreached[name, k] = value.detach()
+                        layer_output = value.view_as(value)  # the candidate layer's output, = a at the identity
+                        layer_output.register_hook(self._hand_over(name, k))
+                        value = layer_output if tap.through is None else tap.through(layer_output)
                 self.env[node] = value
             raise RuntimeError("the compiled network has no output node")
         finally:
             self.env = {}  # no reference from the interpreter to the autograd graph (its hooks refer to it)
 
-    def _hand_over(self, name: str) -> Callable[[torch.Tensor], None]:
+    def _hand_over(self, name: str, k: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
-            self.taps[name].take(self.unreached.pop(name), grad)
+            self.taps[name][k].take(self.unreached.pop((name, k)), grad)
         return hook
 
 
@@ -137,8 +138,8 @@ def full_data_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
                 for acc, grad in zip(sums, grads):
                     if grad is not None:
                         acc += grad
-            for name, activation in (runner.unreached.items() if runner else ()):
-                taps[name].take(activation, torch.zeros_like(activation))  # the loss does not depend on it
+            for (name, k), activation in (runner.unreached.items() if runner else ()):
+                runner.taps[name][k].take(activation, torch.zeros_like(activation))  # the loss does not depend on it
     finally:
         for name, p in params.items():
             p.requires_grad_(flags[name])
@@ -226,15 +227,23 @@ def existing_weights(graph) -> dict[str, Geometry]:
     return found
 
 
+#: which candidates the sensitivity pass scores
+CANDIDATE_KINDS = ("all", "layers", "blocks")
+
+
 def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entropy", batch: int | None = 256,
                   sample: int | float | None = None, seed: int = 0, all_norms: bool = False,
-                  progress: bool = False, data_parallel=None) -> Sensitivities:
+                  progress: bool = False, data_parallel=None, candidates: str = "all") -> Sensitivities:
     """Candidates of ``network`` with their merits, from one forward and backward pass of
     ``network`` itself over the training data (or a seeded sample); no parameter of ``network``
-    changes and nothing is compiled. Each candidate is the identity layer extend_all would
-    insert; its merit-weight gradient is computed from the activation at its position and the
-    loss gradient there (passes IdentityPlan.merit_gradient), exactly the gradient in the
-    fully-extended network. ``norm`` is one of MERIT_NORMS; ``all_norms`` also reports every
+    changes. Each layer candidate is the identity layer extend_all would insert; its merit-weight
+    gradient is computed from the activation at its position and the loss gradient there
+    (passes IdentityPlan.merit_gradient), exactly the gradient in the fully-extended network.
+    Each block candidate (passes.block_candidates: a copy of a residual block with its last
+    layer zero at a block boundary) is scored by the gradient of that zero layer, from its
+    branch run on the activation at its position (the only thing compiled) and the loss gradient
+    there (passes BlockPlan.merit_gradient), exactly its gradient with the copy inserted.
+    ``candidates``: ``all``, ``layers`` (identity layers only) or ``blocks`` (block copies only). ``norm`` is one of MERIT_NORMS; ``all_norms`` also reports every
     other norm. ``progress``: a transient progress bar over the batches of the pass.
     ``data_parallel`` (runtime.distributed.DataParallel): each process takes its part of the
     samples and the sums (gradients, merit gradients, loss) of all parts are added up before any
@@ -246,11 +255,16 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
     train_split, _ = as_splits(data, network.dtype)
     check_data_fits(network, train_split, loss)
     graph = network.graph
-    plans = plan_candidates(graph)
-    if not plans:
+    if candidates not in CANDIDATE_KINDS:
+        raise GraphgrowError(f"unknown candidate kind '{candidates}'", option="candidates",
+                             hint=f"use one of {', '.join(CANDIDATE_KINDS)}")
+    plans = plan_candidates(graph) if candidates != "blocks" else {}
+    blocks = passes.block_candidates(network) if candidates != "layers" else {}
+    if not plans and not blocks:
         raise GraphgrowError(f"network '{graph.name}' has no position where a layer can be inserted",
                              file=graph.source,
-                             hint="SensLI inserts after ReLU activations and around residual blocks")
+                             hint="SensLI inserts after ReLU activations, around residual nodes and at the "
+                                  "boundaries of residual blocks")
     rows = sample_rows(len(train_split), sample, seed)
     x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows], train_split.y[rows])
     samples = int(x.shape[0])
@@ -260,19 +274,28 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
     weights = existing_weights(graph)
     merit_grads: dict[str, torch.Tensor] = {}
 
-    def accumulate(cid, plan):
+    def accumulate(cid, merit_gradient):
         def take(activation, grad):
-            merit_grad = plan.merit_gradient(activation, grad)
+            merit_grad = merit_gradient(activation, grad)
             merit_grads[cid] = merit_grads[cid] + merit_grad if cid in merit_grads else merit_grad
         return take
 
     # the pass runs each candidate's trailing activation (ReLU after a ReLU: same values) so that
     # the backward pass gives the gradient at the candidate layer's output, as in the extended network
-    taps = {plan.after: Tap(accumulate(cid, plan), plan.trailing) for cid, plan in plans.items()}
+    taps: dict[str, list[Tap]] = {}
+    for cid, plan in plans.items():
+        taps.setdefault(plan.after, []).append(Tap(accumulate(cid, plan.merit_gradient), plan.trailing))
+    for cid, plan in blocks.items():
+        branch = plan.branch_network(network.dtype, network.device)
+        merit = lambda a, g, plan=plan, branch=branch: plan.merit_gradient(branch, a, g)
+        taps.setdefault(plan.after, []).append(Tap(accumulate(cid, merit), plan.trailing if plan.trailing_ops else None))
+    # at one node, the taps with a trailing activation go first: the others then see the gradient
+    # at its output, which is the gradient at the node itself (the node's values are its fixed points)
+    taps = {name: sorted(group, key=lambda tap: tap.through is None) for name, group in taps.items()}
     grads, mean_loss = full_data_gradients(network.module, x, y, loss_fn(loss), list(weights), batch=batch, taps=taps,
                                            progress=progress, total=samples)
     if data_parallel is not None:
-        for cid, plan in plans.items():  # a process with no samples has no merit gradients
+        for cid, plan in {**plans, **blocks}.items():  # a process with no samples has no merit gradients
             if cid not in merit_grads:
                 merit = plan.values[plan.merit_param]
                 merit_grads[cid] = torch.zeros(merit.shape, dtype=network.dtype, device=network.device)
@@ -293,6 +316,16 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
                                     values[norm], sum(t.numel() for t in plan.values.values()),
                                     plan.forward_flops(shape), values))
         gradient_flops.append(plan.merit_gradient_flops(shape))
+    for cid, plan in blocks.items():
+        grad, (name, roles) = merit_grads[cid], plan.zeroed
+        node = plan.graph.node(name)
+        geometry = node.opdef.weight_geometry(node.args, node.in_shapes, roles[0])
+        # a zeroed batch norm (a ResNet block's last layer) has no operator norms: its Frobenius ones only
+        values = {k: gradient_norm(grad, geometry, k) for k in norms_wanted if geometry or k == norm or k.startswith("fro")}
+        candidates.append(Candidate(cid, plan.after, "block", name, plan.merit_param, list(grad.shape), values[norm],
+                                    sum(plan.graph.node(n.name).num_params() for n in plan.nodes),
+                                    plan.forward_flops(), values))
+        gradient_flops.append(plan.merit_gradient_flops())
     forward = graph.flops()
     return Sensitivities(candidates, existing, norm, samples, sensitivity_flops(forward, gradient_flops),
                          forward + sum(c.flops for c in candidates), time.perf_counter() - start, mean_loss, rows)
@@ -301,8 +334,17 @@ def sensitivities(network, data, *, norm: str = "fro", loss: str = "cross_entrop
 def insert_candidates(network, positions: Iterable[str]):
     """``network`` with the candidates ``positions`` (ids from ``sensitivities``) inserted with
     the initial values their merits were computed for (passes.extend_all, then keep_candidates;
-    built at insertion time only). Returns (network, passes.Record) for Trainer.replace_network."""
-    return passes.keep_candidates(*passes.extend_all(network, "layers"), positions)
+    then passes.insert_block for block candidates; built at insertion time only). Returns
+    (network, passes.Record) for Trainer.replace_network."""
+    positions = list(positions)
+    boundaries = [p[len("block:"):] for p in positions if p.startswith("block:")]
+    layers = [p for p in positions if not p.startswith("block:")]
+    grown, record = (passes.keep_candidates(*passes.extend_all(network, "layers"), layers)
+                     if layers or not boundaries else (network, None))
+    for after in boundaries:  # the copy the candidate was scored as
+        grown, step = passes.insert_block(grown, passes.block_at(network.graph, after).output, after)
+        record = step if record is None else record.then(step)
+    return grown, record
 
 
 # -- where: selection strategies and the threshold (4.18) ---------------------------------------

@@ -36,8 +36,15 @@ class NeuronCandidate:
 
 
 def neuron_positions(graph) -> list[str]:
-    """One layer per coupled group of units that can be widened (passes.widenable)."""
-    return passes.widenable(graph)
+    """One layer per coupled group of units that can be widened (passes.widenable), then every
+    attention layer (its heads are the units: passes.head_layers)."""
+    return passes.widenable(graph) + passes.head_layers(graph)
+
+
+def _incoming_shape(node) -> tuple[int, ...]:
+    """The shape of one new unit's incoming weights: a row of the layer's weight (for a head,
+    head_dim rows of each of its query, key and value projections: their fan-in)."""
+    return tuple(node.param_shapes()["in_proj_weight" if node.opdef.head_arg else "weight"][1:])
 
 
 def _path_ops(graph, layer: str, consumer: str) -> list:
@@ -54,10 +61,12 @@ def _path_ops(graph, layer: str, consumer: str) -> list:
 
 
 def gradmax_supported(graph, coupling) -> bool:
-    """Data-driven candidates need one producing layer whose units reach each consumer along a
+    """Data-driven candidates need one producing layer of a vector or an image (not tokens, not
+    attention heads) whose units reach each consumer along a
     chain of elementwise ops, pooling, flatten and dropout (no per-unit state such as batchnorm,
     no add, residual stream or concat)."""
     return (coupling.producers == [coupling.layer] and not coupling.on("state")
+            and len(graph.node(coupling.layer).out_shape) in (1, 3)  # not tokens, not heads
             and all(a.before == (0,) for a in coupling.axes)
             and all(_path_ops(graph, coupling.layer, c) is not None for c in coupling.consumers))
 
@@ -179,7 +188,7 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, init: str = "rand
     for k, layer in reversed(list(enumerate(layers))):
         coupling = trace_units(network.graph, layer, StateView(network.module))
         widths[layer] = coupling.units
-        shape = network.graph.node(layer).param_shapes()["weight"][1:]
+        shape = _incoming_shape(network.graph.node(layer))
         random = torch.randn(per_layer, *shape, generator=torch.Generator().manual_seed(seed + k),
                              dtype=torch.float64) / math.sqrt(math.prod(shape))
         data_driven = torch.zeros(0, *shape, dtype=torch.float64)
@@ -189,8 +198,9 @@ def neuron_sensitivities(network, data, *, per_layer: int = 8, init: str = "rand
         # random rows where there are fewer singular directions than candidates
         inits[layer] = ["gradmax"] * len(data_driven) + ["random"] * (per_layer - len(data_driven))
         incoming = torch.cat([data_driven, random[len(data_driven):]])
-        extended, step = passes.widen(extended, layer, per_layer, "sensli", seed=seed + k, incoming=incoming
-                                      if coupling.producers == [layer] else None, scale=1 / math.sqrt(math.prod(shape)))
+        given = coupling.producers == [layer] and network.graph.node(layer).opdef.head_arg is None
+        extended, step = passes.widen(extended, layer, per_layer, "sensli", seed=seed + k,
+                                      incoming=incoming if given else None, scale=1 / math.sqrt(math.prod(shape)))
         record = step if record is None else record.then(step)
     state = StateView(extended.module)
     couplings = {layer: trace_units(extended.graph, layer, state) for layer in layers}

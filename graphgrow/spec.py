@@ -144,7 +144,8 @@ class SpecDocument:
 
 def _expect_map(value, loc: Loc, what: str) -> LocMap:
     if not isinstance(value, LocMap):
-        raise loc.error(f"{what} must be a mapping, got {type(value).__name__}")
+        kind = "a list" if isinstance(value, list) else type(value).__name__  # not the reader's LocList
+        raise loc.error(f"{what} must be a mapping, got {kind}")
     return value
 
 
@@ -185,7 +186,7 @@ def _expand_block(item: LocMap, env: dict, out: list[LayerEntry], depth: int, bu
     (the instance's input: its ``inputs`` or the previous layer), which the block's first layer
     reads unless it says otherwise."""
     block_name = item["block"]
-    if block_name not in blocks:
+    if not isinstance(block_name, str) or block_name not in blocks:
         raise item.value_locs["block"].error(f"unknown block {block_name!r}",
                                              hint=did_you_mean(str(block_name), blocks) or
                                              f"blocks: {', '.join(blocks) or 'none (define them under blocks:)'}")

@@ -553,3 +553,15 @@ def test_names_of_graph_module_instance_attributes_are_reserved(make_spec, name)
     text = make_spec(f"{{name: {name}, op: linear, out: 2}}")
     err = spec_error(text)
     assert "reserved" in err.message and err.node == name and (err.line, err.column) == position(text, 5, name)
+
+
+def test_a_block_reference_that_is_not_a_name_is_one_located_error():
+    """Found by the fuzz test: a list where a block's name belongs made the lookup raise a raw
+    TypeError (a list is unhashable)."""
+    text = ("graphgrow: 1\nname: t\ninput: [2]\nblocks:\n  b:\n    layers:\n      - {name: fc, op: linear, out: 2}\n"
+            "layers:\n  - {block: [b], name: x}\n")
+    with pytest.raises(GraphgrowError, match="input must be a mapping, got a list"):
+        read_spec(text, "t.yaml")
+    with pytest.raises(GraphgrowError, match=r"unknown block \['b'\]") as err:
+        read_spec(text.replace("input: [2]", "input: {shape: [2]}"), "t.yaml")
+    assert err.value.line == 9

@@ -28,7 +28,7 @@ TIMEOUT = 600  # generous: the suite shares two cores with other work
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "graphgrow.cli", *args, "--quiet"]
+    return [sys.executable, "-m", "graphgrow", *args, "--quiet"]
 
 
 def environment() -> dict:

@@ -122,10 +122,6 @@ def rank_zero() -> bool:
 
 
 def cmd_grow(opts) -> int | None:
-    code = _launched(opts)
-    if code is not None:
-        return code
-    from ..sensli import grow
     options = dict(spec=opts.spec, data=opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
                    insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
                    per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
@@ -134,7 +130,12 @@ def cmd_grow(opts) -> int | None:
                    neurons=opts.neurons, out=opts.out,
                    seed=opts.seed, export=not opts.no_export, device=opts.device, dtype=opts.dtype,
                    dist_timeout=opts.dist_timeout, checkpoint_every=opts.checkpoint_every)
-    result = grow(**_checked(_resume_options(opts, options, {"export": "no_export"})), progress=not opts.quiet)
+    options = _checked(_resume_options(opts, options, {"export": "no_export"}))  # in the launcher: one error line
+    code = _launched(opts)
+    if code is not None:
+        return code
+    from ..sensli import grow
+    result = grow(**options, progress=not opts.quiet)
     if rank_zero():
         _print_growth(result)
     return None
@@ -217,14 +218,15 @@ def mgopt_arguments(opts) -> dict:
 
 
 def cmd_mgopt(opts) -> int | None:
+    arguments = mgopt_arguments(opts)
+    progress = arguments.pop("progress")
+    dests = {name: MGOPT_NEGATED.get(name, MGOPT_RENAMED.get(name, name)) for name in arguments}
+    arguments = _checked(_resume_options(opts, arguments, dests))  # in the launcher: one error line
     code = _launched(opts)
     if code is not None:
         return code
     from ..mgopt import run
-    arguments = mgopt_arguments(opts)
-    progress = arguments.pop("progress")
-    dests = {name: MGOPT_NEGATED.get(name, MGOPT_RENAMED.get(name, name)) for name in arguments}
-    result = run(**_checked(_resume_options(opts, arguments, dests)), progress=progress)
+    result = run(**arguments, progress=progress)
     if not rank_zero():
         return None
     summary, final = result.summary, result.summary["final"]

@@ -250,7 +250,7 @@ def test_the_preconditioners_statistics_resume_with_the_run(tmp_path, monkeypatc
 
 
 def test_ctrl_c_writes_a_checkpoint_and_raises_with_the_resume_command(tmp_path, finished, monkeypatch):
-    from graphgrow.runtime.checkpoint import RunInterrupted
+    from graphgrow.runtime.interrupts import RunInterrupted
     from graphgrow.sensli import grow
     real_step = Trainer.step
 

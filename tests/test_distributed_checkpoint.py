@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from graphgrow.cli import main
-from graphgrow.runtime.checkpoint import CHECKPOINTS, LATEST, InterruptFlag, load_checkpoint
+from graphgrow.runtime.checkpoint import CHECKPOINTS, LATEST, load_checkpoint
+from graphgrow.runtime.interrupts import InterruptFlag
 from graphgrow.runtime.distributed import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

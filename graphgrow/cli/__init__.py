@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import GraphgrowError
-from ..runtime.checkpoint import RunInterrupted
+from ..runtime.interrupts import RunInterrupted
 from ..runtime.distributed import ReportedByRankZero
 from .commands import rank_zero
 from .parser import build_parser

@@ -32,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -44,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..compiler.io import dump
 from ..compiler.network import Network
 from ..errors import GraphgrowError
+from .interrupts import handling_stop_signals
 from .optimizers import optimizer_kind
 from .splits import Split, error_count, evaluate
 from .train import Trainer
@@ -275,27 +275,14 @@ def _die_with_launcher(launcher: int) -> None:
         os._exit(128 + signal.SIGKILL)
 
 
-@contextlib.contextmanager
 def _forwarding_signals(workers: list[subprocess.Popen]):
     """SIGINT and SIGTERM to the launcher go to every worker, once each (the workers are in a
     session of their own, so a Ctrl-C in the terminal reaches them only this way)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in stops}
-
     def forward(signum, frame):
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signum)
-    try:
-        for s in stops:
-            signal.signal(s, forward)
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return handling_stop_signals(forward)
 
 
 def launch(argv: list[str], nproc: int, *, grace: float = 30.0) -> int:

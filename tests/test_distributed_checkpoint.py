@@ -2,7 +2,7 @@
 stopped by SIGTERM before its growth event and killed with SIGKILL after it, then resumed with
 --nproc 2, ends bitwise where the uninterrupted 2-rank run ends (and resumed in one process,
 within 1e-10 in float64); the same for MG/Opt with the signal sent to one rank only (as under
-torchrun); a checkpoint rank 0 cannot write stops both ranks with one error line."""
+torchrun), where a checkpoint rank 0 cannot write stops both ranks with one error line."""
 from __future__ import annotations
 
 import os
@@ -138,33 +138,34 @@ def test_a_two_rank_growth_run_stopped_before_and_killed_after_growth_resumes_bi
     assert (tmp_path / "in-one-process" / "final.yaml").read_bytes() == (reference / "final.yaml").read_bytes()
 
 
-def test_an_mgopt_run_whose_one_rank_gets_sigterm_stops_on_both_and_resumes_bitwise(tmp_path):
+def test_an_mgopt_run_stopped_through_one_rank_and_a_failed_write_stop_both_ranks_and_resume_bitwise(tmp_path):
     reference, run = tmp_path / "reference", tmp_path / "run"
     assert main([*MGOPT, "--nproc", "2", "--out", str(reference), "--quiet"]) == 0
     records = read_records(reference)
     assert any(r.get("kind") == "cgc" for r in records)  # coarse corrections happen
     workers = ranks([*MGOPT, "--out", str(run)])
-    wait_for(run, len(records) // 2, workers)
+    wait_for(run, len(records) // 3, workers)
     workers[1].send_signal(signal.SIGTERM)  # one rank only, as a scheduler may do under torchrun
     (code0, err0), (code1, err1) = finish(workers)
     assert (code0, code1) == (143, 143), (err0, err1)
-    assert err0.strip().splitlines() == [f"interrupted by SIGTERM; checkpoint {run / CHECKPOINTS / load_checkpoint(run).directory.name} "
+    stopped = load_checkpoint(run).meta["step"]
+    assert err0.strip().splitlines() == [f"interrupted by SIGTERM; checkpoint {run / CHECKPOINTS / f'step-{stopped:06d}'} "
                                          f"written; resume with: graphgrow mgopt --resume {run} --nproc 2"]
     assert err1.strip() == ""
-    assert main(["mgopt", "--resume", str(run), "--nproc", "2", "--quiet"]) == 0
-    assert_same_run(run, reference)
-
-
-def test_a_checkpoint_rank_zero_cannot_write_stops_both_ranks_with_one_line(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / CHECKPOINTS).write_text("a file where the checkpoints directory goes")
-    (code0, err0), (code1, err1) = finish(ranks([*GROW, "--out", str(run)]))
+    # rank 0 cannot write the resumed run's next checkpoint (something is in the way of its
+    # temporary directory): both ranks stop there, one error line, the previous checkpoint stays
+    blocked = (stopped // 4 + 1) * 4
+    obstacle = run / CHECKPOINTS / f".step-{blocked:06d}.partial"
+    obstacle.write_text("in the way")
+    (code0, err0), (code1, err1) = finish(ranks(["mgopt", "--resume", str(run)]))
     assert (code0, code1) == (2, 2)
     lines = err0.strip().splitlines()
-    assert len(lines) == 1 and "cannot write checkpoint step-000004" in lines[0] and "hint:" in lines[0], err0
+    assert len(lines) == 1 and f"cannot write checkpoint step-{blocked:06d}" in lines[0] and "hint:" in lines[0], err0
     assert err1.strip() == ""
-    assert [r["iteration"] for r in read_records(run) if r["event"] == "step"][-1] == 4  # it stopped at the checkpoint
+    assert load_checkpoint(run).meta["step"] == stopped
+    obstacle.unlink()
+    assert main(["mgopt", "--resume", str(run), "--nproc", "2", "--quiet"]) == 0
+    assert_same_run(run, reference)
 
 
 def test_ranks_stop_at_the_signal_they_agree_on():
@@ -183,3 +184,19 @@ def test_ranks_stop_at_the_signal_they_agree_on():
     alone = InterruptFlag()
     alone.received = signal.SIGINT
     assert alone.signum == signal.SIGINT
+
+
+def test_each_rank_takes_back_its_own_random_state_and_another_process_count_rank_zeros():
+    from graphgrow.runtime.checkpoint import restore_torch_rng
+    from graphgrow.runtime.distributed import DataParallel
+    states = [torch.Generator().manual_seed(seed).get_state() for seed in (1, 2)]
+    saved = {"torch_rng": states[0], "torch_rng_ranks": states}
+    before = torch.get_rng_state()
+    try:
+        for rank, world, expected in ((1, 2, 1), (0, 2, 0), (2, 3, 0), (0, 1, 0)):
+            restore_torch_rng(saved, DataParallel(rank, world, torch.device("cpu")))
+            assert torch.equal(torch.get_rng_state(), states[expected]), (rank, world)
+        restore_torch_rng({"torch_rng": states[1]})  # one process, a checkpoint of one process
+        assert torch.equal(torch.get_rng_state(), states[1])
+    finally:
+        torch.set_rng_state(before)

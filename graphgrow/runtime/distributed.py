@@ -63,7 +63,7 @@ class ReportedByRankZero(GraphgrowError):
 @dataclass
 class DataParallel:
     """This process's part in a data-parallel run. ``interrupt``: the run's
-    runtime.checkpoint.InterruptFlag, whose vote every ``sum`` carries."""
+    runtime.interrupts.InterruptFlag, whose vote every ``sum`` carries."""
     rank: int
     world: int
     device: torch.device

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 from ..errors import GraphgrowError
-from ..runtime.checkpoint import RunInterrupted
+from ..runtime.interrupts import RunInterrupted
+from ..runtime.distributed import ReportedByRankZero
+from .commands import rank_zero
 from .parser import build_parser
 
 
@@ -31,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = opts.run(opts)
     except GraphgrowError as err:
-        print(cli_message(err, opts.command), file=sys.stderr)
+        if not isinstance(err, ReportedByRankZero):  # rank 0 prints that one
+            print(cli_message(err, opts.command), file=sys.stderr)
         return 2
     except RunInterrupted as stop:
-        print(stop, file=sys.stderr)
+        if rank_zero():  # every rank stops; the resume command is printed once
+            print(stop, file=sys.stderr)
         return stop.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -109,26 +109,19 @@ def _launched(opts) -> int | None:
     """With ``--nproc N`` > 1 in a process that is not a rank yet: run the same command in N
     local ranks (runtime.distributed.launch) and return their exit status; else None."""
     import os
-    if opts.nproc != 1:
-        from ..runtime.checkpoint import refuse_data_parallel
-        refuse_data_parallel(opts.checkpoint_every is not None, opts.resume is not None)
     if opts.nproc == 1 or "WORLD_SIZE" in os.environ:
         return None
     from ..runtime.distributed import launch
     return launch(opts.argv, opts.nproc)
 
 
-def _rank_zero() -> bool:
+def rank_zero() -> bool:
     """True unless this process is a rank > 0 of a data-parallel run (which prints nothing)."""
     import os
     return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_grow(opts) -> int | None:
-    code = _launched(opts)
-    if code is not None:
-        return code
-    from ..sensli import grow
     options = dict(spec=opts.spec, data=opts.data, strategy=opts.strategy, insert_every=opts.insert_every,
                    insert_at=opts.insert_at, max_insertions=opts.max_insertions, tau=opts.tau,
                    per_step=opts.per_step, norm=opts.norm, epochs=opts.epochs, lr=opts.lr, batch=opts.batch,
@@ -137,8 +130,13 @@ def cmd_grow(opts) -> int | None:
                    neurons=opts.neurons, candidates=opts.candidates, out=opts.out,
                    seed=opts.seed, export=not opts.no_export, device=opts.device, dtype=opts.dtype,
                    dist_timeout=opts.dist_timeout, checkpoint_every=opts.checkpoint_every)
-    result = grow(**_checked(_resume_options(opts, options, {"export": "no_export"})), progress=not opts.quiet)
-    if _rank_zero():
+    options = _checked(_resume_options(opts, options, {"export": "no_export"}))  # in the launcher: one error line
+    code = _launched(opts)
+    if code is not None:
+        return code
+    from ..sensli import grow
+    result = grow(**options, progress=not opts.quiet)
+    if rank_zero():
         _print_growth(result)
     return None
 
@@ -221,15 +219,16 @@ def mgopt_arguments(opts) -> dict:
 
 
 def cmd_mgopt(opts) -> int | None:
+    arguments = mgopt_arguments(opts)
+    progress = arguments.pop("progress")
+    dests = {name: MGOPT_NEGATED.get(name, MGOPT_RENAMED.get(name, name)) for name in arguments}
+    arguments = _checked(_resume_options(opts, arguments, dests))  # in the launcher: one error line
     code = _launched(opts)
     if code is not None:
         return code
     from ..mgopt import run
-    arguments = mgopt_arguments(opts)
-    progress = arguments.pop("progress")
-    dests = {name: MGOPT_NEGATED.get(name, MGOPT_RENAMED.get(name, name)) for name in arguments}
-    result = run(**_checked(_resume_options(opts, arguments, dests)), progress=progress)
-    if not _rank_zero():
+    result = run(**arguments, progress=progress)
+    if not rank_zero():
         return None
     summary, final = result.summary, result.summary["final"]
     print(f"{summary['variant']} on a {summary['hierarchy']} hierarchy, levels {', '.join(summary['levels'])}")

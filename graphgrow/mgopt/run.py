@@ -11,11 +11,11 @@ import torch
 
 from ..compiler.io import load_network
 from ..errors import GraphgrowError
-from ..runtime.checkpoint import (Checkpointer, placement, refuse_data_parallel, restored_network, resume_run,
+from ..runtime.checkpoint import (Checkpointer, placement, restore_torch_rng, restored_network, resume_run,
                                   saved_options)
 from ..runtime.data import load_data
 from ..runtime.devices import place_network
-from ..runtime.distributed import DEFAULT_TIMEOUT, joined
+from ..runtime.distributed import DEFAULT_TIMEOUT, join_checkpoints, joined
 from ..runtime.runlog import RunLog
 from ..runtime.splits import as_splits, check_data_fits, place
 from .network import build_network_hierarchy, iterations_per_epoch
@@ -66,8 +66,8 @@ def run(spec=None, data="spiral", *, hierarchy: str = "depth", levels: int = 2, 
     type every level trains (None: as the network is); the data are cast to the network's dtype.
     Started as one of several ranks (``graphgrow mgopt --nproc N`` or torchrun) every level's
     losses and gradients are summed over the ranks' parts of each batch (runtime.distributed;
-    collectives give up after ``dist_timeout`` seconds); rank 0 writes the run directory
-    (without checkpoints: ``checkpoint_every`` and ``resume`` are errors there)."""
+    collectives give up after ``dist_timeout`` seconds); rank 0 writes the run directory and
+    its checkpoints, at iterations all ranks agree on."""
     options = {name: value for name, value in locals().items() if name not in ("spec", "out", "progress", "resume")}
     if resume is None:
         if spec is None:
@@ -98,8 +98,9 @@ def _run(network, dataset, o: dict, spec_name: str, out, progress: bool, checkpo
     if not (isinstance(epochs, int) and epochs >= 0):
         raise GraphgrowError(f"epochs must be a non-negative integer, got {epochs!r}", option="epochs")
     with joined(network.device, o["dist_timeout"]) as parallel:
+        checkpointing = out is not None  # on every rank: the others join rank 0's checkpoints
         if parallel is not None:  # rank 0 alone shows progress and writes the run directory
-            refuse_data_parallel(o["checkpoint_every"] is not None, checkpoint is not None)
+            join_checkpoints(parallel, checkpointing, o["checkpoint_every"], checkpoint)
             network.to(parallel.device)
             progress = progress and parallel.rank == 0
             out = out if parallel.rank == 0 else None
@@ -128,10 +129,11 @@ def _run(network, dataset, o: dict, spec_name: str, out, progress: bool, checkpo
                        unit="it", leave=False, dynamic_ncols=True)
 
         checkpointer = None
-        if out is not None and parallel is None:
+        if checkpointing:
             every = per_epoch if o["checkpoint_every"] is None else o["checkpoint_every"]
             checkpointer = Checkpointer(out, "mgopt", {"options": saved_options(o), "spec": spec_name,
-                                                       "placement": placement(network)}, every=every)
+                                                       "placement": placement(network)}, every=every,
+                                        data_parallel=parallel)
         log = RunLog(out, resume=None if checkpoint is None else checkpoint.state["log_length"])
         with log, (checkpointer.interrupt.installed() if checkpointer else nullcontext()):
             if checkpoint is None:
@@ -143,7 +145,7 @@ def _run(network, dataset, o: dict, spec_name: str, out, progress: bool, checkpo
                 for name, reason in checkpoint.skipped:
                     log.log("checkpoint_skipped", checkpoint=name, reason=reason)
                 restore_buffers(levels_built, checkpoint.state["buffers"])
-                torch.set_rng_state(checkpoint.state["torch_rng"])
+                restore_torch_rng(checkpoint.state, parallel)
                 log.log("resume", checkpoint=checkpoint.directory.name, iteration=checkpoint.meta["step"])
             origin = time.perf_counter() - (checkpoint.state["train_time"] if checkpoint else 0.0)
             excluded = 0.0  # evaluation time is not training time
@@ -165,10 +167,11 @@ def _run(network, dataset, o: dict, spec_name: str, out, progress: bool, checkpo
             seen = {"fine": checkpoint.state["fine_iterations"] if checkpoint else 0}
 
             def save(optimizer):
-                state = {"optimizer": optimizer.state_dict(), "fine_iterations": seen["fine"],
-                         "weights": {**network.state(), **fine_weights(levels_built, optimizer)},
-                         "buffers": level_buffers(levels_built), "torch_rng": torch.get_rng_state(),
-                         "train_time": time.perf_counter() - origin - excluded, "log_length": len(log.records)}
+                def state():
+                    return {"optimizer": optimizer.state_dict(), "fine_iterations": seen["fine"],
+                            "weights": {**network.state(), **fine_weights(levels_built, optimizer)},
+                            "buffers": level_buffers(levels_built),
+                            "train_time": time.perf_counter() - origin - excluded, "log_length": len(log.records)}
                 return checkpointer.write(optimizer.iteration, network.graph, state, phase=list(optimizer.phase))
 
             def on_iteration(params, info, optimizer):

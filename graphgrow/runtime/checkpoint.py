@@ -27,12 +27,10 @@ import os
 import platform
 import shutil
 import signal
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -40,6 +38,7 @@ from ..compiler.io import dump
 from ..compiler.network import Network
 from ..errors import GraphgrowError
 from .devices import resolve_device
+from .interrupts import InterruptFlag, RunInterrupted, resume_command
 from ..ir import LayerGraph, graph_from_text
 
 CHECKPOINTS = "checkpoints"
@@ -174,6 +173,11 @@ class Checkpoint:
     meta: dict
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    def fingerprint(self) -> str:
+        """Its name and its files' checksums: the ranks of a resumed data-parallel run compare
+        them so that all continue from the same checkpoint."""
+        return f"{self.directory.name} {json.dumps(self.meta['checksums'], sort_keys=True)}"
+
 
 def read_checkpoint(directory: str | Path) -> Checkpoint:
     """One checkpoint directory, verified against its checksums; a GraphgrowError if it is
@@ -225,50 +229,6 @@ def load_checkpoint(rundir: str | Path) -> Checkpoint:
                          hint="the run cannot be resumed; start it anew")
 
 
-# -- interrupts -------------------------------------------------------------------------------
-
-class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT or SIGTERM after writing a checkpoint. ``exit_status`` is
-    128 + the signal number (130 for SIGINT, 143 for SIGTERM), as a shell reports it."""
-
-    def __init__(self, signum: int, checkpoint: Path, command: str):
-        self.signum, self.checkpoint, self.command = signum, checkpoint, command
-        self.exit_status = 128 + signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint {checkpoint} written; "
-                         f"resume with: {command}")
-
-
-class InterruptFlag:
-    """Remembers a SIGINT/SIGTERM instead of stopping at once, so a run stops at its next safe
-    point (after a step or an epoch) with a checkpoint."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    @contextmanager
-    def installed(self) -> Iterator["InterruptFlag"]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signal handlers live in the main thread only
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def remember(signum, frame):
-            if self.signum is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C stops at once
-            self.signum = signum
-        try:
-            for s in previous:
-                signal.signal(s, remember)
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
-def resume_command(engine: str, rundir: str | Path) -> str:
-    return f"graphgrow {engine} --resume {rundir}"
-
-
 class Checkpointer:
     """Writes a run's checkpoints and turns a SIGINT/SIGTERM into a checkpoint and
     :class:`RunInterrupted` (install ``interrupt`` around the run). ``meta`` (the run's options)
@@ -277,30 +237,54 @@ class Checkpointer:
     It is also a trainer hook (put it last): a checkpoint every ``every`` optimizer steps, or at
     the end of every epoch when ``every`` is None; always at the end of an epoch whose hooks
     replaced the network (a growth event). Engines without the trainer call ``due``, ``write``
-    and ``stop_if_interrupted`` themselves."""
+    and ``stop_if_interrupted`` themselves.
 
-    def __init__(self, rundir: str | Path, engine: str, meta: dict, *, every: int | None = None, keep: int = KEEP):
+    In a data-parallel run (``data_parallel``, runtime.distributed.DataParallel) every rank has
+    one and calls it at the same points: the ranks stop at the signal they agreed on (see
+    :class:`InterruptFlag`), rank 0 writes (``rundir`` is None on the others) while the others
+    wait, and a failed write stops every rank with rank 0's error."""
+
+    def __init__(self, rundir: str | Path | None, engine: str, meta: dict, *, every: int | None = None,
+                 keep: int = KEEP, data_parallel=None):
         if every is not None and not (isinstance(every, int) and every >= 1):
             raise GraphgrowError(f"checkpoint_every must be a positive number of steps, got {every!r}",
                                  hint="leave it out to checkpoint at the end of every epoch")
-        self.rundir, self.engine, self.meta, self.every, self.keep = Path(rundir), engine, meta, every, keep
+        self.rundir, self.engine, self.meta, self.every, self.keep = rundir, engine, meta, every, keep
         self.interrupt = InterruptFlag()
+        self.data_parallel = data_parallel
+        if data_parallel is not None:
+            self.interrupt.shared = True
+            data_parallel.interrupt = self.interrupt
         self._saved_network = None
 
     def due(self, step: int) -> bool:
         return self.every is not None and step % self.every == 0
 
-    def write(self, step: int, graph: LayerGraph, state: dict, **where: Any) -> Path:
-        return write_checkpoint(self.rundir, step, graph, state, {"engine": self.engine, **where, **self.meta}, self.keep)
+    def write(self, step: int, graph: LayerGraph, state: Callable[[], dict], **where: Any) -> Path:
+        """Checkpoint ``step``: ``graph``, ``state()`` (made by the writing process only) and the
+        torch global RNG (every rank's in a data-parallel run). Returns its directory."""
+        parallel = self.data_parallel
+        world = 1 if parallel is None else parallel.world
+        generators = None if parallel is None else parallel.gathered(torch.get_rng_state())
+
+        def attempt() -> Path:
+            saved = {**state(), "torch_rng": torch.get_rng_state()}
+            if generators is not None:
+                saved["torch_rng_ranks"] = generators
+            return write_checkpoint(self.rundir, step, graph, saved,
+                                    {"engine": self.engine, "world": world, **where, **self.meta}, self.keep)
+        return attempt() if parallel is None else parallel.on_rank_zero(f"writing checkpoint {step}", attempt)
 
     def stop_if_interrupted(self, log, save: Callable[[], Path], **where: Any) -> None:
         """After a signal: ``save()`` a checkpoint, log it and raise :class:`RunInterrupted`
         (call it before a regular checkpoint of the same point, which it then replaces)."""
-        if self.interrupt.signum is None:
+        signum = self.interrupt.signum
+        if signum is None:
             return
         written = save()
-        log.log("interrupted", signal=signal.Signals(self.interrupt.signum).name, checkpoint=written.name, **where)
-        raise RunInterrupted(self.interrupt.signum, written, resume_command(self.engine, self.rundir))
+        log.log("interrupted", signal=signal.Signals(signum).name, checkpoint=written.name, **where)
+        world = 1 if self.data_parallel is None else self.data_parallel.world
+        raise RunInterrupted(signum, written, resume_command(self.engine, written.parent.parent, world))
 
     # -- as a trainer hook
     def on_train_start(self, trainer) -> None:
@@ -317,9 +301,10 @@ class Checkpointer:
             self.save(trainer)
 
     def save(self, trainer) -> Path:
-        state = {"trainer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "hooks": {key: hook.state_dict() for key, hook in stateful_hooks(trainer.hooks)},
-                 "log_length": len(trainer.log.records)}
+        def state() -> dict:
+            return {"trainer": trainer.state_dict(),
+                    "hooks": {key: hook.state_dict() for key, hook in stateful_hooks(trainer.hooks)},
+                    "log_length": len(trainer.log.records)}
         self._saved_network = trainer.network
         return self.write(trainer.iteration, trainer.network.graph, state, epoch=trainer.epoch)
 
@@ -343,10 +328,21 @@ def restore_trainer(trainer, checkpoint: Checkpoint) -> None:
         if key not in saved:
             raise GraphgrowError(f"the checkpoint holds no state for hook {key}", file=str(checkpoint.directory))
         hook.load_state_dict(saved[key])
-    torch.set_rng_state(state["torch_rng"])
+    restore_torch_rng(state, trainer.data_parallel)
 
 
-# -- the network, the options and the data parallelism of a resumed run ------------------------
+def restore_torch_rng(state: dict, data_parallel=None) -> None:
+    """Put back the torch global RNG (dropout draws from it): each rank's own when a
+    data-parallel run resumes with as many ranks as it had, else rank 0's (a dropout stream on
+    other ranks then differs from the uninterrupted run's)."""
+    ranks = state.get("torch_rng_ranks")
+    if data_parallel is not None and ranks is not None and len(ranks) == data_parallel.world:
+        torch.set_rng_state(ranks[data_parallel.rank])
+    else:
+        torch.set_rng_state(state["torch_rng"])
+
+
+# -- the network of a resumed run -------------------------------------------------------------
 
 def placement(network) -> dict:
     """Where and in which floating-point type a run's network lives, for its checkpoints."""
@@ -371,16 +367,6 @@ def saved_options(options: dict) -> dict:
         if isinstance(saved.get(name), (torch.device, torch.dtype)):
             saved[name] = str(saved[name]).removeprefix("torch.")
     return saved
-
-
-def refuse_data_parallel(checkpointing: bool, resumed: bool) -> None:
-    """Checkpoints are not written by data-parallel runs (no rank coordinates a checkpoint at a
-    signal yet); asking for one there is an error."""
-    if checkpointing or resumed:
-        raise GraphgrowError("checkpoints and --resume are not supported with --nproc > 1 (data-parallel runs)",
-                             option="resume" if resumed else "checkpoint_every",
-                             hint="run with --nproc 1 to checkpoint or resume; a data-parallel run with --out "
-                                  "writes no checkpoints")
 
 
 # -- options of a resumed run -----------------------------------------------------------------

@@ -11,22 +11,30 @@ event (the chosen positions), the new graph's YAML and its state; any difference
 ``GraphgrowError`` on every rank. Then the old wrapper is dropped, the optimizer state carried
 (``Trainer.replace_network``) and a new wrapper built.
 
+Checkpoints (runtime.checkpoint.Checkpointer) need the ranks to act at the same step: a
+signal's vote rides along in every ``DataParallel.sum`` (no extra collective), rank 0 writes
+while the others wait in ``on_rank_zero``, which hands its outcome (or its error) to all.
+
 ``launch(argv, nproc)`` starts ``nproc`` local workers of the command line (gloo on the CPU,
-NCCL on CUDA); ``torchrun --nproc-per-node N -m graphgrow grow ...`` sets the same environment
-(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), which ``joined`` reads.
+NCCL on CUDA), forwards SIGINT/SIGTERM to them and takes them down with it when it is killed;
+``torchrun --nproc-per-node N -m graphgrow grow ...`` sets the same environment (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), which ``joined`` reads.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,20 +43,31 @@ from torch.nn.parallel import DistributedDataParallel
 from ..compiler.io import dump
 from ..compiler.network import Network
 from ..errors import GraphgrowError
+from .interrupts import handling_stop_signals
 from .optimizers import optimizer_kind
 from .splits import Split, error_count, evaluate
 from .train import Trainer
 
 #: seconds a collective waits for the other ranks before the run stops with an error
 DEFAULT_TIMEOUT = 300.0
+#: set by ``launch`` in its workers: the launcher's process id (a worker dies with it)
+LAUNCHER_VARIABLE = "GRAPHGROW_LAUNCHER_PID"
+Result = TypeVar("Result")
+
+
+class ReportedByRankZero(GraphgrowError):
+    """Raised on the other ranks when rank 0 failed at something they waited for (rank 0
+    raises, and the command line prints, the error itself)."""
 
 
 @dataclass
 class DataParallel:
-    """This process's part in a data-parallel run."""
+    """This process's part in a data-parallel run. ``interrupt``: the run's
+    runtime.interrupts.InterruptFlag, whose vote every ``sum`` carries."""
     rank: int
     world: int
     device: torch.device
+    interrupt: Any = None
 
     def part(self, size: int) -> slice:
         """The contiguous rows of ``size`` that belong to this rank (sizes differ by at most one)."""
@@ -57,20 +76,50 @@ class DataParallel:
     def sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each tensor summed over the ranks (one all-reduce, in float64; each comes back in its
         own dtype and on its own device)."""
-        flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
+        votes = [] if self.interrupt is None else self.interrupt.vote()
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors] +
+                         [torch.tensor(votes, dtype=torch.float64, device=self.device)])
         with collective("a sum over the ranks", self.rank):
             dist.all_reduce(flat)
+        if votes:  # every rank makes the same sums, so all settle the same signal at the same one
+            self.interrupt.settle(flat[flat.numel() - len(votes):].tolist())
         out, start = [], 0
         for t in tensors:
             out.append(flat[start:start + t.numel()].reshape(t.shape).to(t.device, t.dtype))
             start += t.numel()
         return out
 
+    def gathered(self, value: Any) -> list:
+        """Every rank's ``value`` (picklable), in rank order."""
+        values: list = [None] * self.world
+        with collective("gathering from the ranks", self.rank):
+            dist.all_gather_object(values, value)
+        return values
+
+    def on_rank_zero(self, what: str, action: Callable[[], Result]) -> Result:
+        """``action()`` on rank 0 while the others wait; every rank returns its (picklable)
+        result, or every rank raises when it failed (rank 0 its own error, the others
+        ReportedByRankZero), so that no rank runs ahead of a failed write."""
+        outcome: list = [None]
+        failure = None
+        if self.rank == 0:
+            try:
+                outcome = [("done", action())]
+            except Exception as error:  # noqa: BLE001 - handed to the other ranks, then raised here
+                failure = error
+                outcome = [("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)]
+        with collective(what, self.rank):
+            dist.broadcast_object_list(outcome, src=0)
+        if failure is not None:
+            raise failure
+        status, value = outcome[0]
+        if status == "failed":
+            raise ReportedByRankZero(f"data-parallel run: rank 0 failed at {what} ({value}); rank {self.rank} stops")
+        return value
+
     def agree(self, what: str, digest: str) -> None:
         """Raise GraphgrowError on every rank unless all ranks hand in the same ``digest``."""
-        digests: list[str | None] = [None] * self.world
-        with collective(f"comparing {what}", self.rank):
-            dist.all_gather_object(digests, digest)
+        digests = self.gathered(digest)
         differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
         if differing:
             raise GraphgrowError(f"data-parallel run: ranks {differing} disagree with rank 0 on {what} "
@@ -108,6 +157,8 @@ def joined(device: torch.device, timeout: float = DEFAULT_TIMEOUT):
         yield None
         return
     rank = int(os.environ["RANK"])
+    if LAUNCHER_VARIABLE in os.environ:
+        _die_with_launcher(int(os.environ[LAUNCHER_VARIABLE]))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
@@ -121,6 +172,15 @@ def joined(device: torch.device, timeout: float = DEFAULT_TIMEOUT):
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def join_checkpoints(parallel: DataParallel, checkpointing: bool, every: int | None, checkpoint=None) -> None:
+    """Check that every rank checkpoints alike (all or none, at the same interval) and, when
+    resuming, continues from the same checkpoint (its name and checksums): a GraphgrowError on
+    every rank otherwise, before any rank trains."""
+    resumed = None if checkpoint is None else checkpoint.fingerprint()
+    parallel.agree("checkpoints (out, checkpoint_every and the checkpoint resumed from)",
+                   json.dumps([checkpointing, every, resumed]))
 
 
 def network_digest(network: Network, event: dict) -> str:
@@ -203,29 +263,56 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _die_with_launcher(launcher: int) -> None:
+    """Have the kernel kill this worker when its launcher dies (Linux; elsewhere a killed
+    launcher leaves its workers to time out at their next collective)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the line above
+        os._exit(128 + signal.SIGKILL)
+
+
+def _forwarding_signals(workers: list[subprocess.Popen]):
+    """SIGINT and SIGTERM to the launcher go to every worker, once each (the workers are in a
+    session of their own, so a Ctrl-C in the terminal reaches them only this way)."""
+    def forward(signum, frame):
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+    return handling_stop_signals(forward)
+
+
 def launch(argv: list[str], nproc: int, *, grace: float = 30.0) -> int:
     """Run ``python -m graphgrow *argv`` in ``nproc`` local ranks (rank 0's output is shown,
-    the others' errors only). When a rank fails, the others get ``grace`` seconds to stop on
-    their own (they see the failure at their next collective), then they are ended. Returns
-    the first non-zero exit status, else 0."""
+    the others' errors only). SIGINT and SIGTERM are forwarded to every rank (they stop at
+    a step they agree on, with a checkpoint); the ranks die with the launcher. When a rank
+    fails, the others get ``grace`` seconds to stop on their own (they see the failure at their
+    next collective), then they are ended. Returns the first non-zero exit status (128 + N for
+    a rank ended by signal N), else 0."""
     if not (isinstance(nproc, int) and nproc >= 1):
         raise GraphgrowError(f"--nproc must be a positive integer, got {nproc!r}")
     port = free_port()
-    workers = []
-    for rank in range(nproc):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc)}
-        workers.append(subprocess.Popen([sys.executable, "-m", "graphgrow", *argv], env=env,
-                                        stdout=None if rank == 0 else subprocess.DEVNULL))
-    failed, deadline = 0, None
-    while any(w.poll() is None for w in workers):
-        codes = [w.returncode for w in workers if w.returncode is not None]
-        if not failed and any(codes):
-            failed = next(c for c in codes if c)
-            deadline = time.monotonic() + grace
-        if deadline is not None and time.monotonic() > deadline:
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.kill()
-        time.sleep(0.05)
-    return failed or next((w.returncode for w in workers if w.returncode), 0)
+    workers: list[subprocess.Popen] = []
+    with _forwarding_signals(workers):
+        for rank in range(nproc):
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+                   "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc),
+                   LAUNCHER_VARIABLE: str(os.getpid())}
+            workers.append(subprocess.Popen([sys.executable, "-m", "graphgrow", *argv], env=env, start_new_session=True,
+                                            stdout=None if rank == 0 else subprocess.DEVNULL))
+        failed, deadline = 0, None
+        while any(w.poll() is None for w in workers):
+            codes = [w.returncode for w in workers if w.returncode is not None]
+            if not failed and any(codes):
+                failed = next(c for c in codes if c)
+                deadline = time.monotonic() + grace
+            if deadline is not None and time.monotonic() > deadline:
+                for worker in workers:
+                    if worker.poll() is None:
+                        worker.kill()
+            time.sleep(0.05)
+    code = failed or next((w.returncode for w in workers if w.returncode), 0)
+    return 128 - code if code < 0 else code

@@ -12,7 +12,7 @@ from ..compiler.io import load_network
 from ..errors import GraphgrowError
 from ..runtime.data import load_data
 from ..runtime.devices import place_network
-from ..runtime.distributed import DEFAULT_TIMEOUT, DataParallelTrainer, joined
+from ..runtime.distributed import DEFAULT_TIMEOUT, DataParallelTrainer, join_checkpoints, joined
 from ..runtime.flops import CostLedger
 from ..runtime.runlog import RunLog
 from ..runtime.splits import Split, as_splits, check_data_fits
@@ -224,8 +224,7 @@ def grow(spec=None, data="spiral", *, strategy: str = "sensli", insert_every: in
     summary (final metrics, FLOPs per training sample as in thesis Tables 4.2/4.4). Started as
     one of several ranks (``graphgrow grow --nproc N`` or torchrun; runtime.distributed) it
     trains data-parallel, with collectives that give up after ``dist_timeout`` seconds; rank 0
-    writes the run directory (without checkpoints: ``checkpoint_every`` and ``resume`` are
-    errors there)."""
+    writes the run directory and its checkpoints, at steps all ranks agree on."""
     options = {name: value for name, value in locals().items() if name not in _NOT_OPTIONS}
     if resume is None:
         if spec is None:
@@ -252,7 +251,7 @@ _NOT_OPTIONS = ("spec", "out", "progress", "resume")
 
 def _grow(network, dataset, options: dict, start: dict, out, progress: bool, checkpoint=None) -> GrowResult:
     """Run (or, with ``checkpoint``, continue) a growth run with ``options`` (grow's keywords)."""
-    from ..runtime.checkpoint import Checkpointer, placement, refuse_data_parallel, restore_trainer, saved_options
+    from ..runtime.checkpoint import Checkpointer, placement, restore_trainer, saved_options
     from ..runtime.plots import plot_run
     o = dict(options)
     config = TrainConfig(epochs=o["epochs"], lr=o["lr"], batch=o["batch"], momentum=o["momentum"],
@@ -271,16 +270,17 @@ def _grow(network, dataset, options: dict, start: dict, out, progress: bool, che
                       sens_batch=o["sens_batch"], sample=o["sample"], seed=o["seed"], widen=o["widen"],
                       neurons=o["neurons"], candidates=o.get("candidates", "all"))  # runs saved before it: all
     with joined(network.device, o["dist_timeout"]) as parallel:
+        checkpointing = out is not None  # on every rank: the others join rank 0's checkpoints
         if parallel is not None:  # rank 0 alone shows progress and writes the run directory
-            refuse_data_parallel(o["checkpoint_every"] is not None, checkpoint is not None)
+            join_checkpoints(parallel, checkpointing, o["checkpoint_every"], checkpoint)
             network.to(parallel.device)
             config.progress = config.progress and parallel.rank == 0
             out = out if parallel.rank == 0 else None
         hooks, checkpointer = [hook], None
-        if out is not None and parallel is None:
+        if checkpointing:
             meta = {"options": {**saved_options(o), "insert_at": sorted(o["insert_at"]) if o["insert_at"] else o["insert_at"]},
                     "start": start, "placement": placement(network)}
-            checkpointer = Checkpointer(out, "grow", meta, every=o["checkpoint_every"])
+            checkpointer = Checkpointer(out, "grow", meta, every=o["checkpoint_every"], data_parallel=parallel)
             hooks.append(checkpointer)
         log = RunLog(out, resume=None if checkpoint is None else checkpoint.state["log_length"])
         with log, (checkpointer.interrupt.installed() if checkpointer is not None else nullcontext()):

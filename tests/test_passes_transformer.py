@@ -108,7 +108,7 @@ def test_heads_widen_in_a_pipeline_and_round_trip_through_yaml(tmp_path):
     wider, _ = passes.Pipeline.parse("widen{layer=t1_attention,by=1},widen{layer=t1_fc1,by=3}").run(network)
     save(wider, tmp_path / "grown.yaml")
     again = Network.build(load_graph(tmp_path / "grown.yaml"), load_weights(tmp_path / "grown.pt"), dtype=torch.float64)
-    assert again.graph.node("t1_attention").args == {"heads": 3, "bias": True, "dropout": 0.0, "head_dim": 8}
+    assert again.graph.node("t1_attention").args == {"heads": 3, "bias": True, "dropout": 0.0, "causal": False, "head_dim": 8}
     assert difference(wider, again, False) == 0.0
 
 

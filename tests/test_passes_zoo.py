@@ -112,12 +112,23 @@ def test_depth_hierarchy_on_every_family_with_stages(name):
     Network.build(network.graph, prolonged, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", ["vit", "token_transformer"])
-def test_transformer_blocks_alternate_and_form_no_stage(name):
-    """What passes.hierarchy sees in a transformer: attention and MLP blocks alternate, so no two
-    consecutive blocks are equal and a depth hierarchy is refused with a hint (pairing them into
-    layers is the passes' work, not the importer's)."""
-    network = _imported(name)
+def test_the_imported_vits_encoder_blocks_form_a_stage_and_prolong_exactly():
+    """The imported ViT's encoder blocks (attention + MLP sub-block each) form one stage of equal
+    groups; with identity interpolation the prolonged coarse network computes the coarse
+    function (float64, eval: the blocks hold dropout)."""
+    network = _imported("vit")
+    assert any(len(stage) > 1 for stage in block_stages(network.graph))
+    fine, coarse = passes.build_hierarchy(network, "depth", levels=2, interpolation="identity")
+    prolonged = Network.build(network.graph, coarse.transfer.prolong(dict(coarse.transfer.coarse.state())),
+                              dtype=torch.float64)
+    x = family_input("vit", 2)
+    assert _relative(_outputs(prolonged, x, False), _outputs(coarse.network, x, False)) <= 1e-10
+
+
+def test_the_token_transformers_two_different_blocks_form_no_stage():
+    """Its two encoder blocks differ (a causal nn.MultiheadAttention and a functional attention),
+    so a depth hierarchy is refused with a hint."""
+    network = _imported("token_transformer")
     assert all(len(stage) == 1 for stage in block_stages(network.graph))
-    with pytest.raises(Exception, match="no stage of two or more equal residual blocks"):
+    with pytest.raises(Exception, match="no stage of two or more equal"):
         passes.build_hierarchy(network, "depth", levels=2)

@@ -171,9 +171,10 @@ def _run(network, o: dict, spec_name: str, out, progress: bool, checkpoint=None)
 
         def on_iteration(state):
             def save():
+                # the checkpointer adds the torch RNG state
                 return checkpointer.write(state["loop"]["iteration"], network.graph,
-                                          {"weights": start_weights, "method": state, "torch_rng": torch.get_rng_state(),
-                                           "log_length": len(log.records)})
+                                          lambda: {"weights": start_weights, "method": state,
+                                                   "log_length": len(log.records)})
             checkpointer.stop_if_interrupted(log, save, iteration=state["loop"]["iteration"])
             if checkpointer.due(state["loop"]["iteration"]):
                 save()

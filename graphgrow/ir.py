@@ -90,12 +90,13 @@ class LayerGraph:
         if name not in self.dag or name == INPUT:
             raise GraphgrowError(f"no node '{name}' in network '{self.name}'", file=self.source,
                                  hint=did_you_mean(name, self._order))
-        return self.dag.nodes[name]["node"]
+        return self.dag._node[name]["node"]  # the node-data dict behind dag.nodes, without its view
 
     @property
     def nodes(self) -> list[Node]:
         """All nodes in topological order."""
-        return [self.dag.nodes[n]["node"] for n in self._order]
+        data = self.dag._node
+        return [data[n]["node"] for n in self._order]
 
     def names(self) -> list[str]:
         return list(self._order)
@@ -279,6 +280,8 @@ def _copy_node(node: Node) -> Node:
 
 
 def _check_init_applies(plan, shapes) -> None:
+    if not plan:  # defaults only (most nodes, and every node passes re-infer)
+        return
     from .init import apply_init  # applying to scratch tensors is the one check of applicability
     scratch = {role: torch.empty(shapes[role]) for role in plan if torch.Size(shapes[role]).numel() < 1 << 22}
     apply_init(scratch, {r: p for r, p in plan.items() if r in scratch}, torch.Generator())

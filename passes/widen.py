@@ -55,8 +55,9 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
         grown_scale = torch.ones(n + by, dtype=torch.float64)
         column_scale = grown_scale.clone()
         column_scale[units], column_scale[n:] = alpha, 1.0 - alpha
-    grown, columns = (selection_matrix(index, grown_scale, n), (index, grown_scale)), \
-        (selection_matrix(index, column_scale, n), (index, column_scale))
+    grown = (selection_matrix(index, grown_scale, n), (index, grown_scale))
+    columns = grown if column_scale is grown_scale else (selection_matrix(index, column_scale, n),
+                                                         (index, column_scale))
     for axis in coupling.axes:
         fill = None
         matrix, selection = columns if axis.side == "columns" else grown

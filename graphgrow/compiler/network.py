@@ -16,6 +16,7 @@ from torch import fx, nn
 from ..errors import GraphgrowError
 from ..init import apply_init, normalize_init
 from ..ir import LayerGraph
+from ..ops.base import OpDef
 
 PLACEHOLDER = "x"
 
@@ -24,18 +25,25 @@ def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False
     """Fresh (uninitialised) modules of the nodes that compile to ``call_module``, except ``skip``;
     with ``stateless_as_modules`` also of the stateless ops that have a module twin."""
     modules = {}
+    todo = _module_nodes(graph, skip, stateless_as_modules)
+    if not todo:  # e.g. a pass that hands in every module
+        return modules
     # torch modules draw a throwaway initialisation from the global generator in their
     # constructors; fork it so compiling leaves the user's random stream (data order, dropout) alone
     with torch.random.fork_rng(devices=[]):
-        for node in graph.nodes:
-            if node.name in skip:
-                continue
+        for node in todo:
             module = node.opdef.build_module(node.args, node.in_shapes)
             if module is None and stateless_as_modules:
                 module = node.opdef.torch_module(node.args)
             if module is not None:
                 modules[node.name] = module
     return modules
+
+
+def _module_nodes(graph: LayerGraph, skip, stateless_as_modules: bool) -> list:
+    """The nodes outside ``skip`` that may compile to a module (their op builds one)."""
+    return [node for node in graph.nodes if node.name not in skip
+            and (stateless_as_modules or type(node.opdef).build_module is not OpDef.build_module)]
 
 
 def initialize(graph: LayerGraph, modules: dict[str, nn.Module], seed: int) -> None:
@@ -116,7 +124,8 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     (only arguments such as widths differ): its generated forward is reused, which skips fx's
     code generation, most of a compile (passes that change widths only)."""
     given = modules or {}
-    check_fits_in_memory(graph, dtype)
+    if _module_nodes(graph, given, stateless_as_modules):  # parameters to allocate, perhaps
+        check_fits_in_memory(graph, dtype)
     try:
         fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
     except (MemoryError, RuntimeError) as err:  # torch reports a failed allocation as a RuntimeError
@@ -124,8 +133,7 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
             raise
         raise _too_large(graph, dtype, "memory ran out while allocating them") from None
     root = nn.Module()
-    for name, module in fresh.items():
-        root.add_module(name, module)
+    root._modules.update(fresh)
     if state is None:
         initialize(graph, fresh, seed)
     elif fresh:
@@ -135,12 +143,9 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     elif state:
         _load(graph, root, state)  # entries left over: the error names them
     if given:
-        ordered = root
         root = nn.Module()
-        for node in graph.nodes:
-            module = given[node.name] if node.name in given else getattr(ordered, node.name, None)
-            if module is not None:
-                root.add_module(node.name, module)
+        root._modules.update((node.name, given[node.name] if node.name in given else fresh[node.name])
+                             for node in graph.nodes if node.name in given or node.name in fresh)
     modules = dict(root.named_children())
     for node in graph.nodes:
         if node.frozen and node.name in modules:

@@ -191,12 +191,17 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
     dtype, device = old.dtype, old.device
     by_node: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in values.items():
-        # new values take the device and dtype of the network they join (a pass may plan them on the CPU)
+        # new values take the device and dtype of the network they join (a pass may plan them on
+        # the CPU), in storage of their own: the network trains them, the pass may keep its tensors
         node, _, role = name.partition(".")
-        by_node.setdefault(node, {})[role] = tensor.detach().to(device, dtype if tensor.is_floating_point() else None)
+        by_node.setdefault(node, {})[role] = tensor.detach().to(
+            device, dtype if tensor.is_floating_point() else None, copy=True)
     reused, state = {}, {}
     for node in graph.nodes:
         if node.name not in old.graph:
+            template = _template(old, node, by_node.get(node.name, {}))
+            if template is not None:
+                reused[node.name] = template
             continue
         previous = old.graph.node(node.name)
         module = old.module._modules.get(node.name)
@@ -224,6 +229,23 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
                            code_from=old.module if same_code else None)
     module.train(old.module.training)
     return Network(graph, module)
+
+
+def _template(old: Network, node: Node, values: dict[str, torch.Tensor]) -> nn.Module | None:
+    """A module for the new node ``node`` made from a module of ``old`` with the same op and the
+    same arguments but for the width (``resized_module``): where the pass gives every entry of
+    it (``values``, by role) and that module has no hooks (which belong to its own node)."""
+    for previous in old.graph.nodes:
+        module = old.module._modules.get(previous.name)
+        if module is None or previous.op != node.op or not _only_sizes_differ(previous, node):
+            continue
+        if set(module.state_dict()) != set(values) or any(
+                m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                for m in module.modules()):
+            return None
+        new = resized_module(module, node, values)
+        return None if new is None else new.requires_grad_(True)  # compile_graph freezes frozen nodes
+    return None
 
 
 def _only_sizes_differ(previous: Node, node: Node) -> bool:

@@ -237,8 +237,9 @@ def _template(old: Network, node: Node, values: dict[str, torch.Tensor]) -> nn.M
     it (``values``, by role) and that module has no hooks (which belong to its own node)."""
     for previous in old.graph.nodes:
         module = old.module._modules.get(previous.name)
-        if module is None or previous.op != node.op or not _only_sizes_differ(previous, node):
-            continue
+        if (module is None or previous.op != node.op or not _only_sizes_differ(previous, node)
+                or [len(s) for s in previous.in_shapes] != [len(s) for s in node.in_shapes]):
+            continue  # (the rank may choose the module's class: BatchNorm1d or 2d)
         if set(module.state_dict()) != set(values) or any(
                 m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                 for m in module.modules()):

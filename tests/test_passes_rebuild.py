@@ -148,3 +148,20 @@ def test_rebuilt_modules_do_not_share_storage_with_the_values_a_pass_hands_in():
         grown.module.act2_id.weight.add_(1.0)
     assert torch.equal(plan.values["act2_id.weight"], torch.eye(100, dtype=torch.float64))
     assert torch.equal(widened.module.act2_id.weight[:100], torch.eye(100, dtype=torch.float64))
+
+
+def test_a_new_node_is_not_made_from_a_module_of_another_rank():
+    graph = load_graph(SPECS_DIR / "cnn_vgg.yaml")
+    graph.add(Node("conv1_bn", "batchnorm", get_op("batchnorm").check_args({}), ["conv1"]), after="conv1")
+    graph.redirect("conv1", "conv1_bn")
+    graph.infer_shapes()
+    network = Network.build(graph, seed=0, dtype=torch.float64)
+    assert isinstance(network.module.conv1_bn, nn.BatchNorm2d)
+    grown_graph = network.graph.copy()
+    grown_graph.add(Node("fc1_bn", "batchnorm", get_op("batchnorm").check_args({}), ["fc1"]), after="fc1")
+    grown_graph.redirect("fc1", "fc1_bn")
+    fresh = nn.BatchNorm1d(128).double()
+    values = {f"fc1_bn.{k}": v for k, v in fresh.state_dict().items()}
+    grown = rebuild(network, grown_graph, Record("test"), values)
+    assert isinstance(grown.module.fc1_bn, nn.BatchNorm1d)
+    assert grown.module(torch.randn(4, 1, 28, 28, dtype=torch.float64)).shape == (4, 10)

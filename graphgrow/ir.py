@@ -183,6 +183,10 @@ class LayerGraph:
         """Restore a topological order, keeping the current order wherever possible."""
         position = {name: k for k, name in enumerate(self._order)}
         position[INPUT] = -1
+        data = self.dag._node
+        if all(position.get(source, len(position)) < k for k, name in enumerate(self._order)
+               for source in data[name]["node"].inputs):
+            return  # already topological (so acyclic): most edits insert after a node's inputs
         try:
             order = list(nx.lexicographical_topological_sort(self.dag, key=position.__getitem__))
         except nx.NetworkXUnfeasible:  # find_cycle only on failure: it is slow on deep graphs

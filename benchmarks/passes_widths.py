@@ -71,7 +71,7 @@ def cases(network: Network, layer: str, after: str) -> dict:
         index = network.graph.names().index(layer)
         example = torch.randn(1, *network.graph.input_shape)
         run, template = peer_prune(peer_module(network), index, example)
-        found["torch-pruning: prune 2 units"] = (run, template)
+        found[PEER] = (run, template)
     return found
 
 
@@ -91,6 +91,16 @@ def timed(case) -> float:
     return elapsed
 
 
+PEER = "torch-pruning: prune 2 units"
+
+
+def ratio(times: dict, label: str, name: str, base: str) -> str:
+    """Median over the rounds of the case's time over ``base``'s in the same round."""
+    if (label, base) not in times:
+        return "-"
+    return f"{statistics.median(a / b for a, b in zip(times[(label, name)], times[(label, base)])):.2f}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -107,12 +117,13 @@ def main(argv=None) -> None:
         for label, suite in suites.items():
             for name, case in suite.items():
                 times[(label, name)].append(timed(case))
-    print(f"| network | case | CPU ms (median of {opts.repeats}) | ratio to compile |\n|---|---|---|---|")
+    print(f"| network | case | CPU ms (median of {opts.repeats}) | ratio to compile | ratio to torch-pruning |\n"
+          "|---|---|---|---|---|")
     for label, suite in suites.items():
-        base = statistics.median(times[(label, "compile (baseline)")])
         for name in suite:
             median = statistics.median(times[(label, name)])
-            print(f"| {label} | {name} | {1e3 * median:.2f} | {median / base:.2f} |")
+            print(f"| {label} | {name} | {1e3 * median:.2f} | {ratio(times, label, name, 'compile (baseline)')} "
+                  f"| {ratio(times, label, name, PEER)} |")
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch-pruning "
           f"{getattr(torch_pruning, '__version__', 'not installed')}")
 

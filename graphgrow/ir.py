@@ -6,7 +6,7 @@ import copy
 import json
 import keyword
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import networkx as nx
 import torch
@@ -92,12 +92,13 @@ class LayerGraph:
         if name not in self.dag or name == INPUT:
             raise GraphgrowError(f"no node '{name}' in network '{self.name}'", file=self.source,
                                  hint=did_you_mean(name, self._order))
-        return self.dag.nodes[name]["node"]
+        return self.dag._node[name]["node"]  # the node-data dict behind dag.nodes, without its view
 
     @property
     def nodes(self) -> list[Node]:
         """All nodes in topological order."""
-        return [self.dag.nodes[n]["node"] for n in self._order]
+        data = self.dag._node
+        return [data[n]["node"] for n in self._order]
 
     def names(self) -> list[str]:
         return list(self._order)
@@ -184,6 +185,10 @@ class LayerGraph:
         """Restore a topological order, keeping the current order wherever possible."""
         position = {name: k for k, name in enumerate(self._order)}
         position[INPUT] = -1
+        data = self.dag._node
+        if all(position.get(source, len(position)) < k for k, name in enumerate(self._order)
+               for source in data[name]["node"].inputs):
+            return  # already topological (so acyclic): most edits insert after a node's inputs
         try:
             order = list(nx.lexicographical_topological_sort(self.dag, key=position.__getitem__))
         except nx.NetworkXUnfeasible:  # find_cycle only on failure: it is slow on deep graphs
@@ -193,33 +198,46 @@ class LayerGraph:
                               hint="a node cannot read its own output, directly or indirectly") from None
         self._order = [n for n in order if n != INPUT]
 
-    def infer_shapes(self) -> None:
-        """Sort, check arities and fill in every node's input and output shapes."""
-        self.sort()
-        if not self.outputs:
-            raise GraphgrowError(f"network '{self.name}' has no outputs", file=self.source)
+    def infer_shapes(self, changed: Iterable[str] | None = None) -> None:
+        """Sort, check arities and fill in every node's input and output shapes. ``changed``:
+        after an edit that changed only the arguments of these nodes (same nodes, order, wiring
+        and outputs, shapes inferred before it, e.g. a widening), infer again only them and the
+        nodes whose input shapes changed."""
+        if changed is None:
+            self.sort()
+            if not self.outputs:
+                raise GraphgrowError(f"network '{self.name}' has no outputs", file=self.source)
+        redo, reshaped = (None, None) if changed is None else (set(changed), set())
         for node in self.nodes:
-            opdef = node.opdef
-            count = len(node.inputs)
-            if count < opdef.min_inputs or (opdef.max_inputs is not None and count > opdef.max_inputs):
-                wanted = (f"{opdef.min_inputs}" if opdef.min_inputs == opdef.max_inputs else
-                          f"at least {opdef.min_inputs}" if opdef.max_inputs is None else
-                          f"{opdef.min_inputs} to {opdef.max_inputs}")
-                raise node.error(f"op '{node.op}' takes {wanted} input(s), got {count}")
-            node.in_shapes = [self.shape_of(i) for i in node.inputs]
-            try:
-                node.out_shape = tuple(opdef.output_shape(node.args, node.in_shapes))
-                roles = list(node.param_shapes())
-                _check_init_applies(normalize_init(node.init, roles), node.param_shapes())
-            except GraphgrowError as err:
-                if len(node.inputs) == 1:
-                    err.message += f" (input '{node.inputs[0]}' has shape {list(node.in_shapes[0])})"
-                raise err.located(file=node.loc.file, line=node.loc.line,
-                                  column=node.loc.column, node=node.name)
+            if redo is not None and node.name not in redo and not reshaped.intersection(node.inputs):
+                continue
+            before = node.out_shape
+            self._infer_node(node)
+            if reshaped is not None and node.out_shape != before:
+                reshaped.add(node.name)
         for name in self.outputs:
             if name not in self:
                 raise GraphgrowError(f"unknown output '{name}'", file=self.source,
                                      hint=did_you_mean(name, self._order))
+
+    def _infer_node(self, node: Node) -> None:
+        opdef = node.opdef
+        count = len(node.inputs)
+        if count < opdef.min_inputs or (opdef.max_inputs is not None and count > opdef.max_inputs):
+            wanted = (f"{opdef.min_inputs}" if opdef.min_inputs == opdef.max_inputs else
+                      f"at least {opdef.min_inputs}" if opdef.max_inputs is None else
+                      f"{opdef.min_inputs} to {opdef.max_inputs}")
+            raise node.error(f"op '{node.op}' takes {wanted} input(s), got {count}")
+        node.in_shapes = [self.shape_of(i) for i in node.inputs]
+        try:
+            node.out_shape = tuple(opdef.output_shape(node.args, node.in_shapes))
+            roles = list(node.param_shapes())
+            _check_init_applies(normalize_init(node.init, roles), node.param_shapes())
+        except GraphgrowError as err:
+            if len(node.inputs) == 1:
+                err.message += f" (input '{node.inputs[0]}' has shape {list(node.in_shapes[0])})"
+            raise err.located(file=node.loc.file, line=node.loc.line,
+                              column=node.loc.column, node=node.name)
 
     # -- reporting ------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -268,6 +286,8 @@ def _copy_node(node: Node) -> Node:
 
 
 def _check_init_applies(plan, shapes) -> None:
+    if not plan:  # defaults only (most nodes, and every node passes re-infer)
+        return
     from .init import apply_init  # applying to scratch tensors is the one check of applicability
     scratch = {role: torch.empty(shapes[role]) for role in plan if torch.Size(shapes[role]).numel() < 1 << 22}
     apply_init(scratch, {r: p for r, p in plan.items() if r in scratch}, torch.Generator())

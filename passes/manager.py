@@ -10,7 +10,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 
 from graphgrow import GraphgrowError, Network
 from graphgrow.errors import did_you_mean

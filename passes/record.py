@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from graphgrow import LayerGraph, Network, compile_graph
+from graphgrow import LayerGraph, Network, Node, compile_graph
 
 TensorMap = Callable[..., torch.Tensor]
 
@@ -111,17 +111,41 @@ class Record:
                           *self.notes, *changed])
 
 
-def clone_module(module: nn.Module) -> nn.Module:
+def clone_module(module: nn.Module, values: dict[str, torch.Tensor] | None = None, prefix: str = "") -> nn.Module:
     """An independent copy of a module with fresh parameter and buffer storage (several times
-    cheaper than deepcopy, which dominates rebuilding deep networks)."""
+    cheaper than deepcopy, which dominates rebuilding deep networks). ``values``: state entries
+    (by role, e.g. ``inner.weight``) that the copy takes as they are instead of a copy of the
+    module's own (new tensors of a pass, possibly of other shapes)."""
+    values = values or {}
+    take = lambda key, tensor: values[prefix + key] if prefix + key in values else tensor.detach().clone()
     new = type(module).__new__(type(module))
     replaced = ("_parameters", "_buffers", "_modules")
     new.__dict__.update({key: value.copy() if isinstance(value, (dict, set, list)) else value
                          for key, value in module.__dict__.items() if key not in replaced})
-    new._parameters = {key: None if p is None else nn.Parameter(p.detach().clone(), p.requires_grad)
+    new._parameters = {key: None if p is None else nn.Parameter(take(key, p), p.requires_grad)
                        for key, p in module._parameters.items()}
-    new._buffers = {key: None if b is None else b.clone() for key, b in module._buffers.items()}
-    new._modules = {key: None if m is None else clone_module(m) for key, m in module._modules.items()}
+    new._buffers = {key: None if b is None else take(key, b) for key, b in module._buffers.items()}
+    new._modules = {key: None if m is None else clone_module(m, values, f"{prefix}{key}.")
+                    for key, m in module._modules.items()}
+    return new
+
+
+def resized_module(module: nn.Module, node, values: dict[str, torch.Tensor]) -> nn.Module | None:
+    """A copy of ``module`` (the old module of ``node``, same op, other sizes) that holds
+    ``values`` (by role) and copies of its other entries, with the size attributes of
+    ``node.opdef.module_sizes``: no construction, initialisation or loading. None where the op
+    gives no sizes or an entry's shape does not fit the node (the caller builds afresh)."""
+    sizes = node.opdef.module_sizes(node.args, node.in_shapes)
+    if sizes is None:
+        return None
+    new = clone_module(module, values)
+    shapes = node.param_shapes()
+    if any(tuple(tensor.shape) != tuple(shapes.get(role, tensor.shape))
+           for role, tensor in new.named_parameters()):
+        return None
+    for path, value in sizes.items():
+        owner, _, attribute = path.rpartition(".")
+        setattr(new.get_submodule(owner), attribute, value)
     return new
 
 
@@ -160,34 +184,76 @@ def rebuild(old: Network, graph: LayerGraph, record: Record,
 
 def _rebuild(old: Network, graph: LayerGraph, record: Record,
              values: dict[str, torch.Tensor]) -> Network:
-    graph.infer_shapes()
+    same_code = _same_code(old.graph, graph)
+    # a width change: shapes again only where arguments changed and downstream of them
+    graph.infer_shapes([node.name for node in graph.nodes if node.args != old.graph.node(node.name).args]
+                       if same_code else None)
     dtype, device = old.dtype, old.device
-    changed = {name.split(".", 1)[0] for name in values}
+    by_node: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in values.items():
+        # new values take the device and dtype of the network they join (a pass may plan them on
+        # the CPU), in storage of their own: the network trains them, the pass may keep its tensors
+        node, _, role = name.partition(".")
+        by_node.setdefault(node, {})[role] = tensor.detach().to(
+            device, dtype if tensor.is_floating_point() else None, copy=True)
     reused, state = {}, {}
     for node in graph.nodes:
-        if node.name in changed or node.name not in old.graph:
+        if node.name not in old.graph:
+            template = _template(old, node, by_node.get(node.name, {}))
+            if template is not None:
+                reused[node.name] = template
             continue
         previous = old.graph.node(node.name)
-        if previous.op == node.op and previous.args == node.args and previous.in_shapes == node.in_shapes:
-            module = getattr(old.module, node.name, None)
-            if module is not None:
-                reused[node.name] = clone_module(module)
+        module = old.module._modules.get(node.name)
+        if module is None or previous.op != node.op:
+            continue
+        if node.name not in by_node and previous.args == node.args and previous.in_shapes == node.in_shapes:
+            reused[node.name] = clone_module(module)
+        elif _only_sizes_differ(previous, node):
+            resized = resized_module(module, node, by_node.get(node.name, {}))
+            if resized is not None:
+                reused[node.name] = resized
     for name, tensor in old.module.state_dict().items():
         node = name.split(".", 1)[0]
         if name not in values and node in graph:
             record.origins.setdefault(name, Origin.carried(name))
             if node not in reused:
                 state[name] = tensor.detach().clone()
-    for name, tensor in values.items():
-        # new values take the device and dtype of the network they join (a pass may plan them on the CPU)
-        state[name] = tensor.detach().to(device, dtype if tensor.is_floating_point() else None)
+    for node, entries in by_node.items():
+        if node not in reused:
+            state.update({f"{node}.{role}": tensor for role, tensor in entries.items()})
     # origins only for entries that exist (a pass may describe entries of removed nodes)
     kept = set(state) | {name for name in record.origins if name.split(".", 1)[0] in reused}
     record.origins = {name: origin for name, origin in record.origins.items() if name in kept}
     module = compile_graph(graph, state, dtype=dtype, device=device, modules=reused,
-                           code_from=old.module if _same_code(old.graph, graph) else None)
+                           code_from=old.module if same_code else None)
     module.train(old.module.training)
     return Network(graph, module)
+
+
+def _template(old: Network, node: Node, values: dict[str, torch.Tensor]) -> nn.Module | None:
+    """A module for the new node ``node`` made from a module of ``old`` with the same op and the
+    same arguments but for the width (``resized_module``): where the pass gives every entry of
+    it (``values``, by role) and that module has no hooks (which belong to its own node)."""
+    for previous in old.graph.nodes:
+        module = old.module._modules.get(previous.name)
+        if (module is None or previous.op != node.op or not _only_sizes_differ(previous, node)
+                or [len(s) for s in previous.in_shapes] != [len(s) for s in node.in_shapes]):
+            continue  # (the rank may choose the module's class: BatchNorm1d or 2d)
+        if set(module.state_dict()) != set(values) or any(
+                m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                for m in module.modules()):
+            return None
+        new = resized_module(module, node, values)
+        return None if new is None else new.requires_grad_(True)  # compile_graph freezes frozen nodes
+    return None
+
+
+def _only_sizes_differ(previous: Node, node: Node) -> bool:
+    """Same op and arguments but for the width argument: the module differs in sizes only."""
+    width = node.opdef.width_arg
+    return ({k: v for k, v in previous.args.items() if k != width}
+            == {k: v for k, v in node.args.items() if k != width})
 
 
 def function_change(old: Network, new: Network, probe_batch: int = 8, seed: int = 0) -> float:

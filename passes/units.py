@@ -4,9 +4,10 @@ consumer, in blocks after a flatten), and linear maps on those units. Shared by 
 the neuron candidates of ``extend_all``, ``keep_candidates`` and the width hierarchy."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -270,20 +271,42 @@ class StateView(Mapping):
 
 # -- linear maps on units ----------------------------------------------------------------------
 
-def map_units(tensor: torch.Tensor, axis: int, block: int, matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` (new units x old units) applied to the units of ``tensor`` along ``axis``."""
+def map_units(tensor: torch.Tensor, axis: int, block: int, matrix: torch.Tensor,
+              selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``matrix`` (new units x old units) applied to the units of ``tensor`` along ``axis``
+    (``selection``: ``selection_of(matrix)`` where the caller has it already)."""
     shape = tuple(tensor.shape)
     units = shape[axis] // block
     split = tensor.reshape(*shape[:axis], units, block, *shape[axis + 1:])
     # the map is planned on the CPU; it is inspected there and applied where the tensor lives
-    if bool(((matrix != 0).sum(1) <= 1).all()):
+    selection = selection_of(matrix) if selection is None else selection
+    if selection is not None:
         # selections and scaled copies (widen, keep): gather, so that copies are exact and cheap
-        index = matrix.abs().argmax(1)
-        scale = matrix.gather(1, index[:, None]).reshape(-1, *[1] * (split.dim() - axis - 1)).to(tensor)
-        mapped = split.index_select(axis, index.to(tensor.device)) * scale
+        index, scale = selection
+        mapped = split.index_select(axis, index.to(tensor.device)) * scale.reshape(
+            -1, *[1] * (split.dim() - axis - 1)).to(tensor)
     else:
         mapped = (split.movedim(axis, -1) @ matrix.to(tensor).T).movedim(-1, axis)
     return mapped.reshape(*shape[:axis], matrix.shape[0] * block, *shape[axis + 1:])
+
+
+def selection_of(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(index, scale)`` with row i of ``matrix`` = scale[i] times unit row ``index[i]``, where
+    every row has at most one non-zero entry (a selection or scaled copy); else None."""
+    rows, columns = matrix.nonzero(as_tuple=True)  # row-major: a repeated row follows itself
+    if rows.numel() > 1 and bool((rows[1:] == rows[:-1]).any()):
+        return None
+    index = torch.zeros(matrix.shape[0], dtype=torch.long)
+    scale = torch.zeros(matrix.shape[0], dtype=matrix.dtype)
+    index[rows], scale[rows] = columns, matrix[rows, columns]
+    return index, scale
+
+
+def selection_matrix(index: torch.Tensor, scale: torch.Tensor, units: int) -> torch.Tensor:
+    """The matrix (len(index) x ``units``) whose row i is scale[i] times unit row index[i]."""
+    matrix = torch.zeros(len(index), units, dtype=scale.dtype)
+    matrix[torch.arange(len(index)), index] = scale
+    return matrix
 
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -313,16 +336,25 @@ def embed_units(matrix: torch.Tensor, total: int, before: tuple[int, ...]) -> to
 class UnitMap:
     """One linear map on the group's units of one axis (each copy, see ``UnitAxis.before``),
     plus the values of the new units (``fill(shape)`` of the part they occupy; optimizer state
-    gets no fill)."""
+    gets no fill). ``known_selection``: ``selection_of(matrix)`` where the planner knows it
+    (``selection_matrix`` made the matrix), which spares inspecting the matrix."""
     axis: int
     block: int
     matrix: torch.Tensor
     fill: Callable[[tuple], torch.Tensor] | None = None
     before: tuple[int, ...] = (0,)
+    known_selection: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+    @functools.cached_property
+    def selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``selection_of(matrix)``, worked out once per map (value and optimizer state)."""
+        return self.known_selection if self.known_selection is not None else selection_of(self.matrix)
 
     def state(self, tensor: torch.Tensor) -> torch.Tensor:
         total = tensor.shape[self.axis] // self.block
-        return map_units(tensor, self.axis, self.block, embed_units(self.matrix, total, self.before))
+        embedded = embed_units(self.matrix, total, self.before)
+        return map_units(tensor, self.axis, self.block, embedded,
+                         self.selection if embedded is self.matrix else None)
 
     def value(self, tensor: torch.Tensor) -> torch.Tensor:
         mapped = self.state(tensor)

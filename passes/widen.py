@@ -7,7 +7,7 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .record import Origin, Record, rebuild
-from .units import StateView, UnitCoupling, UnitMap, composed, set_units, trace_units
+from .units import StateView, UnitCoupling, UnitMap, composed, selection_matrix, set_units, trace_units
 
 METHODS = ("sensli", "split")
 
@@ -24,7 +24,6 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
         raise fail(f"widen by {by!r}: expected a positive number of units")
     if method not in METHODS:
         raise fail(f"unknown widening method {method!r}", hint=f"one of {', '.join(METHODS)}")
-    keep = torch.eye(n, dtype=torch.float64)
     if incoming is not None:
         fan_in = graph.node(coupling.layer).param_shapes().get("weight", (0,))[1:]
         if method != "sensli" or node.opdef.width_arg is None or tuple(incoming.shape) != (by, *fan_in):
@@ -36,8 +35,10 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
         if not scale > 0.0:
             raise fail(f"sensli scale {scale}: expected a positive standard deviation",
                        hint="incoming weights of new units must be non-zero (4.19)")
-        grown = torch.cat([keep, torch.zeros(by, n, dtype=torch.float64)])
-        columns = grown
+        # new unit n + i: unit 0 times 0 (its rows are filled in, its columns stay 0)
+        index = torch.cat([torch.arange(n), torch.zeros(by, dtype=torch.long)])
+        grown_scale = torch.cat([torch.ones(n, dtype=torch.float64), torch.zeros(by, dtype=torch.float64)])
+        column_scale = grown_scale
     else:
         if units is None:
             if by > n:
@@ -50,17 +51,17 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
         if not 0.0 < alpha < 1.0 or alpha == 0.5:
             raise fail(f"split alpha {alpha}: expected 0 < alpha < 1, alpha != 0.5",
                        hint="alpha = 0.5 keeps the duplicates symmetric")
-        copies = torch.zeros(by, n, dtype=torch.float64)
-        copies[torch.arange(by), torch.tensor(units)] = 1.0
-        grown = torch.cat([keep, copies])
-        columns = torch.cat([keep, (1.0 - alpha) * copies])
-        columns[units, units] = alpha
+        index = torch.cat([torch.arange(n), torch.tensor(units, dtype=torch.long)])
+        grown_scale = torch.ones(n + by, dtype=torch.float64)
+        column_scale = grown_scale.clone()
+        column_scale[units], column_scale[n:] = alpha, 1.0 - alpha
+    grown = (selection_matrix(index, grown_scale, n), (index, grown_scale))
+    columns = grown if column_scale is grown_scale else (selection_matrix(index, column_scale, n),
+                                                         (index, column_scale))
     for axis in coupling.axes:
         fill = None
-        if axis.side == "columns":
-            matrix = columns
-        else:
-            matrix = grown
+        matrix, selection = columns if axis.side == "columns" else grown
+        if axis.side != "columns":
             if method == "sensli" and axis.side == "state":
                 fill = lambda shape, v=axis.fresh: torch.full(shape, v, dtype=torch.float64)
             elif incoming is not None and axis.tensor == f"{coupling.layer}.weight":
@@ -70,7 +71,7 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
                 draw_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
                 fill = lambda shape, s=draw_seed: scale * torch.randn(
                     shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-        maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, matrix, fill, axis.before))
+        maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, matrix, fill, axis.before, selection))
     set_units(graph, coupling, n + by)
 
 

@@ -6,6 +6,7 @@ Parameters are named ``<node>.<role>``.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from torch import fx, nn
 from ..errors import GraphgrowError
 from ..init import apply_init, normalize_init
 from ..ir import LayerGraph
+from ..ops.base import OpDef
 
 PLACEHOLDER = "x"
 
@@ -23,18 +25,25 @@ def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False
     """Fresh (uninitialised) modules of the nodes that compile to ``call_module``, except ``skip``;
     with ``stateless_as_modules`` also of the stateless ops that have a module twin."""
     modules = {}
+    todo = _module_nodes(graph, skip, stateless_as_modules)
+    if not todo:  # e.g. a pass that hands in every module
+        return modules
     # torch modules draw a throwaway initialisation from the global generator in their
     # constructors; fork it so compiling leaves the user's random stream (data order, dropout) alone
     with torch.random.fork_rng(devices=[]):
-        for node in graph.nodes:
-            if node.name in skip:
-                continue
+        for node in todo:
             module = node.opdef.build_module(node.args, node.in_shapes)
             if module is None and stateless_as_modules:
                 module = node.opdef.torch_module(node.args)
             if module is not None:
                 modules[node.name] = module
     return modules
+
+
+def _module_nodes(graph: LayerGraph, skip, stateless_as_modules: bool) -> list:
+    """The nodes outside ``skip`` that may compile to a module (their op builds one)."""
+    return [node for node in graph.nodes if node.name not in skip
+            and (stateless_as_modules or type(node.opdef).build_module is not OpDef.build_module)]
 
 
 def initialize(graph: LayerGraph, modules: dict[str, nn.Module], seed: int) -> None:
@@ -80,12 +89,19 @@ def _too_large(graph: LayerGraph, dtype, why: str) -> GraphgrowError:
                           hint="lower the layer widths or the input size")
 
 
+@functools.cache
+def _physical_memory() -> int | None:
+    if not hasattr(os, "sysconf") or "SC_PHYS_PAGES" not in os.sysconf_names:
+        return None
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_fits_in_memory(graph: LayerGraph, dtype: torch.dtype | None = None) -> None:
     """Refuse, before allocating anything, a network whose parameters alone exceed this
     machine's physical memory (the allocation would fail or, with overcommit, swap and be killed)."""
-    if not hasattr(os, "sysconf") or "SC_PHYS_PAGES" not in os.sysconf_names:
+    memory = _physical_memory()
+    if memory is None:
         return
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     element = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
     if graph.num_params() * element > memory:
         raise _too_large(graph, dtype, f"this machine has {memory / 2**30:,.1f} GiB of memory")
@@ -108,7 +124,8 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     (only arguments such as widths differ): its generated forward is reused, which skips fx's
     code generation, most of a compile (passes that change widths only)."""
     given = modules or {}
-    check_fits_in_memory(graph, dtype)
+    if _module_nodes(graph, given, stateless_as_modules):  # parameters to allocate, perhaps
+        check_fits_in_memory(graph, dtype)
     try:
         fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
     except (MemoryError, RuntimeError) as err:  # torch reports a failed allocation as a RuntimeError
@@ -116,21 +133,19 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
             raise
         raise _too_large(graph, dtype, "memory ran out while allocating them") from None
     root = nn.Module()
-    for name, module in fresh.items():
-        root.add_module(name, module)
+    root._modules.update(fresh)
     if state is None:
         initialize(graph, fresh, seed)
-    else:
+    elif fresh:
         # before loading, so that float64 weights keep their precision and nothing passes the CPU
         root.to(device=device, dtype=dtype)
         _load(graph, root, state)
+    elif state:
+        _load(graph, root, state)  # entries left over: the error names them
     if given:
-        ordered = root
         root = nn.Module()
-        for node in graph.nodes:
-            module = given[node.name] if node.name in given else getattr(ordered, node.name, None)
-            if module is not None:
-                root.add_module(node.name, module)
+        root._modules.update((node.name, given[node.name] if node.name in given else fresh[node.name])
+                             for node in graph.nodes if node.name in given or node.name in fresh)
     modules = dict(root.named_children())
     for node in graph.nodes:
         if node.frozen and node.name in modules:
@@ -159,27 +174,88 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
         values[node.name] = emitted
     outputs = [values[name] for name in graph.outputs]
     fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-    module = fx.GraphModule(root, fx_graph, class_name=graph.name)
+    module = CompiledModule(root, fx_graph, class_name=graph.name)
+    source = module.__dict__["_graph_source"] = module.__dict__.pop("_graph")  # kept private: see CompiledModule
+    source.owning_module = None  # shared by later modules: it must not keep this one alive
     if state is None:  # a given state was loaded in dtype and on device already
         module.to(device=device, dtype=dtype)
     return module
 
 
-def _with_code_of(template: fx.GraphModule, root: nn.Module) -> fx.GraphModule:
-    """A GraphModule holding ``root``'s submodules that runs ``template``'s generated forward:
-    a copy of its fx graph and code, and a class of its own beside the template's (fx keeps the
-    forward on a class per module, so a later recompile of either module leaves the other alone)."""
+class CompiledModule(fx.GraphModule):
+    """The GraphModule ``compile_graph`` returns. Its fx graph is made on first use (``graph``,
+    printing, copying, pickling) from a private source graph that never changes, so that modules
+    compiled from each other with the same code (passes that change only widths) share the
+    source instead of copying the graph node by node (most of such a rebuild otherwise).
+    fx reads ``__dict__['_graph']`` directly in places (copying, pickling): the graph is kept
+    there once made, and those places make it first."""
+
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "_graph"]  # torch.jit.script
+
+    @property
+    def _graph(self) -> fx.Graph:
+        graph = self.__dict__.get("_graph")
+        if graph is None:
+            source = self.__dict__["_graph_source"]
+            graph = fx.Graph(owning_module=self, tracer_cls=source._tracer_cls)
+            graph.output(graph.graph_copy(source, {}))
+            self.__dict__["_graph"] = graph
+        return graph
+
+    @_graph.setter
+    def _graph(self, graph: fx.Graph) -> None:
+        self.__dict__["_graph"] = graph
+
+    def _private_source(self) -> fx.Graph:
+        """A graph of this module's code that nobody edits: the shared source while the module's
+        own graph was never made (once handed out, it may have been edited)."""
+        if "_graph" not in self.__dict__ and "_graph_source" in self.__dict__:
+            return self.__dict__["_graph_source"]
+        return _graph_copy(self._graph)
+
+    def _as_plain(self, method, *args):
+        """Run a GraphModule method that reads ``__dict__['_graph']`` (copying, pickling) with the
+        graph made and without the source (which is not to be copied or pickled)."""
+        self._graph  # noqa: B018  (makes it)
+        source = self.__dict__.pop("_graph_source", None)
+        try:
+            return method(self, *args)
+        finally:
+            if source is not None:
+                self.__dict__["_graph_source"] = source
+
+    def __deepcopy__(self, memo):
+        return self._as_plain(fx.GraphModule.__deepcopy__, memo)
+
+    def __reduce__(self):
+        return self._as_plain(fx.GraphModule.__reduce__)
+
+    def __reduce_package__(self, exporter):
+        return self._as_plain(fx.GraphModule.__reduce_package__, exporter)
+
+
+def _graph_copy(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph(tracer_cls=graph._tracer_cls)
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
+
+
+def _with_code_of(template: fx.GraphModule, root: nn.Module) -> CompiledModule:
+    """A module holding ``root``'s submodules that runs ``template``'s generated forward: its
+    code, a shared private source of its fx graph, and a class of its own beside the template's
+    (fx keeps the forward on a class per module, so a later recompile of either module leaves
+    the other alone)."""
     cls = type(template)  # fx's class for the template alone, made from (a subclass of) GraphModule
-    own = type(cls.__name__, cls.__bases__, {"forward": cls.forward})
-    module = own.__new__(own)
-    skip = ("_parameters", "_buffers", "_modules", "_graph")
+    bases = cls.__bases__ if isinstance(template, CompiledModule) else (CompiledModule,)
+    own = type(cls.__name__, bases, {"forward": cls.forward})
+    module = nn.Module.__new__(own)  # not GraphModule.__new__, which would make another class
+    skip = ("_parameters", "_buffers", "_modules", "_graph", "_graph_source")
     module.__dict__.update({key: value.copy() if isinstance(value, (dict, set, list)) else value
                             for key, value in template.__dict__.items() if key not in skip})
     module._parameters, module._buffers = {}, {}
     module._modules = dict(root._modules)
-    graph = fx.Graph(owning_module=module, tracer_cls=template.graph._tracer_cls)
-    graph.output(graph.graph_copy(template.graph, {}))
-    module._graph = graph
+    module.__dict__["_graph_source"] = (template._private_source() if isinstance(template, CompiledModule)
+                                        else _graph_copy(template.graph))
     return module
 
 

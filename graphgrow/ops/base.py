@@ -194,6 +194,13 @@ class OpDef:
         """The module for a ``call_module`` node, or None for a stateless op."""
         return None
 
+    def module_sizes(self, args: dict, in_shapes: list[Shape]) -> dict[str, Any] | None:
+        """The attributes of ``build_module``'s module that hold sizes (by dotted path, e.g.
+        ``out_features``), or None. With them a pass that changes only sizes (widen, prune) sets
+        them on a copy of the old module holding the new tensors, instead of building and
+        initialising a fresh module and loading the tensors into it (most of such a rebuild)."""
+        return None
+
     def function(self, args: dict) -> tuple[Callable, dict[str, Any]]:
         """The callable and keyword arguments for a ``call_function`` node."""
         raise NotImplementedError(self.name)

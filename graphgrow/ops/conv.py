@@ -72,6 +72,9 @@ class Conv2dOp(OpDef):
         return nn.Conv2d(in_shapes[0][0], args["out"], args["kernel"], stride=args["stride"],
                          padding=self.padding(args), bias=args["bias"], groups=args["groups"])
 
+    def module_sizes(self, args, in_shapes):
+        return {"in_channels": in_shapes[0][0], "out_channels": args["out"]}
+
     imports_modules = (nn.Conv2d,)
 
     def args_from_module(self, module):

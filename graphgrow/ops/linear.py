@@ -35,6 +35,9 @@ class LinearOp(OpDef):
     def build_module(self, args, in_shapes):
         return nn.Linear(in_shapes[0][-1], args["out"], bias=args["bias"])
 
+    def module_sizes(self, args, in_shapes):
+        return {"in_features": in_shapes[0][-1], "out_features": args["out"]}
+
     imports_modules = (nn.Linear,)
     imports_functions = (F.linear,)
     adopted_roles = ("weight", "bias")

@@ -46,6 +46,9 @@ class BatchNormOp(OpDef):
         cls = nn.BatchNorm2d if len(in_shapes[0]) == 3 else nn.BatchNorm1d
         return cls(in_shapes[0][0], eps=args["eps"], momentum=args["momentum"])
 
+    def module_sizes(self, args, in_shapes):
+        return {"num_features": in_shapes[0][0]}
+
 
 class LayerNormOp(OpDef):
     name = "layernorm"

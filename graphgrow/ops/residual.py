@@ -91,6 +91,12 @@ class ResidualOp(OpDef):
         act = get_op(args["activation"]).torch_module({})
         return Residual(inner, outer, act, args["h"])
 
+    def module_sizes(self, args, in_shapes):
+        width = self._width(in_shapes)
+        names = ("in_channels", "out_channels") if args["branch"] == "conv2d" else ("in_features", "out_features")
+        layers = ("inner", "outer") if args["form"] == "two_weight" else ("inner",)
+        return {f"{layer}.{name}": width for layer in layers for name in names}
+
     imports_modules = (Residual,)
 
     def args_from_module(self, module):

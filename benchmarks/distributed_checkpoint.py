@@ -66,8 +66,10 @@ def rank_main(args) -> None:
         modes = ("no vote", "vote in the step's sum", "separate all-reduce")
         steps("no vote")  # warm-up
         times = {mode: [] for mode in modes}
-        for _ in range(args.rounds):
-            for mode in modes:  # interleaved, so that machine load hits all alike
+        for round_ in range(args.rounds):
+            # interleaved, so that machine load hits all alike, and rotated, so that no mode
+            # always runs first after the warm-up or last before the next round
+            for mode in modes[round_ % 3:] + modes[:round_ % 3]:
                 times[mode].append(steps(mode))
         with tempfile.TemporaryDirectory() as scratch:
             checkpointer = Checkpointer(scratch if parallel.rank == 0 else None, "grow",

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..compiler.io import dump
 from ..compiler.network import Network
 from ..errors import GraphgrowError
-from .interrupts import handling_stop_signals
+from .interrupts import RunInterrupted, handling_stop_signals
 from .optimizers import optimizer_kind
 from .splits import Split, error_count, evaluate
 from .train import Trainer
@@ -169,9 +169,21 @@ def joined(device: torch.device, timeout: float = DEFAULT_TIMEOUT):
                                     timeout=datetime.timedelta(seconds=timeout), rank=rank, world_size=world)
     try:
         yield DataParallel(rank, world, device)
+    except RunInterrupted:  # every rank stops at the same step, with the checkpoint written
+        _leave_together(rank)
+        raise
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def _leave_together(rank: int) -> None:
+    """Wait for every rank before leaving the group after an agreed stop: a rank that closes its
+    connections while another still uses them can make gloo abort that process ("terminate
+    called without an active exception": exit 134 instead of 143, seen once in a fresh CI run).
+    Not after a finished run: rank 0 then still writes and exports, for longer than a timeout."""
+    with collective("leaving the process group", rank):
+        dist.barrier()
 
 
 def join_checkpoints(parallel: DataParallel, checkpointing: bool, every: int | None, checkpoint=None) -> None:

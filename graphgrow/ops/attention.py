@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import GraphgrowError
-from .base import (Arg, OpDef, boolean, kaiming_uniform_init, number, numel, positive_int, probability,
+from .base import (Arg, OpDef, boolean, kaiming_uniform_init, number, numel, optional, positive_int, probability,
                    register_op, require)
 from .shape import int_list
 
@@ -144,10 +144,6 @@ class HeadAttention(nn.Module):
         return self.out_proj(merged.transpose(1, 2).flatten(2)), None
 
 
-def _optional_positive(value):
-    return None if value is None else positive_int(value)
-
-
 class AttentionOp(OpDef):
     name = "attention"
     doc = ("Multi-head self-attention on tokens (N, D), as nn.MultiheadAttention(D, heads, "
@@ -157,7 +153,7 @@ class AttentionOp(OpDef):
     args = (Arg("heads", positive_int, doc="number of heads; divides the token width unless head_dim is given"),
             Arg("bias", boolean, True), Arg("dropout", probability, 0.0, doc="on the attention weights"),
             Arg("causal", boolean, False, doc="token i attends to tokens 0..i only"),
-            Arg("head_dim", _optional_positive, None, doc="features per head; default D / heads"))
+            Arg("head_dim", optional(positive_int), None, doc="features per head; default D / heads"))
     max_inputs = 2
     roles = {"in_proj_weight": "query, key and value projections stacked, (3 heads head_dim, D)",
              "in_proj_bias": "(3 heads head_dim,)", "out_proj.weight": "(D, heads head_dim)", "out_proj.bias": "(D,)"}
@@ -271,10 +267,6 @@ class AttentionOp(OpDef):
         return inputs[:1] + ([padding] if padding is not None else [])
 
 
-def _optional_number(value):
-    return None if value is None else number(value)
-
-
 class ScaledDotProductAttentionOp(OpDef):
     name = "scaled_dot_product_attention"
     doc = ("softmax(q k^T * scale + mask) v on inputs q (..., N, d), k (..., M, d), v (..., M, dv), as "
@@ -282,7 +274,7 @@ class ScaledDotProductAttentionOp(OpDef):
            "dimension); scale defaults to 1/sqrt(d). An optional fourth input is the attention mask "
            "(bool: True attends; float: added), broadcast to (..., N, M).")
     args = (Arg("causal", boolean, False, doc="mask the keys after each query"),
-            Arg("scale", _optional_number, None))
+            Arg("scale", optional(number), None))
     min_inputs, max_inputs = 3, 4
     imports_functions = (F.scaled_dot_product_attention,)
 

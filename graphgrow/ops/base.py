@@ -88,6 +88,14 @@ def boolean(value: Any) -> bool:
     return value
 
 
+def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``check`` that also accepts null (an argument whose default is worked out elsewhere)."""
+    def checked(value: Any) -> Any:
+        return None if value is None else check(value)
+    checked.__name__ = f"optional({check.__name__})"
+    return checked
+
+
 def choice(*options: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in options:

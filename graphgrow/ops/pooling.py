@@ -5,12 +5,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import GraphgrowError
-from .base import Arg, OpDef, boolean, non_negative_int, numel, positive_int, register_op, require
+from .base import Arg, OpDef, boolean, non_negative_int, numel, optional, positive_int, register_op, require
 from .conv import expect_image
-
-
-def optional_positive_int(value):
-    return None if value is None else positive_int(value)
 
 
 def pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -24,7 +20,7 @@ def pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bo
 
 
 class PoolOp(OpDef):
-    args = (Arg("kernel", positive_int, 2), Arg("stride", optional_positive_int, None),
+    args = (Arg("kernel", positive_int, 2), Arg("stride", optional(positive_int), None),
             Arg("padding", non_negative_int, 0, doc="implicit padding on every side, at most kernel // 2"),
             Arg("ceil_mode", boolean, False, doc="round the output size up, as torch's ceil_mode"))
     torch_fn = None

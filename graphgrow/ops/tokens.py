@@ -8,14 +8,13 @@ them to int64 before the lookup, so a network's parameters keep one dtype.
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import GraphgrowError
-from .base import Arg, OpDef, non_negative_int, number, positive_int, register_op, require
+from .base import Arg, OpDef, non_negative_int, number, optional, positive_int, register_op, require
 
 
 class TokenEmbedding(nn.Embedding):
@@ -25,17 +24,13 @@ class TokenEmbedding(nn.Embedding):
         return F.embedding(tokens.long(), self.weight, self.padding_idx)
 
 
-def _optional_index(value) -> Optional[int]:
-    return None if value is None else non_negative_int(value)
-
-
 class EmbeddingOp(OpDef):
     name = "embedding"
     doc = ("Row t of a (tokens, dim) table for each token id t of the input, as nn.Embedding: "
            "(..., ) ids -> (..., dim).")
     args = (Arg("tokens", positive_int, doc="number of rows (the vocabulary size), e.g. tokens: 100"),
             Arg("dim", positive_int, doc="width of each row, e.g. dim: 32"),
-            Arg("padding", _optional_index, None, doc="the id whose row stays zero and gets no gradient"))
+            Arg("padding", optional(non_negative_int), None, doc="the id whose row stays zero and gets no gradient"))
     roles = {"weight": "the table, shape (tokens, dim)"}
 
     def output_shape(self, args, in_shapes):

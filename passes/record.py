@@ -119,14 +119,14 @@ def clone_module(module: nn.Module, values: dict[str, torch.Tensor] | None = Non
     values = values or {}
     take = lambda key, tensor: values[prefix + key] if prefix + key in values else tensor.detach().clone()
     new = type(module).__new__(type(module))
-    replaced = ("_parameters", "_buffers", "_modules")
+    # straight into __dict__: nn.Module.__setattr__ inspects every value (a quarter of a clone)
     new.__dict__.update({key: value.copy() if isinstance(value, (dict, set, list)) else value
-                         for key, value in module.__dict__.items() if key not in replaced})
-    new._parameters = {key: None if p is None else nn.Parameter(take(key, p), p.requires_grad)
-                       for key, p in module._parameters.items()}
-    new._buffers = {key: None if b is None else take(key, b) for key, b in module._buffers.items()}
-    new._modules = {key: None if m is None else clone_module(m, values, f"{prefix}{key}.")
-                    for key, m in module._modules.items()}
+                         for key, value in module.__dict__.items()})
+    new.__dict__["_parameters"] = {key: None if p is None else nn.Parameter(take(key, p), p.requires_grad)
+                                   for key, p in module._parameters.items()}
+    new.__dict__["_buffers"] = {key: None if b is None else take(key, b) for key, b in module._buffers.items()}
+    new.__dict__["_modules"] = {key: None if m is None else clone_module(m, values, f"{prefix}{key}.")
+                                for key, m in module._modules.items()}
     return new
 
 
@@ -185,9 +185,7 @@ def rebuild(old: Network, graph: LayerGraph, record: Record,
 def _rebuild(old: Network, graph: LayerGraph, record: Record,
              values: dict[str, torch.Tensor]) -> Network:
     same_code = _same_code(old.graph, graph)
-    # a width change: shapes again only where arguments changed and downstream of them
-    graph.infer_shapes([node.name for node in graph.nodes if node.args != old.graph.node(node.name).args]
-                       if same_code else None)
+    graph.infer_shapes(_edited(old.graph, graph))  # only where the pass edited and downstream
     dtype, device = old.dtype, old.device
     by_node: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in values.items():
@@ -229,6 +227,22 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
                            code_from=old.module if same_code else None)
     module.train(old.module.training)
     return Network(graph, module)
+
+
+def _edited(old: LayerGraph, new: LayerGraph) -> list[str] | None:
+    """The nodes of ``new`` that ``old`` lacks or holds with another op, arguments, inputs or
+    initialisation, or that have no shapes yet (the others keep their shapes unless their
+    inputs' shapes change); None (all) where the input shape changed."""
+    if new.input_shape != old.input_shape or new.input_tokens != old.input_tokens:
+        return None
+    edited = []
+    for node in new.nodes:
+        before = old.dag._node.get(node.name)
+        before = None if before is None else before["node"]
+        if (before is None or node.out_shape is None or node.op != before.op or node.args != before.args
+                or node.inputs != before.inputs or node.init != before.init):
+            edited.append(node.name)
+    return edited
 
 
 def _template(old: Network, node: Node, values: dict[str, torch.Tensor]) -> nn.Module | None:

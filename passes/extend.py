@@ -127,9 +127,9 @@ def keep_candidates(network: Network, record: Record, keep) -> tuple[Network, Re
     for info in dropped:
         if info.kind == "neurons":
             coupling = trace_units(graph, info.position, state_names)
-            kept = keep_units(coupling.units, list(range(info.units[0])))
+            kept = list(range(info.units[0]))
             for axis in coupling.axes:
-                maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, kept, before=axis.before))
+                maps.setdefault(axis.tensor, []).append(keep_units(axis, coupling.units, kept))
             set_units(graph, coupling, info.units[0])
             graph.infer_shapes()
             continue

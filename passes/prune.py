@@ -142,10 +142,10 @@ def prune(network: Network, layer: str | None = None, count: int = 1, units: lis
         if len(units) >= n:
             raise fail(f"pruning {len(units)} of {n} units would leave '{layer}' without units",
                        hint="keep at least one unit; remove the layer instead")
-        kept = keep_units(n, [u for u in range(n) if u not in units])
+        kept = [u for u in range(n) if u not in units]
         maps = {}
         for axis in coupling.axes:
-            maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, kept, before=axis.before))
+            maps.setdefault(axis.tensor, []).append(keep_units(axis, n, kept))
         set_units(graph, coupling, n - len(units))
         record.notes.append(f"removed units {units} of {', '.join(coupling.producers)}")
         new = rebuild(network, graph, record, apply_maps(network, maps, record))

@@ -211,7 +211,7 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
             resized = resized_module(module, node, by_node.get(node.name, {}))
             if resized is not None:
                 reused[node.name] = resized
-    for name, tensor in old.module.state_dict().items():
+    for name, tensor in old.module.state_dict(keep_vars=True).items():
         node = name.split(".", 1)[0]
         if name not in values and node in graph:
             record.origins.setdefault(name, Origin.carried(name))
@@ -225,7 +225,12 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
     record.origins = {name: origin for name, origin in record.origins.items() if name in kept}
     module = compile_graph(graph, state, dtype=dtype, device=device, modules=reused,
                            code_from=old.module if same_code else None)
-    module.train(old.module.training)
+    # copies keep their old modules' modes; modules built afresh (in train mode) take the network's
+    mode = old.module.training
+    module.training = mode
+    for name, child in module._modules.items():
+        if name not in reused:
+            child.train(mode)
     return Network(graph, module)
 
 

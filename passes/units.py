@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -253,10 +253,12 @@ class StateView(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         owner, _, attr = name.rpartition(".")
-        try:
-            submodule = self.module.get_submodule(owner)
-        except AttributeError:
-            raise KeyError(name) from None
+        submodule = self.module._modules.get(owner)  # a node's own entry (most): no path walk
+        if submodule is None:
+            try:
+                submodule = self.module.get_submodule(owner)
+            except AttributeError:
+                raise KeyError(name) from None
         tensor = submodule._parameters.get(attr, submodule._buffers.get(attr))
         if tensor is None or attr in getattr(submodule, "_non_persistent_buffers_set", ()):
             raise KeyError(name)
@@ -271,10 +273,11 @@ class StateView(Mapping):
 
 # -- linear maps on units ----------------------------------------------------------------------
 
-def map_units(tensor: torch.Tensor, axis: int, block: int, matrix: torch.Tensor,
+def map_units(tensor: torch.Tensor, axis: int, block: int, matrix: torch.Tensor | None,
               selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``matrix`` (new units x old units) applied to the units of ``tensor`` along ``axis``
-    (``selection``: ``selection_of(matrix)`` where the caller has it already)."""
+    (``selection``: ``selection_of(matrix)`` where the caller has it already; then ``matrix``
+    may be None)."""
     shape = tuple(tensor.shape)
     units = shape[axis] // block
     split = tensor.reshape(*shape[:axis], units, block, *shape[axis + 1:])
@@ -283,11 +286,13 @@ def map_units(tensor: torch.Tensor, axis: int, block: int, matrix: torch.Tensor,
     if selection is not None:
         # selections and scaled copies (widen, keep): gather, so that copies are exact and cheap
         index, scale = selection
-        mapped = split.index_select(axis, index.to(tensor.device)) * scale.reshape(
-            -1, *[1] * (split.dim() - axis - 1)).to(tensor)
+        mapped = split.index_select(axis, index.to(tensor.device))
+        mapped.mul_(scale.reshape(-1, *[1] * (split.dim() - axis - 1)).to(tensor))
+        new = len(index)
     else:
         mapped = (split.movedim(axis, -1) @ matrix.to(tensor).T).movedim(-1, axis)
-    return mapped.reshape(*shape[:axis], matrix.shape[0] * block, *shape[axis + 1:])
+        new = matrix.shape[0]
+    return mapped.reshape(*shape[:axis], new * block, *shape[axis + 1:])
 
 
 def selection_of(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -336,30 +341,44 @@ def embed_units(matrix: torch.Tensor, total: int, before: tuple[int, ...]) -> to
 class UnitMap:
     """One linear map on the group's units of one axis (each copy, see ``UnitAxis.before``),
     plus the values of the new units (``fill(shape)`` of the part they occupy; optimizer state
-    gets no fill). ``known_selection``: ``selection_of(matrix)`` where the planner knows it
-    (``selection_matrix`` made the matrix), which spares inspecting the matrix."""
+    gets no fill). ``given``: the matrix (new units x old units), or ``(index, scale, old
+    units)`` of a selection (``selection_matrix``), whose matrix is made only where needed."""
     axis: int
     block: int
-    matrix: torch.Tensor
+    given: torch.Tensor | tuple[torch.Tensor, torch.Tensor, int]
     fill: Callable[[tuple], torch.Tensor] | None = None
     before: tuple[int, ...] = (0,)
-    known_selection: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def selecting(cls, axis: int, block: int, index: torch.Tensor, scale: torch.Tensor, units: int,
+                  fill=None, before: tuple[int, ...] = (0,)) -> "UnitMap":
+        """The map whose new unit i is scale[i] times old unit index[i] of ``units``."""
+        return cls(axis, block, (index, scale, units), fill, before)
+
+    @functools.cached_property
+    def matrix(self) -> torch.Tensor:
+        return selection_matrix(*self.given) if isinstance(self.given, tuple) else self.given
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.given[0]), self.given[2]) if isinstance(self.given, tuple) else tuple(self.given.shape)
 
     @functools.cached_property
     def selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``selection_of(matrix)``, worked out once per map (value and optimizer state)."""
-        return self.known_selection if self.known_selection is not None else selection_of(self.matrix)
+        return self.given[:2] if isinstance(self.given, tuple) else selection_of(self.given)
 
     def state(self, tensor: torch.Tensor) -> torch.Tensor:
         total = tensor.shape[self.axis] // self.block
-        embedded = embed_units(self.matrix, total, self.before)
-        return map_units(tensor, self.axis, self.block, embedded,
-                         self.selection if embedded is self.matrix else None)
+        if self.before == (0,) and total == self.shape[1]:  # the map covers the whole axis
+            selection = self.selection
+            return map_units(tensor, self.axis, self.block, self.matrix if selection is None else None, selection)
+        return map_units(tensor, self.axis, self.block, embed_units(self.matrix, total, self.before))
 
     def value(self, tensor: torch.Tensor) -> torch.Tensor:
         mapped = self.state(tensor)
         if self.fill is not None:
-            new, old = self.matrix.shape
+            new, old = self.shape
             for k, others in enumerate(self.before):
                 start = (others + k * new + old) * self.block
                 part = mapped.narrow(self.axis, start, (new - old) * self.block)
@@ -385,8 +404,8 @@ def unit_entries(tensor: torch.Tensor, axis: UnitAxis, units: int) -> torch.Tens
     return split[index.to(tensor.device)].reshape(len(axis.before), units, -1).transpose(0, 1).reshape(units, -1)
 
 
-def keep_units(units: int, keep: list[int]) -> torch.Tensor:
-    """Selection matrix keeping units ``keep`` (in that order) of ``units``."""
-    matrix = torch.zeros(len(keep), units, dtype=torch.float64)
-    matrix[torch.arange(len(keep)), torch.tensor(keep, dtype=torch.long)] = 1.0
-    return matrix
+def keep_units(axis: UnitAxis, units: int, keep: list[int]) -> UnitMap:
+    """The map on ``axis`` keeping units ``keep`` (in that order) of ``units``."""
+    index = torch.tensor(keep, dtype=torch.long)
+    return UnitMap.selecting(axis.axis, axis.block, index, torch.ones(len(keep), dtype=torch.float64), units,
+                             before=axis.before)

@@ -7,7 +7,7 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .record import Origin, Record, rebuild
-from .units import StateView, UnitCoupling, UnitMap, composed, selection_matrix, set_units, trace_units
+from .units import StateView, UnitCoupling, UnitMap, composed, set_units, trace_units
 
 METHODS = ("sensli", "split")
 
@@ -55,12 +55,9 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
         grown_scale = torch.ones(n + by, dtype=torch.float64)
         column_scale = grown_scale.clone()
         column_scale[units], column_scale[n:] = alpha, 1.0 - alpha
-    grown = (selection_matrix(index, grown_scale, n), (index, grown_scale))
-    columns = grown if column_scale is grown_scale else (selection_matrix(index, column_scale, n),
-                                                         (index, column_scale))
     for axis in coupling.axes:
         fill = None
-        matrix, selection = columns if axis.side == "columns" else grown
+        unit_scale = column_scale if axis.side == "columns" else grown_scale
         if axis.side != "columns":
             if method == "sensli" and axis.side == "state":
                 fill = lambda shape, v=axis.fresh: torch.full(shape, v, dtype=torch.float64)
@@ -71,7 +68,8 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
                 draw_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
                 fill = lambda shape, s=draw_seed: scale * torch.randn(
                     shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-        maps.setdefault(axis.tensor, []).append(UnitMap(axis.axis, axis.block, matrix, fill, axis.before, selection))
+        maps.setdefault(axis.tensor, []).append(UnitMap.selecting(axis.axis, axis.block, index, unit_scale, n, fill,
+                                                                  axis.before))
     set_units(graph, coupling, n + by)
 
 

@@ -65,10 +65,10 @@ class IdentityPlan:
 
 
 def _init_name(tensor: torch.Tensor) -> str:
-    if not tensor.any():
+    scale = float(tensor.abs().max())
+    if scale == 0.0:
         return "zeros"
     base = "identity" if tensor.dim() == 2 else "dirac"
-    scale = float(tensor.abs().max())
     return base if scale == 1.0 else f"{scale:g}*{base}"
 
 

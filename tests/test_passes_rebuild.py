@@ -82,6 +82,43 @@ def test_incremental_shape_inference_equals_a_full_one():
     assert graph.node("conv2").in_shapes == [(20, 14, 14)]
 
 
+def shapes(graph):
+    return [(n.name, n.in_shapes, n.out_shape) for n in graph.nodes]
+
+
+def inferred_afresh(graph):
+    fresh = graph.copy()
+    for n in fresh.nodes:
+        n.in_shapes, n.out_shape = [], None
+    fresh.infer_shapes()
+    return shapes(fresh)
+
+
+def test_a_rebuild_after_a_structural_edit_infers_the_shapes_a_full_inference_gives():
+    old = Network.build(load_graph(SPECS_DIR / "mnist_fnn.yaml"), seed=0, dtype=torch.float64)
+    graph = old.graph.copy()
+    graph.add(Node("extra", "linear", get_op("linear").check_args({"out": 7}), ["fc2"]), after="fc2")
+    graph.set_inputs("act2", ["extra"])  # act2 and fc3's input now have 7 units
+    values = {"extra.weight": torch.randn(7, 100), "extra.bias": torch.zeros(7), "fc3.weight": torch.randn(100, 7)}
+    new = rebuild(old, graph, Record("edit"), values)
+    assert shapes(new.graph) == inferred_afresh(new.graph)
+    assert new.graph.node("fc3").in_shapes == [(7,)]
+    assert new.module(torch.randn(2, 1, 28, 28, dtype=torch.float64)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("spec", ["mnist_fnn", "cnn_vgg", "resnet_small", "two_path", "mobilenet_v2_small"])
+def test_every_pass_leaves_the_shapes_a_full_inference_gives(spec):
+    network = Network.build(load_graph(SPECS_DIR / f"{spec}.yaml"), seed=0)
+    graph = network.graph
+    results = [passes.widen(network, passes.widenable(graph)[0], by=2)[0],
+               passes.prune(network, passes.widenable(graph)[0], units=[0], measure=False)[0]]
+    after = next(n.name for n in graph.nodes if n.opdef.idempotent)
+    results.append(passes.insert_identity(network, after)[0])
+    results.append(passes.insert_identity(network, after, form="residual")[0])
+    for result in results:
+        assert shapes(result.graph) == inferred_afresh(result.graph)
+
+
 def mlp(dtype=torch.float64):
     return Network.build(load_graph(SPECS_DIR / "mnist_fnn.yaml"), seed=0, dtype=dtype)
 

@@ -9,7 +9,8 @@ the plain one. Every layer is widened at epoch ``--grow-at`` by one ``passes.wid
 (the optimizer's state carried by ``passes.transfer_optimizer``). SGD with momentum 0.9, batch 64,
 the 10k MNIST test set split 8,000/2,000 (``../shared/data/mnist``). Reported per run: test error
 and loss, training FLOPs per training sample (3 x forward FLOPs per sample and epoch, plus the
-cross-term pass of GradMax) and wall time. Single thread.
+cross-term pass of GradMax), wall time and CPU time (the process's, one thread: on a shared
+machine the comparable one). Single thread.
 
     PYTHONPATH=. python benchmarks/mnist_widening.py [--nets mlp cnn] [--seeds 3] [--epochs 6] [--grow-at 2]
 """
@@ -99,7 +100,7 @@ def run(name, graph, data, x, y, xt, yt, seed, epochs, grow_at=None, method=None
     optimizer = torch.optim.SGD(network.module.parameters(), lr=lr, momentum=0.9)
     generator = torch.Generator().manual_seed(seed)
     ledger = {"flops": 0.0}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if grow_at is not None:
         train(network, optimizer, x, y, grow_at, generator, ledger)
         sample = load_subset(data, 2000)
@@ -107,9 +108,10 @@ def run(name, graph, data, x, y, xt, yt, seed, epochs, grow_at=None, method=None
         train(network, optimizer, x, y, epochs - grow_at, generator, ledger)
     else:
         train(network, optimizer, x, y, epochs, generator, ledger)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     loss, error = evaluate(network, xt, yt)
     result = {"name": name, "seed": seed, "test_loss": loss, "test_error": error, "seconds": seconds,
+              "cpu_seconds": cpu_seconds,
               "train_flops_per_sample": ledger["flops"], "params": network.graph.num_params()}
     print(json.dumps(result), flush=True)
     return result, network, optimizer
@@ -180,13 +182,13 @@ def main(argv=None) -> None:
         for name in contenders:
             mine = [r for r in rows if r["name"] == name]
             summary[name] = {key: statistics.median(r[key] for r in mine)
-                             for key in ("test_error", "test_loss", "seconds", "train_flops_per_sample", "params")}
+                             for key in ("test_error", "test_loss", "seconds", "cpu_seconds", "train_flops_per_sample", "params")}
             summary[name]["test_errors"] = [r["test_error"] for r in mine]
         results[net] = {"runs": rows, "median": summary, "grow_then_prune": demo}
         print(f"\n{net}: medians over {opts.seeds} seeds ({opts.epochs} epochs, grown at {opts.grow_at})")
         for name, s in summary.items():
             print(f"  {name:30s} error {s['test_error']:.4f} loss {s['test_loss']:.4f} "
-                  f"{s['seconds']:.1f} s {s['train_flops_per_sample']:.3g} FLOPs/sample {s['params']} params")
+                  f"{s['seconds']:.1f} s ({s['cpu_seconds']:.1f} s CPU) {s['train_flops_per_sample']:.3g} FLOPs/sample {s['params']} params")
     REPORT.mkdir(parents=True, exist_ok=True)
     (REPORT / f"mnist_widening{opts.tag}.json").write_text(json.dumps(
         {"args": vars(opts), "load_average": os.getloadavg(), "results": results}, indent=1))

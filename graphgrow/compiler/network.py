@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.fx import graph_module as fx_graph_module
+from torch.fx.experimental import _config as fx_config
 
 from ..errors import GraphgrowError
 from ..init import apply_init, normalize_init
 from ..ir import LayerGraph
 from ..ops.base import OpDef
+from . import codegen
 
 PLACEHOLDER = "x"
 
@@ -174,9 +177,7 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
         values[node.name] = emitted
     outputs = [values[name] for name in graph.outputs]
     fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-    module = CompiledModule(root, fx_graph, class_name=graph.name)
-    source = module.__dict__["_graph_source"] = module.__dict__.pop("_graph")  # kept private: see CompiledModule
-    source.owning_module = None  # shared by later modules: it must not keep this one alive
+    module = _compiled(root, fx_graph, graph.name)
     if state is None:  # a given state was loaded in dtype and on device already
         module.to(device=device, dtype=dtype)
     return module
@@ -232,6 +233,67 @@ class CompiledModule(fx.GraphModule):
 
     def __reduce_package__(self, exporter):
         return self._as_plain(fx.GraphModule.__reduce_package__, exporter)
+
+
+def _compiled(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledModule:
+    """``fx.GraphModule(root, fx_graph, class_name)`` as a CompiledModule whose private source is
+    ``fx_graph``, made without the graph module's constructor: its class, submodules (each set
+    through ``nn.Module.__setattr__``) and recompile (which would make the module's own graph
+    from the source) are half of a compile. Graphs that need more than a plain forward over
+    call_module targets of ``root`` (an fx profiler setting, another code generator, get_attr or
+    nested targets) take fx's way."""
+    targets = [node.target for node in fx_graph.nodes if node.op in ("call_module", "get_attr")]
+    if (fx_config.enrich_profiler_metadata or type(fx_graph._codegen) is not fx.graph.CodeGen
+            or any(node.op == "get_attr" for node in fx_graph.nodes)
+            or not all(target in root._modules for target in targets)):
+        module = CompiledModule(root, fx_graph, class_name=class_name)
+        module.__dict__["_graph_source"] = module.__dict__.pop("_graph")
+    else:
+        module = nn.Module.__new__(_module_class(class_name))  # not GraphModule.__new__: see _module_class
+        nn.Module.__init__(module)
+        module._modules = {target: root._modules[target] for target in targets}
+        # what GraphModule.__init__ sets besides the graph, for a graph of fx.Graph() (no tracer)
+        module.__dict__.update(_tracer_cls=None, _tracer_extras={}, meta={}, _replace_hooks=[],
+                               _create_node_hooks=[], _erase_node_hooks=[], _deepcopy_hooks=[], shape_env=None)
+        module.__dict__["_graph_source"] = fx_graph
+        _install_forward(module, fx_graph)
+    fx_graph.owning_module = None  # shared by later modules: it must not keep this one alive
+    return module
+
+
+def _module_class(name: str) -> type:
+    """A class of one module, as ``GraphModule.__new__`` makes it (fx keeps the forward on the
+    class, so that each module runs its own): a direct subclass of CompiledModule, with fx's
+    qualified name (which ``GraphModule.__new__`` skips when a copy of the module makes its class)."""
+    cls = type("GraphModuleImpl", (CompiledModule,), {"__module__": fx_graph_module.__name__,
+                                                       "__qualname__": _FX_CLASS_QUALNAME})
+    cls.__name__ = name
+    return cls
+
+
+_FX_CLASS_QUALNAME = "GraphModule.__new__.<locals>.GraphModuleImpl"
+
+
+def _install_forward(module: CompiledModule, fx_graph: fx.Graph) -> None:
+    """What ``GraphModule.recompile`` does, from ``fx_graph`` rather than the module's own graph
+    (not made yet): the code and its line map on the module, the forward (its source in
+    linecache, for TorchScript and tracebacks) and fx's call wrapper (which prints the generated
+    line an error comes from) on its class."""
+    python_code = codegen.python_code(fx_graph) or fx_graph.python_code(root_module="self")
+    module._code = python_code.src
+    module._lineno_map = python_code._lineno_map
+    module._prologue_start = python_code._prologue_start
+    cls = type(module)
+    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals, fx_graph._co_fields)
+    cls._wrapped_call = fx_graph_module._WrappedCall(cls, None)
+    cls.__call__ = _call_wrapped
+    for child in module._modules.values():  # recompile submodules, as fx does
+        if isinstance(child, fx.GraphModule):
+            child.recompile()
+
+
+def _call_wrapped(self, *args, **kwargs):
+    return self._wrapped_call(self, *args, **kwargs)
 
 
 def _graph_copy(graph: fx.Graph) -> fx.Graph:

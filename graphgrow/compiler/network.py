@@ -7,6 +7,7 @@ Parameters are named ``<node>.<role>``.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -161,26 +162,34 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
         return module
     fx_graph = fx.Graph()
     values = {"input": fx_graph.placeholder(PLACEHOLDER)}
+    emitted = []  # each spec node with the number of fx nodes once it is emitted
     for node in graph.nodes:
-        previous_last = next(iter(reversed(fx_graph.nodes)))
-        emitted = node.opdef.emit(fx_graph, node.name, node.args,
-                                  [values[i] for i in node.inputs], node.name in modules)
-        # every fx node the op emitted (several for a multi-input add) points at the spec line
-        for fx_node in reversed(fx_graph.nodes):
-            if fx_node is previous_last:
-                break
-            fx_node.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": node.loc.file,
-                                         "line": node.loc.line}
-            if node.loc.line is not None:
-                fx_node.meta["stack_trace"] = (f'  File "{node.loc.file or "<spec>"}", line {node.loc.line}, '
-                                               f'in {node.name}\n    op: {node.op}\n')
-        values[node.name] = emitted
+        values[node.name] = node.opdef.emit(fx_graph, node.name, node.args,
+                                            [values[i] for i in node.inputs], node.name in modules)
+        emitted.append((node, len(fx_graph.nodes)))
+    _point_at_spec_lines(fx_graph, emitted)
     outputs = [values[name] for name in graph.outputs]
     fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     module = _compiled(root, fx_graph, graph.name)
     if state is None:  # a given state was loaded in dtype and on device already
         module.to(device=device, dtype=dtype)
     return module
+
+
+def _point_at_spec_lines(fx_graph: fx.Graph, emitted: list) -> None:
+    """Every fx node an op emitted (several for a multi-input add) points at its spec line."""
+    fx_nodes = iter(fx_graph.nodes)
+    done = 1
+    next(fx_nodes)  # the placeholder
+    for node, count in emitted:
+        loc = node.loc
+        trace = None if loc.line is None else \
+            f'  File "{loc.file or "<spec>"}", line {loc.line}, in {node.name}\n    op: {node.op}\n'
+        for fx_node in itertools.islice(fx_nodes, count - done):
+            fx_node.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": loc.file, "line": loc.line}
+            if trace is not None:
+                fx_node.meta["stack_trace"] = trace
+        done = count
 
 
 class CompiledModule(fx.GraphModule):

@@ -47,11 +47,20 @@ class _Writer:
 
     def __init__(self, func_name: str):
         self.func_name = func_name
-        self.namespace = _Namespace()
-        self.globals: dict[str, object] = {}
+        # fx starts each generation with its builtins (torch, inf, ...): the same every time
+        self.namespace = object.__new__(_Namespace)
+        self.namespace.__dict__ = {key: value.copy() for key, value in _BUILTINS.namespace.__dict__.items()}
+        self.globals = dict(_BUILTINS.globals)
         self.function_names: dict[object, str] = {}
+
+    @classmethod
+    def builtins(cls) -> "_Writer":
+        """The state after fx's builtins, made as fx makes it."""
+        writer = object.__new__(cls)
+        writer.namespace, writer.globals = _Namespace(), {}
         for name, (_, obj) in _custom_builtins.items():
-            self.add_global(name, obj)
+            writer.add_global(name, obj)
+        return writer
 
     def add_global(self, name_hint: str, obj: object) -> str:
         if _is_from_torch(obj) and obj != torch.device:
@@ -151,3 +160,6 @@ class _Writer:
         return PythonCode(f"\n\n\n{prologue}\n{body}", self.globals,
                           _lineno_map={line: index for line, index in enumerate(line_nodes, start=1)},
                           _prologue_start=4)
+
+
+_BUILTINS = _Writer.builtins()

@@ -246,15 +246,13 @@ class CompiledModule(fx.GraphModule):
 
 def _compiled(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledModule:
     """``fx.GraphModule(root, fx_graph, class_name)`` as a CompiledModule whose private source is
-    ``fx_graph``, made without the graph module's constructor: its class, submodules (each set
-    through ``nn.Module.__setattr__``) and recompile (which would make the module's own graph
-    from the source) are half of a compile. Graphs that need more than a plain forward over
-    call_module targets of ``root`` (an fx profiler setting, another code generator, get_attr or
-    nested targets) take fx's way."""
+    ``fx_graph``, made without the graph module's constructor, whose class, submodules (each set
+    through ``nn.Module.__setattr__``) and recompile (which makes the module's own copy of the
+    graph) are a third of its time, and with the forward written by ``codegen``. Graphs that
+    need more than a forward over submodules of ``root`` (fx's profiler setting, get_attr of a
+    parameter, nested targets) take fx's way."""
     targets = [node.target for node in fx_graph.nodes if node.op in ("call_module", "get_attr")]
-    if (fx_config.enrich_profiler_metadata or type(fx_graph._codegen) is not fx.graph.CodeGen
-            or any(node.op == "get_attr" for node in fx_graph.nodes)
-            or not all(target in root._modules for target in targets)):
+    if fx_config.enrich_profiler_metadata or not all(target in root._modules for target in targets):
         module = CompiledModule(root, fx_graph, class_name=class_name)
         module.__dict__["_graph_source"] = module.__dict__.pop("_graph")
     else:
@@ -270,6 +268,9 @@ def _compiled(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledM
     return module
 
 
+_FX_CLASS_QUALNAME = "GraphModule.__new__.<locals>.GraphModuleImpl"
+
+
 def _module_class(name: str) -> type:
     """A class of one module, as ``GraphModule.__new__`` makes it (fx keeps the forward on the
     class, so that each module runs its own): a direct subclass of CompiledModule, with fx's
@@ -278,9 +279,6 @@ def _module_class(name: str) -> type:
                                                        "__qualname__": _FX_CLASS_QUALNAME})
     cls.__name__ = name
     return cls
-
-
-_FX_CLASS_QUALNAME = "GraphModule.__new__.<locals>.GraphModuleImpl"
 
 
 def _install_forward(module: CompiledModule, fx_graph: fx.Graph) -> None:
@@ -293,7 +291,8 @@ def _install_forward(module: CompiledModule, fx_graph: fx.Graph) -> None:
     module._lineno_map = python_code._lineno_map
     module._prologue_start = python_code._prologue_start
     cls = type(module)
-    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals, fx_graph._co_fields)
+    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals,
+                                                            getattr(fx_graph, "_co_fields", {}))
     cls._wrapped_call = fx_graph_module._WrappedCall(cls, None)
     cls.__call__ = _call_wrapped
     for child in module._modules.values():  # recompile submodules, as fx does

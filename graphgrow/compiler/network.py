@@ -253,17 +253,22 @@ def _compiled(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledM
     parameter, nested targets) take fx's way."""
     targets = [node.target for node in fx_graph.nodes if node.op in ("call_module", "get_attr")]
     if fx_config.enrich_profiler_metadata or not all(target in root._modules for target in targets):
-        module = CompiledModule(root, fx_graph, class_name=class_name)
-        module.__dict__["_graph_source"] = module.__dict__.pop("_graph")
-    else:
-        module = nn.Module.__new__(_module_class(class_name))  # not GraphModule.__new__: see _module_class
-        nn.Module.__init__(module)
-        module._modules = {target: root._modules[target] for target in targets}
-        # what GraphModule.__init__ sets besides the graph, for a graph of fx.Graph() (no tracer)
-        module.__dict__.update(_tracer_cls=None, _tracer_extras={}, meta={}, _replace_hooks=[],
-                               _create_node_hooks=[], _erase_node_hooks=[], _deepcopy_hooks=[], shape_env=None)
-        module.__dict__["_graph_source"] = fx_graph
-        _install_forward(module, fx_graph)
+        return _compiled_by_fx(root, fx_graph, class_name)
+    module = nn.Module.__new__(_module_class(class_name))  # not GraphModule.__new__: see _module_class
+    nn.Module.__init__(module)
+    module._modules = {target: root._modules[target] for target in targets}
+    # what GraphModule.__init__ sets besides the graph, for a graph of fx.Graph() (no tracer)
+    module.__dict__.update(_tracer_cls=None, _tracer_extras={}, meta={}, _replace_hooks=[],
+                           _create_node_hooks=[], _erase_node_hooks=[], _deepcopy_hooks=[], shape_env=None)
+    module.__dict__["_graph_source"] = fx_graph
+    _install_forward(module, fx_graph)
+    return module
+
+
+def _compiled_by_fx(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledModule:
+    """The same module made by fx's constructor (and code generator)."""
+    module = CompiledModule(root, fx_graph, class_name=class_name)
+    module.__dict__["_graph_source"] = module.__dict__.pop("_graph")
     fx_graph.owning_module = None  # shared by later modules: it must not keep this one alive
     return module
 

@@ -51,7 +51,8 @@ class _Writer:
         self.namespace = object.__new__(_Namespace)
         self.namespace.__dict__ = {key: value.copy() for key, value in _BUILTINS.namespace.__dict__.items()}
         self.globals = dict(_BUILTINS.globals)
-        self.function_names: dict[object, str] = {}
+        self.functions: dict[object, tuple[str | None, str | None]] = {}
+        self.node_names: dict[fx.Node, str] = {}
 
     @classmethod
     def builtins(cls) -> "_Writer":
@@ -71,7 +72,10 @@ class _Writer:
         return name
 
     def name(self, node: fx.Node) -> str:
-        return self.namespace.create_name(node.name, node)
+        name = self.node_names.get(node)  # the namespace knows it too, at the cost of a call
+        if name is None:
+            name = self.node_names[node] = self.namespace.create_name(node.name, node)
+        return name
 
     def value(self, arg) -> str:
         """An argument as fx writes it."""
@@ -92,36 +96,45 @@ class _Writer:
         return ", ".join([*map(self.value, node.args),
                           *(f"{key} = {self.value(value)}" for key, value in node.kwargs.items())])
 
-    def function(self, target) -> str:
-        name = self.function_names.get(target)
-        if name is None:
-            name = self.function_names[target] = self.add_global(_get_qualified_name(target), target)
-        return name
+    def function(self, target) -> tuple[str | None, str | None]:
+        """fx's template for an operator it writes as one (``{} + {}``), else the function's global
+        name; per target, in the order fx names globals (before the node that calls it)."""
+        known = self.functions.get(target)
+        if known is None:
+            operator = getattr(target, "__module__", "") == "_operator"
+            if operator and target.__name__ in magic_methods:
+                known = (magic_methods[target.__name__], None)
+            elif operator or target is getattr:
+                raise _Unsupported  # in-place operators, attribute access
+            else:
+                known = (None, self.add_global(_get_qualified_name(target), target))
+            self.functions[target] = known
+        return known
 
     def statement(self, node: fx.Node) -> str | None:
         """The line that computes ``node``, without the values it frees (None: no line)."""
         if node.type is not None:
             raise _Unsupported  # fx writes a type annotation
-        if node.op == "placeholder":
-            if node.args or not isinstance(node.target, str) or not node.target.isidentifier():
-                raise _Unsupported  # a default value or *args
-            name = self.name(node)
-            return None if name == node.target else f"{name} = {node.target}"
-        if node.op == "call_module":
+        op = node.op
+        if op == "call_module":
             return f"{self.name(node)} = {_format_target('self', node.target)}({self.arguments(node)})"
-        if node.op == "call_function":
-            target = node.target
-            if getattr(target, "__module__", "") == "_operator" and target.__name__ in magic_methods:
+        if op == "call_function":
+            template, function = self.function(node.target)
+            if template is not None:
                 if node.kwargs:
                     raise _Unsupported
                 name = self.name(node)
-                return f"{name} = {magic_methods[target.__name__].format(*map(self.value, node.args))}"
-            if target is getattr or getattr(target, "__module__", "") == "_operator" \
-                    or node.meta.get("is_wrapped", False):
-                raise _Unsupported  # attribute access, in-place operators, fx.wrap
-            function = self.function(target)
+                return f"{name} = {template.format(*map(self.value, node.args))}"
+            if node.meta.get("is_wrapped", False):
+                raise _Unsupported  # fx.wrap
             return f"{self.name(node)} = {function}({self.arguments(node)})"
-        if node.op == "output":
+        if op == "placeholder":
+            target = node.target
+            if node.args or not isinstance(target, str) or not target.isidentifier() or target == "self":
+                raise _Unsupported  # a default value, *args, or a first argument fx takes for self
+            name = self.name(node)
+            return None if name == target else f"{name} = {target}"
+        if op == "output":
             return f"return {self.value(node.args[0])}"
         raise _Unsupported  # get_attr, call_method
 

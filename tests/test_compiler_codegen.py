@@ -94,8 +94,8 @@ def test_the_generator_writes_fx_code_where_fx_renames():
     assert globals_["elsewhere_outside_1"] is outside
 
 
-@pytest.mark.parametrize("edit", ["get_attr", "call_method", "type", "ellipsis", "default", "wrapped",
-                                  "inplace", "codegen"])
+@pytest.mark.parametrize("edit", ["get_attr", "call_method", "type", "ellipsis", "default", "self", "wrapped",
+                                  "inplace", "getattr", "codegen"])
 def test_the_generator_gives_fx_what_it_does_not_write(edit):
     graph = tricky_graph()
     node = next(n for n in graph.nodes if n.name == "outside")
@@ -111,9 +111,13 @@ def test_the_generator_gives_fx_what_it_does_not_write(edit):
         node.args = (node.args[0], Ellipsis)
     elif edit == "default":
         next(iter(graph.nodes)).args = (1.0,)
+    elif edit == "self":
+        next(iter(graph.nodes)).target = "self"
     elif edit == "wrapped":
         node.op, node.target = "call_function", outside
         node.meta["is_wrapped"] = True
+    elif edit == "getattr":
+        node.op, node.target, node.args = "call_function", getattr, (node.args[0], "shape")
     elif edit == "inplace":
         node.op, node.target, node.args = "call_function", operator.iadd, (node.args[0], 1.0)
     elif edit == "codegen":

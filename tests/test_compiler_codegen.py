@@ -77,7 +77,8 @@ def tricky_graph() -> fx.Graph:
     scaled = graph.call_function(operator.mul, (summed, math.inf))
     named = graph.call_function(torch.nn.functional.leaky_relu, (scaled,),
                                 {"negative_slope": 0.25, "inplace": False})
-    graph.create_node("call_module", "fc", (named,), name="outside")  # outside is free: the function is elsewhere_outside
+    # the name outside is free: the function's global is elsewhere_outside
+    graph.create_node("call_module", "fc", (named,), name="outside")
     graph.create_node("call_function", torch.flatten, (named,), {"start_dim": 0, "end_dim": -1}, name="len")
     graph.output((named, (y,), None, "text"))
     return graph

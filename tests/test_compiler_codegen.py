@@ -185,6 +185,17 @@ def test_graphs_the_fast_construction_does_not_cover_take_fx_way(specs_dir, monk
     module = compile_graph(load_graph(specs_dir / "mnist_fnn.yaml"))
     root = torch.nn.Module()
     root._modules.update(module._modules)
+    x = torch.randn(2, 1, 28, 28)
+    # a node the generator leaves to fx: the module is still made directly, with fx's code
+    graph = _graph_copy(module.graph)
+    act = next(n for n in graph.nodes if n.name == "act3")
+    with graph.inserting_after(act):
+        method = graph.call_method("relu", (act,))
+    act.replace_all_uses_with(method, delete_user_cb=lambda user: user is not method)
+    made = _compiled(root, graph, "with_method")
+    assert type(made).__bases__ == (CompiledModule,) and "relu = act3.relu()" in made.code
+    assert made.code == fx_code(graph)[0] and torch.equal(made(x), module(x))
+    # a target that is not a submodule
     graph = _graph_copy(module.graph)
     with graph.inserting_before(next(n for n in graph.nodes if n.name == "head")):
         graph.get_attr("head.weight")
@@ -193,5 +204,4 @@ def test_graphs_the_fast_construction_does_not_cover_take_fx_way(specs_dir, monk
     monkeypatch.setattr(fx_config, "enrich_profiler_metadata", True)
     made = _compiled(root, _graph_copy(module.graph), "profiled")
     assert "_RecordFunctionFast" in made.code
-    x = torch.randn(2, 1, 28, 28)
     assert torch.equal(made(x), module(x))

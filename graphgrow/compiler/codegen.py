@@ -1,5 +1,5 @@
-"""The Python code of a compiled network's forward, as fx's code generator writes it, in a tenth
-of its time.
+"""The Python code of a compiled network's forward, as fx's code generator writes it, in 0.3-0.4
+of its time (benchmarks/reports/passes.md, "Compiling a new forward").
 
 ``fx.Graph.python_code`` is the largest part of compiling a new network (it swaps every node's
 repr in and out, inspects two signatures and searches every line with a regular expression),

@@ -246,9 +246,9 @@ class CompiledModule(fx.GraphModule):
 
 def _compiled(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledModule:
     """``fx.GraphModule(root, fx_graph, class_name)`` as a CompiledModule whose private source is
-    ``fx_graph``, made without the graph module's constructor, whose class, submodules (each set
-    through ``nn.Module.__setattr__``) and recompile (which makes the module's own copy of the
-    graph) are a third of its time, and with the forward written by ``codegen``. Graphs that
+    ``fx_graph``, made without the graph module's constructor (whose class per module, submodules
+    set one by one through ``nn.Module.__setattr__`` and recompile bookkeeping are a third of its
+    time), and with the forward written by ``codegen``. Graphs that
     need more than a forward over submodules of ``root`` (fx's profiler setting, get_attr of a
     parameter, nested targets) take fx's way."""
     targets = [node.target for node in fx_graph.nodes if node.op in ("call_module", "get_attr")]
@@ -297,8 +297,8 @@ def _install_forward(module: CompiledModule, fx_graph: fx.Graph) -> None:
     module._lineno_map = python_code._lineno_map
     module._prologue_start = python_code._prologue_start
     cls = type(module)
-    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals,
-                                                            getattr(fx_graph, "_co_fields", {}))
+    co_fields = getattr(fx_graph, "_co_fields", {})  # as recompile reads them
+    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals, co_fields)
     cls._wrapped_call = fx_graph_module._WrappedCall(cls, None)
     cls.__call__ = _call_wrapped
     for child in module._modules.values():  # recompile submodules, as fx does

@@ -7,16 +7,20 @@ Parameters are named ``<node>.<role>``.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.fx import graph_module as fx_graph_module
+from torch.fx.experimental import _config as fx_config
 
 from ..errors import GraphgrowError
 from ..init import apply_init, normalize_init
 from ..ir import LayerGraph
 from ..ops.base import OpDef
+from . import codegen
 
 PLACEHOLDER = "x"
 
@@ -158,28 +162,34 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
         return module
     fx_graph = fx.Graph()
     values = {"input": fx_graph.placeholder(PLACEHOLDER)}
+    emitted = []  # each spec node with the number of fx nodes once it is emitted
     for node in graph.nodes:
-        previous_last = next(iter(reversed(fx_graph.nodes)))
-        emitted = node.opdef.emit(fx_graph, node.name, node.args,
-                                  [values[i] for i in node.inputs], node.name in modules)
-        # every fx node the op emitted (several for a multi-input add) points at the spec line
-        for fx_node in reversed(fx_graph.nodes):
-            if fx_node is previous_last:
-                break
-            fx_node.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": node.loc.file,
-                                         "line": node.loc.line}
-            if node.loc.line is not None:
-                fx_node.meta["stack_trace"] = (f'  File "{node.loc.file or "<spec>"}", line {node.loc.line}, '
-                                               f'in {node.name}\n    op: {node.op}\n')
-        values[node.name] = emitted
+        values[node.name] = node.opdef.emit(fx_graph, node.name, node.args,
+                                            [values[i] for i in node.inputs], node.name in modules)
+        emitted.append((node, len(fx_graph.nodes)))
+    _point_at_spec_lines(fx_graph, emitted)
     outputs = [values[name] for name in graph.outputs]
     fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-    module = CompiledModule(root, fx_graph, class_name=graph.name)
-    source = module.__dict__["_graph_source"] = module.__dict__.pop("_graph")  # kept private: see CompiledModule
-    source.owning_module = None  # shared by later modules: it must not keep this one alive
+    module = _compiled(root, fx_graph, graph.name)
     if state is None:  # a given state was loaded in dtype and on device already
         module.to(device=device, dtype=dtype)
     return module
+
+
+def _point_at_spec_lines(fx_graph: fx.Graph, emitted: list) -> None:
+    """Every fx node an op emitted (several for a multi-input add) points at its spec line."""
+    fx_nodes = iter(fx_graph.nodes)
+    done = 1
+    next(fx_nodes)  # the placeholder
+    for node, count in emitted:
+        loc = node.loc
+        trace = None if loc.line is None else \
+            f'  File "{loc.file or "<spec>"}", line {loc.line}, in {node.name}\n    op: {node.op}\n'
+        for fx_node in itertools.islice(fx_nodes, count - done):
+            fx_node.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": loc.file, "line": loc.line}
+            if trace is not None:
+                fx_node.meta["stack_trace"] = trace
+        done = count
 
 
 class CompiledModule(fx.GraphModule):
@@ -232,6 +242,72 @@ class CompiledModule(fx.GraphModule):
 
     def __reduce_package__(self, exporter):
         return self._as_plain(fx.GraphModule.__reduce_package__, exporter)
+
+
+def _compiled(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledModule:
+    """``fx.GraphModule(root, fx_graph, class_name)`` as a CompiledModule whose private source is
+    ``fx_graph``, made without the graph module's constructor (whose class per module, submodules
+    set one by one through ``nn.Module.__setattr__`` and recompile bookkeeping are a third of its
+    time), and with the forward written by ``codegen``. Graphs that
+    need more than a forward over submodules of ``root`` (fx's profiler setting, get_attr of a
+    parameter, nested targets) take fx's way."""
+    targets = [node.target for node in fx_graph.nodes if node.op in ("call_module", "get_attr")]
+    profiled = getattr(fx_config, "enrich_profiler_metadata", False)  # a setting of newer torch versions
+    if profiled or not all(target in root._modules for target in targets):
+        return _compiled_by_fx(root, fx_graph, class_name)
+    module = nn.Module.__new__(_module_class(class_name))  # not GraphModule.__new__: see _module_class
+    nn.Module.__init__(module)
+    module._modules = {target: root._modules[target] for target in targets}
+    # what GraphModule.__init__ sets besides the graph, for a graph of fx.Graph() (no tracer)
+    module.__dict__.update(_tracer_cls=None, _tracer_extras={}, meta={}, _replace_hooks=[],
+                           _create_node_hooks=[], _erase_node_hooks=[], _deepcopy_hooks=[], shape_env=None)
+    module.__dict__["_graph_source"] = fx_graph
+    _install_forward(module, fx_graph)
+    return module
+
+
+def _compiled_by_fx(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledModule:
+    """The same module made by fx's constructor (and code generator)."""
+    module = CompiledModule(root, fx_graph, class_name=class_name)
+    module.__dict__["_graph_source"] = module.__dict__.pop("_graph")
+    fx_graph.owning_module = None  # shared by later modules: it must not keep this one alive
+    return module
+
+
+_FX_CLASS_QUALNAME = "GraphModule.__new__.<locals>.GraphModuleImpl"
+
+
+def _module_class(name: str) -> type:
+    """A class of one module, as ``GraphModule.__new__`` makes it (fx keeps the forward on the
+    class, so that each module runs its own): a direct subclass of CompiledModule, with fx's
+    qualified name (which ``GraphModule.__new__`` skips when a copy of the module makes its class)."""
+    cls = type("GraphModuleImpl", (CompiledModule,), {"__module__": fx_graph_module.__name__,
+                                                       "__qualname__": _FX_CLASS_QUALNAME})
+    cls.__name__ = name
+    return cls
+
+
+def _install_forward(module: CompiledModule, fx_graph: fx.Graph) -> None:
+    """What ``GraphModule.recompile`` does, from ``fx_graph`` rather than the module's own graph
+    (not made yet): the code and its line map on the module, the forward (its source in
+    linecache, for TorchScript and tracebacks) and fx's call wrapper (which prints the generated
+    line an error comes from) on its class."""
+    python_code = codegen.python_code(fx_graph) or fx_graph.python_code(root_module="self")
+    module._code = python_code.src
+    module._lineno_map = python_code._lineno_map
+    module._prologue_start = python_code._prologue_start
+    cls = type(module)
+    co_fields = getattr(fx_graph, "_co_fields", {})  # as recompile reads them
+    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals, co_fields)
+    cls._wrapped_call = fx_graph_module._WrappedCall(cls, None)
+    cls.__call__ = _call_wrapped
+    for child in module._modules.values():  # recompile submodules, as fx does
+        if isinstance(child, fx.GraphModule):
+            child.recompile()
+
+
+def _call_wrapped(self, *args, **kwargs):
+    return self._wrapped_call(self, *args, **kwargs)
 
 
 def _graph_copy(graph: fx.Graph) -> fx.Graph:

@@ -1,0 +1,178 @@
+"""The Python code of a compiled network's forward, as fx's code generator writes it, in 0.3-0.4
+of its time (benchmarks/reports/passes.md, "Compiling a new forward").
+
+``fx.Graph.python_code`` is the largest part of compiling a new network (it swaps every node's
+repr in and out, inspects two signatures and searches every line with a regular expression),
+and a pass that inserts or removes a layer needs a new forward. ``python_code`` here writes the
+same text, globals and line map for the node kinds the ops emit (placeholders, call_module,
+call_function with constants, containers and nodes as arguments) and returns None for anything
+else, which then takes fx's way. Names come from fx's own namespace, asked in fx's order, so
+that a node named like a global (``torch``, ``inf``) is renamed as fx renames it; a value is
+freed (``x = None``) after its last use, as fx frees it. tests/test_compiler_codegen.py compares
+the two generators on every shipped spec and on generated graphs.
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+from torch import fx
+from torch.fx.graph import CodeGen, PythonCode, _custom_builtins, _format_target, _is_from_torch, \
+    _Namespace, magic_methods
+from torch.fx.node import _get_qualified_name
+
+_PLAIN_CONSTANTS = (int, float, bool, str, types.NoneType)
+
+
+class _Unsupported(Exception):
+    """A node or argument this generator does not write: fx's generator writes the graph."""
+
+
+def python_code(graph: fx.Graph) -> PythonCode | None:
+    """fx's ``graph.python_code(root_module="self")``, or None where the graph needs more than
+    this generator writes."""
+    codegen = graph._codegen
+    if (type(codegen) is not CodeGen or codegen._body_transformer is not None
+            or os.environ.get("FX_GRAPH_SHOW_META", "0") == "1"):
+        return None
+    try:
+        return _Writer(codegen._func_name).write(graph)
+    except _Unsupported:
+        return None
+
+
+class _Writer:
+    """One generation: fx's namespace and globals, filled in the order fx fills them."""
+
+    def __init__(self, func_name: str):
+        self.func_name = func_name
+        # fx starts each generation with its builtins (torch, inf, ...): the same every time
+        self.namespace = object.__new__(_Namespace)
+        self.namespace.__dict__ = {key: value.copy() for key, value in _BUILTINS.namespace.__dict__.items()}
+        self.globals = dict(_BUILTINS.globals)
+        self.functions: dict[object, tuple[str | None, str | None]] = {}
+        self.node_names: dict[fx.Node, str] = {}
+
+    @classmethod
+    def builtins(cls) -> "_Writer":
+        """The state after fx's builtins, made as fx makes it."""
+        writer = object.__new__(cls)
+        writer.namespace, writer.globals = _Namespace(), {}
+        for name, (_, obj) in _custom_builtins.items():
+            writer.add_global(name, obj)
+        return writer
+
+    def add_global(self, name_hint: str, obj: object) -> str:
+        if _is_from_torch(obj) and obj != torch.device:
+            return _get_qualified_name(obj)  # fx writes torch's functions by their qualified name
+        name = self.namespace.create_name(name_hint, obj)
+        if self.globals.setdefault(name, obj) is not obj:
+            raise _Unsupported  # fx refuses two objects under one name too
+        return name
+
+    def name(self, node: fx.Node) -> str:
+        name = self.node_names.get(node)  # the namespace knows it too, at the cost of a call
+        if name is None:
+            name = self.node_names[node] = self.namespace.create_name(node.name, node)
+        return name
+
+    def value(self, arg) -> str:
+        """An argument as fx writes it."""
+        if isinstance(arg, fx.Node):
+            return self.name(arg)
+        kind = type(arg)
+        if kind in _PLAIN_CONSTANTS:
+            return repr(arg)
+        if isinstance(arg, tuple) and not hasattr(arg, "_fields"):  # a named tuple is a global in fx's code
+            return f"({self.value(arg[0])},)" if len(arg) == 1 else f"({', '.join(map(self.value, arg))})"
+        if isinstance(arg, list):  # fx's node arguments hold lists as its immutable_list
+            return f"[{', '.join(map(self.value, arg))}]"
+        if kind is slice:
+            return f"slice({self.value(arg.start)}, {self.value(arg.stop)}, {self.value(arg.step)})"
+        raise _Unsupported
+
+    def arguments(self, node: fx.Node) -> str:
+        return ", ".join([*map(self.value, node.args),
+                          *(f"{key} = {self.value(value)}" for key, value in node.kwargs.items())])
+
+    def function(self, target) -> tuple[str | None, str | None]:
+        """fx's template for an operator it writes as one (``{} + {}``), else the function's global
+        name; per target, in the order fx names globals (before the node that calls it)."""
+        known = self.functions.get(target)
+        if known is None:
+            operator = getattr(target, "__module__", "") == "_operator"
+            if operator and target.__name__ in magic_methods:
+                known = (magic_methods[target.__name__], None)
+            elif operator or target is getattr:
+                raise _Unsupported  # in-place operators, attribute access
+            else:
+                known = (None, self.add_global(_get_qualified_name(target), target))
+            self.functions[target] = known
+        return known
+
+    def statement(self, node: fx.Node) -> str | None:
+        """The line that computes ``node``, without the values it frees (None: no line)."""
+        if node.type is not None:
+            raise _Unsupported  # fx writes a type annotation
+        op = node.op
+        if op == "call_module":
+            return f"{self.name(node)} = {_format_target('self', node.target)}({self.arguments(node)})"
+        if op == "call_function":
+            template, function = self.function(node.target)
+            if template is not None:
+                if node.kwargs:
+                    raise _Unsupported
+                name = self.name(node)
+                return f"{name} = {template.format(*map(self.value, node.args))}"
+            if node.meta.get("is_wrapped", False):
+                raise _Unsupported  # fx.wrap
+            return f"{self.name(node)} = {function}({self.arguments(node)})"
+        if op == "placeholder":
+            target = node.target
+            if node.args or not isinstance(target, str) or not target.isidentifier() or target == "self":
+                raise _Unsupported  # a default value, *args, or a first argument fx takes for self
+            name = self.name(node)
+            return None if name == target else f"{name} = {target}"
+        if op == "output":
+            return f"return {self.value(node.args[0])}"
+        raise _Unsupported  # get_attr, call_method
+
+    def write(self, graph: fx.Graph) -> PythonCode:
+        nodes = list(graph.nodes)
+        if not nodes or nodes[-1].op != "output":
+            raise _Unsupported
+        # each value is freed after the node that uses it last (the first user seen backwards)
+        last_use: dict[fx.Node, fx.Node] = {}
+        freed_after: dict[fx.Node, list[fx.Node]] = {}
+        for node in reversed(nodes):
+            for used in node._input_nodes:
+                if used not in last_use:
+                    last_use[used] = node
+                    freed_after.setdefault(node, []).append(used)
+        free_vars = ["self"]
+        lines: list[str] = []
+        line_nodes: list[int] = []  # the index of the node each line belongs to
+        for index, node in enumerate(nodes):
+            if node.op == "placeholder":
+                free_vars.append(node.target)
+            statement = self.statement(node)
+            if statement is None:
+                continue
+            if node.op not in ("placeholder", "output"):
+                freed = freed_after.get(node, [])
+                if not node.users:  # a value nobody uses is freed at once, as fx does
+                    freed = [*freed, node]
+                if freed:
+                    statement += f";  {' = '.join(self.name(n) for n in freed)} = None"
+            lines.append(statement)
+            line_nodes.append(index)
+        line_nodes.append(len(nodes) - 1)  # the empty line after the return statement
+        prologue = f"def {self.func_name}({', '.join(free_vars)}):"
+        body = "\n".join("    " + line for line in [*lines, ""])
+        return PythonCode(f"\n\n\n{prologue}\n{body}", self.globals,
+                          _lineno_map={line: index for line, index in enumerate(line_nodes, start=1)},
+                          _prologue_start=4)
+
+
+_BUILTINS = _Writer.builtins()

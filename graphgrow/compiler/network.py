@@ -328,8 +328,8 @@ def _with_code_of(template: fx.GraphModule, root: nn.Module) -> CompiledModule:
     skip = ("_parameters", "_buffers", "_modules", "_graph", "_graph_source")
     module.__dict__.update({key: value.copy() if isinstance(value, (dict, set, list)) else value
                             for key, value in template.__dict__.items() if key not in skip})
-    module._parameters, module._buffers = {}, {}
-    module._modules = dict(root._modules)
+    # straight into __dict__: nn.Module.__setattr__ inspects every value
+    module.__dict__.update(_parameters={}, _buffers={}, _modules=dict(root._modules))
     module.__dict__["_graph_source"] = (template._private_source() if isinstance(template, CompiledModule)
                                         else _graph_copy(template.graph))
     return module

@@ -225,11 +225,11 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
     record.origins = {name: origin for name, origin in record.origins.items() if name in kept}
     module = compile_graph(graph, state, dtype=dtype, device=device, modules=reused,
                            code_from=old.module if same_code else None)
-    # copies keep their old modules' modes; modules built afresh (in train mode) take the network's
+    # copies keep their old modules' modes; the modules of new nodes take the network's
     mode = old.module.training
     module.training = mode
     for name, child in module._modules.items():
-        if name not in reused:
+        if name not in reused or name not in old.graph:
             child.train(mode)
     return Network(graph, module)
 

@@ -202,3 +202,16 @@ def test_a_new_node_is_not_made_from_a_module_of_another_rank():
     grown = rebuild(network, grown_graph, Record("test"), values)
     assert isinstance(grown.module.fc1_bn, nn.BatchNorm1d)
     assert grown.module(torch.randn(4, 1, 28, 28, dtype=torch.float64)).shape == (4, 10)
+
+
+def test_a_rebuild_carries_each_module_mode_and_builds_new_modules_in_the_network_mode():
+    network = Network.build(load_graph(SPECS_DIR / "cnn_vgg.yaml"), seed=0)
+    network.module.eval()
+    network.module.fc1.train()  # a user's choice for one layer: it is carried with the layer
+    for new in (passes.widen(network, "conv2", by=2)[0], passes.insert_identity(network, "act2")[0],
+                passes.insert_identity(network, "act3")[0],  # a linear layer made from a copy of fc1
+                passes.insert_identity(network, "act3", form="residual")[0]):
+        modes = {name: child.training for name, child in new.module.named_children()}
+        assert not new.module.training
+        assert modes.pop("fc1") is True
+        assert not any(modes.values()), modes  # carried ones and the new layers alike

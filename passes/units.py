@@ -382,7 +382,7 @@ class UnitMap:
             for k, others in enumerate(self.before):
                 start = (others + k * new + old) * self.block
                 part = mapped.narrow(self.axis, start, (new - old) * self.block)
-                part.copy_(self.fill(tuple(part.shape)).to(part))  # drawn on the CPU from a seed: same values on any device
+                part.copy_(self.fill(tuple(part.shape)))  # drawn on the CPU from a seed: same values on any device
         return mapped
 
 

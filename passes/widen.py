@@ -66,8 +66,8 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
             elif method == "sensli" and _is_weight(graph, axis.tensor):
                 # a seed per tensor drawn now keeps the record's value function pure
                 draw_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
-                fill = lambda shape, s=draw_seed: scale * torch.randn(
-                    shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                fill = lambda shape, s=draw_seed: torch.randn(
+                    shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64).mul_(scale)
         maps.setdefault(axis.tensor, []).append(UnitMap.selecting(axis.axis, axis.block, index, unit_scale, n, fill,
                                                                   axis.before))
     set_units(graph, coupling, n + by)

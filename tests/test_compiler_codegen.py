@@ -18,7 +18,8 @@ from torch.fx.experimental import _config as fx_config
 from graphgrow import compile_graph, load_graph
 from graphgrow.compiler import codegen
 from graphgrow.compiler.export import example_input, to_exported_program, to_torchscript
-from graphgrow.compiler.network import CompiledModule, _compiled, _graph_copy
+from graphgrow.compiler import network
+from graphgrow.compiler.network import CompiledModule, _compiled, _compiled_by_fx, _graph_copy
 from graphgrow.ir import graph_from_text
 
 from conftest import SPECS_DIR
@@ -205,3 +206,16 @@ def test_graphs_the_fast_construction_does_not_cover_take_fx_way(specs_dir, monk
     made = _compiled(root, _graph_copy(module.graph), "profiled")
     assert "_RecordFunctionFast" in made.code
     assert torch.equal(made(x), module(x))
+
+
+def test_without_fx_internals_fx_makes_every_module(specs_dir, monkeypatch):
+    """Under a torch whose fx lacks the internals the generator uses (codegen.AVAILABLE false)."""
+    module = compile_graph(load_graph(specs_dir / "cnn_vgg.yaml"))
+    monkeypatch.setattr(codegen, "AVAILABLE", False)
+    by_fx = []
+    monkeypatch.setattr(network, "_compiled_by_fx", lambda *args: by_fx.append(args) or _compiled_by_fx(*args))
+    assert codegen.python_code(module.graph) is None
+    made = compile_graph(load_graph(specs_dir / "cnn_vgg.yaml"))
+    assert len(by_fx) == 1 and isinstance(made, CompiledModule) and made.code == module.code
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(made.eval()(x), module.eval()(x))

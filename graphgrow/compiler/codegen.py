@@ -18,9 +18,16 @@ import types
 
 import torch
 from torch import fx
-from torch.fx.graph import CodeGen, PythonCode, _custom_builtins, _format_target, _is_from_torch, \
-    _Namespace, magic_methods
-from torch.fx.node import _get_qualified_name
+from torch.fx.graph import CodeGen, PythonCode
+
+try:  # fx internals of the pinned torch (2.13); under a torch without them fx makes every module
+    from torch.fx.graph import _custom_builtins, _format_target, _is_from_torch, _Namespace, magic_methods
+    from torch.fx.graph_module import _forward_from_src, _WrappedCall  # noqa: F401  (network.py calls them)
+    from torch.fx.node import _get_qualified_name
+except ImportError:
+    AVAILABLE = False
+else:
+    AVAILABLE = True
 
 _PLAIN_CONSTANTS = (int, float, bool, str, types.NoneType)
 
@@ -33,7 +40,7 @@ def python_code(graph: fx.Graph) -> PythonCode | None:
     """fx's ``graph.python_code(root_module="self")``, or None where the graph needs more than
     this generator writes."""
     codegen = graph._codegen
-    if (type(codegen) is not CodeGen or codegen._body_transformer is not None
+    if (not AVAILABLE or type(codegen) is not CodeGen or codegen._body_transformer is not None
             or os.environ.get("FX_GRAPH_SHOW_META", "0") == "1"):
         return None
     try:
@@ -175,4 +182,4 @@ class _Writer:
                           _prologue_start=4)
 
 
-_BUILTINS = _Writer.builtins()
+_BUILTINS = _Writer.builtins() if AVAILABLE else None

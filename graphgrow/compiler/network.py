@@ -253,7 +253,7 @@ def _compiled(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledM
     parameter, nested targets) take fx's way."""
     targets = [node.target for node in fx_graph.nodes if node.op in ("call_module", "get_attr")]
     profiled = getattr(fx_config, "enrich_profiler_metadata", False)  # a setting of newer torch versions
-    if profiled or not all(target in root._modules for target in targets):
+    if profiled or not codegen.AVAILABLE or not all(target in root._modules for target in targets):
         return _compiled_by_fx(root, fx_graph, class_name)
     module = nn.Module.__new__(_module_class(class_name))  # not GraphModule.__new__: see _module_class
     nn.Module.__init__(module)

@@ -119,9 +119,10 @@ def clone_module(module: nn.Module, values: dict[str, torch.Tensor] | None = Non
     values = values or {}
     take = lambda key, tensor: values[prefix + key] if prefix + key in values else tensor.detach().clone()
     new = type(module).__new__(type(module))
+    replaced = ("_parameters", "_buffers", "_modules")
     # straight into __dict__: nn.Module.__setattr__ inspects every value (a quarter of a clone)
     new.__dict__.update({key: value.copy() if isinstance(value, (dict, set, list)) else value
-                         for key, value in module.__dict__.items()})
+                         for key, value in module.__dict__.items() if key not in replaced})
     new.__dict__["_parameters"] = {key: None if p is None else nn.Parameter(take(key, p), p.requires_grad)
                                    for key, p in module._parameters.items()}
     new.__dict__["_buffers"] = {key: None if b is None else take(key, b) for key, b in module._buffers.items()}

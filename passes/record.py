@@ -270,10 +270,11 @@ def _template(old: Network, node: Node, values: dict[str, torch.Tensor]) -> nn.M
 
 
 def _only_sizes_differ(previous: Node, node: Node) -> bool:
-    """Same op and arguments but for the width argument: the module differs in sizes only."""
-    width = node.opdef.width_arg
-    return ({k: v for k, v in previous.args.items() if k != width}
-            == {k: v for k, v in node.args.items() if k != width})
+    """Same op and module arguments but for the width argument: the modules differ in sizes only."""
+    op = node.opdef
+    width = op.width_arg
+    return ({k: v for k, v in op.module_args(previous.args).items() if k != width}
+            == {k: v for k, v in op.module_args(node.args).items() if k != width})
 
 
 def function_change(old: Network, new: Network, probe_batch: int = 8, seed: int = 0) -> float:

@@ -341,11 +341,12 @@ def embed_units(matrix: torch.Tensor, total: int, before: tuple[int, ...]) -> to
 class UnitMap:
     """One linear map on the group's units of one axis (each copy, see ``UnitAxis.before``),
     plus the values of the new units (``fill(shape)`` of the part they occupy; optimizer state
-    gets no fill). ``given``: the matrix (new units x old units), or ``(index, scale, old
-    units)`` of a selection (``selection_matrix``), whose matrix is made only where needed."""
+    gets no fill). ``given``: the matrix (new units x old units); or ``(index, scale, old units)``
+    of a selection (``selection_matrix``); or ``(old units, appended units)`` of the map that
+    keeps every unit and appends zero units. The matrix is made only where needed."""
     axis: int
     block: int
-    given: torch.Tensor | tuple[torch.Tensor, torch.Tensor, int]
+    given: torch.Tensor | tuple[torch.Tensor, torch.Tensor, int] | tuple[int, int]
     fill: Callable[[tuple], torch.Tensor] | None = None
     before: tuple[int, ...] = (0,)
 
@@ -355,22 +356,44 @@ class UnitMap:
         """The map whose new unit i is scale[i] times old unit index[i] of ``units``."""
         return cls(axis, block, (index, scale, units), fill, before)
 
+    @classmethod
+    def appending(cls, axis: int, block: int, units: int, new: int, fill=None,
+                  before: tuple[int, ...] = (0,)) -> "UnitMap":
+        """The map that keeps the ``units`` units and appends ``new`` zero units (widening with
+        zero outgoing weights): applied by concatenation, several times cheaper than a gather."""
+        return cls(axis, block, (units, new), fill, before)
+
+    @property
+    def _appends(self) -> bool:
+        return isinstance(self.given, tuple) and len(self.given) == 2
+
     @functools.cached_property
     def matrix(self) -> torch.Tensor:
-        return selection_matrix(*self.given) if isinstance(self.given, tuple) else self.given
+        return selection_matrix(*self.selection, self.shape[1]) if isinstance(self.given, tuple) else self.given
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self._appends:
+            units, new = self.given
+            return units + new, units
         return (len(self.given[0]), self.given[2]) if isinstance(self.given, tuple) else tuple(self.given.shape)
 
     @functools.cached_property
     def selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``selection_of(matrix)``, worked out once per map (value and optimizer state)."""
+        if self._appends:
+            units, new = self.given
+            return (torch.cat([torch.arange(units), torch.zeros(new, dtype=torch.long)]),
+                    torch.cat([torch.ones(units, dtype=torch.float64), torch.zeros(new, dtype=torch.float64)]))
         return self.given[:2] if isinstance(self.given, tuple) else selection_of(self.given)
 
     def state(self, tensor: torch.Tensor) -> torch.Tensor:
         total = tensor.shape[self.axis] // self.block
         if self.before == (0,) and total == self.shape[1]:  # the map covers the whole axis
+            if self._appends:  # new units follow the old ones on the axis
+                appended = list(tensor.shape)
+                appended[self.axis] = self.given[1] * self.block
+                return torch.cat([tensor, tensor.new_zeros(appended)], self.axis)
             selection = self.selection
             return map_units(tensor, self.axis, self.block, self.matrix if selection is None else None, selection)
         return map_units(tensor, self.axis, self.block, embed_units(self.matrix, total, self.before))

@@ -35,10 +35,6 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
         if not scale > 0.0:
             raise fail(f"sensli scale {scale}: expected a positive standard deviation",
                        hint="incoming weights of new units must be non-zero (4.19)")
-        # new unit n + i: unit 0 times 0 (its rows are filled in, its columns stay 0)
-        index = torch.cat([torch.arange(n), torch.zeros(by, dtype=torch.long)])
-        grown_scale = torch.cat([torch.ones(n, dtype=torch.float64), torch.zeros(by, dtype=torch.float64)])
-        column_scale = grown_scale
     else:
         if units is None:
             if by > n:
@@ -57,7 +53,6 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
         column_scale[units], column_scale[n:] = alpha, 1.0 - alpha
     for axis in coupling.axes:
         fill = None
-        unit_scale = column_scale if axis.side == "columns" else grown_scale
         if axis.side != "columns":
             if method == "sensli" and axis.side == "state":
                 fill = lambda shape, v=axis.fresh: torch.full(shape, v, dtype=torch.float64)
@@ -68,8 +63,12 @@ def plan_widen(graph: LayerGraph, coupling: UnitCoupling, by: int, method: str, 
                 draw_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
                 fill = lambda shape, s=draw_seed: torch.randn(
                     shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64).mul_(scale)
-        maps.setdefault(axis.tensor, []).append(UnitMap.selecting(axis.axis, axis.block, index, unit_scale, n, fill,
-                                                                  axis.before))
+        if method == "sensli":  # new units after the old ones: rows filled in, columns 0
+            unit_map = UnitMap.appending(axis.axis, axis.block, n, by, fill, axis.before)
+        else:
+            unit_scale = column_scale if axis.side == "columns" else grown_scale
+            unit_map = UnitMap.selecting(axis.axis, axis.block, index, unit_scale, n, fill, axis.before)
+        maps.setdefault(axis.tensor, []).append(unit_map)
     set_units(graph, coupling, n + by)
 
 

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from graphgrow.compiler import compile_graph
 from graphgrow.errors import GraphgrowError
+from graphgrow.init import dirac_
 from graphgrow.ir import graph_from_text
 from graphgrow.ops import registered_ops
 from graphgrow.ops.attention import HeadAttention
@@ -524,3 +525,9 @@ def test_head_attention_reads_masks_as_multihead_attention(train):
                    {"attn_mask": causal, "key_padding_mask": padding}):
         expected = reference(x, x, x, need_weights=False, **kwargs)[0]
         torch.testing.assert_close(grown(x, x, x, need_weights=False, **kwargs)[0], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 3, 3), (6, 3, 5, 5), (3, 6, 1, 1), (2, 2, 3, 1)])
+def test_dirac_kernel_is_torchs(shape):
+    """graphgrow.init.dirac_ (one strided write) equals torch.nn.init.dirac_ (entry by entry)."""
+    assert torch.equal(dirac_(torch.randn(shape)), nn.init.dirac_(torch.empty(shape)))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import passes
 from graphgrow import GraphgrowError, Network, graph_from_text, load_graph
-from passes.units import embed_units, trace_units
+from passes.units import UnitMap, embed_units, trace_units
 
 from conftest import SPECS_DIR, assert_next_step_unchanged, make_spec_text
 
@@ -114,6 +114,30 @@ def test_embed_units_keeps_other_units_and_follows_each_group_copy():
     expected[4, 3] = 1
     expected[5:8, 4:6] = grow
     assert torch.equal(full, expected)
+
+
+@pytest.mark.parametrize("axis, block, before, after", [(0, 1, (0,), 0), (1, 1, (0,), 0), (1, 3, (0,), 0),
+                                                        (0, 1, (0,), 1), (1, 1, (1, 2), 1)])
+def test_an_appending_map_is_its_selection_matrix(axis, block, before, after):
+    """An appending map (applied by concatenation where it covers the axis) equals the matrix it
+    stands for (old units kept, new units zero), on every copy of the units, with other units on
+    the axis (``before``, ``after``) and after a flatten (blocks)."""
+    units, new = 3, 2
+    total = units * len(before) + before[-1] + after
+    shape = [4, 4]
+    shape[axis] = total * block
+    tensor = torch.randn(shape, dtype=torch.float64)
+    appending = UnitMap.appending(axis, block, units, new, before=before)
+    expected = torch.zeros(units + new, units, dtype=torch.float64)
+    expected[:units] = torch.eye(units, dtype=torch.float64)
+    assert torch.equal(appending.matrix, expected)
+    full = embed_units(expected, total, before)
+    split = tensor.reshape(*shape[:axis], total, block, *shape[axis + 1:])
+    reference = torch.tensordot(full, split, dims=([1], [axis])).movedim(0, axis)
+    assert torch.equal(appending.state(tensor), reference.reshape(appending.state(tensor).shape))
+    filled = UnitMap.appending(axis, block, units, new, fill=lambda part: torch.full(part, 7.0), before=before)
+    value = filled.value(tensor)
+    assert int((value == 7.0).sum()) == new * block * len(before) * 4
 
 
 @pytest.mark.parametrize("text, node, message", [

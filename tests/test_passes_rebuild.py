@@ -14,7 +14,7 @@ from torch import nn
 import passes
 from graphgrow import Network, Node, get_op, graph_from_text, load_graph
 from passes.insert import apply_plan, plan_identity
-from passes.record import Record, rebuild, resized_module
+from passes.record import Record, _only_sizes_differ, rebuild, resized_module
 
 from conftest import SPECS_DIR
 
@@ -22,6 +22,7 @@ SIZED_OPS = [  # op, arguments, input shape before and after a width change
     ("linear", {"out": 3}, (4,), {"out": 5}, (6,)),
     ("linear", {"out": 3, "bias": False}, (4,), {"out": 5, "bias": False}, (6,)),
     ("conv2d", {"out": 3, "kernel": 3}, (2, 8, 8), {"out": 5, "kernel": 3}, (4, 8, 8)),
+    ("conv2d", {"out": 3, "kernel": 3, "padding": 1}, (2, 8, 8), {"out": 5, "kernel": 3}, (4, 8, 8)),  # 'same'
     ("conv2d", {"out": 3, "kernel": 1, "stride": 2, "bias": False}, (2, 6, 6),
      {"out": 4, "kernel": 1, "stride": 2, "bias": False}, (5, 6, 6)),
     ("batchnorm", {}, (3, 4, 4), {}, (5, 4, 4)),
@@ -64,6 +65,19 @@ def test_a_resized_module_is_the_module_a_fresh_build_gives(op, small_args, smal
     for name, tensor in resized.state_dict().items():
         assert torch.equal(tensor, values[name])
     assert repr(resized) == repr(fresh)
+
+
+@pytest.mark.parametrize("op, small_args, small_shape, wide_args, wide_shape", SIZED_OPS)
+def test_nodes_of_a_width_change_count_as_differing_in_sizes_only(op, small_args, small_shape, wide_args,
+                                                                 wide_shape):
+    assert _only_sizes_differ(node(op, small_args, small_shape), node(op, wide_args, wide_shape))
+
+
+@pytest.mark.parametrize("first, second", [({"out": 3, "kernel": 3, "padding": 0}, {"out": 5, "kernel": 3}),
+                                           ({"out": 3, "kernel": 3}, {"out": 5, "kernel": 5}),
+                                           ({"out": 3, "kernel": 3}, {"out": 3, "kernel": 3, "bias": False})])
+def test_nodes_whose_modules_differ_in_more_than_sizes_are_told_apart(first, second):
+    assert not _only_sizes_differ(node("conv2d", first, (3, 8, 8)), node("conv2d", second, (3, 8, 8)))
 
 
 def test_a_module_whose_entries_do_not_fit_is_not_resized():

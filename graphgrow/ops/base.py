@@ -209,6 +209,11 @@ class OpDef:
         initialising a fresh module and loading the tensors into it (most of such a rebuild)."""
         return None
 
+    def module_args(self, args: dict) -> dict:
+        """``args`` as ``build_module`` reads them: two nodes whose module arguments differ only in
+        ``width_arg`` have modules that differ only in sizes (e.g. padding 'same' or its number)."""
+        return args
+
     def function(self, args: dict) -> tuple[Callable, dict[str, Any]]:
         """The callable and keyword arguments for a ``call_function`` node."""
         raise NotImplementedError(self.name)

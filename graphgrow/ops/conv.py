@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
 
 from ..errors import GraphgrowError
+from ..init import dirac_
 from .base import (Arg, Geometry, OpDef, boolean, int_or, kaiming_uniform_init, numel, positive_int,
                    register_op, require)
 
@@ -72,6 +73,9 @@ class Conv2dOp(OpDef):
         return nn.Conv2d(in_shapes[0][0], args["out"], args["kernel"], stride=args["stride"],
                          padding=self.padding(args), bias=args["bias"], groups=args["groups"])
 
+    def module_args(self, args):
+        return {**args, "padding": self.padding(args)}
+
     def module_sizes(self, args, in_shapes):
         return {"in_channels": in_shapes[0][0], "out_channels": args["out"]}
 
@@ -105,9 +109,7 @@ class Conv2dOp(OpDef):
         if (in_shapes[0][0] != args["out"] or args["stride"] != 1 or args["groups"] != 1 or k % 2 == 0
                 or self.padding(args) != k // 2):
             return None
-        weight = torch.zeros(args["out"], args["out"], k, k)
-        nn.init.dirac_(weight)
-        params = {"weight": weight}
+        params = {"weight": dirac_(torch.empty(args["out"], args["out"], k, k))}
         if args["bias"]:
             params["bias"] = torch.zeros(args["out"])
         return params

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import GraphgrowError
+from ..init import dirac_
 from .base import (Arg, OpDef, boolean, choice, get_op, kaiming_uniform_init, number, numel,
                    positive_int, register_op, registered_ops, require)
 from .conv import expect_image, same_padding
@@ -136,9 +137,7 @@ class ResidualOp(OpDef):
                 return None
             inner = torch.zeros(shape)
         else:
-            inner = torch.zeros(shape)
-            nn.init.eye_(inner) if len(shape) == 2 else nn.init.dirac_(inner)
-            inner = scale * inner
+            inner = scale * (torch.eye(*shape) if len(shape) == 2 else dirac_(torch.empty(shape)))
         params = {"inner.weight": inner}
         if args["bias"]:
             params["inner.bias"] = torch.zeros(width)

@@ -65,7 +65,8 @@ class IdentityPlan:
 
 
 def _init_name(tensor: torch.Tensor) -> str:
-    scale = float(tensor.abs().max())
+    low, high = tensor.aminmax()  # one reduction (abs then max made a copy first)
+    scale = max(-float(low), float(high))
     if scale == 0.0:
         return "zeros"
     base = "identity" if tensor.dim() == 2 else "dirac"

@@ -27,8 +27,11 @@ PLACEHOLDER = "x"
 def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False) -> dict[str, nn.Module]:
     """Fresh (uninitialised) modules of the nodes that compile to ``call_module``, except ``skip``;
     with ``stateless_as_modules`` also of the stateless ops that have a module twin."""
+    return _fresh_modules(_module_nodes(graph.nodes, skip, stateless_as_modules), stateless_as_modules)
+
+
+def _fresh_modules(todo: list, stateless_as_modules: bool) -> dict[str, nn.Module]:
     modules = {}
-    todo = _module_nodes(graph, skip, stateless_as_modules)
     if not todo:  # e.g. a pass that hands in every module
         return modules
     # torch modules draw a throwaway initialisation from the global generator in their
@@ -43,9 +46,9 @@ def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False
     return modules
 
 
-def _module_nodes(graph: LayerGraph, skip, stateless_as_modules: bool) -> list:
+def _module_nodes(nodes: list, skip, stateless_as_modules: bool) -> list:
     """The nodes outside ``skip`` that may compile to a module (their op builds one)."""
-    return [node for node in graph.nodes if node.name not in skip
+    return [node for node in nodes if node.name not in skip
             and (stateless_as_modules or type(node.opdef).build_module is not OpDef.build_module)]
 
 
@@ -127,10 +130,12 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     (only arguments such as widths differ): its generated forward is reused, which skips fx's
     code generation, most of a compile (passes that change widths only)."""
     given = modules or {}
-    if _module_nodes(graph, given, stateless_as_modules):  # parameters to allocate, perhaps
+    nodes = graph.nodes
+    todo = _module_nodes(nodes, given, stateless_as_modules)
+    if todo:  # parameters to allocate, perhaps
         check_fits_in_memory(graph, dtype)
     try:
-        fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
+        fresh = _fresh_modules(todo, stateless_as_modules)
     except (MemoryError, RuntimeError) as err:  # torch reports a failed allocation as a RuntimeError
         if isinstance(err, RuntimeError) and "allocate" not in str(err):
             raise
@@ -146,11 +151,10 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     elif state:
         _load(graph, root, state)  # entries left over: the error names them
     if given:
-        root = nn.Module()
-        root._modules.update((node.name, given[node.name] if node.name in given else fresh[node.name])
-                             for node in graph.nodes if node.name in given or node.name in fresh)
+        root._modules = {node.name: given[node.name] if node.name in given else fresh[node.name]
+                         for node in nodes if node.name in given or node.name in fresh}
     modules = dict(root.named_children())
-    for node in graph.nodes:
+    for node in nodes:
         if node.frozen and node.name in modules:
             modules[node.name].requires_grad_(False)
 
@@ -161,7 +165,7 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
         return module
     recording = codegen.Recording()  # the fx graph is made from it where one is needed
     values = {"input": recording.create_node("placeholder", PLACEHOLDER, (), {}, PLACEHOLDER)}
-    for node in graph.nodes:
+    for node in nodes:
         recording.origin = (node.name, node.op, node.loc)  # what the op emits points at its spec line
         values[node.name] = node.opdef.emit(recording, node.name, node.args,
                                             [values[i] for i in node.inputs], node.name in modules)
@@ -237,11 +241,11 @@ def _compiled(root: nn.Module, recording: codegen.Recording, class_name: str) ->
         return _compiled_by_fx(root, recording, class_name)
     module = nn.Module.__new__(_module_class(class_name))  # not GraphModule.__new__: see _module_class
     nn.Module.__init__(module)
-    module._modules = {target: root._modules[target] for target in targets}
+    # straight into __dict__ (nn.Module.__setattr__ inspects every value): the submodules and
     # what GraphModule.__init__ sets besides the graph, for a graph of fx.Graph() (no tracer)
-    module.__dict__.update(_tracer_cls=None, _tracer_extras={}, meta={}, _replace_hooks=[],
-                           _create_node_hooks=[], _erase_node_hooks=[], _deepcopy_hooks=[], shape_env=None)
-    module.__dict__["_graph_source"] = recording
+    module.__dict__.update(_modules={target: root._modules[target] for target in targets}, _graph_source=recording,
+                           _tracer_cls=None, _tracer_extras={}, meta={}, _replace_hooks=[], _create_node_hooks=[],
+                           _erase_node_hooks=[], _deepcopy_hooks=[], shape_env=None)
     _install_forward(module, recording)
     return module
 
@@ -274,9 +278,8 @@ def _install_forward(module: CompiledModule, recording: codegen.Recording) -> No
     linecache, for TorchScript and tracebacks) and fx's call wrapper (which prints the generated
     line an error comes from) on its class."""
     python_code = codegen.python_code(recording) or recording.replay().python_code(root_module="self")
-    module._code = python_code.src
-    module._lineno_map = python_code._lineno_map
-    module._prologue_start = python_code._prologue_start
+    module.__dict__.update(_code=python_code.src, _lineno_map=python_code._lineno_map,
+                           _prologue_start=python_code._prologue_start)
     cls = type(module)
     cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals, {})  # a new graph's _co_fields
     cls._wrapped_call = fx_graph_module._WrappedCall(cls, None)

@@ -59,7 +59,8 @@ def emitted_node_by_node(graph: LayerGraph, module: fx.GraphModule) -> fx.Graph:
         for fx_node in list(fx_graph.nodes)[before:]:
             fx_node.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": file, "line": line}
             if line is not None:
-                fx_node.meta["stack_trace"] = f'  File "{file or "<spec>"}", line {line}, in {node.name}\n    op: {node.op}\n'
+                fx_node.meta["stack_trace"] = f'  File "{file or "<spec>"}", line {line}, in {node.name}\n' \
+                                              f'    op: {node.op}\n'
     outputs = [values[name] for name in graph.outputs]
     fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     return fx_graph

@@ -80,7 +80,8 @@ class Recording:
                 name, op, loc = record.origin
                 node.meta["graphgrow"] = {"node": name, "op": op, "file": loc.file, "line": loc.line}
                 if loc.line is not None:
-                    node.meta["stack_trace"] = f'  File "{loc.file or "<spec>"}", line {loc.line}, in {name}\n    op: {op}\n'
+                    node.meta["stack_trace"] = (f'  File "{loc.file or "<spec>"}", line {loc.line}, in {name}\n'
+                                                f'    op: {op}\n')
         return graph
 
 

@@ -281,7 +281,8 @@ def _install_forward(module: CompiledModule, recording: codegen.Recording) -> No
     module.__dict__.update(_code=python_code.src, _lineno_map=python_code._lineno_map,
                            _prologue_start=python_code._prologue_start)
     cls = type(module)
-    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals, {})  # a new graph's _co_fields
+    # {}: the _co_fields of a new graph, which recompile would read
+    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals, {})
     cls._wrapped_call = fx_graph_module._WrappedCall(cls, None)
     cls.__call__ = _call_wrapped
     for child in module._modules.values():  # recompile submodules, as fx does

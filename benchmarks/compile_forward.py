@@ -1,8 +1,10 @@
 """Compiling a network whose forward is new (what a pass that inserts a layer needs): compile_graph
-with every module handed in, as a pass's rebuild calls it, made the way it is now (the module
-built directly, the forward written by graphgrow.compiler.codegen) against the same call with the
-module made by ``fx.GraphModule``'s constructor and fx's code generator (``_compiled_by_fx``, the
-way before), in the same process.
+with every module handed in, as a pass's rebuild calls it, made the way it is now (the ops' nodes
+recorded, the forward written from the recording by graphgrow.compiler.codegen, the module built
+directly, no fx graph) against the same call with the recording replayed into an fx graph and the
+module made by ``fx.GraphModule``'s constructor and fx's code generator (``_compiled_by_fx``, fx's
+way), in the same process. To compare with an earlier commit, run the script there and here in
+turn (its "now" column).
 
 Networks: the MNIST MLP and the VGG-like CNN with an identity layer inserted after act2 (the
 network a pass compiles), and the spec as it is for the ResNet and the ViT. Contenders alternate

@@ -1,7 +1,9 @@
-"""compile_graph's own way to a new module: graphgrow.compiler.codegen writes the forward fx's code
-generator writes (text, globals, line map), and the module is made without fx.GraphModule's
-constructor, yet is the module that constructor makes (attributes, class, submodules, calls,
-errors, copies, pickling, TorchScript, torch.export, recompiling after an edit)."""
+"""compile_graph's own way to a new module: the ops' nodes recorded (graphgrow.compiler.codegen's
+Recording) rather than built into an fx graph, the forward written from the recording as fx's code
+generator writes it from the replayed graph (text, globals, line map), the replayed graph the one
+the ops build node by node, and the module made without fx.GraphModule's constructor, yet the
+module that constructor makes (attributes, class, submodules, calls, errors, copies, pickling,
+TorchScript, torch.export, recompiling after an edit)."""
 from __future__ import annotations
 
 import copy
@@ -17,42 +19,82 @@ from torch.fx.experimental import _config as fx_config
 
 from graphgrow import compile_graph, load_graph
 from graphgrow.compiler import codegen
+from graphgrow.compiler.codegen import Recorded, Recording
 from graphgrow.compiler.export import example_input, to_exported_program, to_torchscript
 from graphgrow.compiler import network
-from graphgrow.compiler.network import CompiledModule, _compiled, _compiled_by_fx, _graph_copy
-from graphgrow.ir import graph_from_text
+from graphgrow.compiler.network import CompiledModule, _compiled, _compiled_by_fx
+from graphgrow.ir import LayerGraph, graph_from_text
 
-from conftest import SPECS_DIR
+from conftest import ROOT, SPECS_DIR
 from test_core_fuzz import FUZZ, valid_specs
 
 SPECS = sorted(SPECS_DIR.glob("*.yaml"))
+PACKAGED_SPECS = sorted((ROOT / "graphgrow" / "specs").glob("*.yaml"))
 
 
-def fx_code(graph: fx.Graph):
-    code = graph.python_code(root_module="self")
+def written(code) -> tuple:
     return code.src, code.globals, code._lineno_map, code._prologue_start
 
 
-def own_code(graph: fx.Graph):
-    code = codegen.python_code(graph)
-    assert code is not None, "the generator gave the graph to fx"
-    return code.src, code.globals, code._lineno_map, code._prologue_start
+def fx_code(recording: Recording) -> tuple:
+    return written(recording.replay().python_code(root_module="self"))
+
+
+def own_code(recording: Recording) -> tuple:
+    code = codegen.python_code(recording)
+    assert code is not None, "the generator gave the recording to fx"
+    return written(code)
+
+
+def emitted_node_by_node(graph: LayerGraph, module: fx.GraphModule) -> fx.Graph:
+    """The fx graph as compile_graph built it before recordings: the ops emit into an fx.Graph and
+    every node they emit points at the spec line of its node."""
+    fx_graph = fx.Graph()
+    values = {"input": fx_graph.placeholder("x")}
+    for node in graph.nodes:
+        before = len(fx_graph.nodes)
+        values[node.name] = node.opdef.emit(fx_graph, node.name, node.args, [values[i] for i in node.inputs],
+                                            node.name in module._modules)
+        file, line = node.loc.file, node.loc.line
+        for fx_node in list(fx_graph.nodes)[before:]:
+            fx_node.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": file, "line": line}
+            if line is not None:
+                fx_node.meta["stack_trace"] = f'  File "{file or "<spec>"}", line {line}, in {node.name}\n' \
+                                              f'    op: {node.op}\n'
+    outputs = [values[name] for name in graph.outputs]
+    fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+    return fx_graph
+
+
+def described(graph: fx.Graph) -> list:
+    """Every node of ``graph`` as data (its input nodes by name, containers by type)."""
+    by_name = lambda arg: fx.node.map_arg(arg, lambda node: node.name)  # noqa: E731
+    return [(node.name, node.op, node.target, by_name(node.args), type(node.kwargs), by_name(node.kwargs),
+             node.type, node.meta, [user.name for user in node.users]) for node in graph.nodes]
+
+
+def assert_recorded_as_emitted(graph: LayerGraph, module: CompiledModule) -> None:
+    recording = module.__dict__["_graph_source"]
+    eager = emitted_node_by_node(graph, module)
+    assert described(recording.replay()) == described(module.graph) == described(eager)
+    by_fx = written(eager.python_code(root_module="self"))
+    assert own_code(recording) == fx_code(recording) == by_fx
+    assert module.code == by_fx[0]
 
 
 @pytest.mark.parametrize("as_modules", [False, True])
-@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
-def test_the_generator_writes_fx_code_for_every_shipped_spec(spec, as_modules):
-    module = compile_graph(load_graph(spec), stateless_as_modules=as_modules)
-    assert own_code(module.graph) == fx_code(module.graph)
-    assert module.code == fx_code(module.graph)[0]
+@pytest.mark.parametrize("spec", SPECS + PACKAGED_SPECS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_the_recording_writes_and_replays_what_the_ops_emit_for_every_shipped_spec(spec, as_modules):
+    graph = load_graph(spec)
+    assert_recorded_as_emitted(graph, compile_graph(graph, stateless_as_modules=as_modules))
 
 
 @FUZZ
 @given(valid_specs())
-def test_the_generator_writes_fx_code_for_random_specs(spec):
+def test_the_recording_writes_and_replays_what_the_ops_emit_for_random_specs(spec):
     text, _ = spec
-    module = compile_graph(graph_from_text(text))
-    assert own_code(module.graph) == fx_code(module.graph)
+    graph = graph_from_text(text)
+    assert_recorded_as_emitted(graph, compile_graph(graph))
 
 
 def outside(a, b):
@@ -63,32 +105,35 @@ def outside(a, b):
 outside.__module__ = "elsewhere"
 
 
-def tricky_graph() -> fx.Graph:
+def tricky_recording() -> Recording:
     """Names fx renames in its code (globals, a builtin), a placeholder renamed in the graph,
     values nobody uses, constants of every kind the generator writes, and a tuple output."""
-    graph = fx.Graph()
-    x = graph.placeholder("inf")  # the graph names it inf_1: the code copies the argument
-    y = graph.placeholder("y")
-    torch_node = graph.create_node("call_function", torch.relu, (x,), name="torch")
-    taken = graph.create_node("call_function", torch.neg, (torch_node,), name="elsewhere_outside")
-    device = graph.create_node("call_function", outside, (taken, y), name="device")
-    graph.create_node("call_function", torch.sigmoid, (device,), name="unused")
-    sliced = graph.call_function(operator.getitem, (device, (slice(None, 2, None), 1)))
-    summed = graph.call_function(torch.sum, (sliced,), {"dim": [0, -1], "keepdim": False})
-    scaled = graph.call_function(operator.mul, (summed, math.inf))
-    named = graph.call_function(torch.nn.functional.leaky_relu, (scaled,),
-                                {"negative_slope": 0.25, "inplace": False})
+    recording = Recording()
+    node = recording.create_node
+    x = node("placeholder", "inf", (), {}, "inf")  # the graph names it inf_1: the code copies the argument
+    y = node("placeholder", "y", (), {}, "y")
+    torch_node = node("call_function", torch.relu, (x,), {}, "torch")
+    taken = node("call_function", torch.neg, (torch_node,), {}, "elsewhere_outside")
+    device = node("call_function", outside, (taken, y), {}, "device")
+    node("call_function", torch.sigmoid, (device,), {}, "unused")
+    sliced = node("call_function", operator.getitem, (device, (slice(None, 2, None), 1)), {}, "getitem")
+    summed = node("call_function", torch.sum, (sliced,), {"dim": [0, -1], "keepdim": False}, "sum")
+    scaled = node("call_function", operator.mul, (summed, math.inf), {}, "mul")
+    named = node("call_function", torch.nn.functional.leaky_relu, (scaled,),
+                 {"negative_slope": 0.25, "inplace": False}, "leaky_relu")
     # the name outside is free: the function's global is elsewhere_outside
-    graph.create_node("call_module", "fc", (named,), name="outside")
-    graph.create_node("call_function", torch.flatten, (named,), {"start_dim": 0, "end_dim": -1}, name="len")
-    graph.output((named, (y,), None, "text"))
-    return graph
+    node("call_module", "fc", (named,), {}, "outside")
+    node("call_function", torch.flatten, (named,), {"start_dim": 0, "end_dim": -1}, "len")
+    node("output", "output", ((named, (y,), None, "text"),), {}, "output")
+    return recording
 
 
-def test_the_generator_writes_fx_code_where_fx_renames():
-    graph = tricky_graph()
-    src, globals_, lines, start = own_code(graph)
-    assert (src, globals_, lines, start) == fx_code(graph)
+def test_the_recording_names_nodes_as_fx_and_the_generator_writes_fx_code_where_fx_renames():
+    recording = tricky_recording()
+    assert [node.name for node in recording.nodes] == [node.name for node in recording.replay().nodes]
+    assert [node.name for node in recording.nodes][:3] == ["inf_1", "y", "torch_1"]
+    src, globals_, lines, start = own_code(recording)
+    assert (src, globals_, lines, start) == fx_code(recording)
     for renamed in ("inf_1 = inf", "torch_1 = torch.relu(inf_1)", "elsewhere_outside = torch.neg(torch_1)",
                     "device_1 = elsewhere_outside_1(elsewhere_outside, y)", "len_1 = torch.flatten(",
                     "outside = self.fc(", "unused = torch.sigmoid(device_1);  unused = None"):
@@ -96,36 +141,27 @@ def test_the_generator_writes_fx_code_where_fx_renames():
     assert globals_["elsewhere_outside_1"] is outside
 
 
-@pytest.mark.parametrize("edit", ["get_attr", "call_method", "type", "ellipsis", "default", "self", "wrapped",
-                                  "inplace", "getattr", "codegen"])
+@pytest.mark.parametrize("edit", ["get_attr", "call_method", "ellipsis", "default", "self", "inplace", "getattr"])
 def test_the_generator_gives_fx_what_it_does_not_write(edit):
-    graph = tricky_graph()
-    node = next(n for n in graph.nodes if n.name == "outside")
+    recording = tricky_recording()
+    nodes = recording.nodes
+    node = next(n for n in nodes if n.name == "outside")
     if edit == "get_attr":
-        with graph.inserting_before(node):
-            graph.get_attr("fc.weight")
+        nodes.insert(nodes.index(node), Recorded("get_attr", "fc.weight", (), {}, "fc_weight", None))
     elif edit == "call_method":
-        with graph.inserting_before(node):
-            graph.call_method("relu", (node.args[0],))
-    elif edit == "type":
-        node.type = torch.Tensor
+        nodes.insert(nodes.index(node), Recorded("call_method", "relu", (node.args[0],), {}, "relu", None))
     elif edit == "ellipsis":
         node.args = (node.args[0], Ellipsis)
     elif edit == "default":
-        next(iter(graph.nodes)).args = (1.0,)
+        nodes[0].args = (1.0,)
     elif edit == "self":
-        next(iter(graph.nodes)).target = "self"
-    elif edit == "wrapped":
-        node.op, node.target = "call_function", outside
-        node.meta["is_wrapped"] = True
+        nodes[0].target = "self"
     elif edit == "getattr":
         node.op, node.target, node.args = "call_function", getattr, (node.args[0], "shape")
     elif edit == "inplace":
         node.op, node.target, node.args = "call_function", operator.iadd, (node.args[0], 1.0)
-    elif edit == "codegen":
-        graph.set_codegen(type("Other", (fx.graph.CodeGen,), {})())
-    fx_code(graph)  # fx writes it
-    assert codegen.python_code(graph) is None
+    fx_code(recording)  # fx writes it
+    assert codegen.python_code(recording) is None
 
 
 def module_pair(spec, **options):
@@ -182,30 +218,39 @@ def test_copies_pickles_scripts_exports_and_recompiles(specs_dir):
     assert not torch.allclose(module(x), expected) and torch.equal(twin(x), expected)
 
 
-def test_graphs_the_fast_construction_does_not_cover_take_fx_way(specs_dir, monkeypatch):
-    module = compile_graph(load_graph(specs_dir / "mnist_fnn.yaml"))
+def test_recordings_the_fast_construction_does_not_cover_take_fx_way(specs_dir, monkeypatch):
     root = torch.nn.Module()
-    root._modules.update(module._modules)
-    x = torch.randn(2, 1, 28, 28)
+    root.fc = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+
+    def recorded(*middle) -> Recording:
+        """input -> fc -> the nodes ``middle`` makes of fc's node, the last one returned."""
+        recording = Recording()
+        value = recording.create_node("call_module", "fc", (recording.create_node("placeholder", "x", (), {}, "x"),),
+                                      {}, "fc")
+        for make in middle:
+            value = make(recording, value)
+        recording.create_node("output", "output", (value,), {}, "output")
+        return recording
     # a node the generator leaves to fx: the module is still made directly, with fx's code
-    graph = _graph_copy(module.graph)
-    act = next(n for n in graph.nodes if n.name == "act3")
-    with graph.inserting_after(act):
-        method = graph.call_method("relu", (act,))
-    act.replace_all_uses_with(method, delete_user_cb=lambda user: user is not method)
-    made = _compiled(root, graph, "with_method")
-    assert type(made).__bases__ == (CompiledModule,) and "relu = act3.relu()" in made.code
-    assert made.code == fx_code(graph)[0] and torch.equal(made(x), module(x))
-    # a target that is not a submodule
-    graph = _graph_copy(module.graph)
-    with graph.inserting_before(next(n for n in graph.nodes if n.name == "head")):
-        graph.get_attr("head.weight")
-    made = _compiled(root, graph, "with_get_attr")
-    assert isinstance(made, CompiledModule) and "head_weight = self.head.weight" in made.code
+    recording = recorded(lambda r, fc: r.create_node("call_method", "relu", (fc,), {}, "relu"))
+    made = _compiled(root, recording, "with_method")
+    assert type(made).__bases__ == (CompiledModule,) and "relu = fc.relu()" in made.code
+    assert made.code == fx_code(recording)[0] and torch.equal(made(x), root.fc(x).relu())
+    assert made.__dict__["_graph_source"] is recording and "_graph" not in made.__dict__
+    # a target that is not a submodule: fx's constructor
+    recording = recorded(lambda r, fc: r.create_node("get_attr", "fc.bias", (), {}, "fc_bias"),
+                         lambda r, bias: r.create_node("call_function", operator.sub, (r.nodes[1], bias), {}, "sub"))
+    made = _compiled(root, recording, "with_get_attr")
+    assert isinstance(made, CompiledModule) and "fc_bias = self.fc.bias" in made.code
+    assert made.__dict__["_graph_source"] is recording and "_graph" not in made.__dict__
+    assert torch.allclose(made(x), x @ root.fc.weight.T) and described(made.graph) == described(recording.replay())
     monkeypatch.setattr(fx_config, "enrich_profiler_metadata", True)
-    made = _compiled(root, _graph_copy(module.graph), "profiled")
+    module = compile_graph(load_graph(specs_dir / "mnist_fnn.yaml"))
+    made = _compiled(module, module.__dict__["_graph_source"], "profiled")
     assert "_RecordFunctionFast" in made.code
-    assert torch.equal(made(x), module(x))
+    image = torch.randn(2, 1, 28, 28)
+    assert torch.equal(made(image), module(image))
 
 
 def test_without_fx_internals_fx_makes_every_module(specs_dir, monkeypatch):
@@ -214,8 +259,9 @@ def test_without_fx_internals_fx_makes_every_module(specs_dir, monkeypatch):
     monkeypatch.setattr(codegen, "AVAILABLE", False)
     by_fx = []
     monkeypatch.setattr(network, "_compiled_by_fx", lambda *args: by_fx.append(args) or _compiled_by_fx(*args))
-    assert codegen.python_code(module.graph) is None
+    assert codegen.python_code(module.__dict__["_graph_source"]) is None
     made = compile_graph(load_graph(specs_dir / "cnn_vgg.yaml"))
     assert len(by_fx) == 1 and isinstance(made, CompiledModule) and made.code == module.code
-    x = torch.randn(2, 1, 28, 28)
+    assert described(made.graph) == described(module.graph)
+    x = torch.randn(2, 28, 28).unsqueeze(1)
     assert torch.equal(made.eval()(x), module.eval()(x))

@@ -13,6 +13,7 @@ from torch import nn
 
 import passes
 from graphgrow import Network, Node, get_op, graph_from_text, load_graph
+from graphgrow.compiler.codegen import Recording
 from passes.insert import apply_plan, plan_identity
 from passes.record import Record, _only_sizes_differ, rebuild, resized_module
 
@@ -140,6 +141,10 @@ def mlp(dtype=torch.float64):
 def test_widened_module_has_a_graph_of_its_own_and_its_own_forward():
     old = mlp()
     new, _ = passes.widen(old, "fc2", by=2)
+    # no fx graph yet: both run code written from one recording, which neither edits
+    source = old.module.__dict__["_graph_source"]
+    assert isinstance(source, Recording) and new.module.__dict__["_graph_source"] is source
+    assert "_graph" not in vars(old.module) and "_graph" not in vars(new.module)
     assert new.module.graph is not old.module.graph
     assert new.module.code == old.module.code
     x = torch.randn(3, 1, 28, 28, dtype=torch.float64)

@@ -1,15 +1,19 @@
-"""The Python code of a compiled network's forward, as fx's code generator writes it, in 0.3-0.4
-of its time (benchmarks/reports/passes.md, "Compiling a new forward").
+"""compile_graph's way from the nodes ops emit to a forward: the nodes kept in a ``Recording``
+(plain records, named as ``fx.Graph`` names them), the Python code of the forward written from it
+as fx's code generator writes it, in 0.3-0.4 of its time (benchmarks/reports/passes.md, "Compiling
+a new forward"), and the fx graph replayed from it only where one is needed (``graph``, copies,
+pickles, fx's own code generator).
 
-``fx.Graph.python_code`` is the largest part of compiling a new network (it swaps every node's
-repr in and out, inspects two signatures and searches every line with a regular expression),
-and a pass that inserts or removes a layer needs a new forward. ``python_code`` here writes the
-same text, globals and line map for the node kinds the ops emit (placeholders, call_module,
-call_function with constants, containers and nodes as arguments) and returns None for anything
-else, which then takes fx's way. Names come from fx's own namespace, asked in fx's order, so
-that a node named like a global (``torch``, ``inf``) is renamed as fx renames it; a value is
-freed (``x = None``) after its last use, as fx frees it. tests/test_compiler_codegen.py compares
-the two generators on every shipped spec and on generated graphs.
+Building an ``fx.Graph`` node by node and ``fx.Graph.python_code`` were most of compiling a new
+network (fx swaps every node's repr in and out, inspects two signatures and searches every line
+with a regular expression), and a pass that inserts or removes a layer needs a new forward.
+``python_code`` here writes the same text, globals and line map for the node kinds the ops emit
+(placeholders, call_module, call_function with constants, containers and nodes as arguments) and
+returns None for anything else, which then takes fx's way. Names come from fx's own namespace,
+asked in fx's order, so that a node named like a global (``torch``, ``inf``) is renamed as fx
+renames it; a value is freed (``x = None``) after its last use, as fx frees it.
+tests/test_compiler_codegen.py compares the two generators on every shipped spec and on
+generated graphs, and the replayed graph with one built node by node.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import types
 
 import torch
 from torch import fx
-from torch.fx.graph import CodeGen, PythonCode
+from torch.fx.graph import PythonCode
+from torch.fx.node import map_aggregate
 
 try:  # fx internals of the pinned torch (2.13); under a torch without them fx makes every module
     from torch.fx.graph import _custom_builtins, _format_target, _is_from_torch, _Namespace, magic_methods
@@ -32,19 +37,65 @@ else:
 _PLAIN_CONSTANTS = (int, float, bool, str, types.NoneType)
 
 
+class Recorded:
+    """One node an op emitted: what ``fx.Graph.create_node`` is given, under the name the graph
+    gives it, and where it comes from (the spec node's name, op and location; None for the input
+    and the output)."""
+
+    __slots__ = ("op", "target", "args", "kwargs", "name", "origin")
+
+    def __init__(self, op: str, target, args: tuple, kwargs: dict, name: str, origin: tuple | None):
+        self.op, self.target, self.args, self.kwargs, self.name, self.origin = op, target, args, kwargs, name, origin
+
+
+class Recording:
+    """The nodes of a forward as the ops emit them (``OpDef.emit`` calls ``create_node`` as on an
+    fx.Graph), kept as records, far cheaper to make than fx nodes. A recording is not edited once
+    compiled, so that modules with the same code share it; ``replay`` makes its fx graph."""
+
+    def __init__(self):
+        self.nodes: list[Recorded] = []
+        self.origin: tuple | None = None  # (name, op, loc) of the spec node whose nodes are recorded
+        # fx's naming of graph nodes (where fx's internals are missing, fx names them on replay)
+        self._names = _Namespace() if AVAILABLE else None
+
+    def create_node(self, op: str, target, args: tuple, kwargs: dict, name: str) -> Recorded:
+        """``fx.Graph.create_node``, as the ops call it (with a name)."""
+        if self._names is not None:
+            name = self._names.create_name(name, None)
+        node = Recorded(op, target, args, kwargs or {}, name, self.origin)
+        self.nodes.append(node)
+        return node
+
+    def replay(self, owning_module: torch.nn.Module | None = None) -> fx.Graph:
+        """The fx graph the same calls of ``create_node`` make, each node's meta pointing at its
+        spec line (``"graphgrow"``: node, op, file, line; ``"stack_trace"`` where the line is known)."""
+        graph = fx.Graph(owning_module=owning_module)
+        made: dict[Recorded, fx.Node] = {}
+        in_graph = lambda value: made[value] if type(value) is Recorded else value  # noqa: E731
+        for record in self.nodes:
+            node = made[record] = graph.create_node(record.op, record.target, map_aggregate(record.args, in_graph),
+                                                    map_aggregate(record.kwargs, in_graph), name=record.name)
+            if record.origin is not None:
+                name, op, loc = record.origin
+                node.meta["graphgrow"] = {"node": name, "op": op, "file": loc.file, "line": loc.line}
+                if loc.line is not None:
+                    node.meta["stack_trace"] = (f'  File "{loc.file or "<spec>"}", line {loc.line}, in {name}\n'
+                                                f'    op: {op}\n')
+        return graph
+
+
 class _Unsupported(Exception):
     """A node or argument this generator does not write: fx's generator writes the graph."""
 
 
-def python_code(graph: fx.Graph) -> PythonCode | None:
-    """fx's ``graph.python_code(root_module="self")``, or None where the graph needs more than
-    this generator writes."""
-    codegen = graph._codegen
-    if (not AVAILABLE or type(codegen) is not CodeGen or codegen._body_transformer is not None
-            or os.environ.get("FX_GRAPH_SHOW_META", "0") == "1"):
+def python_code(recording: Recording) -> PythonCode | None:
+    """fx's ``recording.replay().python_code(root_module="self")``, or None where the recording
+    needs more than this generator writes."""
+    if not AVAILABLE or os.environ.get("FX_GRAPH_SHOW_META", "0") == "1":
         return None
     try:
-        return _Writer(codegen._func_name).write(graph)
+        return _Writer().write(recording.nodes)
     except _Unsupported:
         return None
 
@@ -52,14 +103,13 @@ def python_code(graph: fx.Graph) -> PythonCode | None:
 class _Writer:
     """One generation: fx's namespace and globals, filled in the order fx fills them."""
 
-    def __init__(self, func_name: str):
-        self.func_name = func_name
+    def __init__(self):
         # fx starts each generation with its builtins (torch, inf, ...): the same every time
         self.namespace = object.__new__(_Namespace)
         self.namespace.__dict__ = {key: value.copy() for key, value in _BUILTINS.namespace.__dict__.items()}
         self.globals = dict(_BUILTINS.globals)
         self.functions: dict[object, tuple[str | None, str | None]] = {}
-        self.node_names: dict[fx.Node, str] = {}
+        self.node_names: dict[Recorded, str] = {}
 
     @classmethod
     def builtins(cls) -> "_Writer":
@@ -78,7 +128,7 @@ class _Writer:
             raise _Unsupported  # fx refuses two objects under one name too
         return name
 
-    def name(self, node: fx.Node) -> str:
+    def name(self, node: Recorded) -> str:
         name = self.node_names.get(node)  # the namespace knows it too, at the cost of a call
         if name is None:
             name = self.node_names[node] = self.namespace.create_name(node.name, node)
@@ -86,7 +136,7 @@ class _Writer:
 
     def value(self, arg) -> str:
         """An argument as fx writes it."""
-        if isinstance(arg, fx.Node):
+        if type(arg) is Recorded:
             return self.name(arg)
         kind = type(arg)
         if kind in _PLAIN_CONSTANTS:
@@ -99,7 +149,7 @@ class _Writer:
             return f"slice({self.value(arg.start)}, {self.value(arg.stop)}, {self.value(arg.step)})"
         raise _Unsupported
 
-    def arguments(self, node: fx.Node) -> str:
+    def arguments(self, node: Recorded) -> str:
         return ", ".join([*map(self.value, node.args),
                           *(f"{key} = {self.value(value)}" for key, value in node.kwargs.items())])
 
@@ -118,10 +168,8 @@ class _Writer:
             self.functions[target] = known
         return known
 
-    def statement(self, node: fx.Node) -> str | None:
+    def statement(self, node: Recorded) -> str | None:
         """The line that computes ``node``, without the values it frees (None: no line)."""
-        if node.type is not None:
-            raise _Unsupported  # fx writes a type annotation
         op = node.op
         if op == "call_module":
             return f"{self.name(node)} = {_format_target('self', node.target)}({self.arguments(node)})"
@@ -132,8 +180,6 @@ class _Writer:
                     raise _Unsupported
                 name = self.name(node)
                 return f"{name} = {template.format(*map(self.value, node.args))}"
-            if node.meta.get("is_wrapped", False):
-                raise _Unsupported  # fx.wrap
             return f"{self.name(node)} = {function}({self.arguments(node)})"
         if op == "placeholder":
             target = node.target
@@ -145,15 +191,14 @@ class _Writer:
             return f"return {self.value(node.args[0])}"
         raise _Unsupported  # get_attr, call_method
 
-    def write(self, graph: fx.Graph) -> PythonCode:
-        nodes = list(graph.nodes)
+    def write(self, nodes: list[Recorded]) -> PythonCode:
         if not nodes or nodes[-1].op != "output":
             raise _Unsupported
         # each value is freed after the node that uses it last (the first user seen backwards)
-        last_use: dict[fx.Node, fx.Node] = {}
-        freed_after: dict[fx.Node, list[fx.Node]] = {}
+        last_use: dict[Recorded, Recorded] = {}
+        freed_after: dict[Recorded, list[Recorded]] = {}
         for node in reversed(nodes):
-            for used in node._input_nodes:
+            for used in _inputs(node):
                 if used not in last_use:
                     last_use[used] = node
                     freed_after.setdefault(node, []).append(used)
@@ -168,18 +213,30 @@ class _Writer:
                 continue
             if node.op not in ("placeholder", "output"):
                 freed = freed_after.get(node, [])
-                if not node.users:  # a value nobody uses is freed at once, as fx does
+                if node not in last_use:  # a value nobody uses is freed at once, as fx does
                     freed = [*freed, node]
                 if freed:
                     statement += f";  {' = '.join(self.name(n) for n in freed)} = None"
             lines.append(statement)
             line_nodes.append(index)
         line_nodes.append(len(nodes) - 1)  # the empty line after the return statement
-        prologue = f"def {self.func_name}({', '.join(free_vars)}):"
+        prologue = f"def forward({', '.join(free_vars)}):"
         body = "\n".join("    " + line for line in [*lines, ""])
         return PythonCode(f"\n\n\n{prologue}\n{body}", self.globals,
                           _lineno_map={line: index for line, index in enumerate(line_nodes, start=1)},
                           _prologue_start=4)
+
+
+def _inputs(node: Recorded) -> list[Recorded]:
+    """The nodes among a node's arguments, in fx's order (``fx.Node.all_input_nodes``)."""
+    found: list[Recorded] = []
+
+    def collect(value):
+        if type(value) is Recorded:
+            found.append(value)
+        return value
+    map_aggregate((node.args, node.kwargs), collect)
+    return found
 
 
 _BUILTINS = _Writer.builtins() if AVAILABLE else None

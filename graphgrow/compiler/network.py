@@ -7,7 +7,6 @@ Parameters are named ``<node>.<role>``.
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from dataclasses import dataclass
 
@@ -28,8 +27,11 @@ PLACEHOLDER = "x"
 def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False) -> dict[str, nn.Module]:
     """Fresh (uninitialised) modules of the nodes that compile to ``call_module``, except ``skip``;
     with ``stateless_as_modules`` also of the stateless ops that have a module twin."""
+    return _fresh_modules(_module_nodes(graph.nodes, skip, stateless_as_modules), stateless_as_modules)
+
+
+def _fresh_modules(todo: list, stateless_as_modules: bool) -> dict[str, nn.Module]:
     modules = {}
-    todo = _module_nodes(graph, skip, stateless_as_modules)
     if not todo:  # e.g. a pass that hands in every module
         return modules
     # torch modules draw a throwaway initialisation from the global generator in their
@@ -44,9 +46,9 @@ def build_modules(graph: LayerGraph, skip=(), stateless_as_modules: bool = False
     return modules
 
 
-def _module_nodes(graph: LayerGraph, skip, stateless_as_modules: bool) -> list:
+def _module_nodes(nodes: list, skip, stateless_as_modules: bool) -> list:
     """The nodes outside ``skip`` that may compile to a module (their op builds one)."""
-    return [node for node in graph.nodes if node.name not in skip
+    return [node for node in nodes if node.name not in skip
             and (stateless_as_modules or type(node.opdef).build_module is not OpDef.build_module)]
 
 
@@ -128,10 +130,12 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     (only arguments such as widths differ): its generated forward is reused, which skips fx's
     code generation, most of a compile (passes that change widths only)."""
     given = modules or {}
-    if _module_nodes(graph, given, stateless_as_modules):  # parameters to allocate, perhaps
+    nodes = graph.nodes
+    todo = _module_nodes(nodes, given, stateless_as_modules)
+    if todo:  # parameters to allocate, perhaps
         check_fits_in_memory(graph, dtype)
     try:
-        fresh = build_modules(graph, skip=given, stateless_as_modules=stateless_as_modules)
+        fresh = _fresh_modules(todo, stateless_as_modules)
     except (MemoryError, RuntimeError) as err:  # torch reports a failed allocation as a RuntimeError
         if isinstance(err, RuntimeError) and "allocate" not in str(err):
             raise
@@ -147,11 +151,10 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
     elif state:
         _load(graph, root, state)  # entries left over: the error names them
     if given:
-        root = nn.Module()
-        root._modules.update((node.name, given[node.name] if node.name in given else fresh[node.name])
-                             for node in graph.nodes if node.name in given or node.name in fresh)
+        root._modules = {node.name: given[node.name] if node.name in given else fresh[node.name]
+                         for node in nodes if node.name in given or node.name in fresh}
     modules = dict(root.named_children())
-    for node in graph.nodes:
+    for node in nodes:
         if node.frozen and node.name in modules:
             modules[node.name].requires_grad_(False)
 
@@ -160,43 +163,27 @@ def compile_graph(graph: LayerGraph, state: dict[str, torch.Tensor] | None = Non
         if state is None:  # a given state was loaded in dtype and on device already
             module.to(device=device, dtype=dtype)
         return module
-    fx_graph = fx.Graph()
-    values = {"input": fx_graph.placeholder(PLACEHOLDER)}
-    emitted = []  # each spec node with the number of fx nodes once it is emitted
-    for node in graph.nodes:
-        values[node.name] = node.opdef.emit(fx_graph, node.name, node.args,
+    recording = codegen.Recording()  # the fx graph is made from it where one is needed
+    values = {"input": recording.create_node("placeholder", PLACEHOLDER, (), {}, PLACEHOLDER)}
+    for node in nodes:
+        recording.origin = (node.name, node.op, node.loc)  # what the op emits points at its spec line
+        values[node.name] = node.opdef.emit(recording, node.name, node.args,
                                             [values[i] for i in node.inputs], node.name in modules)
-        emitted.append((node, len(fx_graph.nodes)))
-    _point_at_spec_lines(fx_graph, emitted)
+    recording.origin = None
     outputs = [values[name] for name in graph.outputs]
-    fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-    module = _compiled(root, fx_graph, graph.name)
+    recording.create_node("output", "output", (outputs[0] if len(outputs) == 1 else tuple(outputs),), {}, "output")
+    module = _compiled(root, recording, graph.name)
     if state is None:  # a given state was loaded in dtype and on device already
         module.to(device=device, dtype=dtype)
     return module
 
 
-def _point_at_spec_lines(fx_graph: fx.Graph, emitted: list) -> None:
-    """Every fx node an op emitted (several for a multi-input add) points at its spec line."""
-    fx_nodes = iter(fx_graph.nodes)
-    done = 1
-    next(fx_nodes)  # the placeholder
-    for node, count in emitted:
-        loc = node.loc
-        trace = None if loc.line is None else \
-            f'  File "{loc.file or "<spec>"}", line {loc.line}, in {node.name}\n    op: {node.op}\n'
-        for fx_node in itertools.islice(fx_nodes, count - done):
-            fx_node.meta["graphgrow"] = {"node": node.name, "op": node.op, "file": loc.file, "line": loc.line}
-            if trace is not None:
-                fx_node.meta["stack_trace"] = trace
-        done = count
-
-
 class CompiledModule(fx.GraphModule):
     """The GraphModule ``compile_graph`` returns. Its fx graph is made on first use (``graph``,
-    printing, copying, pickling) from a private source graph that never changes, so that modules
-    compiled from each other with the same code (passes that change only widths) share the
-    source instead of copying the graph node by node (most of such a rebuild otherwise).
+    printing, copying, pickling) from a private source that never changes (the recording of its
+    compile, or a graph), so that a compile makes no fx graph and modules compiled from each
+    other with the same code (passes that change only widths) share the source instead of
+    copying the graph node by node (most of such a rebuild otherwise).
     fx reads ``__dict__['_graph']`` directly in places (copying, pickling): the graph is kept
     there once made, and those places make it first."""
 
@@ -206,22 +193,19 @@ class CompiledModule(fx.GraphModule):
     def _graph(self) -> fx.Graph:
         graph = self.__dict__.get("_graph")
         if graph is None:
-            source = self.__dict__["_graph_source"]
-            graph = fx.Graph(owning_module=self, tracer_cls=source._tracer_cls)
-            graph.output(graph.graph_copy(source, {}))
-            self.__dict__["_graph"] = graph
+            graph = self.__dict__["_graph"] = _graph_of(self.__dict__["_graph_source"], owning_module=self)
         return graph
 
     @_graph.setter
     def _graph(self, graph: fx.Graph) -> None:
         self.__dict__["_graph"] = graph
 
-    def _private_source(self) -> fx.Graph:
-        """A graph of this module's code that nobody edits: the shared source while the module's
-        own graph was never made (once handed out, it may have been edited)."""
+    def _private_source(self) -> codegen.Recording | fx.Graph:
+        """A source of this module's code that nobody edits: the shared source while the module's
+        own graph was never made (once handed out, it may have been edited), else a copy of it."""
         if "_graph" not in self.__dict__ and "_graph_source" in self.__dict__:
             return self.__dict__["_graph_source"]
-        return _graph_copy(self._graph)
+        return _graph_of(self._graph)
 
     def _as_plain(self, method, *args):
         """Run a GraphModule method that reads ``__dict__['_graph']`` (copying, pickling) with the
@@ -244,33 +228,34 @@ class CompiledModule(fx.GraphModule):
         return self._as_plain(fx.GraphModule.__reduce_package__, exporter)
 
 
-def _compiled(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledModule:
-    """``fx.GraphModule(root, fx_graph, class_name)`` as a CompiledModule whose private source is
-    ``fx_graph``, made without the graph module's constructor (whose class per module, submodules
-    set one by one through ``nn.Module.__setattr__`` and recompile bookkeeping are a third of its
-    time), and with the forward written by ``codegen``. Graphs that
-    need more than a forward over submodules of ``root`` (fx's profiler setting, get_attr of a
-    parameter, nested targets) take fx's way."""
-    targets = [node.target for node in fx_graph.nodes if node.op in ("call_module", "get_attr")]
+def _compiled(root: nn.Module, recording: codegen.Recording, class_name: str) -> CompiledModule:
+    """``fx.GraphModule(root, recording.replay(), class_name)`` as a CompiledModule whose private
+    source is ``recording``, made without an fx graph, without the graph module's constructor
+    (whose class per module, submodules set one by one through ``nn.Module.__setattr__`` and
+    recompile bookkeeping are a third of its time), and with the forward written by ``codegen``.
+    Recordings that need more than a forward over submodules of ``root`` (fx's profiler setting,
+    get_attr of a parameter, nested targets) take fx's way."""
+    targets = [node.target for node in recording.nodes if node.op in ("call_module", "get_attr")]
     profiled = getattr(fx_config, "enrich_profiler_metadata", False)  # a setting of newer torch versions
     if profiled or not codegen.AVAILABLE or not all(target in root._modules for target in targets):
-        return _compiled_by_fx(root, fx_graph, class_name)
+        return _compiled_by_fx(root, recording, class_name)
     module = nn.Module.__new__(_module_class(class_name))  # not GraphModule.__new__: see _module_class
     nn.Module.__init__(module)
-    module._modules = {target: root._modules[target] for target in targets}
+    # straight into __dict__ (nn.Module.__setattr__ inspects every value): the submodules and
     # what GraphModule.__init__ sets besides the graph, for a graph of fx.Graph() (no tracer)
-    module.__dict__.update(_tracer_cls=None, _tracer_extras={}, meta={}, _replace_hooks=[],
-                           _create_node_hooks=[], _erase_node_hooks=[], _deepcopy_hooks=[], shape_env=None)
-    module.__dict__["_graph_source"] = fx_graph
-    _install_forward(module, fx_graph)
+    module.__dict__.update(_modules={target: root._modules[target] for target in targets}, _graph_source=recording,
+                           _tracer_cls=None, _tracer_extras={}, meta={}, _replace_hooks=[], _create_node_hooks=[],
+                           _erase_node_hooks=[], _deepcopy_hooks=[], shape_env=None)
+    _install_forward(module, recording)
     return module
 
 
-def _compiled_by_fx(root: nn.Module, fx_graph: fx.Graph, class_name: str) -> CompiledModule:
-    """The same module made by fx's constructor (and code generator)."""
-    module = CompiledModule(root, fx_graph, class_name=class_name)
-    module.__dict__["_graph_source"] = module.__dict__.pop("_graph")
-    fx_graph.owning_module = None  # shared by later modules: it must not keep this one alive
+def _compiled_by_fx(root: nn.Module, recording: codegen.Recording, class_name: str) -> CompiledModule:
+    """The same module made by fx's constructor (and code generator) from the replayed graph;
+    its graph is made again on first use, as for the others."""
+    module = CompiledModule(root, recording.replay(), class_name=class_name)
+    del module.__dict__["_graph"]
+    module.__dict__["_graph_source"] = recording
     return module
 
 
@@ -287,18 +272,17 @@ def _module_class(name: str) -> type:
     return cls
 
 
-def _install_forward(module: CompiledModule, fx_graph: fx.Graph) -> None:
-    """What ``GraphModule.recompile`` does, from ``fx_graph`` rather than the module's own graph
+def _install_forward(module: CompiledModule, recording: codegen.Recording) -> None:
+    """What ``GraphModule.recompile`` does, from ``recording`` rather than the module's own graph
     (not made yet): the code and its line map on the module, the forward (its source in
     linecache, for TorchScript and tracebacks) and fx's call wrapper (which prints the generated
     line an error comes from) on its class."""
-    python_code = codegen.python_code(fx_graph) or fx_graph.python_code(root_module="self")
-    module._code = python_code.src
-    module._lineno_map = python_code._lineno_map
-    module._prologue_start = python_code._prologue_start
+    python_code = codegen.python_code(recording) or recording.replay().python_code(root_module="self")
+    module.__dict__.update(_code=python_code.src, _lineno_map=python_code._lineno_map,
+                           _prologue_start=python_code._prologue_start)
     cls = type(module)
-    co_fields = getattr(fx_graph, "_co_fields", {})  # as recompile reads them
-    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals, co_fields)
+    # {}: the _co_fields of a new graph, which recompile would read
+    cls.forward = fx_graph_module._forward_from_src(python_code.src, python_code.globals, {})
     cls._wrapped_call = fx_graph_module._WrappedCall(cls, None)
     cls.__call__ = _call_wrapped
     for child in module._modules.values():  # recompile submodules, as fx does
@@ -310,10 +294,13 @@ def _call_wrapped(self, *args, **kwargs):
     return self._wrapped_call(self, *args, **kwargs)
 
 
-def _graph_copy(graph: fx.Graph) -> fx.Graph:
-    copy = fx.Graph(tracer_cls=graph._tracer_cls)
-    copy.output(copy.graph_copy(graph, {}))
-    return copy
+def _graph_of(source: codegen.Recording | fx.Graph, owning_module: nn.Module | None = None) -> fx.Graph:
+    """A new fx graph of a module's source: the recording replayed, or a copy of the graph."""
+    if isinstance(source, codegen.Recording):
+        return source.replay(owning_module)
+    graph = fx.Graph(owning_module=owning_module, tracer_cls=source._tracer_cls)
+    graph.output(graph.graph_copy(source, {}))
+    return graph
 
 
 def _with_code_of(template: fx.GraphModule, root: nn.Module) -> CompiledModule:
@@ -331,7 +318,7 @@ def _with_code_of(template: fx.GraphModule, root: nn.Module) -> CompiledModule:
     # straight into __dict__: nn.Module.__setattr__ inspects every value
     module.__dict__.update(_parameters={}, _buffers={}, _modules=dict(root._modules))
     module.__dict__["_graph_source"] = (template._private_source() if isinstance(template, CompiledModule)
-                                        else _graph_copy(template.graph))
+                                        else _graph_of(template.graph))
     return module
 
 

@@ -220,7 +220,9 @@ class OpDef:
 
     def emit(self, graph: fx.Graph, name: str, args: dict, inputs: list[fx.Node],
              as_module: bool) -> fx.Node:
-        """Add this node to an fx graph; ops with several inputs may emit a small subgraph."""
+        """Add this node to ``graph`` through ``graph.create_node(op, target, args, kwargs, name=...)``
+        (compile_graph hands in a recording that has fx.Graph's create_node and nothing else of
+        it); ops with several inputs may emit a small subgraph."""
         if as_module:
             return graph.create_node("call_module", name, tuple(inputs), {}, name=name)
         fn, kwargs = self.function(args)

@@ -17,6 +17,7 @@ generated graphs, and the replayed graph with one built node by node.
 """
 from __future__ import annotations
 
+import functools
 import os
 import types
 
@@ -123,6 +124,9 @@ class _Writer:
     def add_global(self, name_hint: str, obj: object) -> str:
         if _is_from_torch(obj) and obj != torch.device:
             return _get_qualified_name(obj)  # fx writes torch's functions by their qualified name
+        return self._new_global(name_hint, obj)
+
+    def _new_global(self, name_hint: str, obj: object) -> str:
         name = self.namespace.create_name(name_hint, obj)
         if self.globals.setdefault(name, obj) is not obj:
             raise _Unsupported  # fx refuses two objects under one name too
@@ -150,21 +154,19 @@ class _Writer:
         raise _Unsupported
 
     def arguments(self, node: Recorded) -> str:
-        return ", ".join([*map(self.value, node.args),
-                          *(f"{key} = {self.value(value)}" for key, value in node.kwargs.items())])
+        written = [self.value(arg) for arg in node.args]
+        if node.kwargs:
+            written += [f"{key} = {self.value(value)}" for key, value in node.kwargs.items()]
+        return ", ".join(written)
 
     def function(self, target) -> tuple[str | None, str | None]:
         """fx's template for an operator it writes as one (``{} + {}``), else the function's global
         name; per target, in the order fx names globals (before the node that calls it)."""
         known = self.functions.get(target)
         if known is None:
-            operator = getattr(target, "__module__", "") == "_operator"
-            if operator and target.__name__ in magic_methods:
-                known = (magic_methods[target.__name__], None)
-            elif operator or target is getattr:
-                raise _Unsupported  # in-place operators, attribute access
-            else:
-                known = (None, self.add_global(_get_qualified_name(target), target))
+            template, qualified, from_torch = _target(target)
+            # torch's functions are written by their qualified name; others become globals
+            known = (template, qualified if template is not None or from_torch else self._new_global(qualified, target))
             self.functions[target] = known
         return known
 
@@ -227,16 +229,39 @@ class _Writer:
                           _prologue_start=4)
 
 
-def _inputs(node: Recorded) -> list[Recorded]:
-    """The nodes among a node's arguments, in fx's order (``fx.Node.all_input_nodes``)."""
-    found: list[Recorded] = []
+@functools.cache
+def _target(target) -> tuple[str | None, str | None, bool]:
+    """What fx's code generator needs to know of a call_function target, the same in every
+    generation: the template of an operator it writes as one (``{} + {}``), else the function's
+    qualified name and whether it comes from torch (written by that name, not as a global)."""
+    operator = getattr(target, "__module__", "") == "_operator"
+    if operator and target.__name__ in magic_methods:
+        return magic_methods[target.__name__], None, False
+    if operator or target is getattr:
+        raise _Unsupported  # in-place operators, attribute access
+    return None, _get_qualified_name(target), _is_from_torch(target) and target != torch.device
 
-    def collect(value):
+
+def _inputs(node: Recorded) -> list[Recorded]:
+    """The nodes among a node's arguments, in fx's order (``fx.Node.all_input_nodes``: what
+    ``map_aggregate`` visits)."""
+    found: list[Recorded] = []
+    _collect(node.args, found)
+    if node.kwargs:
+        _collect(node.kwargs.values(), found)
+    return found
+
+
+def _collect(values, found: list[Recorded]) -> None:
+    for value in values:
         if type(value) is Recorded:
             found.append(value)
-        return value
-    map_aggregate((node.args, node.kwargs), collect)
-    return found
+        elif isinstance(value, (tuple, list)):
+            _collect(value, found)
+        elif isinstance(value, dict):
+            _collect(value.values(), found)
+        elif type(value) is slice:
+            _collect((value.start, value.stop, value.step), found)
 
 
 _BUILTINS = _Writer.builtins() if AVAILABLE else None

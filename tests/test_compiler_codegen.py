@@ -25,7 +25,7 @@ from graphgrow.compiler import network
 from graphgrow.compiler.network import CompiledModule, _compiled, _compiled_by_fx
 from graphgrow.ir import LayerGraph, graph_from_text
 
-from conftest import ROOT, SPECS_DIR
+from conftest import ROOT, SPECS_DIR, make_spec_text
 from test_core_fuzz import FUZZ, valid_specs
 
 SPECS = sorted(SPECS_DIR.glob("*.yaml"))
@@ -265,3 +265,15 @@ def test_without_fx_internals_fx_makes_every_module(specs_dir, monkeypatch):
     assert described(made.graph) == described(module.graph)
     x = torch.randn(2, 28, 28).unsqueeze(1)
     assert torch.equal(made.eval()(x), module.eval()(x))
+
+
+def test_a_recording_keeps_its_own_copy_of_container_arguments():
+    """An in-place edit of a spec argument (permute's dims) after compiling changes neither the
+    module's forward nor the fx graph made later from its recording."""
+    graph = graph_from_text(make_spec_text(["{name: swap, op: permute, dims: [0, 2, 1]}", "{name: flat, op: flatten}",
+                                            "{name: head, op: linear, out: 2}"], shape=(2, 3)))
+    module = compile_graph(graph, seed=0)
+    graph.node("swap").args["dims"].reverse()
+    permute = next(node for node in module.graph.nodes if node.name == "swap")
+    assert list(permute.kwargs["dims"]) == [0, 2, 1]
+    assert "dims = [0, 2, 1]" in module.code

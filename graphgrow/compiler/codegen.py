@@ -64,7 +64,12 @@ class Recording:
         """``fx.Graph.create_node``, as the ops call it (with a name)."""
         if self._names is not None:
             name = self._names.create_name(name, None)
-        node = Recorded(op, target, args, kwargs or {}, name, self.origin)
+        kwargs = kwargs or {}
+        if any(isinstance(value, (list, dict)) for value in (*args, *kwargs.values())):
+            # fx keeps containers as copies (immutable); a spec argument (permute's dims) must not
+            # reach the recording as the node's own list, which an edit of the graph could change
+            args, kwargs = map_aggregate(args, _same), map_aggregate(kwargs, _same)
+        node = Recorded(op, target, args, kwargs, name, self.origin)
         self.nodes.append(node)
         return node
 
@@ -84,6 +89,10 @@ class Recording:
                     node.meta["stack_trace"] = (f'  File "{loc.file or "<spec>"}", line {loc.line}, in {name}\n'
                                                 f'    op: {op}\n')
         return graph
+
+
+def _same(value):
+    return value
 
 
 class _Unsupported(Exception):

@@ -207,3 +207,18 @@ def test_train_eval_reaches_batchnorm_and_dropout(make_spec):
     torch.manual_seed(0)
     y = module(x)
     assert (y == 0).any() and abs(y[y != 0].mean().item()) < 1.0
+
+
+def test_a_networks_first_tensor_is_the_first_of_parameters_then_floating_buffers(specs_dir):
+    """Network.dtype and .device read the first tensor by a walk that stops there; it is the one
+    ``parameters()`` (else the floating-point ``buffers()``) yields first, nested modules included."""
+    from graphgrow.compiler.network import _first_entry
+    for spec in SMALL_SPECS:
+        network = Network.build(load_graph(specs_dir / f"{spec}.yaml"), seed=0)
+        assert network._first_tensor() is next(network.module.parameters())
+    holder = nn.Module()
+    holder.register_buffer("count", torch.zeros((), dtype=torch.long))
+    holder.norm = nn.Sequential(nn.Identity(), nn.BatchNorm1d(3, affine=False).double())
+    assert _first_entry(holder, "_parameters") is None
+    assert _first_entry(holder, "_buffers", floating=True) is holder.norm[1].running_mean
+    assert _first_entry(holder, "_buffers") is holder.count is next(holder.buffers())

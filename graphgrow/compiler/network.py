@@ -322,6 +322,20 @@ def _with_code_of(template: fx.GraphModule, root: nn.Module) -> CompiledModule:
     return module
 
 
+def _first_entry(module: nn.Module, kind: str, floating: bool = False) -> torch.Tensor | None:
+    """The first tensor of ``kind`` (``_parameters`` or ``_buffers``) in ``parameters()`` /
+    ``buffers()`` order, by a walk that stops there (those set up a generator chain per call, and
+    a rebuild asks for the network's dtype and device)."""
+    for tensor in getattr(module, kind).values():
+        if tensor is not None and (not floating or tensor.is_floating_point()):
+            return tensor
+    for child in module._modules.values():
+        found = None if child is None else _first_entry(child, kind, floating)
+        if found is not None:
+            return found
+    return None
+
+
 @dataclass
 class Network:
     """A layer graph and its compiled module (which holds the parameters)."""
@@ -335,9 +349,9 @@ class Network:
         return cls(graph, compile_graph(graph, state, seed=seed, dtype=dtype, device=device))
 
     def _first_tensor(self) -> torch.Tensor | None:
-        for tensor in self.module.parameters():
-            return tensor
-        return next((t for t in self.module.buffers() if t.is_floating_point()), None)
+        """The first parameter (in ``parameters()`` order), else the first floating-point buffer."""
+        first = _first_entry(self.module, "_parameters")
+        return _first_entry(self.module, "_buffers", floating=True) if first is None else first
 
     @property
     def dtype(self) -> torch.dtype:

@@ -111,14 +111,13 @@ class Record:
                           *self.notes, *changed])
 
 
-@torch.no_grad()  # copies without autograd: one clone per tensor, no detach first
 def clone_module(module: nn.Module, values: dict[str, torch.Tensor] | None = None, prefix: str = "") -> nn.Module:
     """An independent copy of a module with fresh parameter and buffer storage (several times
     cheaper than deepcopy, which dominates rebuilding deep networks). ``values``: state entries
     (by role, e.g. ``inner.weight``) that the copy takes as they are instead of a copy of the
     module's own (new tensors of a pass, possibly of other shapes)."""
     values = values or {}
-    take = lambda key, tensor: values[prefix + key] if prefix + key in values else tensor.clone()
+    take = lambda key, tensor: values[prefix + key] if prefix + key in values else tensor.detach().clone()
     new = type(module).__new__(type(module))
     replaced = ("_parameters", "_buffers", "_modules")
     # straight into __dict__: nn.Module.__setattr__ inspects every value (a quarter of a clone)

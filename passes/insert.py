@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from graphgrow import GraphgrowError, LayerGraph, Network, Node, get_op
+from graphgrow.ops.base import identity_values
 
 from .record import Origin, Record, gc_paused, rebuild
 
@@ -21,6 +22,9 @@ class IdentityPlan:
     nodes: list[Node]
     values: dict[str, torch.Tensor]
     merit_param: str
+    #: the record's name of each value's initialisation (by full name): zeros or a multiple of
+    #: the identity, as the op's ``identity_roles`` give them
+    inits: dict[str, str]
 
     @property
     def merit_role(self) -> str:
@@ -64,13 +68,18 @@ class IdentityPlan:
         return trailing + head.opdef.parameter_gradient_flops(head.args, [shape], shape, (self.merit_role,))
 
 
-def _init_name(tensor: torch.Tensor) -> str:
-    low, high = tensor.aminmax()  # one reduction (abs then max made a copy first)
-    scale = max(-float(low), float(high))
-    if scale == 0.0:
-        return "zeros"
-    base = "identity" if tensor.dim() == 2 else "dirac"
-    return base if scale == 1.0 else f"{scale:g}*{base}"
+def _identity_plan(after: str, kind: str, nodes: list[Node], opdef, args: dict, shape, roles: dict[str, float],
+                   merit_role: str) -> IdentityPlan:
+    """The plan whose first node (of ``opdef`` with ``args``, on inputs of ``shape``) holds the
+    identity of ``roles`` (``OpDef.identity_roles``), named for the record from the roles rather
+    than read back from the tensors."""
+    base = nodes[0].name
+    values, inits = {}, {}
+    for role, tensor in identity_values(opdef.param_shapes(args, [shape]), roles).items():
+        scale, form = roles.get(role, 0.0), "identity" if tensor.dim() == 2 else "dirac"
+        values[f"{base}.{role}"] = tensor
+        inits[f"{base}.{role}"] = "zeros" if scale == 0.0 else form if scale == 1.0 else f"{scale:g}*{form}"
+    return IdentityPlan(after, kind, nodes, values, f"{base}.{merit_role}", inits)
 
 
 def _adjacent_residual(graph: LayerGraph, after: str) -> Node | None:
@@ -113,14 +122,13 @@ def plan_identity(graph: LayerGraph, after: str, form: str = "auto", activation:
         opdef = get_op("residual")
         args = opdef.check_args(args)
         layer = Node(base, "residual", args, [after])
-        params = opdef.identity_params(args, [shape], scale=c)
-        if params is None:
+        roles = opdef.identity_roles(args, [shape], scale=c)
+        if roles is None:
             raise GraphgrowError(f"a one-weight residual block with activation '{args['activation']}' "
                                  "is not the identity for any parameters (sigma(0) != 0)",
                                  file=graph.source, node=after, hint="use form: two_weight")
         merit = "outer.weight" if args["form"] == "two_weight" else "inner.weight"
-        return IdentityPlan(after, "residual", [layer], {f"{base}.{r}": t for r, t in params.items()},
-                            f"{base}.{merit}")
+        return _identity_plan(after, "residual", [layer], opdef, args, shape, roles, merit)
     if source_op is None or not source_op.idempotent:
         what = "the network input" if source_op is None else f"op '{source_op.name}'"
         raise _refuse(graph, after, f"{what} is not an idempotent activation such as relu, so a "
@@ -131,9 +139,8 @@ def plan_identity(graph: LayerGraph, after: str, form: str = "auto", activation:
     args = get_op(op).check_args({"out": shape[0]} if op == "linear" else {"out": shape[0], "kernel": 3})
     layer = Node(base, op, args, [after])
     act = Node(graph.unique_name(f"{base}_act"), source_op.name, dict(graph.node(after).args), [base])
-    params = get_op(op).identity_params(args, [shape], scale=c)
-    return IdentityPlan(after, form, [layer, act], {f"{base}.{r}": t for r, t in params.items()},
-                        f"{base}.weight")
+    roles = get_op(op).identity_roles(args, [shape], scale=c)
+    return _identity_plan(after, form, [layer, act], get_op(op), args, shape, roles, "weight")
 
 
 def apply_plan(graph: LayerGraph, plan: IdentityPlan) -> None:
@@ -161,6 +168,6 @@ def insert_identity(network: Network, after: str, form: str = "auto", activation
     apply_plan(graph, plan)
     record = Record("insert-identity", notes=[f"inserted {', '.join(n.name for n in plan.nodes)} after "
                                              f"{after} ({plan.kind})"])
-    for name, tensor in plan.values.items():
-        record.origins[name] = Origin.new(_init_name(tensor))
+    for name, init in plan.inits.items():
+        record.origins[name] = Origin.new(init)
     return rebuild(network, graph, record, plan.values), record

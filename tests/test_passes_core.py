@@ -103,6 +103,34 @@ def test_dense_and_conv_initialisations_are_identity_and_dirac():
     assert conv.graph.node("act1_id_act").op == "relu"
 
 
+@pytest.mark.parametrize("after, form, c, expected", [
+    ("act3", "dense", 1.0, {"weight": "identity", "bias": "zeros"}),
+    ("act1", "conv", 1.0, {"weight": "dirac", "bias": "zeros"}),
+    ("act3", "residual", -0.5, {"inner.weight": "-0.5*identity", "inner.bias": "zeros", "outer.weight": "zeros"}),
+    ("act1", "residual", 2.0, {"inner.weight": "2*dirac", "inner.bias": "zeros", "outer.weight": "zeros"}),
+])
+def test_the_record_names_each_identity_initialisation_as_its_values_are(after, form, c, expected):
+    """The names come from the op's identity roles; each is checked against the tensor itself
+    (zeros, or c times a unit matrix / centred Dirac kernel built here)."""
+    network = build(CNN_BN)
+    grown, record = passes.insert_identity(network, after, form=form, c=c)
+    prefix = f"{after}_id."
+    assert {name[len(prefix):]: record.origins[name].init for name in record.by_kind("new")} == expected
+    for role, init in expected.items():
+        tensor = grown.state()[prefix + role]
+        if init == "zeros":
+            assert not tensor.any()
+            continue
+        scale = float(init.split("*")[0]) if "*" in init else 1.0
+        unit = torch.zeros_like(tensor)
+        if tensor.dim() == 2:
+            unit = torch.eye(tensor.shape[0], dtype=tensor.dtype)
+        else:
+            for channel in range(tensor.shape[0]):
+                unit[channel, channel, tensor.shape[2] // 2, tensor.shape[3] // 2] = 1.0
+        assert torch.equal(tensor, scale * unit)
+
+
 def loss_gradients(network: Network, x, target_seed=3):
     network.module.train(False)
     network.module.zero_grad()

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import GraphgrowError, did_you_mean
+from ..init import dirac_
 
 Shape = tuple[int, ...]
 REQUIRED = object()
@@ -337,11 +338,19 @@ class OpDef:
         """Per-unit state of a ``passes_units_through`` op (role -> value of a fresh unit)."""
         return {}
 
+    def identity_roles(self, args: dict, in_shapes: list[Shape], scale: float = 1.0) -> dict[str, float] | None:
+        """The roles that hold a multiple of the identity (a unit matrix; a Dirac kernel for a
+        convolution), with that multiple, when this op computes the identity on its input and
+        every other parameter is zero; None when no choice of parameters does. ``scale`` is the
+        constant c of W1 = c I (4.13)."""
+        return None
+
     def identity_params(self, args: dict, in_shapes: list[Shape],
                         scale: float = 1.0) -> dict[str, torch.Tensor] | None:
-        """Parameters (by role) that make this op compute the identity on its input, or None
-        when no choice of parameters does. ``scale`` is the constant c of W1 = c I (4.13)."""
-        return None
+        """Parameters (by role) that make this op compute the identity on its input
+        (``identity_roles``), or None when no choice of parameters does."""
+        roles = self.identity_roles(args, in_shapes, scale)
+        return None if roles is None else identity_values(self.param_shapes(args, in_shapes), roles)
 
     def __repr__(self) -> str:
         return f"<op {self.name}>"
@@ -409,6 +418,20 @@ def require(condition: bool, what: str) -> None:
 
 def numel(shape: Shape) -> int:
     return math.prod(shape)
+
+
+def identity_values(shapes: dict[str, Shape], roles: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Parameters of ``shapes`` (by role): ``roles[role]`` times the identity (a unit matrix; a
+    Dirac kernel for a convolution's weight) for the roles in ``roles``, zeros for the others."""
+    values = {}
+    for role, shape in shapes.items():
+        scale = roles.get(role, 0.0)
+        if scale == 0.0:
+            values[role] = torch.zeros(shape)
+            continue
+        identity = torch.eye(*shape) if len(shape) == 2 else dirac_(torch.empty(shape))
+        values[role] = identity if scale == 1.0 else identity.mul_(scale)
+    return values
 
 
 def kaiming_uniform_init(weight: torch.Tensor, bias: torch.Tensor | None,

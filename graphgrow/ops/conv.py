@@ -10,7 +10,6 @@ from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
 
 from ..errors import GraphgrowError
-from ..init import dirac_
 from .base import (Arg, Geometry, OpDef, boolean, int_or, kaiming_uniform_init, numel, positive_int,
                    register_op, require)
 
@@ -104,15 +103,12 @@ class Conv2dOp(OpDef):
     def widen_roles(self, args):
         return {"weight": (0, 1), "bias": (0, None)}
 
-    def identity_params(self, args, in_shapes, scale=1.0):
+    def identity_roles(self, args, in_shapes, scale=1.0):
         k = args["kernel"]
         if (in_shapes[0][0] != args["out"] or args["stride"] != 1 or args["groups"] != 1 or k % 2 == 0
                 or self.padding(args) != k // 2):
             return None
-        params = {"weight": dirac_(torch.empty(args["out"], args["out"], k, k))}
-        if args["bias"]:
-            params["bias"] = torch.zeros(args["out"])
-        return params
+        return {"weight": 1.0}
 
     def weight_geometry(self, args, in_shapes, role):
         # a grouped kernel is not one dense map on all channels: the merit norms do not apply

@@ -57,13 +57,8 @@ class LinearOp(OpDef):
     def widen_roles(self, args):
         return {"weight": (0, 1), "bias": (0, None)}
 
-    def identity_params(self, args, in_shapes, scale=1.0):
-        if in_shapes[0][-1] != args["out"]:
-            return None
-        params = {"weight": torch.eye(args["out"])}
-        if args["bias"]:
-            params["bias"] = torch.zeros(args["out"])
-        return params
+    def identity_roles(self, args, in_shapes, scale=1.0):
+        return None if in_shapes[0][-1] != args["out"] else {"weight": 1.0}
 
     def weight_geometry(self, args, in_shapes, role):
         return Geometry((in_shapes[0][-1], 1, 1)) if role == "weight" else None

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from ..errors import GraphgrowError
-from ..init import dirac_
 from .base import (Arg, OpDef, boolean, choice, get_op, kaiming_uniform_init, number, numel,
                    positive_int, register_op, registered_ops, require)
 from .conv import expect_image, same_padding
@@ -126,24 +125,13 @@ class ResidualOp(OpDef):
     def zero_output_roles(self, args, in_shapes):
         return None  # x + h F(x) is x, not zero, whatever F's parameters
 
-    def identity_params(self, args, in_shapes, scale=1.0):
+    def identity_roles(self, args, in_shapes, scale=1.0):
         """Two-weight form: W1 = c I (Dirac kernel), b = 0, W2 = 0 for any activation (4.13).
         One-weight form: W = 0, b = 0, the identity where the activation maps 0 to 0."""
-        width = self._width(in_shapes)
-        shape = self.param_shapes(args, in_shapes)["inner.weight"]
-        if args["form"] == "one_weight":
-            act = get_op(args["activation"]).torch_module({})
-            if act(torch.zeros(1)).item() != 0.0:
-                return None
-            inner = torch.zeros(shape)
-        else:
-            inner = scale * (torch.eye(*shape) if len(shape) == 2 else dirac_(torch.empty(shape)))
-        params = {"inner.weight": inner}
-        if args["bias"]:
-            params["inner.bias"] = torch.zeros(width)
         if args["form"] == "two_weight":
-            params["outer.weight"] = torch.zeros(shape)
-        return params
+            return {"inner.weight": scale}
+        act = get_op(args["activation"]).torch_module({})
+        return None if act(torch.zeros(1)).item() != 0.0 else {}
 
     # -- the branch layers as linear / conv2d ops: one weight rule for both -----------------
     def _branch(self, args, in_shape) -> tuple[OpDef, dict]:

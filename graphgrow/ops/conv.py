@@ -4,7 +4,6 @@
 convolution; ``groups`` equal to the input channels is a depthwise convolution)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight

@@ -1,7 +1,6 @@
 """linear(out, bias): y = W x + b on the last dimension. Roles: weight (out, in), bias (out)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

@@ -17,13 +17,14 @@ from hypothesis import given
 from torch import fx
 from torch.fx.experimental import _config as fx_config
 
-from graphgrow import compile_graph, load_graph
+from graphgrow import GraphgrowError, compile_graph, load_graph
 from graphgrow.compiler import codegen
 from graphgrow.compiler.codegen import Recorded, Recording
 from graphgrow.compiler.export import example_input, to_exported_program, to_torchscript
 from graphgrow.compiler import network
 from graphgrow.compiler.network import CompiledModule, _compiled, _compiled_by_fx
 from graphgrow.ir import LayerGraph, graph_from_text
+from graphgrow.ops.base import _REGISTRY, OpDef
 
 from conftest import ROOT, SPECS_DIR, make_spec_text
 from test_core_fuzz import FUZZ, valid_specs
@@ -277,3 +278,27 @@ def test_a_recording_keeps_its_own_copy_of_container_arguments():
     permute = next(node for node in module.graph.nodes if node.name == "swap")
     assert list(permute.kwargs["dims"]) == [0, 2, 1]
     assert "dims = [0, 2, 1]" in module.code
+
+
+class _EmitsThroughCallFunction(OpDef):
+    """A user's op whose own emit uses fx.Graph.call_function, which the recording lacks."""
+    name = "emits_through_call_function"
+    elementwise = True
+
+    def function(self, args):
+        return torch.tanh, {}
+
+    def emit(self, graph, name, args, inputs, as_module):
+        return graph.call_function(torch.tanh, tuple(inputs))
+
+
+def test_an_op_emitting_through_another_fx_graph_method_gets_a_located_error(monkeypatch):
+    monkeypatch.setitem(_REGISTRY, _EmitsThroughCallFunction.name, _EmitsThroughCallFunction())
+    text = make_spec_text(["{name: squash, op: emits_through_call_function}", "{name: head, op: linear, out: 2}"])
+    graph = graph_from_text(text, "net.yaml")
+    with pytest.raises(GraphgrowError) as error:
+        compile_graph(graph, seed=0)
+    assert error.value.node == "squash" and error.value.file == "net.yaml" and error.value.line == 5
+    assert "fx.Graph.call_function" in error.value.message and "create_node" in error.value.hint
+    with pytest.raises(AttributeError):
+        Recording().no_such_method  # noqa: B018  (anything that is no fx.Graph method stays an AttributeError)

@@ -26,6 +26,8 @@ from torch import fx
 from torch.fx.graph import PythonCode
 from torch.fx.node import map_aggregate
 
+from ..errors import GraphgrowError
+
 try:  # fx internals of the pinned torch (2.13); under a torch without them fx makes every module
     from torch.fx.graph import _custom_builtins, _format_target, _is_from_torch, _Namespace, magic_methods
     from torch.fx.graph_module import _forward_from_src, _WrappedCall  # noqa: F401  (network.py calls them)
@@ -59,6 +61,15 @@ class Recording:
         self.origin: tuple | None = None  # (name, op, loc) of the spec node whose nodes are recorded
         # fx's naming of graph nodes (where fx's internals are missing, fx names them on replay)
         self._names = _Namespace() if AVAILABLE else None
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__") or not hasattr(fx.Graph, attribute):
+            raise AttributeError(attribute)
+        # an op's own emit reached for another method of fx.Graph: say so where its node is written
+        name, op, loc = self.origin or (None, None, None)
+        raise GraphgrowError(f"op '{op}' emits through fx.Graph.{attribute}, which compiling does not record",
+                             file=loc and loc.file, line=loc and loc.line, node=name,
+                             hint="an op's emit adds nodes with graph.create_node(op, target, args, kwargs, name=...)")
 
     def create_node(self, op: str, target, args: tuple, kwargs: dict, name: str) -> Recorded:
         """``fx.Graph.create_node``, as the ops call it (with a name)."""

@@ -146,7 +146,7 @@ def resized_module(module: nn.Module, node, values: dict[str, torch.Tensor]) -> 
         return None
     for path, value in sizes.items():
         owner, _, attribute = path.rpartition(".")
-        setattr(new.get_submodule(owner), attribute, value)
+        new.get_submodule(owner).__dict__[attribute] = value  # plain int attributes, as nn.Module keeps them
     return new
 
 
@@ -196,13 +196,15 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
         by_node.setdefault(node, {})[role] = tensor.detach().to(
             device, dtype if tensor.is_floating_point() else None, copy=True)
     reused, state = {}, {}
+    # the graphs' node tables (name -> {"node": Node}), looked up per node and per state entry
+    old_nodes, new_nodes = old.graph.dag._node, graph.dag._node
     for node in graph.nodes:
-        if node.name not in old.graph:
+        if node.name not in old_nodes:
             template = _template(old, node, by_node.get(node.name, {}))
             if template is not None:
                 reused[node.name] = template
             continue
-        previous = old.graph.node(node.name)
+        previous = old_nodes[node.name]["node"]
         module = old.module._modules.get(node.name)
         if module is None or previous.op != node.op:
             continue
@@ -212,10 +214,12 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
             resized = resized_module(module, node, by_node.get(node.name, {}))
             if resized is not None:
                 reused[node.name] = resized
+    origins = record.origins
     for name, tensor in old.module.state_dict(keep_vars=True).items():
-        node = name.split(".", 1)[0]
-        if name not in values and node in graph:
-            record.origins.setdefault(name, Origin.carried(name))
+        node = name.partition(".")[0]
+        if name not in values and node in new_nodes:
+            if name not in origins:
+                origins[name] = Origin.carried(name)
             if node not in reused:
                 state[name] = tensor.detach().clone()
     for node, entries in by_node.items():
@@ -228,9 +232,9 @@ def _rebuild(old: Network, graph: LayerGraph, record: Record,
                            code_from=old.module if same_code else None)
     # copies keep their old modules' modes; the modules of new nodes take the network's
     mode = old.module.training
-    module.training = mode
+    module.__dict__["training"] = mode  # a plain attribute: no nn.Module.__setattr__ checks
     for name, child in module._modules.items():
-        if name not in reused or name not in old.graph:
+        if name not in reused or name not in old_nodes:
             child.train(mode)
     return Network(graph, module)
 

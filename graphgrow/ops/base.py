@@ -205,7 +205,7 @@ class OpDef:
 
     def module_sizes(self, args: dict, in_shapes: list[Shape]) -> dict[str, Any] | None:
         """The attributes of ``build_module``'s module that hold sizes (by dotted path, e.g.
-        ``out_features``), or None. With them a pass that changes only sizes (widen, prune) sets
+        ``out_features``; plain instance attributes, which the copy's ``__dict__`` takes), or None. With them a pass that changes only sizes (widen, prune) sets
         them on a copy of the old module holding the new tensors, instead of building and
         initialising a fresh module and loading the tensors into it (most of such a rebuild)."""
         return None

@@ -7,7 +7,7 @@ import torch
 from graphgrow import GraphgrowError, LayerGraph, Network
 
 from .insert import IdentityPlan, apply_plan, plan_identity
-from .record import CandidateInfo, Origin, Record, gc_paused, rebuild
+from .record import CandidateInfo, Record, gc_paused, rebuild
 from .units import UnitMap, keep_units, set_units, trace_units
 from .widen import apply_maps, plan_widen
 
@@ -49,8 +49,7 @@ def extend_all(network: Network, candidates: str = "layers", neurons: int = 1, a
         for after in legal_positions(network.graph):
             plan = plan_identity(graph, after, "auto", activation, c)
             apply_plan(graph, plan)
-            for name, init in plan.inits.items():
-                record.origins[name] = Origin.new(init)
+            record.origins.update(plan.origins())
             values.update(plan.values)
             record.candidates[f"layer:{after}"] = CandidateInfo(
                 f"layer:{after}", plan.kind, after, [n.name for n in plan.nodes], list(plan.values),

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from graphgrow import GraphgrowError, LayerGraph, Network, Node, get_op
-from graphgrow.ops.base import identity_values
+from graphgrow.ops.base import identity_init, identity_values
 
 from .record import Origin, Record, gc_paused, rebuild
 
@@ -25,6 +25,10 @@ class IdentityPlan:
     #: the record's name of each value's initialisation (by full name): zeros or a multiple of
     #: the identity, as the op's ``identity_roles`` give them
     inits: dict[str, str]
+
+    def origins(self) -> dict[str, Origin]:
+        """The record's origins of the plan's values: new, with their initialisation's name."""
+        return {name: Origin.new(init) for name, init in self.inits.items()}
 
     @property
     def merit_role(self) -> str:
@@ -73,12 +77,9 @@ def _identity_plan(after: str, kind: str, nodes: list[Node], opdef, args: dict, 
     """The plan whose first node (of ``opdef`` with ``args``, on inputs of ``shape``) holds the
     identity of ``roles`` (``OpDef.identity_roles``), named for the record from the roles rather
     than read back from the tensors."""
-    base = nodes[0].name
-    values, inits = {}, {}
-    for role, tensor in identity_values(opdef.param_shapes(args, [shape]), roles).items():
-        scale, form = roles.get(role, 0.0), "identity" if tensor.dim() == 2 else "dirac"
-        values[f"{base}.{role}"] = tensor
-        inits[f"{base}.{role}"] = "zeros" if scale == 0.0 else form if scale == 1.0 else f"{scale:g}*{form}"
+    base, shapes = nodes[0].name, opdef.param_shapes(args, [shape])
+    values = {f"{base}.{role}": tensor for role, tensor in identity_values(shapes, roles).items()}
+    inits = {f"{base}.{role}": identity_init(role_shape, roles.get(role, 0.0)) for role, role_shape in shapes.items()}
     return IdentityPlan(after, kind, nodes, values, f"{base}.{merit_role}", inits)
 
 
@@ -168,6 +169,5 @@ def insert_identity(network: Network, after: str, form: str = "auto", activation
     apply_plan(graph, plan)
     record = Record("insert-identity", notes=[f"inserted {', '.join(n.name for n in plan.nodes)} after "
                                              f"{after} ({plan.kind})"])
-    for name, init in plan.inits.items():
-        record.origins[name] = Origin.new(init)
+    record.origins.update(plan.origins())
     return rebuild(network, graph, record, plan.values), record

@@ -205,9 +205,10 @@ class OpDef:
 
     def module_sizes(self, args: dict, in_shapes: list[Shape]) -> dict[str, Any] | None:
         """The attributes of ``build_module``'s module that hold sizes (by dotted path, e.g.
-        ``out_features``; plain instance attributes, which the copy's ``__dict__`` takes), or None. With them a pass that changes only sizes (widen, prune) sets
-        them on a copy of the old module holding the new tensors, instead of building and
-        initialising a fresh module and loading the tensors into it (most of such a rebuild)."""
+        ``out_features``; plain instance attributes, which the copy's ``__dict__`` takes), or
+        None. With them a pass that changes only sizes (widen, prune) sets them on a copy of the
+        old module holding the new tensors, instead of building and initialising a fresh module
+        and loading the tensors into it (most of such a rebuild)."""
         return None
 
     def module_args(self, args: dict) -> dict:
@@ -420,18 +421,35 @@ def numel(shape: Shape) -> int:
     return math.prod(shape)
 
 
+_IDENTITIES = {"identity": lambda shape: torch.eye(*shape), "dirac": lambda shape: dirac_(torch.empty(shape))}
+
+
+def _identity_form(shape: Shape) -> str:
+    """The identity of a parameter of ``shape``: a unit matrix, or a convolution's Dirac kernel."""
+    return "identity" if len(shape) == 2 else "dirac"
+
+
 def identity_values(shapes: dict[str, Shape], roles: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Parameters of ``shapes`` (by role): ``roles[role]`` times the identity (a unit matrix; a
-    Dirac kernel for a convolution's weight) for the roles in ``roles``, zeros for the others."""
+    """Parameters of ``shapes`` (by role): ``roles[role]`` times the identity for the roles in
+    ``roles`` (``identity_init`` names each), zeros for the others."""
     values = {}
     for role, shape in shapes.items():
         scale = roles.get(role, 0.0)
         if scale == 0.0:
             values[role] = torch.zeros(shape)
             continue
-        identity = torch.eye(*shape) if len(shape) == 2 else dirac_(torch.empty(shape))
+        identity = _IDENTITIES[_identity_form(shape)](shape)
         values[role] = identity if scale == 1.0 else identity.mul_(scale)
     return values
+
+
+def identity_init(shape: Shape, scale: float) -> str:
+    """The name of ``scale`` times the identity of ``shape`` as ``identity_values`` makes it:
+    ``zeros``, ``identity`` / ``dirac``, or the multiple of one (``0.5*identity``)."""
+    if scale == 0.0:
+        return "zeros"
+    form = _identity_form(shape)
+    return form if scale == 1.0 else f"{scale:g}*{form}"
 
 
 def kaiming_uniform_init(weight: torch.Tensor, bias: torch.Tensor | None,

@@ -128,6 +128,28 @@ def test_the_cli_with_two_ranks_writes_one_run_directory_like_one_process(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
 
 
+def test_torchrun_runs_the_cli_like_one_process(tmp_path):
+    """The launcher itself (torch.distributed.run, what the torchrun script runs), not only the
+    environment it sets: rendezvous, TORCHELASTIC_* variables, its signal forwarding and exit."""
+    spec = str(ROOT / "specs" / "fnn_spiral_deep.yaml")
+    common = ["grow", spec, "--epochs", "4", "--insert-at", "2", "--lr", "0.2", "--dtype", "float64",
+              "--device", "cpu", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "graphgrow", *common, "--dist-timeout", "60", "--out", str(tmp_path / "two")],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert two["insertions"][0]["positions"] == one["insertions"][0]["positions"]
+    for split in ("train", "test"):
+        assert two["final"][split]["loss"] == pytest.approx(one["final"][split]["loss"], rel=1e-10)
+        assert two["final"][split]["error"] == one["final"][split]["error"]
+    weights = [torch.load(tmp_path / d / "final.pt") for d in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-10, atol=1e-12)
+
+
 def test_batchnorm_and_the_preconditioner_are_refused_with_a_hint(tmp_path, make_spec):
     from graphgrow.compiler.io import load_network
     from graphgrow.runtime.distributed import refusal

@@ -240,3 +240,145 @@ class ConstantPadding(ConstantMask):
 def test_a_constant_key_padding_mask_is_refused():
     with pytest.raises(GraphgrowError, match="constant key_padding_mask"):
         import_module(ConstantPadding(), (TOKENS,), tokens=VOCABULARY)
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT's shape: token and position embeddings (positions from torch.arange of the
+    input's length), pre-norm blocks of causal attention (one qkv linear, heads by view and
+    transpose) and a GELU MLP, a final layer norm and an output layer; ``tied``: the output
+    layer shares the token table, as nanoGPT does."""
+
+    def __init__(self, tied=False, blocks=2, positions=TOKENS + 2):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCABULARY, WIDTH), nn.Embedding(positions, WIDTH)
+        self.ln_1 = nn.ModuleList(nn.LayerNorm(WIDTH) for _ in range(blocks))
+        self.qkv = nn.ModuleList(nn.Linear(WIDTH, 3 * WIDTH) for _ in range(blocks))
+        self.proj = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(blocks))
+        self.ln_2 = nn.ModuleList(nn.LayerNorm(WIDTH) for _ in range(blocks))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH))
+                                 for _ in range(blocks))
+        self.ln_f, self.lm_head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, VOCABULARY, bias=False)
+        if tied:
+            self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx):
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for ln_1, qkv, proj, ln_2, mlp in zip(self.ln_1, self.qkv, self.proj, self.ln_2, self.mlp):
+            q, k, v = qkv(ln_1(x)).split(WIDTH, dim=2)
+            q, k, v = (z.view(b, t, 2, WIDTH // 2).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + proj(y.transpose(1, 2).contiguous().view(b, t, WIDTH))
+            x = x + mlp(ln_2(x))
+        return self.lm_head(self.ln_f(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_position_ids_from_arange_import_as_positions_and_export(dtype, tmp_path):
+    torch.manual_seed(0)
+    model = TinyGPT().to(dtype)
+    network = import_module(model, (TOKENS,), tokens=VOCABULARY)
+    positions = [n for n in network.graph.nodes if n.op == "positions"]
+    assert len(positions) == 1 and positions[0].inputs == ["input"]
+    reader = network.graph.node(network.graph.consumers(positions[0].name)[0])
+    assert reader.op == "embedding" and reader.args["tokens"] == TOKENS + 2  # the whole table is kept
+    assert torch.equal(network.state()[f"{reader.name}.weight"], model.wpe.weight.detach())
+    x = tokens_batch()
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    expected = _run(model, x, False)
+    torch.testing.assert_close(_run(network.module, x, False), expected, rtol=tolerance, atol=tolerance)
+    reloaded = Network.build(reload_graph(network.graph), network.state(), dtype=dtype)
+    assert torch.equal(_run(reloaded.module, x, False), _run(network.module, x, False))
+    for fmt, suffix in (("export", "pt2"), ("torchscript", "pt")):
+        loaded = load_exported(export(network.module, network.graph, tmp_path / f"m.{suffix}", fmt))
+        torch.testing.assert_close(loaded(x), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_positions_give_every_sample_rows_0_to_t_of_the_table():
+    """Against an independent computation: token rows plus position rows 0..T-1, the position
+    rows the same for every sample; their gradient sums over the batch."""
+    text = ("graphgrow: 1\nname: lm\ninput: {shape: [5], tokens: 9}\nlayers:\n"
+            "  - {name: tok, op: embedding, tokens: 9, dim: 4}\n"
+            "  - {name: pos, op: positions, inputs: [input]}\n"
+            "  - {name: table, op: embedding, tokens: 7, dim: 4}\n"
+            "  - {name: t, op: add, inputs: [tok, table]}\n")
+    graph = graph_from_text(text)
+    assert graph.node("pos").out_shape == (5,) and graph.node("t").out_shape == (5, 4)
+    network = Network.build(graph, seed=0, dtype=torch.float64)
+    ids = torch.randint(0, 9, (3, 5), generator=torch.Generator().manual_seed(0))
+    tokens, table = network.state()["tok.weight"], network.state()["table.weight"]
+    expected = torch.stack([torch.stack([tokens[ids[b, i]] + table[i] for i in range(5)]) for b in range(3)])
+    out = network.module(ids)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    gradient = network.module.table.weight.grad
+    assert torch.equal(gradient[:5], torch.full((5, 4), 3.0, dtype=torch.float64)) and not gradient[5:].any()
+
+
+def test_positions_need_a_token_axis():
+    text = ("graphgrow: 1\nname: lm\ninput: {shape: [5], tokens: 9}\nlayers:\n"
+            "  - {name: first, op: select, dim: 1, index: 0}\n"
+            "  - {name: pos, op: positions}\n")
+    with pytest.raises(GraphgrowError, match="positions needs an input with a token axis") as info:
+        graph_from_text(text, "lm.yaml")
+    assert (info.value.file, info.value.line, info.value.node) == ("lm.yaml", 6, "pos")
+
+
+class OtherPositions(TinyGPT):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, idx):
+        if self.how == "offset":
+            pos = torch.arange(1, idx.size(1) + 1)
+        elif self.how == "block":  # the whole table, then the first T rows
+            return self.lm_head(self.wte(idx) + self.wpe(torch.arange(idx.size(1) + 2))[:TOKENS])
+        else:
+            pos = torch.arange(idx.size(1), dtype=torch.float32)
+        return self.lm_head(self.wte(idx) + self.wpe(pos.long()))
+
+
+@pytest.mark.parametrize("how,message", [("offset", r"gives \[1, 2, 3, 4, \.\.\.\] \(6 of them\)"),
+                                         ("block", r"gives \[0, 1, 2, 3, \.\.\.\] \(8 of them\)"),
+                                         ("float", "positions of dtype torch.float32")])
+def test_other_aranges_are_refused_at_their_line(how, message):
+    with pytest.raises(GraphgrowError, match=message) as info:
+        import_module(OtherPositions(how), (TOKENS,), tokens=VOCABULARY)
+    err = info.value
+    assert "test_import_tokens.py" in err.file and err.line is not None
+    assert "torch.arange(x.size(1))" in err.hint
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+class SharedFunctionalTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(VOCABULARY, WIDTH))
+
+    def forward(self, tokens):
+        return F.linear(F.embedding(tokens, self.table), self.table)
+
+
+@pytest.mark.parametrize("make,shape,tokens,names", [
+    (lambda: TinyGPT(tied=True), (TOKENS,), VOCABULARY, ("'wte.weight'", "'wte' and 'lm_head'")),
+    (CalledTwice, (3,), None, ("'fc.weight'", "'fc' and 'fc_1'")),
+    (SharedFunctionalTable, (TOKENS,), VOCABULARY, ("'table'", "'embedding' and 'linear'")),
+])
+def test_shared_weights_are_refused_rather_than_untied(make, shape, tokens, names):
+    """A tensor in two layers (tied output layer, a module called twice, one table in two
+    functional calls) would become two tensors that train apart: refused, with a hint."""
+    with pytest.raises(GraphgrowError, match="shared or tied weights") as info:
+        import_module(make(), shape, tokens=tokens)
+    err = info.value
+    assert all(name in err.message for name in names), err.message
+    assert "give each layer its own" in err.hint

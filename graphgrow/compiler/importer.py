@@ -37,12 +37,19 @@ class _Importer:
         self.pieces: dict[fx.Node, tuple[fx.Node, int]] = {}  # chunk/split result -> (source, axis)
         self.tuples: dict[fx.Node, tuple[str, int]] = {}  # tuple-valued op -> (node, index of its value)
         self.params: dict[tuple[str, tuple], str] = {}
+        #: traced tensors the same for every sample (positions and what is computed from them
+        #: alone): they have no batch dimension, their traced shape is the per-sample shape
+        self.unbatched: set[fx.Node] = set()
+        #: id of each module tensor the state takes -> the layers holding it (shared weights: several)
+        self.holders: dict[int, list[str]] = {}
         self.failed: set[fx.Node] = set()
         self.problems: list[GraphgrowError] = []
 
     def shape(self, fx_node) -> Shape:
         """The per-sample shape of a traced tensor; the batch dimension must stay first."""
         shape = self.seen[fx_node]
+        if fx_node in self.unbatched:
+            return tuple(shape)
         if not shape or shape[0] != PROBE_BATCH:
             raise GraphgrowError(f"computes a tensor of shape {list(shape)} whose first dimension is not "
                                  "the batch", hint="graphgrow keeps the batch dimension first; permute it back")
@@ -62,6 +69,8 @@ class _Importer:
                 if not self.special(fx_node) and not claimants(fx_node, self.submodule(fx_node)):
                     self.problems.append(self.located(fx_node, GraphgrowError("is not supported")))
                 continue
+            if _is_arange(fx_node) or inputs and all(n in self.unbatched for n in inputs):
+                self.unbatched.add(fx_node)
             try:
                 self.visit(fx_node)
             except GraphgrowError as err:
@@ -124,15 +133,22 @@ class _Importer:
             self.graph.node(name).out_shape = shape
             self.state[f"{name}.weight"] = tensor.detach().reshape(shape).clone()
             self.params[key] = name
+            self.held(tensor, name)
         return self.params[key]
+
+    def held(self, tensor: torch.Tensor, layer: str) -> None:
+        holders = self.holders.setdefault(id(tensor), [])
+        if layer not in holders:
+            holders.append(layer)
 
     def submodule(self, fx_node: fx.Node) -> nn.Module | None:
         return self.module.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
 
     def special(self, fx_node: fx.Node) -> bool:
-        """Calls the importer handles itself: pieces of tuples, no-op methods, chunk/split, and
-        a free parameter's expand to the batch."""
+        """Calls the importer handles itself: pieces of tuples, no-op methods, chunk/split,
+        a free parameter's expand to the batch, and positions (torch.arange)."""
         return (fx_node.target is operator.getitem and fx_node.args[0] in self.pieces | self.tuples
+                or _is_arange(fx_node)
                 or fx_node.op == "call_method" and fx_node.target in _ALIASES
                 or fx_node.op != "call_module" and fx_node.target in _SPLITS
                 or fx_node.op == "call_method" and fx_node.target == "expand" and fx_node.args[0].op == "get_attr")
@@ -152,6 +168,9 @@ class _Importer:
             dim = kwargs.get("dim", args[_SPLITS[target]] if len(args) > _SPLITS[target] else 0)
             rank = len(self.shape(source))
             self.pieces[fx_node] = (source, sample_axis(dim, rank, str(getattr(target, "__name__", target))))
+            return
+        if _is_arange(fx_node):
+            self.positions(fx_node, args, kwargs)
             return
         if fx_node.op == "call_method" and target == "expand" and fx_node.args[0].op == "get_attr":
             op = get_op("expand_batch")
@@ -192,13 +211,35 @@ class _Importer:
                 refusals.append(f"{op.name}: {err.message}")
                 continue
             self.add(fx_node, op, op_args, names)
-            if module is not None:
-                self.state.update({f"{self.renamed[fx_node]}.{k}": v for k, v in module.state_dict().items()})
-            self.state.update({f"{self.renamed[fx_node]}.{role}": t.detach().clone() for role, t in adopted.items()})
+            layer = self.renamed[fx_node]
+            held = module.state_dict(keep_vars=True) if module is not None else {}
+            self.state.update({f"{layer}.{k}": v.detach() for k, v in held.items()})
+            self.state.update({f"{layer}.{role}": t.detach().clone() for role, t in adopted.items()})
+            for tensor in [*held.values(), *adopted.values()]:
+                self.held(tensor, layer)
             if out_shape is None:
                 self.tuples[fx_node] = (self.renamed.pop(fx_node), op.tuple_output)
             return
         raise GraphgrowError("; ".join(refusals) if len(refusals) > 1 else refusals[0].split(": ", 1)[1])
+
+    def positions(self, fx_node: fx.Node, args: tuple, kwargs: dict) -> None:
+        """``torch.arange`` giving 0..T-1 for the input's T tokens: a ``positions`` node."""
+        length = self.graph.input_shape[0] if self.graph.input_shape else None
+        bounds = {k: kwargs[k] for k in ("start", "end", "step") if k in kwargs}
+        dtype = kwargs.get("dtype") or torch.int64
+        try:
+            ids = torch.arange(*args, **bounds)
+        except (TypeError, RuntimeError) as err:
+            raise GraphgrowError(f"torch.arange with arguments graphgrow cannot evaluate ({err})") from None
+        hint = ("give the positions of the input's tokens, torch.arange(x.size(1)), to an embedding, or use a "
+                "learned position table as a parameter (nn.Parameter of shape (1, T, D))")
+        if dtype.is_floating_point or dtype.is_complex:
+            raise GraphgrowError(f"positions of dtype {dtype}: graphgrow imports torch.arange as the integer "
+                                 "positions of the input's tokens", hint=hint)
+        if length is None or not torch.equal(ids, torch.arange(length)):
+            raise GraphgrowError(f"gives {_ids_text(ids)}: graphgrow imports torch.arange only as the positions "
+                                 f"0..T-1 of the input's T = {length} tokens", hint=hint)
+        self.add(fx_node, get_op("positions"), {}, [INPUT])
 
     def adopted(self, op: OpDef, tensors: list[fx.Node], kwargs: dict) -> dict[str, torch.Tensor]:
         """The module tensors a functional call passes as the op's parameters, by role."""
@@ -266,6 +307,7 @@ def import_module(module: nn.Module, input_shape, *, name: str = "imported", che
                                file=first.file, line=first.line, node=first.node, hint=first.hint)
         error.problems = importer.problems
         raise error
+    _refuse_shared_tensors(module, importer, where)
     state = importer.state
     graph.infer_shapes()
     _fold_residuals(graph, state)
@@ -273,6 +315,37 @@ def import_module(module: nn.Module, input_shape, *, name: str = "imported", che
     if check:
         _check_same_function(module, network, where)
     return network
+
+
+def _refuse_shared_tensors(module: nn.Module, importer: "_Importer", where: str) -> None:
+    """One tensor in the state of two imported layers (tied weights, e.g. a language model's
+    output layer sharing the token embedding, or a module called twice): every graphgrow layer
+    has tensors of its own, so the imported network would compute the same function at first
+    but train the copies apart; refused."""
+    shared = next(((key, layers) for key, layers in importer.holders.items() if len(layers) > 1), None)
+    if shared is None:
+        return
+    names = {}
+    for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), name)
+    key, layers = shared
+    name = names.get(key, "a tensor")
+    listed = " and ".join(f"'{layer}'" for layer in layers)
+    raise GraphgrowError(f"'{name}' is used by the layers {listed} (shared or tied weights); every graphgrow layer "
+                         "has tensors of its own, so the imported network would train them as separate tensors",
+                         file=f"<module {where}>", node=name,
+                         hint="if separate tensors are what you want, give each layer its own before importing: "
+                              "a tied output layer e.g. model.lm_head.weight = nn.Parameter(model.wte.weight.detach()"
+                              ".clone()), a module called twice: two modules")
+
+
+def _is_arange(fx_node: fx.Node) -> bool:
+    return fx_node.op == "call_function" and fx_node.target is torch.arange
+
+
+def _ids_text(ids: torch.Tensor) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:4])
+    return f"[{shown}{', ...' if len(ids) > 4 else ''}] ({len(ids)} of them)"
 
 
 def _node_name(graph: LayerGraph, traced_name: str, op: OpDef) -> str:

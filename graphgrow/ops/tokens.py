@@ -1,5 +1,7 @@
 """Token ops: ``embedding`` (nn.Embedding, F.embedding) looks token ids up in a table;
-``equal(value)`` marks the entries equal to a value (a key padding mask from the token ids).
+``positions`` gives the positions 0..T-1 of the tokens (the ids of a learned position
+embedding, what ``torch.arange(T)`` gives in a module's forward); ``equal(value)`` marks the
+entries equal to a value (a key padding mask from the token ids).
 
 Token ids arrive as int64, or as floats holding integers (the training runtime casts data to
 the network's dtype; a float represents every id below 2**24 exactly): the embedding rounds
@@ -77,6 +79,28 @@ class EmbeddingOp(OpDef):
         return {"weight": (1, None)}
 
 
+def positions_of(tokens: torch.Tensor) -> torch.Tensor:
+    """The positions 0..T-1 of the T tokens of a sample, as a batch of one: (1, T) int64 (an
+    embedding of them broadcasts over the batch where it meets the token embedding)."""
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+
+
+class PositionsOp(OpDef):
+    name = "positions"
+    doc = ("The positions 0, 1, ..., T-1 of its input's T tokens, as int64 ids, the same for every "
+           "sample (a batch of one, broadcast where it meets batched tensors): an embedding after it is "
+           "a learned position embedding, as nn.Embedding(T, dim)(torch.arange(T)). (T, ...) -> (T,).")
+    widen_refusal = "its output holds positions, not units"
+
+    def output_shape(self, args, in_shapes):
+        if not in_shapes[0]:
+            raise GraphgrowError("positions needs an input with a token axis, its input is one number per sample")
+        return (in_shapes[0][0],)
+
+    def function(self, args):
+        return positions_of, {}
+
+
 def equal_to(x: torch.Tensor, value: float) -> torch.Tensor:
     return x == value
 
@@ -102,4 +126,5 @@ class EqualOp(OpDef):
 
 
 register_op(EmbeddingOp)
+register_op(PositionsOp)
 register_op(EqualOp)

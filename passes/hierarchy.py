@@ -181,11 +181,13 @@ def coarsen_depth(network: Network, interpolation: str = "constant",
 
 
 def _signature(graph: LayerGraph, block: Block) -> list:
-    """Ops, arguments, input shapes and internal wiring of a block's nodes, in order."""
+    """Ops, arguments, input shapes and internal wiring of a block's nodes, in order; without
+    the arguments that act in train mode only (``OpDef.train_only_args``: a coarse block keeps
+    its own drop rate, the fine blocks theirs)."""
     index = {name: k for k, name in enumerate(block.nodes)}
-    node = graph.node
-    return [(node(n).op, node(n).args, node(n).in_shapes, [index.get(i, "entry") for i in node(n).inputs])
-            for n in block.nodes]
+    nodes = [graph.node(n) for n in block.nodes]
+    return [(node.op, {k: v for k, v in node.args.items() if k not in node.opdef.train_only_args}, node.in_shapes,
+             [index.get(i, "entry") for i in node.inputs]) for node in nodes]
 
 
 def block_stages(graph: LayerGraph) -> list[list[tuple[Block, ...]]]:

@@ -77,15 +77,15 @@ def test_the_token_transformer_grows_by_blocks_at_every_boundary():
 
 # The zoo's defaults have at most one block with an identity shortcut per stage (the first block
 # of a stage projects); these variants of the same definitions have two or more. ConvNeXt and
-# EfficientNet raise their stochastic-depth rate block by block, which makes no two blocks equal
-# for passes.hierarchy, so their variants use one rate (0).
+# EfficientNet raise their stochastic-depth rate block by block (their defaults here): a train-only
+# argument, so blocks that differ only in it are equal for passes.hierarchy.
 HIERARCHY_VARIANTS = {
     "resnet_basic": (FAMILIES["resnet_basic"][0], [2]),
     "resnet_bottleneck": (lambda: ResNet(Bottleneck, (3, 1, 1, 1), widths=(4, 8, 8, 8)), [2]),
     "mobilenet_v2": (lambda: MobileNetV2(settings=((1, 8, 1, 1), (6, 8, 3, 2))), [2]),
-    "efficientnet": (lambda: EfficientNet(settings=((1, 3, 1, 8, 8, 1), (6, 3, 2, 8, 16, 3), (6, 5, 2, 16, 24, 1)),
-                                          drop=0.0), [2]),
-    "convnext": (lambda: ConvNeXt(drop=0.0), [2, 2]),
+    "efficientnet": (lambda: EfficientNet(settings=((1, 3, 1, 8, 8, 1), (6, 3, 2, 8, 16, 3), (6, 5, 2, 16, 24, 1))),
+                     [2]),
+    "convnext": (ConvNeXt, [2, 2]),
 }
 
 
@@ -110,6 +110,12 @@ def test_depth_hierarchy_on_every_family_with_stages(name):
     prolonged = transfer.prolong(dict(coarse_state))
     assert set(prolonged) == set(network.state())
     Network.build(network.graph, prolonged, dtype=torch.float64)
+    # drop rates are the fine network's own; the coarse network keeps those of the blocks it keeps
+    rates = {n.name: n.args["p"] for n in network.graph.nodes if n.op == "stochastic_depth"}
+    assert {n.name: n.args["p"] for n in coarse.network.graph.nodes if n.op == "stochastic_depth"}.items() \
+        <= rates.items()
+    if name in ("efficientnet", "convnext"):
+        assert len(set(rates.values())) > 2  # rising block by block
 
 
 def test_the_imported_vits_encoder_blocks_form_a_stage_and_prolong_exactly():

@@ -319,6 +319,10 @@ class OpDef:
     #: every output entry is a selection, maximum or mean of input entries, so values in an
     #: interval stay in it (pooling, shape ops): after relu the values stay relu's fixed points
     keeps_range: bool = False
+    #: arguments that act in train mode only and hold no parameters (a drop rate): blocks that
+    #: differ only in them are equal for depth hierarchies (passes.hierarchy), e.g. ConvNeXt's
+    #: stochastic-depth rate rising block by block
+    train_only_args: tuple[str, ...] = ()
 
     def zero_output_roles(self, args: dict, in_shapes: list[Shape]) -> tuple[str, ...] | None:
         """The parameter roles which, set to zero, make the op's output zero for every input

@@ -106,6 +106,7 @@ class DropoutOp(OpDef):
     args = (Arg("p", probability, 0.5),)
     passes_units_through = passes_units_anywhere = True
     maps_zero_to_zero = True
+    train_only_args = ("p",)
 
     def flops(self, args, in_shapes, out_shape):
         return numel(out_shape)
@@ -145,6 +146,7 @@ class StochasticDepthOp(OpDef):
     args = (Arg("p", probability, 0.1),)
     passes_units_through = passes_units_anywhere = True
     maps_zero_to_zero = True
+    train_only_args = ("p",)
 
     def flops(self, args, in_shapes, out_shape):
         return numel(out_shape)

@@ -51,6 +51,11 @@ class _Importer:
         if fx_node in self.unbatched:
             return tuple(shape)
         if not shape or shape[0] != PROBE_BATCH:
+            if fx_node.all_input_nodes and all(n.op == "get_attr" for n in fx_node.all_input_nodes):
+                raise GraphgrowError(f"computes a tensor of shape {list(shape)} from constants only (the same for "
+                                     "every sample, without a batch dimension)",
+                                     hint="compute it from the input (positions: torch.arange(x.size(1))), or "
+                                          "make the result a module attribute (nn.Parameter or buffer)")
             raise GraphgrowError(f"computes a tensor of shape {list(shape)} whose first dimension is not "
                                  "the batch", hint="graphgrow keeps the batch dimension first; permute it back")
         return tuple(shape[1:])

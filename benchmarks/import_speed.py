@@ -30,8 +30,10 @@ from graphgrow.compiler.importer import import_module  # noqa: E402
 
 
 def step(module, x, target) -> None:
+    """One training step's forward and backward; per-token outputs (a language model's
+    (batch, T, vocabulary)) take a target per token."""
     module.zero_grad(set_to_none=True)
-    F.cross_entropy(module(x), target).backward()
+    F.cross_entropy(module(x).flatten(0, -2), target.flatten()).backward()
 
 
 def timed(module, x, target, steps: int) -> tuple[float, float]:
@@ -74,7 +76,9 @@ def main() -> None:
         model = make()
         network = import_module(model, shape, tokens=TOKENS.get(name))
         x = family_input(name, options.batch, torch.float32, seed=0)
-        target = torch.randint(0, 10, (options.batch,), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out_shape = model(x).shape  # (batch, classes) or (batch, T, vocabulary)
+        target = torch.randint(0, out_shape[-1], out_shape[:-1], generator=torch.Generator().manual_seed(1))
         model.train(), network.module.train()
         wall, cpu = compare(model, network.module, x, target, options.rounds, options.steps)
         control, _ = compare(model, copy.deepcopy(model), x, target, options.rounds, options.steps)

@@ -14,6 +14,7 @@ from graphgrow.compiler.importer import import_module
 from graphgrow.compiler.io import dump, reload_graph
 from graphgrow.compiler.network import Network
 from graphgrow.ir import graph_from_text
+from zoo import NanoGPT
 
 VOCABULARY, TOKENS, WIDTH = 11, 6, 8
 
@@ -242,42 +243,15 @@ def test_a_constant_key_padding_mask_is_refused():
         import_module(ConstantPadding(), (TOKENS,), tokens=VOCABULARY)
 
 
-class TinyGPT(nn.Module):
-    """nanoGPT's shape: token and position embeddings (positions from torch.arange of the
-    input's length), pre-norm blocks of causal attention (one qkv linear, heads by view and
-    transpose) and a GELU MLP, a final layer norm and an output layer; ``tied``: the output
-    layer shares the token table, as nanoGPT does."""
-
-    def __init__(self, tied=False, blocks=2, positions=TOKENS + 2):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(VOCABULARY, WIDTH), nn.Embedding(positions, WIDTH)
-        self.ln_1 = nn.ModuleList(nn.LayerNorm(WIDTH) for _ in range(blocks))
-        self.qkv = nn.ModuleList(nn.Linear(WIDTH, 3 * WIDTH) for _ in range(blocks))
-        self.proj = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(blocks))
-        self.ln_2 = nn.ModuleList(nn.LayerNorm(WIDTH) for _ in range(blocks))
-        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH))
-                                 for _ in range(blocks))
-        self.ln_f, self.lm_head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, VOCABULARY, bias=False)
-        if tied:
-            self.wte.weight = self.lm_head.weight
-
-    def forward(self, idx):
-        b, t = idx.size()
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
-        for ln_1, qkv, proj, ln_2, mlp in zip(self.ln_1, self.qkv, self.proj, self.ln_2, self.mlp):
-            q, k, v = qkv(ln_1(x)).split(WIDTH, dim=2)
-            q, k, v = (z.view(b, t, 2, WIDTH // 2).transpose(1, 2) for z in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + proj(y.transpose(1, 2).contiguous().view(b, t, WIDTH))
-            x = x + mlp(ln_2(x))
-        return self.lm_head(self.ln_f(x))
+def nano_gpt(tied=False):
+    """The zoo's nanoGPT at this file's sizes; its position table has two rows more than the input."""
+    return NanoGPT(vocabulary=VOCABULARY, block_size=TOKENS + 2, dim=WIDTH, heads=2, layers=2, tied=tied)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_position_ids_from_arange_import_as_positions_and_export(dtype, tmp_path):
     torch.manual_seed(0)
-    model = TinyGPT().to(dtype)
+    model = nano_gpt().to(dtype)
     network = import_module(model, (TOKENS,), tokens=VOCABULARY)
     positions = [n for n in network.graph.nodes if n.op == "positions"]
     assert len(positions) == 1 and positions[0].inputs == ["input"]
@@ -325,9 +299,9 @@ def test_positions_need_a_token_axis():
     assert (info.value.file, info.value.line, info.value.node) == ("lm.yaml", 6, "pos")
 
 
-class OtherPositions(TinyGPT):
+class OtherPositions(NanoGPT):
     def __init__(self, how):
-        super().__init__()
+        super().__init__(vocabulary=VOCABULARY, block_size=TOKENS + 2, dim=WIDTH)
         self.how = how
 
     def forward(self, idx):
@@ -373,7 +347,7 @@ class SharedFunctionalTable(nn.Module):
 
 
 @pytest.mark.parametrize("make,shape,tokens,names", [
-    (lambda: TinyGPT(tied=True), (TOKENS,), VOCABULARY, ("'wte.weight'", "'wte' and 'lm_head'")),
+    (lambda: nano_gpt(tied=True), (TOKENS,), VOCABULARY, ("'wte.weight'", "'wte' and 'lm_head'")),
     (CalledTwice, (3,), None, ("'fc.weight'", "'fc' and 'fc_1'")),
     (SharedFunctionalTable, (TOKENS,), VOCABULARY, ("'table'", "'embedding' and 'linear'")),
 ])

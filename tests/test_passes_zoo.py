@@ -21,7 +21,7 @@ from zoo import FAMILIES, TOKENS, Bottleneck, ConvNeXt, EfficientNet, MobileNetV
 # activation identity; a residual identity block (W2 = 0) goes after their first block instead.
 # Transformer tokens (N, D) take neither form: they grow by block copies (insert_block).
 RESIDUAL_FORM = {"efficientnet", "convnext"}
-BLOCK_FORM = {"vit", "token_transformer"}
+BLOCK_FORM = {"vit", "token_transformer", "nanogpt"}
 
 
 def _imported(name, make=None):
@@ -118,16 +118,17 @@ def test_depth_hierarchy_on_every_family_with_stages(name):
         assert len(set(rates.values())) > 2  # rising block by block
 
 
-def test_the_imported_vits_encoder_blocks_form_a_stage_and_prolong_exactly():
-    """The imported ViT's encoder blocks (attention + MLP sub-block each) form one stage of equal
-    groups; with identity interpolation the prolonged coarse network computes the coarse
+@pytest.mark.parametrize("name", ["vit", "nanogpt"])
+def test_imported_transformer_blocks_form_a_stage_and_prolong_exactly(name):
+    """An imported ViT's or nanoGPT's blocks (attention + MLP sub-block each) form one stage of
+    equal groups; with identity interpolation the prolonged coarse network computes the coarse
     function (float64, eval: the blocks hold dropout)."""
-    network = _imported("vit")
-    assert any(len(stage) > 1 for stage in block_stages(network.graph))
+    network = _imported(name)
+    assert [len(stage) for stage in block_stages(network.graph) if len(stage) > 1] == [2]
     fine, coarse = passes.build_hierarchy(network, "depth", levels=2, interpolation="identity")
     prolonged = Network.build(network.graph, coarse.transfer.prolong(dict(coarse.transfer.coarse.state())),
                               dtype=torch.float64)
-    x = family_input("vit", 2)
+    x = family_input(name, 2)
     assert _relative(_outputs(prolonged, x, False), _outputs(coarse.network, x, False)) <= 1e-10
 
 

@@ -527,6 +527,50 @@ class TokenTransformer(nn.Module):
         return self.head(self.ln_f(x)[:, -1])
 
 
+class NanoGPT(nn.Module):
+    """After nanoGPT: token and position embeddings (positions from torch.arange of the input's
+    length), pre-norm blocks of causal self-attention (one qkv linear, split, heads by view and
+    transpose, F.scaled_dot_product_attention) and a GELU MLP, a final layer norm and an output
+    layer per token. ``tied``: the output layer shares the token table, as nanoGPT's does (the
+    importer refuses that: graphgrow layers hold their own tensors)."""
+
+    def __init__(self, vocabulary=50, block_size=12, dim=16, heads=2, layers=2, tied=False):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.wte, self.wpe = nn.Embedding(vocabulary, dim), nn.Embedding(block_size, dim)
+        self.drop = nn.Dropout(0.1)
+        self.h = nn.ModuleList(GPTBlock(dim, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocabulary, bias=False)
+        if tied:
+            self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx):
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(0.1))
+
+    def forward(self, x):
+        b, t, c = x.size()
+        q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        return x + self.mlp(self.ln_2(x))
+
+
 FAMILIES = {
     "resnet_basic": (lambda: ResNet(BasicBlock, (2, 1, 1, 1)), (3, 32, 32)),
     "resnet_bottleneck": (lambda: ResNet(Bottleneck, (2, 1, 1, 1), widths=(4, 8, 8, 8)), (3, 32, 32)),
@@ -540,9 +584,10 @@ FAMILIES = {
     "convnext": (ConvNeXt, (3, 32, 32)),
     "vit": (VisionTransformer, (3, 16, 16)),
     "token_transformer": (TokenTransformer, (8,)),
+    "nanogpt": (NanoGPT, (8,)),
 }
 #: families whose input holds token ids: the vocabulary size (import_module(..., tokens=))
-TOKENS = {"token_transformer": 50}
+TOKENS = {"token_transformer": 50, "nanogpt": 50}
 
 
 def family_input(name: str, batch: int, dtype=torch.float64, seed: int = 1) -> torch.Tensor:

@@ -182,7 +182,10 @@ class BlockPlan:
         ``grad``, the loss gradient at its add, is the gradient at its branch's output."""
         weight = branch.module.get_parameter(self.merit_param)
         with torch.enable_grad():  # called from a backward hook, where autograd records nothing
-            return torch.autograd.grad(branch.module(x), weight, grad)[0]
+            out = branch.module(x)
+            # a branch that gives every sample the same values (a batch of one: a position
+            # embedding) is broadcast over the batch where it is added: its gradient is the sum
+            return torch.autograd.grad(out, weight, grad.sum_to_size(out.shape))[0]
 
     def forward_flops(self) -> int:
         return sum(self.graph.node(n.name).flops() for n in self.nodes)

@@ -11,11 +11,12 @@ import torch
 from torch.nn import functional as F
 
 import passes
-from graphgrow import GraphgrowError, Network, load_graph
+from graphgrow import GraphgrowError, Network, graph_from_text, load_graph
 from graphgrow.sensli import grow, sensitivities
 
 from conftest import SPECS_DIR
 from test_passes_transformer import small_vit
+from test_train import TINY_LM, next_tokens
 
 
 def images(count: int, classes: int, seed: int = 0) -> SimpleNamespace:
@@ -47,13 +48,25 @@ def explicit_merit(network: Network, candidate, data) -> float:
     assert not grown.state()[candidate.param].any()
     grown.module.eval()
     weight = grown.module.get_parameter(candidate.param)
-    (grad,) = torch.autograd.grad(F.cross_entropy(grown.module(data.x_train), data.y_train), weight)
+    out = grown.module(data.x_train)  # classes on the last axis, one per sample or per position
+    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), data.y_train.reshape(-1))
+    (grad,) = torch.autograd.grad(loss, weight)
     return float(grad.pow(2).sum())
 
 
-@pytest.mark.parametrize("source", ["vit", "resnet"])
+def source_network(source: str):
+    if source == "vit":
+        return small_vit(depth=2), images(6, 3)
+    if source == "resnet":
+        return resnet(), images(6, 10)
+    # a language model: its embedding block (token table + position table) is a block whose
+    # branch (positions -> table) gives every sample the same values, a batch of one
+    return Network.build(graph_from_text(TINY_LM), seed=0, dtype=torch.float64), next_tokens(6, 2)
+
+
+@pytest.mark.parametrize("source", ["vit", "resnet", "language_model"])
 def test_block_merits_are_the_zero_layers_gradient_in_the_grown_network(source):
-    network, data = (small_vit(depth=2), images(6, 3)) if source == "vit" else (resnet(), images(6, 10))
+    network, data = source_network(source)
     report = sensitivities(network, data, batch=4)
     blocks = [c for c in report.candidates if c.kind == "block"]
     assert [c.after for c in blocks] == passes.block_boundaries(network.graph)

@@ -271,3 +271,69 @@ def test_frobenius_optimizer_takes_momentum_and_weight_decay_from_the_config():
     assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 1e-3)
     with pytest.raises(GraphgrowError, match="damping"):
         TrainConfig(optimizer="frobenius", damping=-1.0)
+
+
+TINY_LM = """
+graphgrow: 1
+name: tiny_lm
+input: {shape: [6], tokens: 7}
+layers:
+  - {name: wte, op: embedding, tokens: 7, dim: 8}
+  - {name: pos, op: positions, inputs: [input]}
+  - {name: wpe, op: embedding, tokens: 6, dim: 8}
+  - {name: x, op: add, inputs: [wte, wpe]}
+  - {name: attn, op: attention, heads: 2, causal: true}
+  - {name: h, op: add, inputs: [x, attn]}
+  - {name: logits, op: linear, out: 7}
+"""
+
+
+def next_tokens(n_train=48, n_test=16, seed=0):
+    """Sequences counting up modulo 7 from a random start: input the first 6 tokens, targets the
+    6 next ones (a language model's data, one class per position)."""
+    starts = torch.randint(0, 7, (n_train + n_test, 1), generator=torch.Generator().manual_seed(seed))
+    sequences = (starts + torch.arange(7)) % 7
+    x, y = sequences[:, :-1], sequences[:, 1:]
+    return SimpleNamespace(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:])
+
+
+def test_a_language_model_trains_on_a_class_per_position():
+    """Loss and error over every position against an independent computation (log-softmax
+    by hand, argmax by position), and training lowers the loss."""
+    from graphgrow.runtime.splits import Split, error_count, evaluate, loss_fn
+    data = next_tokens()
+    network = Network.build(graph_from_text(TINY_LM), seed=0, dtype=torch.float64)
+    test = Split(data.x_test, data.y_test)
+    with torch.no_grad():
+        logits = network.module(data.x_test)
+    assert logits.shape == (16, 6, 7)
+    picked = logits.gather(2, data.y_test.unsqueeze(2)).squeeze(2)
+    expected_loss = float((logits.logsumexp(dim=2) - picked).mean())
+    wrong = torch.tensor([[int(logits[b, t].argmax() != data.y_test[b, t]) for t in range(6)] for b in range(16)])
+    assert float(loss_fn("cross_entropy")(logits, data.y_test)) == pytest.approx(expected_loss, rel=1e-12)
+    assert error_count(logits, data.y_test) == pytest.approx(float(wrong.sum()) / 6, rel=1e-12)
+    metrics = evaluate(network, test)
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-12)
+    assert metrics["error"] == pytest.approx(float(wrong.double().mean()), rel=1e-12)
+    result = train(network, data, TrainConfig(epochs=30, lr=0.01, optimizer="adam", batch=16, seed=0))
+    evals = [r for r in result.records if r["event"] == "eval"]
+    assert evals[-1]["test_loss"] < 0.5 * evals[0]["test_loss"] and evals[-1]["test_error"] < evals[0]["test_error"]
+
+
+def test_class_labels_must_match_the_output_positions():
+    network = Network.build(graph_from_text(TINY_LM), seed=0)
+    data = next_tokens()
+    one_per_sample = SimpleNamespace(x_train=data.x_train, y_train=data.y_train[:, 0], x_test=None, y_test=None)
+    with pytest.raises(GraphgrowError, match="one per position for an output of shape"):
+        train(network, one_per_sample, TrainConfig(epochs=1))
+    out_of_range = SimpleNamespace(x_train=data.x_train, y_train=data.y_train + 7, x_test=None, y_test=None)
+    with pytest.raises(GraphgrowError, match="outside 0..6"):
+        train(network, out_of_range, TrainConfig(epochs=1))
+
+
+def test_vector_outputs_keep_an_integer_count_of_misclassified_samples():
+    from graphgrow.runtime.splits import error_count
+    output = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    count = error_count(output, torch.tensor([0, 0, 1]))
+    assert count == 2 and isinstance(count, int)
+    assert error_count(output, torch.rand(3, 5)) is None  # regression targets of another shape

@@ -26,7 +26,7 @@ import passes
 
 from ..compiler.network import Network
 from ..errors import GraphgrowError
-from ..runtime.splits import Split, loss_fn
+from ..runtime.splits import Split, error_count, loss_fn
 from .flat import FLAT, FlatLayout, FlatTransfer
 from .hierarchy import Hierarchy, IdentityTransfer, ParamDict
 
@@ -109,7 +109,7 @@ class NetworkProblem:
     @torch.no_grad()
     def evaluate(self, params: ParamDict, split: Split, chunk: int = 4096) -> dict:
         """Mean loss and error rate over a whole split (no pooling beyond this level's)."""
-        total, wrong = 0.0, 0
+        total, wrong, counted = 0.0, 0.0, True
         named = self.named(params)
         size = len(split)
         if self.data_parallel is not None:
@@ -121,12 +121,13 @@ class NetworkProblem:
                 x = F.max_pool2d(x, self.pool)
             output = functional_call(self.network.module, named, (x,))
             total += float(self.loss(output, y)) * x.shape[0]
-            if output.dim() == 2 and not y.is_floating_point():
-                wrong += int((output.argmax(dim=1) != y).sum())
+            errors = error_count(output, y)
+            counted = counted and errors is not None
+            wrong += errors or 0
         if self.data_parallel is not None:
             total, wrong = self.data_parallel.sum([torch.tensor([total, wrong], dtype=torch.float64)])[0].tolist()
         n = max(size, 1)
-        return {"loss": total / n, "error": wrong / n}
+        return {"loss": total / n, "error": wrong / n if counted else None}
 
 
 def _relative_costs(flops: list[int], batches: list[int]) -> list[float]:

@@ -245,7 +245,8 @@ class DataParallelTrainer(Trainer):
         wrong = error_count(output, y) if x.shape[0] else 0
         total_loss, total_wrong = parallel.sum([torch.tensor([value * x.shape[0], wrong or 0],
                                                              dtype=torch.float64)])[0].tolist()
-        return total_loss / size, None if wrong is None else int(total_wrong), size
+        # a count of samples, or of fractions of positions (error_count): the sum as it came
+        return total_loss / size, None if wrong is None else (int(total_wrong) if total_wrong.is_integer() else total_wrong), size
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)

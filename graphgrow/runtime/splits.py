@@ -129,11 +129,12 @@ def _check_targets(y: torch.Tensor, name: str, out_shape: tuple[int, ...], loss:
             raise GraphgrowError(f"{name} has shape {list(per_sample)} per sample, network '{graph.name}' "
                                  f"outputs {list(out_shape)}", option="data")
         return
-    if per_sample or len(out_shape) != 1:
+    if not out_shape or per_sample != out_shape[:-1]:
         raise GraphgrowError(f"class labels in {name} must be one integer per sample for a network with a "
-                             f"vector output; got shape {list(per_sample)} per sample, output {list(out_shape)}",
-                             option="data", file=graph.source)
-    classes = out_shape[0]
+                             f"vector output, or one per position for an output of shape (..., classes) "
+                             f"(a language model's next tokens); got shape {list(per_sample)} per sample, "
+                             f"output {list(out_shape)}", option="data", file=graph.source)
+    classes = out_shape[-1]
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= classes:
         raise GraphgrowError(f"{name} holds label {high if high >= classes else low}, outside 0..{classes - 1} "
@@ -142,7 +143,9 @@ def _check_targets(y: torch.Tensor, name: str, out_shape: tuple[int, ...], loss:
 
 
 def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Mean loss over a batch. Class-index targets work for both losses (one-hot for MSE)."""
+    """Mean loss over a batch. Class-index targets work for both losses (one-hot for MSE). The
+    classes are the output's last axis; with a class per position (output (batch, T, classes),
+    targets (batch, T): a language model's next tokens) the mean is over every position."""
     if kind == "mse":
         def mse(output, target):
             if not target.is_floating_point():
@@ -150,19 +153,24 @@ def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
             return F.mse_loss(output, target.reshape(output.shape))
         return mse
     def cross_entropy(output, target):
-        return F.cross_entropy(output, target)
+        return F.cross_entropy(output.flatten(0, -2),
+                               target.flatten(0, -2) if target.is_floating_point() else target.flatten())
     return cross_entropy
 
 
-def error_count(output: torch.Tensor, target: torch.Tensor) -> int | None:
-    """Misclassified samples, or None when targets are not classes (regression)."""
+def error_count(output: torch.Tensor, target: torch.Tensor) -> int | float | None:
+    """Misclassified samples, or None when targets are not classes (regression). With a class
+    per position (targets of the output's shape without its last axis), each sample counts the
+    fraction of its positions it gets wrong, so that over equal-length samples the count over
+    the samples is the error rate of the positions."""
     if target.is_floating_point():
         if target.shape != output.shape or output.dim() != 2:
             return None
         target = target.argmax(dim=1)  # one-hot or probability targets
-    if output.dim() != 2:
+    if output.dim() < 2 or target.shape != output.shape[:-1]:
         return None
-    return int((output.argmax(dim=1) != target).sum())
+    wrong = output.argmax(dim=-1) != target
+    return int(wrong.sum()) if wrong.dim() == 1 else float(wrong.flatten(1).double().mean(dim=1).sum())
 
 
 def epoch_order(size: int, batch: int | None, generator: torch.Generator | None) -> torch.Tensor | None:

@@ -781,6 +781,32 @@ def test_other_layers_fall_back_to_sgd_with_one_warning():
     torch.testing.assert_close(model[1].weight.detach(), norm_before - LR * grad)
 
 
+class AttentionThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_the_out_projection_of_multihead_attention_takes_a_plain_step():
+    """nn.MultiheadAttention applies out_proj's weights itself (its forward never runs, so no
+    statistics are recorded for it): a plain SGD step with the warning, the head preconditioned.
+    Before, every step raised 'no recorded pre-activation gradients' for it."""
+    model = AttentionThenLinear().double()
+    with pytest.warns(UserWarning, match="plain SGD.*attn.out_proj.weight, attn.out_proj.bias"):
+        optimizer = FrobeniusPreconditioner(model, lr=LR)
+    assert [record.name for record in optimizer._records] == ["head"]
+    before = model.attn.out_proj.weight.detach().clone()
+    optimizer.zero_grad()
+    model(torch.randn(5, 3, 4, dtype=torch.float64)).pow(2).mean().backward()
+    grad = model.attn.out_proj.weight.grad.clone()
+    optimizer.step()
+    torch.testing.assert_close(model.attn.out_proj.weight.detach(), before - LR * grad)
+
+
 def test_step_without_recorded_statistics_raises():
     layer = nn.Linear(3, 2).double()
     optimizer = FrobeniusPreconditioner(layer, lr=0.1)

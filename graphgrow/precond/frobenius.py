@@ -165,9 +165,13 @@ class FrobeniusPreconditioner(_Recording, _Estimates, _PushThrough, _Direction, 
 
     def _find_layers(self, model: nn.Module) -> list[_LayerRecord]:
         owned = {id(p) for group in self.param_groups for p in group["params"]}
+        # nn.MultiheadAttention applies its out_proj's weights itself, so that layer's forward
+        # (and the hooks that record its statistics) never runs: a plain step, as unsupported layers
+        called_by_parent = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
         records = []
         for name, module in model.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module.weight) not in owned:
+            if (not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module.weight) not in owned
+                    or id(module) in called_by_parent):
                 continue
             if isinstance(module, nn.Conv2d) and (self.backend == "backpack" or not _conv_supported(module)):
                 continue

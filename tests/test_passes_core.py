@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 import graphgrow
 import passes
 from graphgrow import GraphgrowError, Network
+from graphgrow.compiler.tracing import random_input
 
 SPECS = sorted(Path(__file__).resolve().parent.parent.joinpath("specs").glob("*.yaml"))
 TOL = 1e-10
@@ -20,8 +21,9 @@ def build(source, seed=0) -> Network:
 
 
 def probe(network: Network, batch=6, seed=1) -> torch.Tensor:
-    return torch.randn((batch, *network.graph.input_shape), dtype=torch.float64,
-                       generator=torch.Generator().manual_seed(seed))
+    """Standard normal inputs, or token ids for a token model (gpt_tiny)."""
+    graph = network.graph
+    return random_input(graph.input_shape, batch, torch.float64, graph.input_tokens, seed)
 
 
 def outputs(network: Network, x, train=False, seed=7):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import passes
 from graphgrow import GraphgrowError, Network, graph_from_text, load_graph
+from graphgrow.compiler.tracing import random_input
 from passes.units import layers_with_units, map_units, trace_units
 
 from conftest import SPECS_DIR, make_spec_text
@@ -32,8 +33,8 @@ def build(text_or_graph, seed=0):
 
 
 def probe(graph, batch=5, seed=1):
-    return torch.randn(batch, *graph.input_shape, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64)
+    """Standard normal inputs, or token ids for a token model (gpt_tiny)."""
+    return random_input(graph.input_shape, batch, torch.float64, graph.input_tokens, seed)
 
 
 def max_difference(old, new, x, train=False):

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from graphgrow import Network, load_graph
+from graphgrow.compiler.export import example_input
 
 from conftest import ROOT, SPECS_DIR
 
-MODELS = ["resnet_small", "mobilenet_v2_small", "vit_small"]
+MODELS = ["resnet_small", "mobilenet_v2_small", "vit_small", "gpt_tiny"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -30,7 +31,7 @@ def test_parameter_count_is_the_readme_figure(network):
 
 
 def test_every_parameter_gets_a_gradient(network):
-    x = torch.randn(4, *network.graph.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = example_input(network.graph, 4, torch.float64)  # token ids for the language model
     network.module.train()
     network.module(x).square().sum().backward()
     silent = [name for name, p in network.module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

@@ -8,6 +8,7 @@ import torch
 
 import passes
 from graphgrow.compiler.io import load_network
+from graphgrow.compiler.tracing import random_input
 from graphgrow.mgopt import run as mgopt_run
 from graphgrow.sensli import grow
 
@@ -45,8 +46,8 @@ def test_mgopt_on_cuda_matches_cpu():
 def test_passes_on_cuda_stay_there_and_preserve_the_function(spec):
     network = load_network(str(spec), 0).to("cuda", torch.float64)
     network.module.eval()
-    x = torch.randn((4, *network.graph.input_shape), dtype=torch.float64, device="cuda",
-                    generator=torch.Generator("cuda").manual_seed(0))
+    graph = network.graph  # token ids for a token model (gpt_tiny)
+    x = random_input(graph.input_shape, 4, torch.float64, graph.input_tokens).to("cuda")
     reference = network(x)
     results = [passes.extend_all(network, "layers")[0]]
     results += [passes.insert_identity(network, p)[0] for p in passes.legal_positions(network.graph)[:2]]

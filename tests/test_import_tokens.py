@@ -309,6 +309,8 @@ class OtherPositions(NanoGPT):
             pos = torch.arange(1, idx.size(1) + 1)
         elif self.how == "block":  # the whole table, then the first T rows
             return self.lm_head(self.wte(idx) + self.wpe(torch.arange(idx.size(1) + 2))[:TOKENS])
+        elif self.how == "float_bounds":
+            pos = torch.arange(0.0, idx.size(1))
         elif self.how == "constant":  # fx evaluates an arange of constants while tracing
             return self.lm_head(self.wte(idx) + self.wpe(torch.arange(TOKENS)))
         else:
@@ -319,6 +321,7 @@ class OtherPositions(NanoGPT):
 @pytest.mark.parametrize("how,message", [("offset", r"gives \[1, 2, 3, 4, \.\.\.\] \(6 of them\)"),
                                          ("block", r"gives \[0, 1, 2, 3, \.\.\.\] \(8 of them\)"),
                                          ("float", "positions of dtype torch.float32"),
+                                         ("float_bounds", "positions of dtype torch.float32"),
                                          ("constant", r"shape \[6, 8\] from constants only")])
 def test_other_aranges_are_refused_at_their_line(how, message):
     with pytest.raises(GraphgrowError, match=message) as info:

@@ -231,11 +231,11 @@ class _Importer:
         """``torch.arange`` giving 0..T-1 for the input's T tokens: a ``positions`` node."""
         length = self.graph.input_shape[0] if self.graph.input_shape else None
         bounds = {k: kwargs[k] for k in ("start", "end", "step") if k in kwargs}
-        dtype = kwargs.get("dtype") or torch.int64
         try:
             ids = torch.arange(*args, **bounds)
         except (TypeError, RuntimeError) as err:
             raise GraphgrowError(f"torch.arange with arguments graphgrow cannot evaluate ({err})") from None
+        dtype = kwargs.get("dtype") or ids.dtype  # float bounds give float positions
         hint = ("give the positions of the input's tokens, torch.arange(x.size(1)), to an embedding, or use a "
                 "learned position table as a parameter (nn.Parameter of shape (1, T, D))")
         if dtype.is_floating_point or dtype.is_complex:
